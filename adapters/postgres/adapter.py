@@ -1,0 +1,79 @@
+"""`PostgresAdapter`: the PostgreSQL implementation of `cdcengine.adapter.SourceAdapter`.
+
+A thin facade: each method opens its own short-lived connections (safe from a web request) and
+delegates to the module that owns the concern.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cdcengine.adapter import (
+    Check,
+    ProvisionResult,
+    PublicationInfo,
+    SlotInfo,
+    SourceIdentity,
+    TableInfo,
+    TeardownResult,
+)
+from cdcengine_postgres import discovery, prerequisites, provision
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.publications import read_publication
+from cdcengine_postgres.slots import read_slot
+
+if TYPE_CHECKING:
+    from cdcengine.config import SourceConfig
+
+
+class PostgresAdapter:
+    engine = "postgres"
+
+    def check_prerequisites(
+        self, source: SourceConfig, *, install_id: str, known_slot: bool = False
+    ) -> list[Check]:
+        return prerequisites.check_prerequisites(source, install_id=install_id,
+                                                 known_slot=known_slot)
+
+    def discover_tables(self, source: SourceConfig) -> list[TableInfo]:
+        with connect(source.dsn, secrets=source.secrets()) as conn, \
+                translate_errors(secrets=source.secrets(), context="reading the catalog"):
+            return discovery.discover_tables(conn, source)
+
+    def provision(
+        self, source: SourceConfig, *, install_id: str, known_slot: bool = False,
+        slot_wait_s: float = 30.0,
+    ) -> ProvisionResult:
+        return provision.provision(source, install_id=install_id, known_slot=known_slot,
+                                   slot_wait_s=slot_wait_s)
+
+    def undo_provision(self, source: SourceConfig, result: ProvisionResult) -> None:
+        provision.undo_provision(source, result)
+
+    def teardown(
+        self, source: SourceConfig, *, install_id: str, known_slot: bool = False,
+        wait_s: float = 10.0,
+    ) -> TeardownResult:
+        return provision.teardown(source, install_id=install_id, known_slot=known_slot,
+                                  wait_s=wait_s)
+
+    def slot_status(self, source: SourceConfig) -> SlotInfo:
+        with connect(source.dsn, secrets=source.secrets()) as conn, \
+                translate_errors(secrets=source.secrets(), context="reading the slot"):
+            return read_slot(conn, source.slot_name).info
+
+    def publication_status(self, source: SourceConfig, *, install_id: str | None = None
+                           ) -> PublicationInfo:
+        with connect(source.dsn, secrets=source.secrets()) as conn, \
+                translate_errors(secrets=source.secrets(), context="reading the publication"):
+            pub = read_publication(conn, source.publication_name)
+        if not pub.exists:
+            return PublicationInfo(name=pub.name, exists=False)
+        owned = pub.marked_by(install_id, source.name) if install_id else None
+        return PublicationInfo(name=pub.name, exists=True,
+                               tables=tuple(t.ref.qualified for t in pub.tables),
+                               owned=owned, mark=pub.mark)
+
+    def identify(self, source: SourceConfig) -> SourceIdentity:
+        return provision.identify(source)

@@ -1,0 +1,187 @@
+"""Replication slots: status and lag, creation with a bounded wait, dropping a held slot.
+
+Slot names are validated by the config (`[a-z0-9_]{1,63}`) and still passed as parameters.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+import structlog
+
+from cdcengine.adapter import SlotInfo
+from cdcengine.errors import PermissionDenied, Reason, ReplicationResourceError, SlotCreationBlocked
+
+log = structlog.get_logger("cdcengine.postgres.slots")
+
+# On a standby pg_current_wal_lsn() raises; the receive position is the right "current" there.
+_CURRENT_LSN = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()"
+                " ELSE pg_current_wal_lsn() END)")
+
+_SLOT_QUERY = (
+    "SELECT s.plugin, s.slot_type, s.database, s.temporary, s.active, s.active_pid,"
+    " s.restart_lsn::text, s.confirmed_flush_lsn::text,"
+    f" pg_wal_lsn_diff({_CURRENT_LSN}, s.confirmed_flush_lsn)::bigint,"
+    f" pg_wal_lsn_diff({_CURRENT_LSN}, s.restart_lsn)::bigint,"
+    " s.wal_status, s.safe_wal_size"
+    " FROM pg_replication_slots s WHERE s.slot_name = %s"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotState:
+    """`SlotInfo` plus what adoption decisions need (type, database)."""
+
+    info: SlotInfo
+    slot_type: str | None = None
+    database: str | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.info.exists
+
+
+def read_slot(conn: psycopg.Connection, name: str) -> SlotState:
+    row = conn.execute(_SLOT_QUERY, [name]).fetchone()
+    if row is None:
+        return SlotState(info=SlotInfo(name=name, exists=False))
+    info = SlotInfo(
+        name=name, exists=True, plugin=row[0], temporary=row[3], active=row[4],
+        active_pid=row[5], restart_lsn=row[6], confirmed_flush_lsn=row[7], lag_bytes=row[8],
+        retained_wal_bytes=row[9], wal_status=row[10], safe_wal_size=row[11],
+    )
+    return SlotState(info=info, slot_type=row[1], database=row[2])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Blocker:
+    pid: int
+    user: str | None
+    database: str | None
+    application: str | None
+    state: str | None
+    xact_age_s: float | None
+    query_start: str | None
+
+    def describe(self) -> str:
+        age = f"{self.xact_age_s:.0f}s" if self.xact_age_s is not None else "?"
+        return (f"pid {self.pid} (user {self.user}, database {self.database}, "
+                f"application {self.application or '-'}, {self.state}, transaction open "
+                f"{age}, query started {self.query_start})")
+
+
+def _blockers(conn: psycopg.Connection, waiting_pid: int) -> list[Blocker]:
+    """Backends the slot creation waits for: pg_blocking_pids() of the waiting backend.
+
+    Logical slot creation waits (XactLockTableWait) for every transaction that holds an xid, in
+    any database; pg_blocking_pids names exactly those. The query text is not shown, because it
+    can contain data.
+    """
+    rows = conn.execute(
+        "SELECT a.pid, a.usename, a.datname, a.application_name, a.state,"
+        " extract(epoch FROM now() - a.xact_start)::float8, a.query_start::text"
+        " FROM pg_stat_activity a WHERE a.pid = ANY (pg_blocking_pids(%s))"
+        " ORDER BY a.xact_start",
+        [waiting_pid],
+    ).fetchall()
+    return [Blocker(pid=r[0], user=r[1], database=r[2], application=r[3], state=r[4],
+                    xact_age_s=r[5], query_start=r[6]) for r in rows]
+
+
+def create_slot(
+    connect: Callable[[], psycopg.Connection], name: str, *, wait_s: float
+) -> str:
+    """Create the pgoutput slot and return its consistent point (X/Y).
+
+    Creation runs on its own connection in a worker thread while this thread watches it. When
+    it has not finished after `wait_s` (a running transaction holds it up), the blocking
+    backends are read, the creation is cancelled, and `SlotCreationBlocked` names them. A
+    cancelled creation leaves no slot behind (the slot is ephemeral until it is ready).
+    Must not run inside a transaction that wrote (PostgreSQL forbids it): the connection is
+    autocommit.
+    """
+    result: dict[str, object] = {}
+    conn = connect()
+    pid = conn.info.backend_pid
+
+    def work() -> None:
+        try:
+            row = conn.execute(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+                [name],
+            ).fetchone()
+            result["lsn"] = row[0] if row else None
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name=f"create-slot-{name}", daemon=True)
+    try:
+        worker.start()
+        worker.join(wait_s)
+        blockers: list[Blocker] = []
+        if worker.is_alive():
+            with connect() as watcher:
+                blockers = _blockers(watcher, pid)
+                conn.cancel_safe()
+            worker.join(30)
+        if "lsn" in result and result["lsn"]:
+            return str(result["lsn"])
+        err = result.get("error")
+        if blockers or isinstance(err, psycopg.errors.QueryCanceled):
+            listed = "; ".join(b.describe() for b in blockers) or "none found any more"
+            raise SlotCreationBlocked(
+                f"Creating replication slot {name!r} waited more than {wait_s:.0f}s for running "
+                f"transactions to finish. Blocking backends: {listed}.",
+                fix="Let these transactions commit or roll back (or end them with "
+                    "pg_terminate_backend(pid)), then run `cdcengine enable` again.",
+            ) from (err if isinstance(err, BaseException) else None)
+        if isinstance(err, BaseException):
+            raise err
+        raise ReplicationResourceError(f"Creating replication slot {name!r} returned nothing.",
+                                       reason=Reason.UNKNOWN)
+    finally:
+        conn.close()
+
+
+def drop_slot(conn: psycopg.Connection, name: str, *, wait_s: float) -> tuple[bool, list[int]]:
+    """Drop the slot, first terminating a walsender that holds it (bounded wait).
+
+    Returns (dropped, terminated pids). A slot that does not exist is not an error (idempotent).
+    """
+    terminated: list[int] = []
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = read_slot(conn, name)
+        if not state.exists:
+            return False, terminated
+        pid = state.info.active_pid
+        if not state.info.active or pid is None:
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
+                log.info("slot_dropped", slot=name, terminated=terminated)
+                return True, terminated
+            except psycopg.errors.UndefinedObject:
+                return False, terminated
+            except psycopg.errors.ObjectInUse:
+                pass  # grabbed again between our read and the drop: loop and terminate
+        elif pid not in terminated:
+            try:
+                conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise PermissionDenied(
+                    f"Replication slot {name!r} is held by backend pid {pid}, and this user "
+                    "may not terminate it.",
+                    fix="Stop that consumer, or run disable as a role with pg_signal_backend.",
+                ) from exc
+            terminated.append(pid)
+            log.info("slot_holder_terminated", slot=name, pid=pid)
+        if time.monotonic() > deadline:
+            raise ReplicationResourceError(
+                f"Replication slot {name!r} is still in use by pid {pid} after {wait_s:.0f}s.",
+                reason=Reason.SLOT_IN_USE,
+            )
+        time.sleep(0.05)

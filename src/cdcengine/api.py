@@ -1,0 +1,393 @@
+"""The library API (SPEC §4): plain functions over a `SourceConfig`, safe to call from a web request.
+
+No hidden globals: each call opens what it needs (the state store unless one is passed, the
+adapter's short-lived connections) and closes it. Results are JSON-safe dataclasses
+(`dataclasses.asdict`) without secrets. Commands that change a source take its lease in the state
+store first, so a CLI call and a running daemon never act on one source at once; a held lease
+raises `LeaseHeld` (retryable) naming the holder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import structlog
+
+from cdcengine.adapter import Check, PublicationInfo, SlotInfo, TableInfo
+from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig
+from cdcengine.errors import (
+    CDCError,
+    ConfigError,
+    NotEnabled,
+    PrerequisitesFailed,
+    Reason,
+    ReplicationResourceError,
+)
+from cdcengine.lsn import format_lsn, parse_lsn
+from cdcengine.registry import adapter_for
+from cdcengine.state import open_state
+from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState, hold_lease
+
+log = structlog.get_logger("cdcengine.api")
+
+StateArg = StateStore | str | None
+# A command's lease outlives a slow statement; the slot-creation wait is added on top.
+LEASE_TTL_S = 120.0
+
+
+@contextmanager
+def _store(state: StateArg) -> Iterator[StateStore]:
+    if state is None or isinstance(state, str):
+        store = open_state(state or DEFAULT_STATE_URL)
+        try:
+            yield store
+        finally:
+            store.close()
+    else:
+        yield state
+
+
+def _known_slot(rec: SourceRecord | None, source: SourceConfig) -> bool:
+    """The state store recorded that this install created the source's slot."""
+    return bool(rec and rec.enabled and rec.slot_name == source.slot_name)
+
+
+def _as_enabled(rec: SourceRecord | None, source: SourceConfig) -> SourceConfig:
+    """Slot, publication and mode are immutable while enabled: the recorded ones win."""
+    if not (rec and rec.enabled and rec.slot_name and rec.publication_name
+            and rec.management_mode):
+        return source
+    return dataclasses.replace(source, slot_name=rec.slot_name,
+                               publication_name=rec.publication_name,
+                               management_mode=rec.management_mode)  # type: ignore[arg-type]
+
+
+# ---- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnableResult:
+    source: str
+    already_enabled: bool
+    management_mode: str
+    slot_name: str
+    publication_name: str
+    slot_created: bool
+    slot_adopted: bool
+    publication_created: bool
+    publication_adopted: bool
+    consistent_point: str | None
+    tables: tuple[str, ...]
+    checks: tuple[Check, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DisableResult:
+    source: str
+    already_disabled: bool
+    slot_dropped: bool
+    publication_dropped: bool
+    terminated_pids: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsResult:
+    source: str
+    changed: tuple[str, ...]  # keys whose effective value changed; empty when unchanged
+    settings: dict[str, object]
+
+    @property
+    def unchanged(self) -> bool:
+        return not self.changed
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self) | {"unchanged": self.unchanged}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MarkerView:
+    reason: str
+    message: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableStatus:
+    name: str
+    mode: str
+    state: str
+    applied_lsn: str | None = None  # read from the Delta log once tables are written
+    rows: int | None = None
+    reason: str | None = None
+    remedy: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingsView:
+    auto_drop_slot: bool
+    lag_warning_threshold_mb: int
+    lag_critical_threshold_mb: int
+    origin: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status:
+    """One source as `cdcengine status --json` prints it (SPEC §3), plus a few useful keys."""
+
+    name: str
+    state: str
+    enabled: bool
+    management_mode: str
+    dsn: str  # masked
+    destination: str
+    broken: MarkerView | None
+    paused: MarkerView | None
+    slot: SlotInfo
+    publication: PublicationInfo
+    settings: SettingsView
+    tables: tuple[TableStatus, ...]
+    enabled_at: str | None = None
+    consistent_point: str | None = None
+    system_identifier: str | None = None
+    lease: dict[str, object] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# ---- functions ------------------------------------------------------------------------------
+
+
+def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list[Check]:
+    """Every prerequisite check, all reported (SPEC §3 `check`). Raises only when unreachable."""
+    with _store(state) as store:
+        rec = store.get_source(source.name)
+        return adapter_for(source).check_prerequisites(
+            _as_enabled(rec, source), install_id=store.install_id(),
+            known_slot=_known_slot(rec, source))
+
+
+def discover_tables(source: SourceConfig) -> list[TableInfo]:
+    """The source database's tables and whether (and why not) each can be captured."""
+    return adapter_for(source).discover_tables(source)
+
+
+def enable_cdc(
+    source: SourceConfig, *, state: StateArg = None, slot_wait_s: float = 30.0
+) -> EnableResult:
+    """Provision CDC for a source: re-run the checks, then publication (managed) and slot.
+
+    Safe to call repeatedly: on an enabled source it adopts what exists, brings the managed
+    publication's table list in line with the config, registers tables that were added, and
+    returns `already_enabled=True`. It refuses (changing nothing) when any check fails
+    (`PrerequisitesFailed` with `.checks`), when slot name, publication name or mode differ from
+    what was enabled (`immutable_setting`), when a slot or publication of that name is not
+    provably this install's, and when an enabled source lost its slot (that needs `repair`, which
+    re-snapshots; recreating the slot silently would leave a gap). It never removes tables from
+    Delta, never drops anything it did not create, and on failure undoes exactly what it created.
+    """
+    with _store(state) as store, hold_lease(store, source.name, purpose="enable",
+                                            ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
+        rec = store.get_source(source.name)
+        if rec and rec.enabled:
+            for key in ("slot_name", "publication_name", "management_mode"):
+                was, now = getattr(rec, key), str(getattr(source, key))
+                if was != now:
+                    raise CDCError(
+                        f"source {source.name!r}: {key} is {now!r} in the config but CDC was "
+                        f"enabled with {was!r}; it cannot change while enabled.",
+                        reason=Reason.IMMUTABLE_SETTING)
+        adapter = adapter_for(source)
+        install_id = store.install_id()
+        known = _known_slot(rec, source)
+        checks = adapter.check_prerequisites(source, install_id=install_id, known_slot=known)
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            names = ", ".join(sorted({c.name + (f" ({c.table})" if c.table else "")
+                                      for c in failed}))
+            raise PrerequisitesFailed(
+                f"source {source.name!r}: {len(failed)} prerequisite check(s) failed: {names}. "
+                "Nothing was changed.", checks=list(checks))
+        if rec and rec.enabled and not adapter.slot_status(source).exists:
+            raise ReplicationResourceError(
+                f"source {source.name!r} is enabled but its replication slot "
+                f"{source.slot_name!r} is gone; changes made since were not captured.",
+                reason=Reason.SLOT_MISSING)
+        result = adapter.provision(source, install_id=install_id, known_slot=known,
+                                   slot_wait_s=slot_wait_s)
+        tables = {tc.name: str(tc.mode) for tc in source.table_configs}
+        try:
+            if rec and rec.enabled:
+                have = {t.name for t in store.list_tables(source.name)}
+                for name, mode in tables.items():
+                    if name not in have:
+                        store.upsert_table(source.name, name, mode)
+            else:
+                lsn = result.consistent_point
+                store.record_enabled(
+                    source.name, management_mode=str(source.management_mode),
+                    slot_name=source.slot_name, publication_name=source.publication_name,
+                    consistent_point=parse_lsn(lsn) if lsn else None,
+                    system_identifier=result.identity.system_identifier,
+                    timeline=result.identity.timeline, tables=tables)
+        except BaseException:
+            adapter.undo_provision(source, result)
+            raise
+        log.info("cdc_enabled", source=source.name, slot=source.slot_name,
+                 publication=source.publication_name, slot_created=result.slot_created,
+                 already_enabled=bool(rec and rec.enabled))
+        return EnableResult(
+            source=source.name, already_enabled=bool(rec and rec.enabled),
+            management_mode=str(source.management_mode), slot_name=source.slot_name,
+            publication_name=source.publication_name, slot_created=result.slot_created,
+            slot_adopted=result.slot_adopted, publication_created=result.publication_created,
+            publication_adopted=result.publication_adopted,
+            consistent_point=result.consistent_point, tables=tuple(tables), checks=tuple(checks))
+
+
+def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float = 10.0
+                ) -> DisableResult:
+    """Drop what the engine owns for this source and record it disabled. Idempotent.
+
+    Managed: the slot and the marked publication; self_managed: the slot only (the user's
+    publication is never touched). A slot still held by another backend is freed by terminating
+    that walsender, waiting at most `wait_s`. A slot or publication this install cannot prove it
+    created is left alone, and `notes` says so.
+    """
+    with _store(state) as store, hold_lease(store, source.name, purpose="disable",
+                                            ttl_s=LEASE_TTL_S + wait_s, wait_s=0):
+        rec = store.get_source(source.name)
+        target = _as_enabled(rec, source)
+        td = adapter_for(source).teardown(target, install_id=store.install_id(),
+                                          known_slot=_known_slot(rec, target), wait_s=wait_s)
+        was_enabled = bool(rec and rec.enabled)
+        if rec is not None:
+            store.record_disabled(source.name)
+        log.info("cdc_disabled", source=source.name, slot_dropped=td.slot_dropped,
+                 publication_dropped=td.publication_dropped)
+        return DisableResult(
+            source=source.name,
+            already_disabled=not (was_enabled or td.slot_dropped or td.publication_dropped),
+            slot_dropped=td.slot_dropped, publication_dropped=td.publication_dropped,
+            terminated_pids=td.terminated_pids, notes=td.notes)
+
+
+def _effective_settings(source: SourceConfig, store: StateStore) -> dict[str, tuple[object, str]]:
+    overrides = store.get_settings(source.name)
+    out: dict[str, tuple[object, str]] = {}
+    for key in SETTINGS_KEYS:
+        if key in overrides:
+            ov = overrides[key]
+            out[key] = (ov.value, f"settings ({ov.updated_at:%Y-%m-%d %H:%M:%S} UTC)")
+        else:
+            out[key] = (getattr(source, key), source.setting_origin(key))
+    return out
+
+
+def update_cdc_settings(
+    source: SourceConfig, *, state: StateArg = None, **changes: object
+) -> SettingsResult:
+    """Change tuning only: auto_drop_slot and the two lag thresholds (ints >= 1, warning <
+    critical, checked against the effective values). Kept in the state store, where it wins over
+    the file; a running daemon applies it at its next lag check. Slot name, publication and mode
+    are immutable here. `.changed` is empty when nothing changed."""
+    unknown = sorted(set(changes) - set(SETTINGS_KEYS))
+    if unknown:
+        raise ConfigError(f"settings: {unknown[0]!r} cannot be changed here; only "
+                          f"{', '.join(SETTINGS_KEYS)} (slot name, publication and mode are "
+                          "immutable: disable, then enable)")
+    for key, value in changes.items():
+        if key == "auto_drop_slot":
+            if not isinstance(value, bool):
+                raise ConfigError(f"settings: auto_drop_slot must be true or false "
+                                  f"(got {value!r})")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"settings: {key} must be an integer (got {value!r})")
+        elif value < 1:
+            raise ConfigError(f"settings: {key} must be >= 1 (got {value})")
+    with _store(state) as store, hold_lease(store, source.name, purpose="settings",
+                                            ttl_s=LEASE_TTL_S, wait_s=0):
+        rec = store.get_source(source.name)
+        if not (rec and rec.enabled):
+            raise NotEnabled(f"source {source.name!r}: CDC is not enabled; settings apply to "
+                             "enabled sources (run `cdcengine enable`).")
+        current = {k: v for k, (v, _) in _effective_settings(source, store).items()}
+        new = current | changes
+        if new["lag_warning_threshold_mb"] >= new["lag_critical_threshold_mb"]:  # type: ignore[operator]
+            raise ConfigError(
+                f"settings: the warning threshold ({new['lag_warning_threshold_mb']} MB) must be "
+                f"less than the critical threshold ({new['lag_critical_threshold_mb']} MB)")
+        changed = tuple(k for k in SETTINGS_KEYS if k in changes and changes[k] != current[k])
+        for key in changed:
+            store.set_setting(source.name, key, new[key])  # type: ignore[arg-type]
+        if changed:
+            log.info("settings_updated", source=source.name, changed=list(changed))
+        return SettingsResult(source=source.name, changed=changed,
+                              settings={k: new[k] for k in SETTINGS_KEYS})
+
+
+def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
+    """State, slot (lag, retained WAL), publication, settings with origin, broken reason, tables.
+
+    Raises a `CDCError` when the source cannot be reached; a broken source is reported, not
+    raised.
+    """
+    with _store(state) as store:
+        rec = store.get_source(source.name)
+        target = _as_enabled(rec, source)
+        adapter = adapter_for(source)
+        slot = adapter.slot_status(target)
+        pub = adapter.publication_status(target, install_id=store.install_id())
+        eff = _effective_settings(source, store)
+        settings = {k: v for k, (v, _) in eff.items()}
+        records = {t.name: t for t in store.list_tables(source.name)} if rec else {}
+        tables = []
+        for tc in source.table_configs:
+            tr = records.get(tc.name)
+            state_ = tr.state if tr else (TableState.PENDING if rec and rec.enabled else None)
+            tables.append(TableStatus(name=tc.name, mode=str(tc.mode),
+                                      state=str(state_) if state_ else "disabled",
+                                      reason=tr.reason if tr else None,
+                                      remedy=tr.remedy if tr else None))
+        lease = store.get_lease(source.name)
+        return Status(
+            name=source.name,
+            state=str(rec.state if rec else SourceState.DISABLED),
+            enabled=bool(rec and rec.enabled),
+            management_mode=str(target.management_mode),
+            dsn=source.masked_dsn,
+            destination=source.destination,
+            broken=_marker(rec.broken if rec else None),
+            paused=_marker(rec.paused if rec else None),
+            slot=slot, publication=pub,
+            settings=SettingsView(
+                auto_drop_slot=bool(settings["auto_drop_slot"]),
+                lag_warning_threshold_mb=int(settings["lag_warning_threshold_mb"]),  # type: ignore[call-overload]
+                lag_critical_threshold_mb=int(settings["lag_critical_threshold_mb"]),  # type: ignore[call-overload]
+                origin={k: o for k, (_, o) in eff.items()}),
+            tables=tuple(tables),
+            enabled_at=rec.enabled_at.isoformat() if rec and rec.enabled_at else None,
+            consistent_point=format_lsn(rec.consistent_point) if rec and rec.consistent_point
+            else None,
+            system_identifier=rec.system_identifier if rec else None,
+            lease={"purpose": lease.purpose, "host": lease.host, "pid": lease.pid,
+                   "since": lease.acquired_at.isoformat()} if lease else None,
+        )
+
+
+def _marker(m: object) -> MarkerView | None:
+    if m is None:
+        return None
+    return MarkerView(reason=m.reason, message=m.message, at=m.at.isoformat())  # type: ignore[attr-defined]
+

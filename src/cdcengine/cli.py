@@ -1,0 +1,368 @@
+"""`cdcengine` command line: a thin layer over `cdcengine.api` (SPEC §3).
+
+Exit codes: 0 ok; 1 a check or command failed with a stated reason (including an unreachable
+source); 2 usage or configuration error. Output never contains a secret: every message printed
+comes from a `CDCError` (static text) or is scrubbed of the configured sources' secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from cdcengine import api
+from cdcengine.adapter import Check, Severity, TableInfo
+from cdcengine.config import Config, SourceConfig, load_config
+from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
+from cdcengine.logs import configure_logging
+from cdcengine.secrets import scrub
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its text, our format
+        self.print_usage(sys.stderr)
+        print(f"cdcengine: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cdcengine", description="PostgreSQL logical replication into Delta Lake.")
+    p.add_argument("--config", metavar="PATH", help="config file (default ./cdcengine.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    c = cmd("check", "prerequisite checks, one line per check with the fix; exit 1 on any ❌")
+    c.add_argument("--source", metavar="S")
+    c.add_argument("--json", action="store_true")
+    c = cmd("tables", "discover the database's tables and whether each can be captured")
+    c.add_argument("--source", metavar="S")
+    c.add_argument("--json", action="store_true")
+    c = cmd("enable", "re-run the checks, then create the publication and the slot")
+    c.add_argument("--source", metavar="S")
+    c.add_argument("--slot-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long slot creation may wait for running transactions (30)")
+    c.add_argument("--json", action="store_true")
+    c = cmd("disable", "drop what the engine owns (managed: slot + publication; "
+                       "self_managed: slot)")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--source", metavar="S")
+    g.add_argument("--all", action="store_true")
+    c.add_argument("--json", action="store_true")
+    c = cmd("status", "state, slot, publication, settings and tables per source")
+    c.add_argument("--source", metavar="S")
+    c.add_argument("--json", action="store_true")
+    c = cmd("settings", "update tuning: auto-drop and lag thresholds")
+    c.add_argument("--source", metavar="S", required=True)
+    c.add_argument("--auto-drop-slot", type=_bool, metavar="BOOL")
+    c.add_argument("--lag-warning-mb", type=int, metavar="N")
+    c.add_argument("--lag-critical-mb", type=int, metavar="N")
+    c.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except CDCError as exc:
+        print(f"cdcengine: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    secrets = [s for src in cfg.sources for s in src.secrets()]
+    configure_logging(fmt=str(cfg.engine.log_format),
+                      level=logging.DEBUG if args.verbose else logging.WARNING, secrets=secrets)
+    handler: Callable[[argparse.Namespace, Config], int] = COMMANDS[args.command]
+    try:
+        return handler(args, cfg)
+    except (ConfigError, UnknownSource) as exc:
+        print(f"cdcengine: {scrub(exc.message, secrets)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last word: a reason, never a traceback
+        err = classify_error(exc)
+        print(f"cdcengine: {err.reason}: {scrub(err.message, secrets)}", file=sys.stderr)
+        if err.reason is Reason.UNKNOWN:
+            print(f"  ({type(exc).__name__}; run with -v for details)", file=sys.stderr)
+            logging.getLogger("cdcengine").debug("unexpected", exc_info=exc)
+        return EXIT_FAILED
+
+
+def _sources(cfg: Config, name: str | None) -> list[SourceConfig]:
+    if name is not None:
+        return [cfg.source(name)]
+    if not cfg.sources:
+        raise ConfigError("the config defines no [[source]]")
+    return list(cfg.sources)
+
+
+def _state(cfg: Config) -> str:
+    return cfg.engine.state
+
+
+def _print_json(obj: object, out: TextIO = sys.stdout) -> None:
+    json.dump(obj, out, indent=2, default=str, ensure_ascii=False)
+    out.write("\n")
+
+
+def _print_error(err: CDCError, out: TextIO = sys.stdout) -> None:
+    out.write(f"  {Severity.ERROR.symbol} {err.reason}: {err.message}\n")
+    if err.fix:
+        out.write(f"       fix: {err.fix}\n")
+
+
+def _print_checks(checks: Sequence[Check], out: TextIO = sys.stdout) -> None:
+    for c in checks:
+        where = f" [{c.table}]" if c.table else ""
+        out.write(f"  {c.severity.symbol} {c.name}{where}: {c.message}\n")
+        if c.fix and c.severity is not Severity.OK:
+            out.write(f"       fix: {c.fix}\n")
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
+    failed = False
+    results: list[dict[str, object]] = []
+    for src in _sources(cfg, args.source):
+        try:
+            checks = api.check_prerequisites(src, state=_state(cfg))
+        except CDCError as exc:
+            failed = True
+            if args.json:
+                results.append({"source": src.name, "error": exc.to_dict(), "checks": []})
+            else:
+                print(f"source {src.name} ({src.masked_dsn})")
+                _print_error(exc)
+            continue
+        failed |= any(not c.ok for c in checks)
+        if args.json:
+            results.append({"source": src.name, "checks": [c.to_dict() for c in checks]})
+        else:
+            print(f"source {src.name} ({src.masked_dsn})")
+            _print_checks(checks)
+            errors = sum(not c.ok for c in checks)
+            warnings = sum(c.severity is Severity.WARNING for c in checks)
+            print(f"  {len(checks)} checks: {errors} failed, {warnings} warnings")
+    if args.json:
+        _print_json({"sources": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _table_line(t: TableInfo) -> str:
+    rows = "?" if t.estimated_rows is None else f"~{t.estimated_rows}"
+    pk = ", ".join(t.primary_key) or "-"
+    mark = "*" if t.configured else " "
+    verdict = "capturable" if t.capturable else "NOT capturable"
+    return (f" {mark} {t.qualified:<40} {t.kind:<18} rows {rows:<10} pk ({pk}) identity "
+            f"{t.replica_identity}  {verdict}")
+
+
+def cmd_tables(args: argparse.Namespace, cfg: Config) -> int:
+    failed = False
+    results: list[dict[str, object]] = []
+    for src in _sources(cfg, args.source):
+        try:
+            tables = api.discover_tables(src)
+        except CDCError as exc:
+            failed = True
+            if args.json:
+                results.append({"source": src.name, "error": exc.to_dict(), "tables": []})
+            else:
+                print(f"source {src.name} ({src.masked_dsn})")
+                _print_error(exc)
+            continue
+        if args.json:
+            results.append({"source": src.name, "tables": [t.to_dict() for t in tables]})
+            continue
+        print(f"source {src.name} ({src.masked_dsn}) — * = in this source's tables")
+        for t in tables:
+            print(_table_line(t))
+            for r in t.reasons:
+                print(f"      {Severity.ERROR.symbol} {r}")
+            for n in t.notes:
+                print(f"      note: {n}")
+            for col in t.columns:
+                flags = [f for f, on in (("pk", col.primary_key), ("generated", col.generated),
+                                         ("not captured", not col.captured)) if on]
+                extra = f"  [{', '.join(flags)}]" if flags else ""
+                print(f"        {col.name:<30} {col.source_type:<28} -> {col.delta_type}{extra}")
+    if args.json:
+        _print_json({"sources": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_enable(args: argparse.Namespace, cfg: Config) -> int:
+    failed = False
+    results: list[dict[str, object]] = []
+    for src in _sources(cfg, args.source):
+        try:
+            res = api.enable_cdc(src, state=_state(cfg), slot_wait_s=args.slot_wait)
+        except CDCError as exc:
+            failed = True
+            checks = getattr(exc, "checks", [])
+            if args.json:
+                results.append({"source": src.name, "error": exc.to_dict(),
+                                "checks": [c.to_dict() for c in checks]})
+            else:
+                print(f"source {src.name}: enable refused")
+                _print_checks([c for c in checks if c.severity is not Severity.OK])
+                _print_error(exc)
+            continue
+        if args.json:
+            results.append(res.to_dict())
+            continue
+        if res.already_enabled:
+            print(f"source {src.name}: already enabled (slot {res.slot_name}, publication "
+                  f"{res.publication_name})")
+            continue
+        slot = "adopted" if res.slot_adopted else f"created at {res.consistent_point}"
+        pub = ("created" if res.publication_created else
+               "adopted" if res.publication_adopted else "yours (self_managed)")
+        print(f"source {src.name}: enabled ({res.management_mode}); slot {res.slot_name} "
+              f"{slot}; publication {res.publication_name} {pub}; {len(res.tables)} table(s) "
+              "pending their snapshot")
+    if args.json:
+        _print_json({"sources": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_disable(args: argparse.Namespace, cfg: Config) -> int:
+    failed = False
+    results: list[dict[str, object]] = []
+    for src in _sources(cfg, None if args.all else args.source):
+        try:
+            res = api.disable_cdc(src, state=_state(cfg))
+        except CDCError as exc:
+            failed = True
+            if args.json:
+                results.append({"source": src.name, "error": exc.to_dict()})
+            else:
+                print(f"source {src.name}: disable failed")
+                _print_error(exc)
+            continue
+        if args.json:
+            results.append(res.to_dict())
+            continue
+        if res.already_disabled:
+            print(f"source {src.name}: already disabled; nothing to drop")
+        else:
+            dropped = [what for what, did in (("slot " + src.slot_name, res.slot_dropped),
+                                              ("publication " + src.publication_name,
+                                               res.publication_dropped)) if did]
+            print(f"source {src.name}: disabled; dropped {', '.join(dropped) or 'nothing'}"
+                  + (f" (terminated pid {', '.join(map(str, res.terminated_pids))})"
+                     if res.terminated_pids else ""))
+        for note in res.notes:
+            print(f"  note: {note}")
+    if args.json:
+        _print_json({"sources": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1048576:.1f} MB"
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    failed = False
+    results: list[dict[str, object]] = []
+    for src in _sources(cfg, args.source):
+        try:
+            st = api.cdc_status(src, state=_state(cfg))
+        except CDCError as exc:
+            failed = True
+            if args.json:
+                results.append({"name": src.name, "state": "unreachable",
+                                "error": exc.to_dict()})
+            else:
+                print(f"{src.name}: could not be read")
+                _print_error(exc)
+            continue
+        if args.json:
+            results.append(st.to_dict())
+            continue
+        print(f"{st.name}: {st.state} ({'enabled' if st.enabled else 'not enabled'}, "
+              f"{st.management_mode}) {st.dsn} -> {st.destination}")
+        for label, m in (("broken", st.broken), ("paused", st.paused)):
+            if m is not None:
+                print(f"  {label}: {m.reason} — {m.message} (since {m.at})")
+        s = st.slot
+        if s.exists:
+            print(f"  slot {s.name}: {'active pid ' + str(s.active_pid) if s.active else 'inactive'}"
+                  f", confirmed_flush {s.confirmed_flush_lsn}, restart {s.restart_lsn}, lag "
+                  f"{_mb(s.lag_bytes)}, retained WAL {_mb(s.retained_wal_bytes)}, wal_status "
+                  f"{s.wal_status}")
+        else:
+            print(f"  slot {s.name}: does not exist")
+        p = st.publication
+        print(f"  publication {p.name}: "
+              + (f"{len(p.tables)} table(s)" if p.exists else "does not exist"))
+        se = st.settings
+        o = se.origin
+        print(f"  settings: auto_drop_slot={str(se.auto_drop_slot).lower()} "
+              f"({o['auto_drop_slot']}), warning {se.lag_warning_threshold_mb} MB "
+              f"({o['lag_warning_threshold_mb']}), critical {se.lag_critical_threshold_mb} MB "
+              f"({o['lag_critical_threshold_mb']})")
+        if st.lease:
+            print(f"  held by: {st.lease['purpose']} (host {st.lease['host']}, pid "
+                  f"{st.lease['pid']}) since {st.lease['since']}")
+        for t in st.tables:
+            why = f"  {t.reason}; remedy: {t.remedy}" if t.reason else ""
+            print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
+                  f"{t.applied_lsn or '-'}{why}")
+    if args.json:
+        _print_json({"sources": results})
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
+    src = cfg.source(args.source)
+    changes: dict[str, object] = {}
+    if args.auto_drop_slot is not None:
+        changes["auto_drop_slot"] = args.auto_drop_slot
+    if args.lag_warning_mb is not None:
+        changes["lag_warning_threshold_mb"] = args.lag_warning_mb
+    if args.lag_critical_mb is not None:
+        changes["lag_critical_threshold_mb"] = args.lag_critical_mb
+    res = api.update_cdc_settings(src, state=_state(cfg), **changes)
+    if args.json:
+        _print_json(res.to_dict())
+    elif res.unchanged:
+        print(f"source {src.name}: unchanged")
+    else:
+        for key in res.changed:
+            print(f"source {src.name}: {key} = {json.dumps(res.settings[key])}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "check": cmd_check,
+    "tables": cmd_tables,
+    "enable": cmd_enable,
+    "disable": cmd_disable,
+    "status": cmd_status,
+    "settings": cmd_settings,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

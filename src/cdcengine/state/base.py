@@ -1,0 +1,218 @@
+"""The state store's seam: what the engine remembers between runs, engine-neutral.
+
+The store holds each source's lifecycle (enabled, state, broken/paused markers, what was
+provisioned), its tables' states, tuning overrides made with `settings`, and per-source leases.
+Applied LSN positions are deliberately absent: they live in the Delta log, committed atomically
+with the data, so the two can never disagree.
+
+Invariants every implementation keeps (so `status` never shows a contradiction):
+- `enabled` is true exactly when `state` is not `disabled`;
+- a `broken` marker is set exactly when `state` is `broken`;
+- a `paused` marker without a `broken` one means `state` is `paused` (broken wins over paused).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol
+
+from cdcengine.errors import LeaseHeld
+
+SETTING_KEYS: frozenset[str] = frozenset(
+    {"auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb"}
+)
+"""The tuning keys `settings` may override; everything else is fixed by the config file."""
+
+
+class SourceState(enum.StrEnum):
+    DISABLED = "disabled"
+    SNAPSHOTTING = "snapshotting"
+    STREAMING = "streaming"
+    WARNING = "warning"
+    ERROR = "error"
+    PAUSED = "paused"
+    BROKEN = "broken"
+
+
+class TableState(enum.StrEnum):
+    PENDING = "pending"
+    SNAPSHOTTING = "snapshotting"
+    STREAMING = "streaming"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Marker:
+    """Why a source is broken or paused, kept until an operator action clears it."""
+
+    reason: str
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceRecord:
+    name: str
+    state: SourceState
+    enabled: bool
+    management_mode: str | None
+    slot_name: str | None
+    publication_name: str | None
+    consistent_point: int | None
+    system_identifier: str | None
+    timeline: int | None
+    enabled_at: datetime | None
+    updated_at: datetime
+    broken: Marker | None
+    paused: Marker | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableRecord:
+    source: str
+    name: str
+    mode: str
+    state: TableState
+    reason: str | None
+    remedy: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SettingValue:
+    value: bool | int
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lease:
+    """A time-limited claim on one source; `holder` identifies the claimant across processes."""
+
+    source: str
+    holder: str
+    purpose: str
+    host: str
+    pid: int
+    acquired_at: datetime
+    expires_at: datetime
+
+
+class StateStore(Protocol):
+    """What the engine needs from a state store. Implementations are safe to share by threads."""
+
+    def close(self) -> None: ...
+    def __enter__(self) -> StateStore: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def install_id(self) -> str: ...
+
+    # sources
+    def get_source(self, name: str) -> SourceRecord | None: ...
+    def list_sources(self) -> list[SourceRecord]: ...
+    def record_enabled(
+        self,
+        name: str,
+        *,
+        management_mode: str,
+        slot_name: str,
+        publication_name: str,
+        consistent_point: int | None,
+        system_identifier: str | None,
+        timeline: int | None,
+        tables: Mapping[str, str],
+    ) -> SourceRecord: ...
+    def record_disabled(self, name: str) -> SourceRecord: ...
+    def set_source_state(self, name: str, state: SourceState) -> SourceRecord: ...
+    def set_broken(self, name: str, reason: str, message: str) -> SourceRecord: ...
+    def clear_broken(self, name: str) -> SourceRecord: ...
+    def set_paused(self, name: str, reason: str, message: str) -> SourceRecord: ...
+    def clear_paused(self, name: str) -> SourceRecord: ...
+
+    # tables
+    def list_tables(self, source: str) -> list[TableRecord]: ...
+    def upsert_table(self, source: str, table: str, mode: str) -> TableRecord: ...
+    def set_table_state(
+        self,
+        source: str,
+        table: str,
+        state: TableState,
+        *,
+        reason: str | None = None,
+        remedy: str | None = None,
+    ) -> TableRecord: ...
+    def remove_table(self, source: str, table: str) -> None: ...
+
+    # settings overrides
+    def set_setting(self, source: str, key: str, value: bool | int) -> SettingValue: ...
+    def clear_setting(self, source: str, key: str) -> None: ...
+    def get_settings(self, source: str) -> dict[str, SettingValue]: ...
+
+    # leases
+    def acquire_lease(self, source: str, *, holder: str, purpose: str, ttl_s: float) -> Lease: ...
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease: ...
+    def release_lease(self, lease: Lease) -> None: ...
+    def get_lease(self, source: str) -> Lease | None: ...
+    def lease(
+        self, source: str, *, purpose: str, ttl_s: float = 60.0, wait_s: float = 0.0
+    ) -> AbstractContextManager[Lease]: ...
+
+
+def new_holder_id() -> str:
+    """A holder id unique across hosts, processes and calls, readable in `LeaseHeld` messages."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def lease_held_message(lease: Lease) -> str:
+    """The `LeaseHeld` text: who holds the source, where, and since when, so an operator can act."""
+    return (
+        f"source {lease.source!r} is held by {lease.purpose!r} (host {lease.host}, pid "
+        f"{lease.pid}) since {lease.acquired_at:%Y-%m-%d %H:%M:%S} UTC, until "
+        f"{lease.expires_at:%Y-%m-%d %H:%M:%S} UTC unless renewed"
+    )
+
+
+@contextmanager
+def hold_lease(
+    store: StateStore,
+    source: str,
+    *,
+    purpose: str,
+    ttl_s: float,
+    wait_s: float,
+    poll_s: float = 0.1,
+) -> Iterator[Lease]:
+    """Hold the source's lease for the `with` body, under a fresh holder id.
+
+    Retries while another live holder has the lease, for up to `wait_s`, then re-raises its
+    `LeaseHeld` so the caller can report who holds it. On exit the lease is released (if still
+    ours), so a crash-free caller never leaves a source blocked until the TTL runs out.
+    """
+    holder = new_holder_id()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            acquired = store.acquire_lease(source, holder=holder, purpose=purpose, ttl_s=ttl_s)
+            break
+        except LeaseHeld:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            time.sleep(min(poll_s, remaining))
+    try:
+        yield acquired
+    finally:
+        store.release_lease(acquired)

@@ -1,0 +1,101 @@
+"""Versioned schema of the state store, in SQL both SQLite and PostgreSQL accept.
+
+Each migration runs once, in version order, inside the transaction that records it in
+`schema_migrations`, so a crash mid-migration leaves the previous version intact. Migrations are
+never edited once released; a change is a new, higher version. Timestamps are epoch seconds
+(DOUBLE PRECISION, UTC) so lease expiry compares as numbers across processes and machines;
+booleans are INTEGER 0/1; LSNs are BIGINT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cdcengine.errors import Reason, StateStoreError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+BOOTSTRAP = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " version INTEGER PRIMARY KEY,"
+    " description TEXT NOT NULL,"
+    " applied_at DOUBLE PRECISION NOT NULL)"
+)
+"""Created before anything else, so the current version can always be read."""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        version=1,
+        description="meta, sources, source tables, settings overrides, leases",
+        statements=(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            """CREATE TABLE sources (
+                name TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                enabled INTEGER NOT NULL,
+                management_mode TEXT,
+                slot_name TEXT,
+                publication_name TEXT,
+                consistent_point BIGINT,
+                system_identifier TEXT,
+                timeline INTEGER,
+                enabled_at DOUBLE PRECISION,
+                updated_at DOUBLE PRECISION NOT NULL,
+                broken_reason TEXT,
+                broken_message TEXT,
+                broken_at DOUBLE PRECISION,
+                paused_reason TEXT,
+                paused_message TEXT,
+                paused_at DOUBLE PRECISION)""",
+            """CREATE TABLE source_tables (
+                source TEXT NOT NULL REFERENCES sources (name) ON DELETE CASCADE,
+                name TEXT NOT NULL,
+                mode TEXT NOT NULL,
+                state TEXT NOT NULL,
+                reason TEXT,
+                remedy TEXT,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (source, name))""",
+            """CREATE TABLE settings (
+                source TEXT NOT NULL REFERENCES sources (name) ON DELETE CASCADE,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (source, key))""",
+            """CREATE TABLE leases (
+                source TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                acquired_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL)""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def pending_migrations(current: int | None) -> tuple[Migration, ...]:
+    """The migrations a database at version `current` (None: empty) still needs, in order.
+
+    Refuses a database newer than this code: running old code on it could silently drop or
+    misread state that a newer cdcengine relies on.
+    """
+    current = current or 0
+    if current > LATEST_VERSION:
+        raise StateStoreError(
+            f"the state store is at schema version {current}, written by a newer cdcengine "
+            f"(this one knows up to {LATEST_VERSION}); upgrade cdcengine",
+            reason=Reason.STATE_STORE_FAILED,
+            retryable=False,
+            fix="Upgrade cdcengine to the version that wrote this state store.",
+        )
+    return tuple(m for m in MIGRATIONS if m.version > current)
