@@ -410,9 +410,9 @@ def _key_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:
                 f"this table with a unique index as replica identity (ALTER TABLE {q} REPLICA "
                 f"IDENTITY USING INDEX …), or ALTER TABLE {q} REPLICA IDENTITY FULL")
         if f.replica_identity in ("index", "full"):
-            cols = list(f.identity_columns) if f.replica_identity == "index" else ["…"]
+            key = list(f.identity_columns) if f.replica_identity == "index" else ["…"]
             add("primary_key", ERR, f"{name} has no primary key; declare which columns identify "
-                "a row.", f'Add primary_key = {_toml_list(cols)} under [source.table."{name}"].')
+                "a row.", f'Add primary_key = {_toml_list(key)} under [source.table."{name}"].')
         else:
             add("primary_key", ERR, f"{name} has no primary key and no usable replica "
                 "identity.", hint)
@@ -572,7 +572,9 @@ def check_publication(ctx: _Ctx) -> list[Check]:
                               "it).", fix=create.as_string(ctx.conn) + ";")]
     out: list[Check] = []
     published = {t.ref for t in pub.tables}
-    missing = [r for r in existing if r not in published]
+    # Without publish_via_partition_root, pg_publication_tables lists a root's leaves instead.
+    missing = [r for r in existing if r not in published and not (
+        ctx.facts[r].leaf_partitions and set(ctx.facts[r].leaf_partitions) <= published)]
     if missing:
         out.append(Check(name="publication_tables", severity=ERR,
                          message=f"Publication {name} does not cover "

@@ -18,17 +18,17 @@ from cdcengine.errors import PermissionDenied, Reason, ReplicationResourceError,
 
 log = structlog.get_logger("cdcengine.postgres.slots")
 
-# On a standby pg_current_wal_lsn() raises; the receive position is the right "current" there.
-_CURRENT_LSN = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()"
-                " ELSE pg_current_wal_lsn() END)")
-
 _SLOT_QUERY = (
     "SELECT s.plugin, s.slot_type, s.database, s.temporary, s.active, s.active_pid,"
     " s.restart_lsn::text, s.confirmed_flush_lsn::text,"
-    f" pg_wal_lsn_diff({_CURRENT_LSN}, s.confirmed_flush_lsn)::bigint,"
-    f" pg_wal_lsn_diff({_CURRENT_LSN}, s.restart_lsn)::bigint,"
+    " pg_wal_lsn_diff(c.lsn, s.confirmed_flush_lsn)::bigint,"
+    " pg_wal_lsn_diff(c.lsn, s.restart_lsn)::bigint,"
     " s.wal_status, s.safe_wal_size"
-    " FROM pg_replication_slots s WHERE s.slot_name = %s"
+    " FROM pg_replication_slots s"
+    # On a standby pg_current_wal_lsn() raises; the receive position is "current" there.
+    " CROSS JOIN (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()"
+    " ELSE pg_current_wal_lsn() END AS lsn) c"
+    " WHERE s.slot_name = %s"
 )
 
 
@@ -128,7 +128,7 @@ def create_slot(
                 blockers = _blockers(watcher, pid)
                 conn.cancel_safe()
             worker.join(30)
-        if "lsn" in result and result["lsn"]:
+        if result.get("lsn"):
             return str(result["lsn"])
         err = result.get("error")
         if blockers or isinstance(err, psycopg.errors.QueryCanceled):

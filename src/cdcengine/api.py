@@ -1,4 +1,5 @@
-"""The library API (SPEC §4): plain functions over a `SourceConfig`, safe to call from a web request.
+"""The library API (SPEC §4): plain functions over a `SourceConfig`, safe to call from a web
+request.
 
 No hidden globals: each call opens what it needs (the state store unless one is passed, the
 adapter's short-lived connections) and closes it. Results are JSON-safe dataclasses

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from cdcengine import api
 from cdcengine.adapter import Check, Severity, TableInfo
@@ -25,7 +25,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 too; keep its text, our format
+    def error(self, message: str) -> NoReturn:  # argparse exits 2 too; keep its text
         self.print_usage(sys.stderr)
         print(f"cdcengine: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI's last word: a reason, never a traceback
+    except Exception as exc:
         err = classify_error(exc)
         print(f"cdcengine: {err.reason}: {scrub(err.message, secrets)}", file=sys.stderr)
         if err.reason is Reason.UNKNOWN:
@@ -307,10 +307,10 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"  {label}: {m.reason} — {m.message} (since {m.at})")
         s = st.slot
         if s.exists:
-            print(f"  slot {s.name}: {'active pid ' + str(s.active_pid) if s.active else 'inactive'}"
-                  f", confirmed_flush {s.confirmed_flush_lsn}, restart {s.restart_lsn}, lag "
-                  f"{_mb(s.lag_bytes)}, retained WAL {_mb(s.retained_wal_bytes)}, wal_status "
-                  f"{s.wal_status}")
+            held = f"active pid {s.active_pid}" if s.active else "inactive"
+            print(f"  slot {s.name}: {held}, confirmed_flush {s.confirmed_flush_lsn}, restart "
+                  f"{s.restart_lsn}, lag {_mb(s.lag_bytes)}, retained WAL "
+                  f"{_mb(s.retained_wal_bytes)}, wal_status {s.wal_status}")
         else:
             print(f"  slot {s.name}: does not exist")
         p = st.publication

@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from cdcengine.errors import ConfigError, UnknownSource
 from cdcengine.names import NameError_, TableRef, case_collisions, is_engine_column
@@ -291,7 +292,7 @@ class SourceConfig:
         return self.provenance.get(key, "default")
 
 
-class _Fail:  # typing helper: the signature of SourceConfig.__post_init__'s `fail`
+class _Fail(Protocol):  # the signature of SourceConfig.__post_init__'s `fail`
     def __call__(self, key: str, what: str) -> ConfigError: ...
 
 
@@ -393,9 +394,12 @@ def _parse_env_value(var: str, kind: str, raw: str, where: str) -> object:
     return value
 
 
-def _env_overrides(
-    environ: Mapping[str, str],
-) -> tuple[dict[str, object], dict[str, dict[str, object]], dict[str, str], dict[str, dict[str, str]]]:
+_EnvOverrides = tuple[
+    dict[str, object], dict[str, dict[str, object]], dict[str, str], dict[str, dict[str, str]]
+]
+
+
+def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
     engine: dict[str, object] = {}
     engine_prov: dict[str, str] = {}
     sources: dict[str, dict[str, object]] = {}
@@ -523,8 +527,9 @@ def load_config(
         if env_name not in names:
             names.append(env_name)
     for name in names:
-        raw = next((dict(r) for r in raw_sources if r.get("name") == name), {"name": name})
-        prov = {k: label for k in raw}
+        raw: dict[str, object] = next(
+            (dict(r) for r in raw_sources if r.get("name") == name), {"name": name})
+        prov: dict[str, str] = {k: label for k in raw}
         raw.update(env_sources.get(name, {}))
         prov.update(env_sources_prov.get(name, {}))
         origin = label if any(r.get("name") == name for r in raw_sources) else "environment"

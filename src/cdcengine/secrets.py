@@ -11,6 +11,7 @@ Two layers, both pure functions:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.parse
 from collections.abc import Iterable
@@ -44,10 +45,8 @@ def dsn_password(dsn: str) -> str | None:
 def secret_variants(secret: str) -> set[str]:
     """The forms a secret may take in a message: as given, decoded, encoded, and quoted-token."""
     out = {secret}
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         out.add(urllib.parse.unquote(secret, errors="strict"))
-    except UnicodeDecodeError:
-        pass
     out.add(urllib.parse.quote(secret, safe=""))
     # libpq echoes a bad percent token by itself: "invalid percent-encoded token: "%zz..."",
     # so every suffix from a '%' onwards of the raw password is a secret too.

@@ -1,0 +1,118 @@
+"""Opening connections to the source database.
+
+Every connection the adapter opens goes through `connect`, so that:
+- the session settings SPEC §6 fixes for reading data are pinned at connection start through
+  libpq's `options` (`-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=iso_8601
+  -c bytea_output=hex -c extra_float_digits=3`). Startup-packet settings apply before the first
+  query, on a walsender (replication) connection too, and cost no round trip; a pooler that
+  resets sessions (`DISCARD ALL`) keeps them as the session defaults. They come after any
+  `options` the dsn already has, so a user's `-c search_path=...` stays and a user's
+  `-c TimeZone=...` cannot change how values are rendered (the server applies `-c` switches in
+  order; the last one wins).
+- every failure is a `CDCError` (`cdcengine_postgres.errors`) whose message is static: libpq
+  echoes the offending token of a malformed dsn (`invalid percent-encoded token: "p%zzsecret"`)
+  and names host, port and user in connection errors. The dsn's password is passed as a secret, so
+  even the chained cause is a scrubbed copy when the driver's text contained it.
+
+The dsn is never logged, printed or put in an exception. Callers must print only the `CDCError`
+(`str(err)`, `err.message`, `err.to_dict()`), never the text of its chained cause.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from cdcengine.secrets import dsn_password
+
+from .errors import translate_errors
+
+__all__ = ["PINNED_SETTINGS", "connect", "quote_ident", "server_version", "session_options"]
+
+# SPEC §6: how values are rendered in text (COPY, pgoutput text mode, SELECT) must not depend on the
+# server's or the role's defaults. extra_float_digits=3 gives shortest-exact floats (PG 12+).
+PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "iso_8601"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "3"),
+)
+
+
+def session_options(existing: str | None = None) -> str:
+    """libpq `options` with the pinned settings appended to `existing` (kept first, ours win)."""
+    pinned = " ".join(f"-c {name}={value}" for name, value in PINNED_SETTINGS)
+    existing = (existing or "").strip()
+    return f"{existing} {pinned}" if existing else pinned
+
+
+def connect(
+    dsn: str,
+    *,
+    replication: bool = False,
+    autocommit: bool = True,
+    connect_timeout: int = 10,
+    application_name: str = "cdcengine",
+    secrets: Iterable[str] = (),
+) -> psycopg.Connection[TupleRow]:
+    """Open a connection with the SPEC §6 session settings pinned.
+
+    `dsn` is a libpq URL or key/value string. `connect_timeout` (seconds) and `application_name`
+    apply unless the dsn sets its own (the dsn is the user's word); the pinned settings are
+    appended to the dsn's `options` (or to `PGOPTIONS` when the dsn has none). `secrets` are
+    extra strings to keep out of error text, besides the dsn's own password.
+
+    `replication=True` opens a logical walsender connection (`replication=database`), which
+    IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT and START_REPLICATION need. Such a connection accepts
+    only the simple query protocol: run statements without parameters (psycopg then uses
+    `PQexec`); a parameterised query fails with 08P01 "extended query protocol not supported in a
+    replication connection". It is always in autocommit mode (a walsender has no transaction
+    blocks for replication commands), so `autocommit=False` is refused with ValueError.
+
+    Raises a `CDCError` (mostly `SourceUnreachable`: `dsn_invalid`, `auth_failed`,
+    `connection_failed`, `host_unreachable`, `ssl_required`, `database_missing`), never a psycopg
+    exception; its message never contains the dsn or its password.
+    """
+    if replication and not autocommit:
+        raise ValueError("a replication connection is always in autocommit mode")
+    password = dsn_password(dsn)
+    hidden = tuple(s for s in (password, *secrets) if s)
+    with translate_errors(secrets=hidden, context=None):
+        params: dict[str, str | int] = {
+            key: value for key, value in conninfo_to_dict(dsn).items() if value is not None
+        }
+        # The parsed password (percent-decoded) is a secret too, e.g. in an auth error.
+        parsed_password = params.get("password")
+        if isinstance(parsed_password, str) and parsed_password:
+            hidden = (*hidden, parsed_password)
+    with translate_errors(secrets=hidden, context=None):
+        # libpq would ignore PGOPTIONS once `options` is given: keep it as the user's own part.
+        existing = params.get("options") or os.environ.get("PGOPTIONS")
+        params["options"] = session_options(existing if isinstance(existing, str) else None)
+        params.setdefault("connect_timeout", connect_timeout)
+        params.setdefault("application_name", application_name)
+        if replication:
+            params["replication"] = "database"
+        else:
+            params.pop("replication", None)
+        return psycopg.connect(make_conninfo("", **params), autocommit=autocommit)
+
+
+def server_version(conn: psycopg.Connection[TupleRow]) -> int:
+    """The server's `server_version_num` (e.g. 150018), as libpq reported it at startup."""
+    return conn.info.server_version
+
+
+def quote_ident(name: str) -> str:
+    """`name` as a quoted SQL identifier, for messages that show a statement to run.
+
+    Statements we execute compose identifiers with `psycopg.sql.Identifier` directly; this is for
+    fix texts such as `ALTER ROLE "cdc" WITH REPLICATION`.
+    """
+    return sql.Identifier(name).as_string(None)

@@ -1,0 +1,73 @@
+"""pytest harness: one real PostgreSQL server per session, one fresh database per test.
+
+Fixtures (the helpers behind them live in pgutil.py):
+
+* ``pg_server`` (session) -- a `pgutil.PgServer`: ``admin_dsn``, ``host``, ``port``,
+  ``version``, ``superuser``, ``password``, ``source``, ``dsn(dbname, user=None,
+  password=None)``. Source: env CDCENGINE_TEST_DSN, else env CDCENGINE_TEST_DOCKER=1 with a
+  reachable Docker engine, else a throwaway `TempCluster` from the local server binaries.
+* ``db`` (function) -- a `pgutil.ScratchDatabase`: ``name``, ``dsn``, ``server``,
+  ``execute(sql, params=None)``, ``create_role(...) -> (rolename, dsn)``. Slots, database and
+  roles are dropped afterwards.
+* ``make_cluster`` (function) -- ``make_cluster(settings=None, *, timezone=None)`` starts an
+  extra `TempCluster` (e.g. ``{"wal_level": "replica"}``) and cleans it up afterwards.
+
+With no DSN, no Docker and no binaries the server fixtures *fail* (with the install hint)
+rather than skip: the integration tier silently skipping would turn a broken CI machine green.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import pytest
+from pgutil import MakeCluster, PgServer, ScratchDatabase, open_test_server
+
+from cdcengine_postgres.cluster import ClusterError, TempCluster, find_bindir
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """The session's PostgreSQL server (see module docstring for the source order)."""
+    try:
+        with open_test_server() as server:
+            yield server
+    except ClusterError as exc:
+        pytest.fail(f"no PostgreSQL server for the integration tests: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def db(pg_server: PgServer) -> Iterator[ScratchDatabase]:
+    """A fresh database ``t_<12 hex>`` for this test, dropped with its slots and roles."""
+    scratch = ScratchDatabase(pg_server).create()
+    try:
+        yield scratch
+    finally:
+        scratch.drop()
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[MakeCluster]:
+    """Factory for extra throwaway clusters with given settings; all cleaned up afterwards.
+
+    Skips the test when there are no server binaries (possible when the session server comes
+    from CDCENGINE_TEST_DSN or Docker).
+    """
+    clusters: list[TempCluster] = []
+
+    def factory(
+        settings: Mapping[str, str | int] | None = None, *, timezone: str | None = None
+    ) -> TempCluster:
+        try:
+            find_bindir()
+        except ClusterError as exc:
+            pytest.skip(f"needs local PostgreSQL server binaries: {exc}")
+        cluster = TempCluster(settings, timezone=timezone)
+        clusters.append(cluster)
+        return cluster.start()
+
+    try:
+        yield factory
+    finally:
+        for cluster in reversed(clusters):
+            cluster.cleanup()

@@ -1,0 +1,52 @@
+"""Helpers shared by the control-plane integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from cdcengine.adapter import Check, Severity
+from cdcengine.config import SourceConfig
+from cdcengine.state import open_state
+from cdcengine.state.base import StateStore
+
+
+def source_for(dsn: str, tmp_path: Path, tables: list[str], **kw: Any) -> SourceConfig:
+    """A source whose slot/publication names are unique to the test's database."""
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    assert isinstance(dbname, str)
+    kw.setdefault("name", "src_" + dbname.lower().replace("-", "_"))
+    return SourceConfig(dsn=dsn, tables=tables, destination=str(tmp_path / "lake"), **kw)
+
+
+def store(tmp_path: Path, name: str = "state.db") -> StateStore:
+    return open_state("sqlite:///" + str(tmp_path / name))
+
+
+def by_name(checks: list[Check], name: str, table: str | None = None) -> list[Check]:
+    return [c for c in checks if c.name == name and (table is None or c.table == table)]
+
+
+def one(checks: list[Check], name: str, table: str | None = None) -> Check:
+    found = by_name(checks, name, table)
+    assert len(found) == 1, f"expected one {name!r} check, got {found}"
+    return found[0]
+
+
+def errors(checks: list[Check]) -> set[str]:
+    return {c.name for c in checks if c.severity is Severity.ERROR}
+
+
+def query(dsn: str, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def slot_exists(dsn: str, name: str) -> bool:
+    return bool(query(dsn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [name]))
+
+
+def publication_exists(dsn: str, name: str) -> bool:
+    return bool(query(dsn, "SELECT 1 FROM pg_publication WHERE pubname = %s", [name]))
