@@ -328,6 +328,11 @@ def _table_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:
         add("table_kind", ERR, f"{name} is {kinds[f.relkind]}; logical replication publishes "
             "only tables.", "Capture the underlying table(s) instead.")
         return out
+    if f.is_partition and f.partition_root is not None:
+        add("table_kind", ERR, f"{name} is a partition of {f.partition_root.qualified}; "
+            "partitions are captured through their root (publish_via_partition_root), each "
+            "leaf copied on its own.", f"Capture {f.partition_root.qualified} instead.")
+        return out
     if f.persistence != "p":
         add("table_kind", ERR, f"{name} is {'unlogged' if f.persistence == 'u' else 'temporary'}"
             "; its changes are not written to WAL, so they cannot be captured.",

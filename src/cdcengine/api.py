@@ -51,6 +51,13 @@ def _store(state: StateArg) -> Iterator[StateStore]:
         yield state
 
 
+def _with_overrides(source: SourceConfig, store: StateStore) -> SourceConfig:
+    """The source with its `settings` overrides applied (they win over the file)."""
+    overrides = {k: v.value for k, v in store.get_settings(source.name).items()
+                 if k in SETTINGS_KEYS}
+    return dataclasses.replace(source, **overrides) if overrides else source  # type: ignore[arg-type]
+
+
 def _known_slot(rec: SourceRecord | None, source: SourceConfig) -> bool:
     """The state store recorded that this install created the source's slot."""
     return bool(rec and rec.enabled and rec.slot_name == source.slot_name)
@@ -175,7 +182,7 @@ def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list
     with _store(state) as store:
         rec = store.get_source(source.name)
         return adapter_for(source).check_prerequisites(
-            _as_enabled(rec, source), install_id=store.install_id(),
+            _as_enabled(rec, _with_overrides(source, store)), install_id=store.install_id(),
             known_slot=_known_slot(rec, source))
 
 

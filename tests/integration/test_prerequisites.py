@@ -224,6 +224,13 @@ def test_max_slot_wal_keep_size_lowers_the_critical_threshold(make_cluster, tmp_
                        lag_warning_threshold_mb=100)
     c = one(api.check_prerequisites(lower, state=store(tmp_path)), "lag_thresholds")
     assert c.severity is Severity.OK and "lowered from 2048 MB" in c.message
+    # a `settings` override in the state store wins over the file for the check too
+    st = store(tmp_path)
+    api.enable_cdc(src, state=st)
+    api.update_cdc_settings(src, state=st, lag_warning_threshold_mb=100)
+    c = one(api.check_prerequisites(src, state=st), "lag_thresholds")
+    assert c.severity is Severity.OK and "warning at 100 MB" in c.message
+    api.disable_cdc(src, state=st)
 
 
 def test_unreachable_source_raises_a_classified_error(db, tmp_path: Path) -> None:
@@ -239,3 +246,13 @@ def test_unreachable_source_raises_a_classified_error(db, tmp_path: Path) -> Non
         api.check_prerequisites(src, state=store(tmp_path))
     assert info.value.reason is Reason.CONNECTION_FAILED and info.value.retryable
     assert "Unreach" not in str(info.value)
+
+
+def test_partition_leaf_is_captured_through_its_root(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE m (id int, k int, PRIMARY KEY (id, k)) PARTITION BY LIST (k);"
+               "CREATE TABLE m1 PARTITION OF m FOR VALUES IN (1)")
+    checks = api.check_prerequisites(source_for(db.dsn, tmp_path, ["m1"]), state=store(tmp_path))
+    c = one(checks, "table_kind", "public.m1")
+    assert c.severity is Severity.ERROR and c.fix == "Capture public.m instead."
+    root = api.check_prerequisites(source_for(db.dsn, tmp_path, ["m"]), state=store(tmp_path))
+    assert errors(root) == set(), [c for c in root if not c.ok]
