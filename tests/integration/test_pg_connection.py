@@ -193,12 +193,16 @@ def test_missing_database(db: ScratchDatabase) -> None:
 
 
 def test_terminated_session_is_connection_failed(db: ScratchDatabase) -> None:
-    with connect(db.dsn) as conn:
+    # closed, not left by `with`: psycopg's __exit__ may try a COMMIT on the dead connection
+    conn = connect(db.dsn)
+    try:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
         assert row is not None
         db.execute("SELECT pg_terminate_backend(%s)", [row[0]])
         with pytest.raises(CDCError) as info, translate_errors(context="polling"):
             conn.execute("SELECT 1")
+    finally:
+        conn.close()
     assert info.value.reason is Reason.CONNECTION_FAILED
     assert info.value.retryable
     assert info.value.message.startswith("polling: ")
