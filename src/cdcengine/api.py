@@ -312,9 +312,11 @@ def update_cdc_settings(
     are immutable here. `.changed` is empty when nothing changed."""
     unknown = sorted(set(changes) - set(SETTINGS_KEYS))
     if unknown:
+        immutable = unknown[0] in ("slot_name", "publication_name", "management_mode")
         raise ConfigError(f"settings: {unknown[0]!r} cannot be changed here; only "
                           f"{', '.join(SETTINGS_KEYS)} (slot name, publication and mode are "
-                          "immutable: disable, then enable)")
+                          "immutable: disable, then enable)",
+                          reason=Reason.IMMUTABLE_SETTING if immutable else Reason.CONFIG_INVALID)
     for key, value in changes.items():
         if key == "auto_drop_slot":
             if not isinstance(value, bool):

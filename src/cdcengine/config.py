@@ -93,7 +93,8 @@ class TableConfig:
 
 
 def _where(provenance: Mapping[str, str], default: str, key: str) -> str:
-    return provenance.get(key, default)
+    # `table.<t>.mode` came from wherever `table` came from
+    return provenance.get(key) or provenance.get(key.split(".", 1)[0], default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +223,9 @@ class SourceConfig:
             if ref not in refs:
                 raise fail(f"table.{key}", "overrides a table that is not in 'tables' "
                            f"({', '.join(r.qualified for r in refs)})")
+            if ref in overrides:
+                raise fail(f"table.{key}", f"{ref.qualified} is overridden twice; merge its "
+                           "per-table sections into one")
             if not isinstance(value, Mapping):
                 raise fail(f"table.{key}", "must be a table with keys mode, columns, primary_key")
             unknown = sorted(set(value) - set(_TABLE_KEYS))
@@ -244,6 +248,9 @@ class SourceConfig:
             if cols is not None and pk is not None:
                 # key columns are always captured
                 cols = cols + tuple(c for c in pk if c not in cols)
+                for a, b in case_collisions(cols):
+                    raise fail(f"{prefix}.primary_key", f"columns {a!r} and {b!r} differ only "
+                               "in case (Delta is case-insensitive)")
             out.append(TableConfig(ref=ref, mode=mode, columns=cols, primary_key=pk))
         return tuple(out)
 
@@ -280,7 +287,10 @@ class SourceConfig:
                 out.append(pw)
         opts = self.destination_options
         if isinstance(opts, Mapping):
-            out.extend(str(v) for v in opts.values() if v not in (None, "") and len(str(v)) >= 4)
+            # flags and numbers (aws_conditional_put = "etag" stays, "true"/"30" are not secret)
+            out.extend(str(v) for v in opts.values()
+                       if len(str(v)) >= 4 and str(v).lower() not in ("true", "false")
+                       and not str(v).isdigit())
         return tuple(out)
 
     @property
@@ -342,6 +352,10 @@ class EngineConfig:
         except ValueError:
             raise fail("log_format", f"must be console | json (got {self.log_format!r})") \
                 from None
+
+    def __repr__(self) -> str:  # a postgresql:// state URL may carry a password
+        return (f"EngineConfig(state={mask_dsn(self.state)!r}, http_port={self.http_port!r}, "
+                f"log_format={self.log_format!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,7 +431,8 @@ def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
             if key not in _ENGINE_KEYS:
                 raise ConfigError(f"environment variable {var}: unknown [engine] key {key!r}; "
                                   f"allowed: {', '.join(_ENGINE_KEYS)}")
-            engine[key] = _parse_env_value(var, _ENGINE_KEYS[key], environ[var], "[engine]")
+            engine[key] = _parse_env_value(var, _ENGINE_KEYS[key], environ[var],
+                                           f"[engine]: key {key!r}")
             engine_prov[key] = var
             continue
         name = scope.lower()
@@ -425,7 +440,8 @@ def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
             allowed = ", ".join(k for k in _SOURCE_KEYS if k != "name")
             raise ConfigError(f"environment variable {var}: unknown source key {key!r}; "
                               f"allowed: {allowed}")
-        value = _parse_env_value(var, _SOURCE_KEYS[key], environ[var], f"source {name!r}")
+        value = _parse_env_value(var, _SOURCE_KEYS[key], environ[var],
+                                 f"source {name!r}: key {key!r}")
         sources.setdefault(name, {})[key] = value
         sources_prov.setdefault(name, {})[key] = var
     return engine, sources, engine_prov, sources_prov

@@ -207,9 +207,11 @@ class CDCError(Exception):
         return f"{self.reason}: {self.message}"
 
     def __reduce__(self) -> tuple[object, ...]:
+        # The instance dict carries subclass attributes (e.g. PrerequisitesFailed.checks).
         return (
             _rebuild,
             (type(self), self.message, self.reason.value, self.retryable, self.fix),
+            dict(self.__dict__),
         )
 
     def to_dict(self) -> dict[str, object]:

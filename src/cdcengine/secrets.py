@@ -18,8 +18,9 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# scheme://user:password@host...  (password may be empty, may contain anything but '@' at its end)
-_URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)")
+# scheme://user:password@host...  The password runs to the *last* '@' before the query, so one
+# written with a raw '@', ':' or '/' (which libpq would misparse) is still hidden whole.
+_URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^\s?]*)(?=@)")
 # password=value  or  password = 'quoted value'  (libpq key/value form)
 _KV_PASSWORD = re.compile(
     r"(?P<pre>\b(?:password|passwd|pwd|secret|secret_access_key|access_key|sas_token|token)"
