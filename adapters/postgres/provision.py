@@ -82,7 +82,9 @@ def _slot_refusal(
         return ReplicationResourceError(
             f"A replication slot named {name!r} already exists and this install did not create "
             "it; it was left untouched.", reason=Reason.SLOT_EXISTS)
-    if slot.info.active:
+    # An enabled source's slot is busy when its own daemon streams; nothing about the slot
+    # changes here, so that is no conflict. A fresh adoption needs it idle.
+    if slot.info.active and not known_slot:
         return ReplicationResourceError(
             f"Replication slot {name!r} is in use by backend pid {slot.info.active_pid}.",
             reason=Reason.SLOT_IN_USE)

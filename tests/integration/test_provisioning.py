@@ -271,3 +271,21 @@ def test_concurrent_enables_one_wins(orders, tmp_path: Path) -> None:
     assert len(created) == 1, outcomes
     assert len(query(orders.dsn, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
                      [src.slot_name])) == 1
+
+
+def test_reenable_while_the_own_slot_streams(orders, tmp_path: Path) -> None:
+    """Adding a table to a source whose daemon holds the slot must not fail as slot_in_use."""
+    st = store(tmp_path)
+    src = source_for(orders.dsn, tmp_path, ["orders"])
+    api.enable_cdc(src, state=st)
+    consumer = psycopg.connect(orders.dsn, autocommit=True, replication="database")
+    try:
+        consumer.execute(f"START_REPLICATION SLOT {src.slot_name} LOGICAL 0/0 "
+                         f"(proto_version '1', publication_names '{src.publication_name}')")
+        res = api.enable_cdc(dataclasses.replace(src, tables=("orders", "customers")), state=st)
+        assert res.already_enabled and res.slot_adopted
+        # someone else's install may not adopt a busy slot, even with a matching name
+        with pytest.raises(PrerequisitesFailed):
+            api.enable_cdc(src, state=store(tmp_path, "other.db"))
+    finally:
+        consumer.close()
