@@ -186,6 +186,8 @@ _CONNECTION = (
 )
 _HOST = (
     "could not translate host name",
+    "failed to resolve host",  # psycopg resolves names itself before libpq connects
+    "no address associated with hostname",
     "name or service not known",
     "network is unreachable",
     "no route to host",

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
+import structlog
+
 from cdcengine import api
 from cdcengine.adapter import Check, Severity, TableInfo
 from cdcengine.config import Config, SourceConfig, load_config
@@ -96,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the last word: a reason, never a traceback
         err = classify_error(exc)
         print(f"cdcengine: {err.reason}: {scrub(err.message, secrets)}", file=sys.stderr)
         if err.reason is Reason.UNKNOWN:
             print(f"  ({type(exc).__name__}; run with -v for details)", file=sys.stderr)
-            logging.getLogger("cdcengine").debug("unexpected", exc_info=exc)
+            structlog.get_logger("cdcengine.cli").debug("cli_unexpected_error", exc_info=exc)
         return EXIT_FAILED
 
 

@@ -43,6 +43,8 @@ def configure_logging(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # render tracebacks to text *before* masking: driver messages may echo a secret
+            structlog.processors.format_exc_info,
             _masker(tuple(s for s in secrets if s)),
             renderer,
         ],

@@ -18,9 +18,8 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# scheme://user:password@host...  The password runs to the *last* '@' before the query, so one
-# written with a raw '@', ':' or '/' (which libpq would misparse) is still hidden whole.
-_URL_USERINFO = re.compile(r"(?P<pre>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^\s?]*)(?=@)")
+# scheme://user:  -- where a URL password starts (see _url_password_spans for where it ends)
+_URL_PREFIX = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:")
 # password=value  or  password = 'quoted value'  (libpq key/value form)
 _KV_PASSWORD = re.compile(
     r"(?P<pre>\b(?:password|passwd|pwd|secret|secret_access_key|access_key|sas_token|token)"
@@ -29,11 +28,36 @@ _KV_PASSWORD = re.compile(
 )
 
 
+def _url_password_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every URL password in `text`, as written.
+
+    libpq ends the userinfo at the first '@', so a raw '?' belongs to the password; a password
+    typed with a raw '@', ':' or '/' (which libpq misparses) should still be hidden whole. So the
+    password runs to the last '@' before the first '?' that follows the first '@' (a query value
+    such as application_name=a@b is not swallowed).
+    """
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while (m := _URL_PREFIX.search(text, pos)) is not None:
+        start = m.end()
+        stop = next((i for i in range(start, len(text)) if text[i].isspace()), len(text))
+        first_at = text.find("@", start, stop)
+        if first_at >= 0:
+            query = text.find("?", first_at, stop)
+            end = text.rfind("@", start, query if query >= 0 else stop)
+            spans.append((start, end))
+            pos = end + 1
+        else:
+            pos = start
+    return spans
+
+
 def dsn_password(dsn: str) -> str | None:
     """The password of a dsn, as written (URL or key/value form), or None. Never raises."""
-    m = _URL_USERINFO.search(dsn)
-    if m:
-        return m.group("pw") or None
+    spans = _url_password_spans(dsn)
+    if spans:
+        start, end = spans[0]
+        return dsn[start:end] or None
     m = re.search(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn, re.IGNORECASE)
     if m:
         raw = m.group(1)
@@ -59,7 +83,9 @@ def secret_variants(secret: str) -> set[str]:
 
 def mask_dsn(dsn: str) -> str:
     """A dsn fit to print: the password replaced by `***`. Never raises."""
-    masked = _URL_USERINFO.sub(lambda m: m.group("pre") + MASK, dsn)
+    masked = dsn
+    for start, end in reversed(_url_password_spans(dsn)):
+        masked = masked[:start] + MASK + masked[end:]
     return _KV_PASSWORD.sub(lambda m: m.group("pre") + MASK, masked)
 
 

@@ -597,3 +597,10 @@ def test_classified_error_pickles() -> None:
     assert type(again) is SourceUnreachable
     assert again.reason is Reason.DSN_INVALID
     assert again.message == err.message
+
+
+def test_psycopg_name_resolution_failure_is_host_unreachable() -> None:
+    exc = psycopg.OperationalError("failed to resolve host 'u': [Errno -3] Temporary failure")
+    err = classify_postgres_error(exc)
+    assert err is not None
+    assert err.reason is Reason.HOST_UNREACHABLE

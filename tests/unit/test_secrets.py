@@ -28,6 +28,8 @@ from cdcengine.secrets import MASK, dsn_password, mask_dsn, scrub, secret_varian
     # an '@' in the query string is not part of the password
     ("postgresql://cdc:pw@db/shop?application_name=a@b",
      "postgresql://cdc:***@db/shop?application_name=a@b"),
+    ("postgresql://cdc:pw?x@db/shop?sslmode=require",
+     "postgresql://cdc:***@db/shop?sslmode=require"),
     # no password: unchanged
     ("postgresql://cdc@db:5432/shop", "postgresql://cdc@db:5432/shop"),
     ("postgresql:///shop", "postgresql:///shop"),

@@ -1,0 +1,34 @@
+"""The CLI's last word on an unexpected error: a reason, `-v` details, and never a secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdcengine import api, cli
+
+SECRET = "Hush-Unexp-5521"
+
+
+def test_unexpected_error_is_reported_with_details_under_verbose_and_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "cdcengine.toml"
+    cfg.write_text(
+        "[[source]]\nname = \"shop\"\n"
+        f"dsn = \"postgresql://u:{SECRET}@127.0.0.1:1/db\"\n"
+        "tables = [\"orders\"]\ndestination = \"./lake\"\n"
+        f"[engine]\nstate = \"sqlite:///{tmp_path}/s.db\"\n")
+
+    def boom(*_: object, **__: object) -> None:
+        raise RuntimeError(f"driver said: postgresql://u:{SECRET}@127.0.0.1:1/db")
+
+    monkeypatch.setattr(api, "discover_tables", boom)
+    assert cli.main(["--config", str(cfg), "-v", "tables"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "unknown:" in err
+    assert "RuntimeError" in err
+    assert "cli_unexpected_error" in err  # the -v details (traceback) were logged
+    assert "Traceback" in err
+    assert SECRET not in err
