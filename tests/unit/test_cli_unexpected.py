@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
 from cdcengine import api, cli
 
 SECRET = "Hush-Unexp-5521"
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog():
+    """cli.main configures structlog process-wide, onto pytest's captured stderr."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_unexpected_error_is_reported_with_details_under_verbose_and_masked(
