@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TextIO
+from typing import NoReturn, TextIO, TypeVar
 
 import structlog
 
@@ -24,6 +24,7 @@ from cdcengine.logs import configure_logging
 from cdcengine.secrets import scrub
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,32 +142,64 @@ def _print_checks(checks: Sequence[Check], out: TextIO = sys.stdout) -> None:
 # ---- commands -------------------------------------------------------------------------------
 
 
-def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
-    failed = False
+def _per_source(
+    args: argparse.Namespace,
+    sources: list[SourceConfig],
+    act: Callable[[SourceConfig], T],
+    *,
+    show: Callable[[SourceConfig, T], None],
+    to_json: Callable[[SourceConfig, T], dict[str, object]],
+    failed: Callable[[T], bool] = lambda _: False,
+    show_error: Callable[[SourceConfig, CDCError], None] | None = None,
+    error_json: Callable[[SourceConfig, CDCError], dict[str, object]] | None = None,
+) -> int:
+    """Run `act` for each source; a source's CDCError is reported and the others still run.
+
+    Text output per source through `show`, or one `{"sources": [...]}` JSON document. Exit 1 when
+    any source raised or `failed(result)` says so.
+    """
+    any_failed = False
     results: list[dict[str, object]] = []
-    for src in _sources(cfg, args.source):
+    for src in sources:
         try:
-            checks = api.check_prerequisites(src, state=_state(cfg))
+            value = act(src)
         except CDCError as exc:
-            failed = True
+            any_failed = True
             if args.json:
-                results.append({"source": src.name, "error": exc.to_dict(), "checks": []})
+                results.append(error_json(src, exc) if error_json
+                               else {"source": src.name, "error": exc.to_dict()})
+            elif show_error:
+                show_error(src, exc)
             else:
                 print(f"source {src.name} ({src.masked_dsn})")
                 _print_error(exc)
             continue
-        failed |= any(not c.ok for c in checks)
+        any_failed |= failed(value)
         if args.json:
-            results.append({"source": src.name, "checks": [c.to_dict() for c in checks]})
+            results.append(to_json(src, value))
         else:
-            print(f"source {src.name} ({src.masked_dsn})")
-            _print_checks(checks)
-            errors = sum(not c.ok for c in checks)
-            warnings = sum(c.severity is Severity.WARNING for c in checks)
-            print(f"  {len(checks)} checks: {errors} failed, {warnings} warnings")
+            show(src, value)
     if args.json:
         _print_json({"sources": results})
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILED if any_failed else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
+    def show(src: SourceConfig, checks: list[Check]) -> None:
+        print(f"source {src.name} ({src.masked_dsn})")
+        _print_checks(checks)
+        errors = sum(not c.ok for c in checks)
+        warnings = sum(c.severity is Severity.WARNING for c in checks)
+        print(f"  {len(checks)} checks: {errors} failed, {warnings} warnings")
+
+    return _per_source(
+        args, _sources(cfg, args.source),
+        lambda src: api.check_prerequisites(src, state=_state(cfg)),
+        show=show,
+        to_json=lambda src, checks: {"source": src.name, "checks": [c.to_dict() for c in checks]},
+        failed=lambda checks: any(not c.ok for c in checks),
+        error_json=lambda src, exc: {"source": src.name, "error": exc.to_dict(), "checks": []},
+    )
 
 
 def _table_line(t: TableInfo) -> str:
@@ -179,22 +212,7 @@ def _table_line(t: TableInfo) -> str:
 
 
 def cmd_tables(args: argparse.Namespace, cfg: Config) -> int:
-    failed = False
-    results: list[dict[str, object]] = []
-    for src in _sources(cfg, args.source):
-        try:
-            tables = api.discover_tables(src)
-        except CDCError as exc:
-            failed = True
-            if args.json:
-                results.append({"source": src.name, "error": exc.to_dict(), "tables": []})
-            else:
-                print(f"source {src.name} ({src.masked_dsn})")
-                _print_error(exc)
-            continue
-        if args.json:
-            results.append({"source": src.name, "tables": [t.to_dict() for t in tables]})
-            continue
+    def show(src: SourceConfig, tables: list[TableInfo]) -> None:
         print(f"source {src.name} ({src.masked_dsn}) — * = in this source's tables")
         for t in tables:
             print(_table_line(t))
@@ -207,133 +225,114 @@ def cmd_tables(args: argparse.Namespace, cfg: Config) -> int:
                                          ("not captured", not col.captured)) if on]
                 extra = f"  [{', '.join(flags)}]" if flags else ""
                 print(f"        {col.name:<30} {col.source_type:<28} -> {col.delta_type}{extra}")
-    if args.json:
-        _print_json({"sources": results})
-    return EXIT_FAILED if failed else EXIT_OK
+
+    return _per_source(
+        args, _sources(cfg, args.source), api.discover_tables, show=show,
+        to_json=lambda src, tables: {"source": src.name,
+                                     "tables": [t.to_dict() for t in tables]},
+        error_json=lambda src, exc: {"source": src.name, "error": exc.to_dict(), "tables": []},
+    )
 
 
 def cmd_enable(args: argparse.Namespace, cfg: Config) -> int:
-    failed = False
-    results: list[dict[str, object]] = []
-    for src in _sources(cfg, args.source):
-        try:
-            res = api.enable_cdc(src, state=_state(cfg), slot_wait_s=args.slot_wait)
-        except CDCError as exc:
-            failed = True
-            checks = getattr(exc, "checks", [])
-            if args.json:
-                results.append({"source": src.name, "error": exc.to_dict(),
-                                "checks": [c.to_dict() for c in checks]})
-            else:
-                print(f"source {src.name}: enable refused")
-                _print_checks([c for c in checks if c.severity is not Severity.OK])
-                _print_error(exc)
-            continue
-        if args.json:
-            results.append(res.to_dict())
-            continue
+    def show(src: SourceConfig, res: api.EnableResult) -> None:
         if res.already_enabled:
             print(f"source {src.name}: already enabled (slot {res.slot_name}, publication "
                   f"{res.publication_name})")
-            continue
+            return
         slot = "adopted" if res.slot_adopted else f"created at {res.consistent_point}"
         pub = ("created" if res.publication_created else
                "adopted" if res.publication_adopted else "yours (self_managed)")
         print(f"source {src.name}: enabled ({res.management_mode}); slot {res.slot_name} "
               f"{slot}; publication {res.publication_name} {pub}; {len(res.tables)} table(s) "
               "pending their snapshot")
-    if args.json:
-        _print_json({"sources": results})
-    return EXIT_FAILED if failed else EXIT_OK
+
+    def show_error(src: SourceConfig, exc: CDCError) -> None:
+        print(f"source {src.name}: enable refused")
+        _print_checks([c for c in getattr(exc, "checks", []) if c.severity is not Severity.OK])
+        _print_error(exc)
+
+    return _per_source(
+        args, _sources(cfg, args.source),
+        lambda src: api.enable_cdc(src, state=_state(cfg), slot_wait_s=args.slot_wait),
+        show=show, to_json=lambda _, res: res.to_dict(), show_error=show_error,
+        error_json=lambda src, exc: {"source": src.name, "error": exc.to_dict(), "checks": [
+            c.to_dict() for c in getattr(exc, "checks", [])]},
+    )
 
 
 def cmd_disable(args: argparse.Namespace, cfg: Config) -> int:
-    failed = False
-    results: list[dict[str, object]] = []
-    for src in _sources(cfg, None if args.all else args.source):
-        try:
-            res = api.disable_cdc(src, state=_state(cfg))
-        except CDCError as exc:
-            failed = True
-            if args.json:
-                results.append({"source": src.name, "error": exc.to_dict()})
-            else:
-                print(f"source {src.name}: disable failed")
-                _print_error(exc)
-            continue
-        if args.json:
-            results.append(res.to_dict())
-            continue
+    def show(src: SourceConfig, res: api.DisableResult) -> None:
         if res.already_disabled:
             print(f"source {src.name}: already disabled; nothing to drop")
         else:
             dropped = [what for what, did in (("slot " + src.slot_name, res.slot_dropped),
                                               ("publication " + src.publication_name,
                                                res.publication_dropped)) if did]
+            killed = (f" (terminated pid {', '.join(map(str, res.terminated_pids))})"
+                      if res.terminated_pids else "")
             print(f"source {src.name}: disabled; dropped {', '.join(dropped) or 'nothing'}"
-                  + (f" (terminated pid {', '.join(map(str, res.terminated_pids))})"
-                     if res.terminated_pids else ""))
+                  + killed)
         for note in res.notes:
             print(f"  note: {note}")
-    if args.json:
-        _print_json({"sources": results})
-    return EXIT_FAILED if failed else EXIT_OK
+
+    def show_error(src: SourceConfig, exc: CDCError) -> None:
+        print(f"source {src.name}: disable failed")
+        _print_error(exc)
+
+    return _per_source(
+        args, _sources(cfg, None if args.all else args.source),
+        lambda src: api.disable_cdc(src, state=_state(cfg)),
+        show=show, to_json=lambda _, res: res.to_dict(), show_error=show_error,
+    )
 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1048576:.1f} MB"
 
 
+def _show_status(_: SourceConfig, st: api.Status) -> None:
+    print(f"{st.name}: {st.state} ({'enabled' if st.enabled else 'not enabled'}, "
+          f"{st.management_mode}) {st.dsn} -> {st.destination}")
+    for label, m in (("broken", st.broken), ("paused", st.paused)):
+        if m is not None:
+            print(f"  {label}: {m.reason} — {m.message} (since {m.at})")
+    s = st.slot
+    if s.exists:
+        held = f"active pid {s.active_pid}" if s.active else "inactive"
+        print(f"  slot {s.name}: {held}, confirmed_flush {s.confirmed_flush_lsn}, restart "
+              f"{s.restart_lsn}, lag {_mb(s.lag_bytes)}, retained WAL "
+              f"{_mb(s.retained_wal_bytes)}, wal_status {s.wal_status}")
+    else:
+        print(f"  slot {s.name}: does not exist")
+    p = st.publication
+    print(f"  publication {p.name}: "
+          + (f"{len(p.tables)} table(s)" if p.exists else "does not exist"))
+    se, o = st.settings, st.settings.origin
+    print(f"  settings: auto_drop_slot={str(se.auto_drop_slot).lower()} "
+          f"({o['auto_drop_slot']}), warning {se.lag_warning_threshold_mb} MB "
+          f"({o['lag_warning_threshold_mb']}), critical {se.lag_critical_threshold_mb} MB "
+          f"({o['lag_critical_threshold_mb']})")
+    if st.lease:
+        print(f"  held by: {st.lease['purpose']} (host {st.lease['host']}, pid "
+              f"{st.lease['pid']}) since {st.lease['since']}")
+    for t in st.tables:
+        why = f"  {t.reason}; remedy: {t.remedy}" if t.reason else ""
+        print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
+              f"{t.applied_lsn or '-'}{why}")
+
+
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
-    failed = False
-    results: list[dict[str, object]] = []
-    for src in _sources(cfg, args.source):
-        try:
-            st = api.cdc_status(src, state=_state(cfg))
-        except CDCError as exc:
-            failed = True
-            if args.json:
-                results.append({"name": src.name, "state": "unreachable",
-                                "error": exc.to_dict()})
-            else:
-                print(f"{src.name}: could not be read")
-                _print_error(exc)
-            continue
-        if args.json:
-            results.append(st.to_dict())
-            continue
-        print(f"{st.name}: {st.state} ({'enabled' if st.enabled else 'not enabled'}, "
-              f"{st.management_mode}) {st.dsn} -> {st.destination}")
-        for label, m in (("broken", st.broken), ("paused", st.paused)):
-            if m is not None:
-                print(f"  {label}: {m.reason} — {m.message} (since {m.at})")
-        s = st.slot
-        if s.exists:
-            held = f"active pid {s.active_pid}" if s.active else "inactive"
-            print(f"  slot {s.name}: {held}, confirmed_flush {s.confirmed_flush_lsn}, restart "
-                  f"{s.restart_lsn}, lag {_mb(s.lag_bytes)}, retained WAL "
-                  f"{_mb(s.retained_wal_bytes)}, wal_status {s.wal_status}")
-        else:
-            print(f"  slot {s.name}: does not exist")
-        p = st.publication
-        print(f"  publication {p.name}: "
-              + (f"{len(p.tables)} table(s)" if p.exists else "does not exist"))
-        se = st.settings
-        o = se.origin
-        print(f"  settings: auto_drop_slot={str(se.auto_drop_slot).lower()} "
-              f"({o['auto_drop_slot']}), warning {se.lag_warning_threshold_mb} MB "
-              f"({o['lag_warning_threshold_mb']}), critical {se.lag_critical_threshold_mb} MB "
-              f"({o['lag_critical_threshold_mb']})")
-        if st.lease:
-            print(f"  held by: {st.lease['purpose']} (host {st.lease['host']}, pid "
-                  f"{st.lease['pid']}) since {st.lease['since']}")
-        for t in st.tables:
-            why = f"  {t.reason}; remedy: {t.remedy}" if t.reason else ""
-            print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
-                  f"{t.applied_lsn or '-'}{why}")
-    if args.json:
-        _print_json({"sources": results})
-    return EXIT_FAILED if failed else EXIT_OK
+    def show_error(src: SourceConfig, exc: CDCError) -> None:
+        print(f"{src.name}: could not be read")
+        _print_error(exc)
+
+    return _per_source(
+        args, _sources(cfg, args.source), lambda src: api.cdc_status(src, state=_state(cfg)),
+        show=_show_status, to_json=lambda _, st: st.to_dict(), show_error=show_error,
+        error_json=lambda src, exc: {"name": src.name, "state": "unreachable",
+                                     "error": exc.to_dict()},
+    )
 
 
 def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
