@@ -1,0 +1,122 @@
+"""Engine-neutral change events: what a source adapter hands the core, transaction by transaction.
+
+Contract (the adapter guarantees it, the core relies on it):
+- Only committed transactions reach the core, in commit order, each as `Begin`, then its changes
+  in WAL order, then `Commit`. In-progress chunks of large transactions (PostgreSQL's protocol v2
+  streaming), aborted subtransactions and aborted transactions are resolved inside the adapter.
+- A `Relation` event precedes the first change of a relation in a session and is repeated when
+  the relation's shape changes; changes refer to relations by `relid`.
+- Column values travel as the source's text form (`bytes`), `None` for SQL NULL, or the
+  `UNCHANGED` marker for an unchanged TOASTed value that the source did not send. `UNCHANGED` is
+  never NULL: the sink must keep the stored value.
+- LSNs are ints. `Commit.end_lsn` is the transaction's position: everything at or below it is
+  applied once that transaction is durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, final
+
+
+@final
+class _Unchanged:
+    """Marker for an unchanged TOASTed column value (pgoutput's 'u')."""
+
+    __slots__ = ()
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Final = _Unchanged()
+
+Value = bytes | None | _Unchanged
+Row = tuple[Value, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelationColumn:
+    name: str
+    type_oid: int
+    typmod: int
+    key: bool  # part of the replica identity (pgoutput flag bit 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Relation:
+    relid: int
+    schema: str
+    name: str
+    replica_identity: str  # "default" | "nothing" | "full" | "index"
+    columns: tuple[RelationColumn, ...]
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Begin:
+    xid: int
+    final_lsn: int  # LSN of the commit record
+    commit_ts_us: int  # microseconds since the Unix epoch, UTC
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit:
+    xid: int
+    commit_lsn: int
+    end_lsn: int  # the transaction's position: confirm/skip decisions use this
+    commit_ts_us: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Insert:
+    relid: int
+    new: Row
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Update:
+    relid: int
+    new: Row
+    old: Row | None = None  # 'K' (key columns only, others None) or 'O' (full row) or absent
+    old_is_key: bool = False  # True for 'K': only identity columns are meaningful in `old`
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delete:
+    relid: int
+    old: Row
+    old_is_key: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Truncate:
+    relids: tuple[int, ...]
+    cascade: bool = False
+    restart_identity: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """A logical decoding message (pg_logical_emit_message), transactional ones in order."""
+
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+
+
+Change = Insert | Update | Delete | Truncate
+Event = Relation | Begin | Commit | Insert | Update | Delete | Truncate | Message
