@@ -34,6 +34,10 @@ class _Unchanged:
     def __repr__(self) -> str:
         return "UNCHANGED"
 
+    def __bool__(self) -> bool:
+        # falsy like None, so `filter(None, row)` keeps only sent values (cheap size sums)
+        return False
+
     def __reduce__(self) -> str:
         return "UNCHANGED"
 

@@ -1,0 +1,339 @@
+"""Batching: committed transactions → per-table Arrow change batches for the sink.
+
+Who calls it: the pipeline feeds every event from the adapter (`add`) in order, asks `ready()`
+after each `Commit`, and `take()`s a batch between transactions. Guarantees:
+- a batch closes only on a transaction boundary, so one source transaction's changes to one table
+  always land in one batch (and so in one Delta commit);
+- `ChangeBatch.version` is the end LSN of the last transaction it includes: once the batch is
+  durable, everything at or below it is applied;
+- the hot path keeps rows as the adapter's tuples of text `bytes` and converts each column once,
+  at `take()`, through the adapter's converters (no per-value Python conversion here);
+- a change the engine cannot apply correctly yet (TRUNCATE, a changed column set) stops that
+  table with a stated reason instead of being skipped or mis-applied; other tables go on.
+
+Batch layout per table (the sink's input): the data columns, then `_cdc_op` ('I'/'U'/'D'; a
+key-changing update is split into 'D' of the old key and 'I' of the new), `_cdc_lsn` (commit end
+LSN), `_cdc_seq` (ordinal among this table's changes in its transaction), `_cdc_committed_at`
+(timestamp[us, UTC]) and `_cdc_unchanged` (list of unchanged-TOAST column names, null if none).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from cdcengine.events import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    Event,
+    Insert,
+    Message,
+    Relation,
+    Row,
+    Truncate,
+    Update,
+)
+from cdcengine.names import TableRef
+
+ColumnConverter = Callable[[Sequence[bytes | None]], tuple[pa.Array, int]]
+"""Text values of one column (None = NULL) → (typed Arrow array, number of masked values)."""
+
+ENGINE_SCHEMA = pa.schema([
+    ("_cdc_op", pa.string()),
+    ("_cdc_lsn", pa.int64()),
+    ("_cdc_seq", pa.int64()),
+    ("_cdc_committed_at", pa.timestamp("us", tz="UTC")),
+    ("_cdc_unchanged", pa.list_(pa.string())),
+])
+ROW_OVERHEAD_BYTES = 64  # rough per-row bookkeeping cost, for the memory budget
+
+
+class ConverterFactory(Protocol):
+    """Per relation, one converter per column (from the adapter, which knows the types)."""
+
+    def __call__(self, relation: Relation) -> Sequence[ColumnConverter]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableSpec:
+    ref: TableRef
+    key: tuple[str, ...] | None = None  # declared key; None: the relation's identity columns
+    columns: tuple[str, ...] | None = None  # selected columns; None: all
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoppedTable:
+    ref: TableRef
+    reason: str  # stable code: "truncate" | "schema_changed"
+    message: str
+    remedy: str
+    lsn: int  # end LSN of the transaction that stopped it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChangeBatch:
+    version: int  # end LSN of the last transaction included
+    transactions: int
+    tables: dict[TableRef, pa.Table]
+    keys: dict[TableRef, tuple[str, ...]]
+    masked: dict[tuple[TableRef, str], int] = field(default_factory=dict)
+    stopped: tuple[StoppedTable, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for t in self.tables.values())
+
+
+@dataclass(slots=True)
+class _Relation:
+    relation: Relation
+    spec: TableSpec
+    key: tuple[str, ...]
+    key_idx: tuple[int, ...]
+    converters: Sequence[ColumnConverter]
+
+
+@dataclass(slots=True)
+class _Buffer:
+    """One table's committed rows; `segments` give (row count so far, end_lsn, ts) per txn."""
+
+    rel: _Relation
+    rows: list[Row] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(
+        self,
+        specs: Mapping[TableRef, TableSpec],
+        converters: ConverterFactory,
+        *,
+        max_rows: int,
+        max_bytes: int,
+        flush_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._specs = dict(specs)
+        self._converters = converters
+        self._max_rows, self._max_bytes = max_rows, max_bytes
+        self._interval, self._clock = flush_interval_s, clock
+        self._relations: dict[int, _Relation | None] = {}
+        self._buffers: dict[TableRef, _Buffer] = {}
+        self._stopped: dict[TableRef, StoppedTable] = {}
+        self._new_stops: list[StoppedTable] = []
+        self._begin: Begin | None = None
+        self._txn_seq: dict[TableRef, int] = {}
+        self._txn_start: dict[TableRef, int] = {}
+        self._rows = 0
+        self._bytes = 0
+        self._first_at: float | None = None
+        self._version: int | None = None
+        self._txns = 0
+
+    # ---- feeding ----------------------------------------------------------------------------
+    def add(self, event: Event) -> None:
+        if isinstance(event, Insert):
+            self._change(event.relid, "I", event.new)
+        elif isinstance(event, Update):
+            self._update(event)
+        elif isinstance(event, Delete):
+            self._change(event.relid, "D", event.old)
+        elif isinstance(event, Begin):
+            self._begin = event
+            self._txn_seq.clear()
+            self._txn_start = {ref: len(b.rows) for ref, b in self._buffers.items()}
+        elif isinstance(event, Commit):
+            self._commit(event)
+        elif isinstance(event, Relation):
+            self._relation(event)
+        elif isinstance(event, Truncate):
+            for relid in event.relids:
+                rel = self._relations.get(relid)
+                if rel is not None:
+                    self._stop(rel.spec.ref, "truncate",
+                               "TRUNCATE is not applied yet; the table stopped at it so that no "
+                               "later change is applied over rows that should be gone.",
+                               "resync the table")
+        elif isinstance(event, Message):
+            pass  # logical decoding messages carry no table data
+
+    def _relation(self, relation: Relation) -> None:
+        ref = TableRef(relation.schema, relation.name)
+        spec = self._specs.get(ref)
+        if spec is None:
+            self._relations[relation.relid] = None  # published but not configured: ignored
+            return
+        old = self._relations.get(relation.relid)
+        if old is not None and [c.name for c in old.relation.columns] != [
+                c.name for c in relation.columns]:
+            self._stop(ref, "schema_changed",
+                       f"the column set of {ref.qualified} changed; schema evolution is not "
+                       "applied yet, so the table stopped before the first changed row.",
+                       "resync the table")
+        names = [c.name for c in relation.columns]
+        key = spec.key or relation.key_columns
+        self._relations[relation.relid] = _Relation(
+            relation=relation, spec=spec, key=tuple(key),
+            key_idx=tuple(names.index(k) for k in key if k in names),
+            converters=self._converters(relation))
+
+    def _stop(self, ref: TableRef, reason: str, message: str, remedy: str) -> None:
+        if ref in self._stopped:
+            return
+        lsn = self._begin.final_lsn if self._begin else (self._version or 0)
+        stop = StoppedTable(ref=ref, reason=reason, message=message, remedy=remedy, lsn=lsn)
+        self._stopped[ref] = stop
+        self._new_stops.append(stop)
+        buf = self._buffers.get(ref)
+        if buf is not None and self._begin is not None:
+            # drop the open transaction's rows of the stopped table; committed ones stay
+            start = self._txn_start.get(ref, len(buf.rows))
+            self._rows -= len(buf.rows) - start
+            del buf.rows[start:], buf.ops[start:], buf.seqs[start:]
+            for i in [i for i in buf.unchanged if i >= start]:
+                del buf.unchanged[i]
+
+    def _update(self, ev: Update) -> None:
+        rel = self._relations.get(ev.relid)
+        if rel is None or ev.old is None or not rel.key_idx:
+            self._change(ev.relid, "U", ev.new)
+            return
+        old, new = ev.old, ev.new
+        if any(old[i] != new[i] and new[i] is not UNCHANGED for i in rel.key_idx):
+            # the key changed: a delete of the old key, then an insert of the new row
+            self._change(ev.relid, "D", old)
+            self._change(ev.relid, "I", new)
+        else:
+            self._change(ev.relid, "U", new)
+
+    def _change(self, relid: int, op: str, row: Row) -> None:
+        rel = self._relations.get(relid)
+        if rel is None:
+            return
+        ref = rel.spec.ref
+        if ref in self._stopped:
+            return
+        buf = self._buffers.get(ref)
+        if buf is None or buf.rel is not rel:
+            buf = self._buffers[ref] = self._buffers.get(ref) or _Buffer(rel=rel)
+            buf.rel = rel
+            self._txn_start.setdefault(ref, len(buf.rows))
+        seq = self._txn_seq.get(ref, 0)
+        self._txn_seq[ref] = seq + 1
+        if UNCHANGED in row:
+            names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
+                          if v is UNCHANGED)
+            buf.unchanged[len(buf.rows)] = names
+        buf.rows.append(row)
+        buf.ops.append(op)
+        buf.seqs.append(seq)
+        self._rows += 1
+        self._bytes += ROW_OVERHEAD_BYTES + sum(map(len, filter(None, row)))  # type: ignore[arg-type]
+        if self._first_at is None:
+            self._first_at = self._clock()
+
+    def _commit(self, ev: Commit) -> None:
+        ts = ev.commit_ts_us
+        for buf in self._buffers.values():
+            if not buf.segments or buf.segments[-1][0] != len(buf.rows):
+                buf.segments.append((len(buf.rows), ev.end_lsn, ts))
+        self._version = ev.end_lsn
+        self._txns += 1
+        self._begin = None
+
+    # ---- closing ----------------------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        return self._begin is not None
+
+    @property
+    def pending_rows(self) -> int:
+        return self._rows
+
+    @property
+    def version(self) -> int | None:
+        """End LSN of the last committed transaction fed in (None before any)."""
+        return self._version
+
+    def ready(self) -> bool:
+        """A batch should be taken now: full by rows or bytes, or the flush interval passed."""
+        if self.in_transaction or self._version is None:
+            return False
+        if self._new_stops or self._rows >= self._max_rows or self._bytes >= self._max_bytes:
+            return True
+        return self._first_at is not None and self._clock() - self._first_at >= self._interval
+
+    def take(self) -> ChangeBatch | None:
+        """Everything committed so far as one batch (None when no transaction was fed)."""
+        if self.in_transaction:
+            raise RuntimeError("take() inside a transaction would split it")
+        if self._version is None:
+            return None
+        tables: dict[TableRef, pa.Table] = {}
+        keys: dict[TableRef, tuple[str, ...]] = {}
+        masked: dict[tuple[TableRef, str], int] = {}
+        for ref, buf in self._buffers.items():
+            if buf.rows:
+                tables[ref] = self._to_arrow(buf, masked)
+                keys[ref] = buf.rel.key
+        batch = ChangeBatch(version=self._version, transactions=self._txns, tables=tables,
+                            keys=keys, masked=masked, stopped=tuple(self._new_stops))
+        self._buffers.clear()
+        self._new_stops.clear()
+        self._rows = self._bytes = self._txns = 0
+        self._first_at = None
+        self._version = None
+        return batch
+
+    def _to_arrow(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+        rel, n = buf.rel, len(buf.rows)
+        columns = rel.relation.columns
+        rows = buf.rows
+        if buf.unchanged:
+            rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
+                    for i, r in enumerate(rows)]
+        transposed = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+        selected = rel.spec.columns
+        arrays: list[pa.Array] = []
+        names: list[str] = []
+        for col, values, convert in zip(columns, transposed, rel.converters, strict=True):
+            if selected is not None and col.name not in selected and col.name not in rel.key:
+                continue
+            array, bad = convert(values)
+            if bad:
+                masked[(rel.spec.ref, col.name)] = masked.get((rel.spec.ref, col.name), 0) + bad
+            arrays.append(array)
+            names.append(col.name)
+        lsns, stamps = _expand(buf.segments, n)
+        unchanged = [list(buf.unchanged[i]) if i in buf.unchanged else None for i in range(n)] \
+            if buf.unchanged else pa.nulls(n, pa.list_(pa.string()))
+        arrays += [pa.array(buf.ops, pa.string()), pa.array(lsns, pa.int64()),
+                   pa.array(buf.seqs, pa.int64()),
+                   pa.array(stamps, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                   pa.array(unchanged, pa.list_(pa.string()))]
+        names += ENGINE_SCHEMA.names
+        return pa.Table.from_arrays(arrays, names=names)
+
+
+def _expand(segments: list[tuple[int, int, int]], n: int) -> tuple[list[int], list[int]]:
+    """Per-row (end LSN, commit time) from per-transaction (rows so far, end LSN, ts) marks."""
+    lsns: list[int] = []
+    stamps: list[int] = []
+    start = 0
+    for upto, lsn, ts in segments:
+        count = upto - start
+        lsns += [lsn] * count
+        stamps += [ts] * count
+        start = upto
+    if start != n:
+        raise RuntimeError("rows without a committed transaction in a batch")
+    return lsns, stamps

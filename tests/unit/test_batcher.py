@@ -1,0 +1,185 @@
+"""Batcher: transaction boundaries, limits, layout, key changes, TOAST marks, stopped tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pytest
+
+from cdcengine.batcher import Batcher, TableSpec
+from cdcengine.events import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Relation,
+    RelationColumn,
+    Truncate,
+    Update,
+)
+from cdcengine.names import TableRef
+
+ORDERS = TableRef("public", "orders")
+
+
+def text(values: Sequence[bytes | None]) -> tuple[pa.Array, int]:
+    out = [None if v is None else v.decode() for v in values]
+    return pa.array(out, pa.string()), sum(v == "bad" for v in out)
+
+
+def rel(relid: int = 1, name: str = "orders", cols: Sequence[str] = ("id", "note")) -> Relation:
+    return Relation(relid=relid, schema="public", name=name, replica_identity="default",
+                    columns=tuple(RelationColumn(name=c, type_oid=25, typmod=-1, key=c == "id")
+                                  for c in cols))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(max_rows: int = 1000, max_bytes: int = 10**9, interval: float = 60.0,
+         specs: dict[TableRef, TableSpec] | None = None, clock: Clock | None = None) -> Batcher:
+    return Batcher(specs or {ORDERS: TableSpec(ref=ORDERS)}, lambda r: [text] * len(r.columns),
+                   max_rows=max_rows, max_bytes=max_bytes, flush_interval_s=interval,
+                   clock=clock or Clock())
+
+
+def txn(b: Batcher, xid: int, end: int, *changes: object, ts: int = 1_700_000_000_000_000) -> None:
+    b.add(Begin(xid=xid, final_lsn=end - 8, commit_ts_us=ts))
+    for c in changes:
+        b.add(c)  # type: ignore[arg-type]
+    b.add(Commit(xid=xid, commit_lsn=end - 8, end_lsn=end, commit_ts_us=ts))
+
+
+def test_layout_and_per_transaction_sequence() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 10, 100, Insert(relid=1, new=(b"1", b"a")), Insert(relid=1, new=(b"2", b"b")))
+    txn(b, 11, 200, Update(relid=1, new=(b"1", b"c")), Delete(relid=1, old=(b"2", None)))
+    batch = b.take()
+    assert batch is not None
+    assert batch.version == 200 and batch.transactions == 2
+    t = batch.tables[ORDERS]
+    assert t.column_names == ["id", "note", "_cdc_op", "_cdc_lsn", "_cdc_seq",
+                              "_cdc_committed_at", "_cdc_unchanged"]
+    assert t["_cdc_op"].to_pylist() == ["I", "I", "U", "D"]
+    assert t["_cdc_lsn"].to_pylist() == [100, 100, 200, 200]
+    assert t["_cdc_seq"].to_pylist() == [0, 1, 0, 1]
+    assert t.schema.field("_cdc_committed_at").type == pa.timestamp("us", tz="UTC")
+    assert t["_cdc_unchanged"].null_count == 4
+    assert batch.keys[ORDERS] == ("id",)
+    assert b.take() is None
+
+
+def test_never_ready_inside_a_transaction_and_take_refuses() -> None:
+    b = make(max_rows=1)
+    b.add(rel())
+    b.add(Begin(xid=1, final_lsn=1, commit_ts_us=0))
+    b.add(Insert(relid=1, new=(b"1", b"a")))
+    b.add(Insert(relid=1, new=(b"2", b"a")))
+    assert not b.ready()
+    with pytest.raises(RuntimeError):
+        b.take()
+    b.add(Commit(xid=1, commit_lsn=1, end_lsn=9, commit_ts_us=0))
+    assert b.ready()
+    batch = b.take()
+    assert batch is not None and batch.rows == 2  # the big transaction was not split
+
+
+def test_limits_rows_bytes_and_interval() -> None:
+    clock = Clock()
+    b = make(max_rows=3, clock=clock, interval=1.0)
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
+    assert not b.ready()
+    clock.now = 1.5
+    assert b.ready()
+    b.take()
+    txn(b, 2, 20, *[Insert(relid=1, new=(str(i).encode(), b"x")) for i in range(3)])
+    assert b.ready()
+    b.take()
+    small = make(max_bytes=200)
+    small.add(rel())
+    txn(small, 3, 30, Insert(relid=1, new=(b"1", b"y" * 300)))
+    assert small.ready()
+
+
+def test_key_change_becomes_delete_and_insert() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Update(relid=1, new=(b"2", b"a"), old=(b"1", None), old_is_key=True))
+    t = b.take().tables[ORDERS]  # type: ignore[union-attr]
+    assert t["_cdc_op"].to_pylist() == ["D", "I"]
+    assert t["id"].to_pylist() == ["1", "2"]
+    assert t["_cdc_seq"].to_pylist() == [0, 1]
+
+
+def test_unchanged_toast_is_marked_never_null_valued_silently() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Update(relid=1, new=(b"1", UNCHANGED)), Insert(relid=1, new=(b"2", b"n")))
+    t = b.take().tables[ORDERS]  # type: ignore[union-attr]
+    assert t["_cdc_unchanged"].to_pylist() == [["note"], None]
+    assert t["note"].to_pylist() == [None, "n"]
+
+
+def test_unconfigured_tables_ignored_and_columns_selected() -> None:
+    spec = TableSpec(ref=ORDERS, columns=("note",))
+    b = make(specs={ORDERS: spec})
+    b.add(rel(cols=("id", "note", "secret")))
+    b.add(rel(relid=2, name="other"))
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a", b"s")), Insert(relid=2, new=(b"9", b"z")))
+    batch = b.take()
+    assert batch is not None and set(batch.tables) == {ORDERS}
+    assert batch.tables[ORDERS].column_names[:2] == ["id", "note"]  # key always kept
+
+
+def test_masked_values_are_counted() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"bad")), Insert(relid=1, new=(b"2", b"bad")))
+    assert b.take().masked == {(ORDERS, "note"): 2}  # type: ignore[union-attr]
+
+
+def test_truncate_stops_the_table_and_drops_its_rows_of_that_transaction() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
+    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b")), Truncate(relids=(1,)),
+        Insert(relid=1, new=(b"3", b"c")))
+    txn(b, 3, 30, Insert(relid=1, new=(b"4", b"d")))
+    batch = b.take()
+    assert batch is not None
+    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
+    assert [s.reason for s in batch.stopped] == ["truncate"]
+    assert batch.version == 30
+
+
+def test_changed_column_set_stops_the_table() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
+    b.add(rel(cols=("id", "note", "added")))
+    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b", b"x")))
+    batch = b.take()
+    assert batch is not None
+    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
+    assert batch.stopped[0].reason == "schema_changed"
+
+
+def test_schema_change_inside_a_transaction_drops_only_that_transaction() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
+    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b")), rel(cols=("id", "note", "added")),
+        Insert(relid=1, new=(b"3", b"c", b"x")))
+    batch = b.take()
+    assert batch is not None
+    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
+    assert batch.stopped[0].lsn == 12  # the stopping transaction's commit record
