@@ -1,0 +1,688 @@
+"""The logical replication stream: START_REPLICATION on a walsender connection, raw pgoutput out.
+
+This is the I/O layer only. It hands each pgoutput message upward as raw bytes (`XLogData.payload`)
+and never parses it; decoding Begin/Relation/Insert/... is the decoder's job, and deciding what is
+durable is the core's. What this layer owns is everything the replication protocol demands of a
+client (research/limits-and-pitfalls.md §3):
+
+* **No replication API in psycopg 3.** START_REPLICATION is sent as a plain simple-protocol query
+  on a `replication=database` connection (`connection.connect(..., replication=True)`); its result
+  is COPY_BOTH, after which the connection carries CopyData frames both ways. We drive this at the
+  `pgconn` (libpq) level, so it works whatever psycopg's cursor does with a COPY_BOTH result.
+* **Simple query protocol only (pitfall 1).** A replication connection refuses parameters, so the
+  command is built as text. The slot name is re-validated (`[a-z0-9_]{1,63}`) and every
+  publication name is double-quoted inside the single-quoted `publication_names` option:
+  the walsender splits that option with `SplitIdentifierString`, which lower-cases unquoted names,
+  so an upper-case publication would otherwise silently not exist. Names containing quotes are
+  refused (ValueError) instead of being escaped: nothing in our config can produce them.
+* **Never block holding the GIL (pitfall 2).** psycopg-binary calls `PQgetCopyData` without
+  releasing the GIL, so a blocking `get_copy_data(0)` freezes every other thread (the feedback
+  timer, the Delta writer) until data arrives. We only ever call `get_copy_data(1)` (async), and
+  when libpq has nothing buffered we wait in `poll()` on the socket (which releases the GIL),
+  then `consume_input()`. `poll` rather than `select.select`: a daemon with many sources can
+  hold file descriptors above FD_SETSIZE (1024), which `select` refuses. The connection is
+  switched to libpq non-blocking mode so that sending a status update cannot block either.
+* **Keepalives and status updates (pitfall 3).** The walsender sends 'k' frames; one with
+  replyRequested=1 must be answered at once, and the client must send a standby status update
+  ('r') at least every `wal_sender_timeout` or the server drops it (`terminating walsender
+  process due to replication timeout`). Keepalives are handled inside `read()`; status updates go
+  out every `status_interval_s` and when requested. Any status message resets the server's
+  timeout, so a caller that stops reading for a while can keep the stream alive by calling
+  `send_status()` from another thread (the methods are serialised by a lock).
+* **Header LSNs are not bookkeeping (pitfall 4).** XLogData's `wal_start`/`wal_end` are 0/0 for
+  Relation messages; the core must use Begin/Commit LSNs from the payload. The header's
+  `wal_end` only feeds the *write* position we report.
+* **Idle sources must not hold WAL back (pitfall 6).** PostgreSQL sends nothing for empty or
+  unpublished transactions, only keepalives with a growing `wal_end`. `keepalive_lsn` exposes it;
+  the core confirms it (via `set_flush_lsn`) when nothing is in flight.
+
+Status update fields: write = the highest position received (XLogData or keepalive `wal_end`;
+reporting it stops the walsender from re-sending unrequested keepalives for a position we already
+have), flush = apply = what the core said is durable (`set_flush_lsn`, never moving backwards;
+0 = "nothing claimed", which the server ignores). For a logical slot only `flush` matters: it
+becomes `confirmed_flush_lsn` at once, in memory (pitfall 5: it is not durable in PG 15, so the
+sink must be idempotent anyway).
+
+Errors: every driver error is re-raised through `translate_errors` as a `CDCError` (a missing slot
+is `slot_missing`, a held one `slot_in_use`, an invalidated one `slot_invalidated`, a lost
+connection a retryable `connection_failed`). When the server ends the copy stream itself
+(`get_copy_data` returns -1: a terminated walsender, a server shutdown), the server's final result
+is classified; whatever it is not recognised as becomes a retryable `connection_failed`.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Final, NamedTuple, Self
+
+import psycopg
+from psycopg import pq
+from psycopg.errors import error_from_result
+from psycopg.rows import TupleRow
+
+from cdcengine.errors import CDCError, Reason, SourceUnreachable
+from cdcengine.lsn import format_lsn
+
+from .connection import connect
+from .errors import translate_errors
+
+__all__ = ["PG_EPOCH_US", "ReplicationStream", "XLogData", "build_start_command"]
+
+#: 2000-01-01T00:00:00Z in µs since the Unix epoch: the protocol's clock origin.
+PG_EPOCH_US: Final = 946_684_800_000_000
+
+# Frame layouts (protocol-replication.html). The leading type byte is checked by the caller and
+# skipped (offset 1), so the hot path unpacks only the integers it needs.
+_XLOGDATA: Final = struct.Struct(">QQq")  # 'w' | dataStart | walEnd | sendTime, payload at 25
+_KEEPALIVE: Final = struct.Struct(">QqB")  # 'k' | walEnd | sendTime | replyRequested
+_STATUS: Final = struct.Struct(">cQQQqB")  # 'r' | write | flush | apply | clock | replyNow
+_PAYLOAD_OFFSET: Final = 1 + _XLOGDATA.size  # 25
+_W: Final = 0x77  # 'w'
+_K: Final = 0x6B  # 'k'
+
+_SLOT_NAME: Final = re.compile(r"[a-z0-9_]{1,63}")
+_NAMEDATALEN: Final = 64
+_MAX_LSN: Final = (1 << 64) - 1
+_PG14: Final = 140000
+
+#: How long a status update or CopyDone may wait for the socket to accept it.
+_SEND_TIMEOUT_S: Final = 30.0
+#: How long `close()` drains the server's remaining frames after our CopyDone.
+_CLOSE_DRAIN_S: Final = 5.0
+
+_POLLIN: Final = getattr(select, "POLLIN", 1)
+_POLLOUT: Final = getattr(select, "POLLOUT", 4)
+_POLLERR: Final = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
+
+_new_tuple = tuple.__new__
+_NOT_RUNNING: Final = "the replication stream is not running (not started, or closed)"
+
+
+class XLogData(NamedTuple):
+    """One XLogData frame: header fields plus the raw pgoutput message.
+
+    `wal_start`/`wal_end` are the frame header's LSNs (0 for Relation messages; pitfall 4: use
+    the LSNs inside Begin/Commit for bookkeeping). `send_time_us` is the server's clock in µs
+    since 2000-01-01 UTC (`PG_EPOCH_US`). `payload[0:1]` is the pgoutput message type
+    (b'B', b'I', b'C', b'S', ...).
+    """
+
+    wal_start: int
+    wal_end: int
+    send_time_us: int
+    payload: bytes
+
+
+def _validate_slot(slot: str) -> str:
+    if not isinstance(slot, str) or not _SLOT_NAME.fullmatch(slot):
+        raise ValueError(f"invalid replication slot name {slot!r}: expected [a-z0-9_]{{1,63}}")
+    return slot
+
+
+def _validate_publication(name: str) -> str:
+    """A publication name that can be double-quoted verbatim inside the single-quoted option.
+
+    Quotes are refused rather than doubled: `'` would end the option's string literal and `"`
+    the identifier. Control characters are refused too, and names longer than NAMEDATALEN-1
+    bytes, which PostgreSQL would silently truncate to a different name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"invalid publication name {name!r}: must be a non-empty string")
+    if any(c in "\"'" or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise ValueError(
+            f"invalid publication name {name!r}: quotes and control characters are not allowed"
+        )
+    if len(name.encode("utf-8")) >= _NAMEDATALEN:
+        raise ValueError(f"invalid publication name {name!r}: longer than 63 bytes")
+    return name
+
+
+def build_start_command(
+    slot: str,
+    publications: Sequence[str],
+    start_lsn: int,
+    *,
+    proto_version: int,
+    streaming: bool,
+    messages: bool,
+) -> str:
+    """The START_REPLICATION text (simple protocol: no parameters, so everything is validated).
+
+    `START_REPLICATION SLOT "s" LOGICAL X/Y (proto_version 'N', publication_names '"p1","p2"'
+    [, streaming 'on'] [, messages 'true'])`. Raises ValueError for a bad slot or publication
+    name, an empty publication list, an out-of-range LSN or an unsupported protocol version.
+    """
+    _validate_slot(slot)
+    if isinstance(publications, str):
+        raise ValueError("publications must be a list of names, not a string")
+    pubs = [_validate_publication(p) for p in publications]
+    if not pubs:
+        raise ValueError("at least one publication name is required")
+    if proto_version not in (1, 2):
+        raise ValueError(f"unsupported pgoutput proto_version {proto_version!r}: expected 1 or 2")
+    if streaming and proto_version < 2:
+        raise ValueError("streaming needs pgoutput proto_version 2")
+    if not isinstance(start_lsn, int) or not 0 <= start_lsn <= _MAX_LSN:
+        raise ValueError(f"invalid start LSN {start_lsn!r}")
+    names = ",".join(f'"{p}"' for p in pubs)
+    options = [f"proto_version '{proto_version}'", f"publication_names '{names}'"]
+    if streaming:
+        options.append("streaming 'on'")
+    if messages:
+        options.append("messages 'true'")
+    lsn = format_lsn(start_lsn)
+    return f'START_REPLICATION SLOT "{slot}" LOGICAL {lsn} ({", ".join(options)})'
+
+
+def _now_us_since_2000() -> int:
+    return time.time_ns() // 1000 - PG_EPOCH_US
+
+
+class _Waiter:
+    """Waits for a socket to become readable (or writable) without holding the GIL.
+
+    `poll()` where available (no FD_SETSIZE limit), `select()` otherwise (Windows).
+    """
+
+    __slots__ = ("_fd", "_poll_in", "_poll_io")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll_in: select.poll | None = None
+        self._poll_io: select.poll | None = None
+        if hasattr(select, "poll"):
+            self._poll_in = select.poll()
+            self._poll_in.register(fd, _POLLIN)
+            self._poll_io = select.poll()
+            self._poll_io.register(fd, _POLLIN | _POLLOUT)
+
+    def readable(self, timeout_s: float) -> None:
+        """Return when the socket is readable, has an error/hang-up, or `timeout_s` passed."""
+        if self._poll_in is not None:
+            self._poll_in.poll(max(0, int(timeout_s * 1000 + 0.999)))
+        else:
+            select.select([self._fd], [], [self._fd], max(0.0, timeout_s))
+
+    def read_or_write(self, timeout_s: float) -> tuple[bool, bool]:
+        """(readable, writable) once either holds, or (False, False) on timeout."""
+        if self._poll_io is not None:
+            events = self._poll_io.poll(max(0, int(timeout_s * 1000 + 0.999)))
+            mask = 0
+            for _, ev in events:
+                mask |= ev
+            err = bool(mask & _POLLERR)
+            return bool(mask & _POLLIN) or err, bool(mask & _POLLOUT) or err
+        r, w, x = select.select([self._fd], [self._fd], [self._fd], max(0.0, timeout_s))
+        return bool(r or x), bool(w or x)
+
+
+class ReplicationStream:
+    """A pgoutput logical replication stream from one slot, read as raw XLogData frames.
+
+    Usage::
+
+        with ReplicationStream(dsn, slot="cdc_shop", publications=["cdc_shop"],
+                               start_lsn=resume_lsn, proto_version=2) as stream:
+            while running:
+                msg = stream.read(1.0)          # XLogData | None (timeout)
+                if msg is not None:
+                    decoder.feed(msg.payload)
+                stream.set_flush_lsn(durable)  # sent with the next status update
+
+    Construction validates the arguments (ValueError) and does no I/O; `start()` (or entering
+    the `with` block) connects and runs START_REPLICATION. The server starts at
+    max(`start_lsn`, the slot's confirmed_flush_lsn) and sends every transaction whose commit
+    ends after that point (0 = "from the slot's confirmed position").
+
+    `proto_version` 2 asks for `streaming 'on'` (large in-progress transactions arrive as
+    'S'/'E' segments followed by 'c' Stream Commit or 'A' Stream Abort, pitfall 9) unless
+    `streaming=False`; it needs PostgreSQL 14+, as does `messages=True` (logical decoding
+    messages, 'M'). An older server gives a `CDCError` (`prerequisites_failed`) from `start()`.
+
+    Thread safety: `read`, `send_status` and `close` are serialised by an internal lock, so a
+    second thread may call `send_status()`/`set_flush_lsn()` while another reads. `read` releases
+    the lock (and the GIL) while it waits for the socket.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        slot: str,
+        publications: Sequence[str],
+        start_lsn: int = 0,
+        proto_version: int = 1,
+        streaming: bool | None = None,
+        messages: bool = False,
+        status_interval_s: float = 10.0,
+        secrets: Iterable[str] = (),
+        application_name: str = "cdcengine",
+        connect_timeout: int = 10,
+    ) -> None:
+        streaming = proto_version >= 2 if streaming is None else streaming
+        # Validate everything now: a bad name must fail before any connection is opened.
+        self._command = build_start_command(
+            slot,
+            publications,
+            start_lsn,
+            proto_version=proto_version,
+            streaming=streaming,
+            messages=messages,
+        )
+        if not status_interval_s > 0:
+            raise ValueError(f"status_interval_s must be positive, got {status_interval_s!r}")
+        self._dsn = dsn
+        self._secrets = tuple(s for s in secrets if s)
+        self._application_name = application_name
+        self._connect_timeout = connect_timeout
+        self.slot: Final = slot
+        self.publications: Final = tuple(publications)
+        self.start_lsn: Final = start_lsn
+        self.proto_version: Final = proto_version
+        self.streaming: Final = streaming
+        self.messages_enabled: Final = messages
+        self.status_interval_s: Final = float(status_interval_s)
+        self._context = f'replication stream of slot "{slot}"'
+        # Built once: `read` enters it on every call, and it holds no per-use state.
+        self._translator = translate_errors(secrets=self._secrets, context=self._context)
+
+        self._conn: psycopg.Connection[TupleRow] | None = None
+        self._pgconn: pq.abc.PGconn | None = None
+        self._waiter: _Waiter | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ended = False  # the server ended the copy stream (or the connection broke)
+
+        self._received_lsn = 0  # write position: highest wal_end received
+        self._keepalive_lsn = 0  # highest wal_end carried by a keepalive
+        self._flush_lsn = 0  # what the core said is durable
+        self._next_status = 0.0  # time.monotonic() deadline of the next periodic status
+        self._last_status_at: float | None = None
+        self._server_version = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def command(self) -> str:
+        """The START_REPLICATION command this stream sends (for logs and tests)."""
+        return self._command
+
+    @property
+    def server_version(self) -> int:
+        """The server's server_version_num (0 before `start()`)."""
+        return self._server_version
+
+    @property
+    def received_lsn(self) -> int:
+        """Highest `wal_end` received (XLogData or keepalive): the write position we report."""
+        return self._received_lsn
+
+    @property
+    def keepalive_lsn(self) -> int:
+        """Highest `wal_end` seen in a keepalive (0 before the first one).
+
+        The walsender has decoded all WAL up to it, and every transaction ending at or before it
+        was sent *before* that keepalive, so it was already returned by `read()` (keepalives are
+        consumed in stream order, never ahead of an XLogData not yet returned). With no
+        transaction in flight the core may therefore confirm it (pitfall 6).
+        """
+        return self._keepalive_lsn
+
+    @property
+    def flush_lsn(self) -> int:
+        """The flush position reported to the server (the highest `set_flush_lsn`)."""
+        return self._flush_lsn
+
+    @property
+    def last_status_at(self) -> float | None:
+        """`time.monotonic()` of the last status update sent, or None."""
+        return self._last_status_at
+
+    @property
+    def started(self) -> bool:
+        return self._pgconn is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Self:
+        if self._pgconn is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Connect and run START_REPLICATION; return once the server is in COPY BOTH mode.
+
+        Raises `CDCError`: `slot_missing`, `slot_in_use`, `slot_invalidated`,
+        `publication_missing` (PG 15 only reports that once a change is decoded, from `read`),
+        `connection_failed`, `auth_failed`, `prerequisites_failed` (protocol options the server
+        is too old for), ...
+        """
+        if self._closed:
+            raise RuntimeError(_NOT_RUNNING)
+        if self._pgconn is not None:
+            raise RuntimeError("the replication stream is already started")
+        conn = connect(
+            self._dsn,
+            replication=True,
+            secrets=self._secrets,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+        )
+        try:
+            self._server_version = conn.info.server_version
+            if (self.streaming or self.messages_enabled or self.proto_version >= 2) and (
+                self._server_version < _PG14
+            ):
+                raise CDCError(
+                    f"{self._context}: pgoutput proto_version {self.proto_version}"
+                    f"{' with streaming' if self.streaming else ''}"
+                    f"{' and messages' if self.messages_enabled else ''} needs PostgreSQL 14 or "
+                    f"later (server version {self._server_version}).",
+                    reason=Reason.PREREQUISITES_FAILED,
+                    fix="Use proto_version 1 without messages on this server, or upgrade it.",
+                )
+            with self._translator:
+                pgconn = conn.pgconn
+                self._waiter = _Waiter(pgconn.socket)
+                pgconn.nonblocking = 1
+                self._start_copy_both(conn, pgconn)
+        except BaseException:
+            self._waiter = None
+            conn.close()
+            raise
+        self._conn = conn
+        self._pgconn = pgconn
+        self._received_lsn = max(self._received_lsn, self.start_lsn)
+        self._next_status = time.monotonic() + self.status_interval_s
+
+    def _start_copy_both(self, conn: psycopg.Connection[TupleRow], pgconn: pq.abc.PGconn) -> None:
+        """Send START_REPLICATION and wait (GIL released) for its COPY_BOTH or error result."""
+        assert self._waiter is not None
+        pgconn.send_query(self._command.encode(conn.info.encoding))
+        self._flush_out(pgconn)
+        deadline = time.monotonic() + max(self._connect_timeout, 1) * 3
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise psycopg.OperationalError("START_REPLICATION timed out")
+            self._waiter.readable(min(left, 1.0))
+        res = pgconn.get_result()
+        if res is None:
+            raise psycopg.OperationalError("START_REPLICATION returned no result")
+        if res.status == pq.ExecStatus.COPY_BOTH:
+            return
+        # An error (or anything else): collect the rest so the connection is not left mid-result.
+        while pgconn.get_result() is not None:
+            pass
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            raise error_from_result(res, encoding=conn.info.encoding)
+        raise psycopg.OperationalError(
+            f"START_REPLICATION returned {pq.ExecStatus(res.status).name}, not COPY_BOTH"
+        )
+
+    def close(self) -> None:
+        """End the stream: CopyDone, drain the server's last frames (bounded), close.
+
+        Safe to call more than once, before `start()`, and after the server or the network went
+        away: failures while ending the copy are ignored, the connection is closed regardless.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conn, pgconn = self._conn, self._pgconn
+            self._conn = self._pgconn = None
+            try:
+                if pgconn is not None and not self._ended:
+                    self._end_copy(pgconn)
+            except (psycopg.Error, OSError):
+                pass  # the server is gone or misbehaving: closing the socket is all that is left
+            finally:
+                self._waiter = None
+                if conn is not None:
+                    conn.close()
+
+    def _end_copy(self, pgconn: pq.abc.PGconn) -> None:
+        if pgconn.status != pq.ConnStatus.OK:
+            return
+        # put_copy_end returns 0 when libpq's buffer is full in non-blocking mode: flush and retry.
+        deadline = time.monotonic() + _CLOSE_DRAIN_S
+        while pgconn.put_copy_end() == 0:
+            self._flush_out(pgconn, deadline)
+        self._flush_out(pgconn, deadline)
+        waiter = self._waiter
+        while True:
+            n, _ = pgconn.get_copy_data(1)
+            if n == -1:
+                break
+            if n == 0:
+                left = deadline - time.monotonic()
+                if left <= 0 or waiter is None:
+                    return
+                waiter.readable(min(left, 0.5))
+                pgconn.consume_input()
+        while time.monotonic() < deadline:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                if waiter is None:
+                    return
+                waiter.readable(min(deadline - time.monotonic(), 0.5))
+                continue
+            if pgconn.get_result() is None:
+                return
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, timeout_s: float) -> XLogData | None:
+        """The next XLogData frame, or None when none arrived within `timeout_s` seconds.
+
+        Keepalives are consumed here (recorded in `keepalive_lsn`, answered at once when the
+        server asks), and periodic status updates are sent from here, so call it regularly (at
+        least every `wal_sender_timeout`/2, 30 s by default) or call `send_status()` from
+        another thread. Waiting happens in `poll()` without the GIL (pitfall 2); `timeout_s=0`
+        only returns what is already buffered.
+
+        Raises `CDCError` on any failure; a stream the server ended is `connection_failed`
+        (retryable) unless the server's final error says something more specific.
+        """
+        pgconn = self._pgconn
+        if pgconn is None:
+            raise RuntimeError(_NOT_RUNNING)
+        if self._ended:
+            raise self._ended_error()
+        with self._translator:
+            try:
+                return self._read(pgconn, self._lock, time.monotonic, timeout_s)
+            except psycopg.Error:
+                self._ended = True  # in COPY BOTH every driver error is fatal to the stream
+                raise
+
+    def _read(
+        self,
+        pgconn: pq.abc.PGconn,
+        lock: threading.Lock,
+        monotonic: Callable[[], float],
+        timeout_s: float,
+    ) -> XLogData | None:
+        deadline: float | None = None
+        while True:
+            # Hot path: one lock, one clock read, one frame; no allocation besides the result.
+            with lock:
+                if self._pgconn is None:
+                    raise RuntimeError(_NOT_RUNNING)
+                if monotonic() >= self._next_status:
+                    self._send_status_locked(pgconn)
+                n, buf = pgconn.get_copy_data(1)
+                if n > 0:
+                    kind = buf[0]
+                    if kind == _W:
+                        start, end, ts = _XLOGDATA.unpack_from(buf, 1)
+                        if end > self._received_lsn:
+                            self._received_lsn = end
+                        return _new_tuple(
+                            XLogData, (start, end, ts, bytes(buf[_PAYLOAD_OFFSET:]))
+                        )
+                    if kind == _K:
+                        self._on_keepalive(pgconn, buf)
+                    # Other frame types are not defined for logical replication: skip them.
+                    continue
+                if n == -1:
+                    raise self._stream_ended(pgconn)
+            # Nothing buffered: wait for the socket without the lock and the GIL, but not past
+            # the timeout or the next periodic status update.
+            now = monotonic()
+            if deadline is None:
+                deadline = now + timeout_s
+            if now >= deadline:
+                return None
+            waiter = self._waiter
+            if waiter is None:
+                raise RuntimeError(_NOT_RUNNING)
+            waiter.readable(min(deadline, self._next_status) - now)
+            with lock:
+                if self._pgconn is None:
+                    raise RuntimeError(_NOT_RUNNING)
+                pgconn.consume_input()
+
+    def messages(self, stop: threading.Event, *, poll_s: float = 0.5) -> Iterator[XLogData]:
+        """Iterate over XLogData frames until `stop` is set (checked at least every `poll_s`)."""
+        while not stop.is_set():
+            msg = self.read(poll_s)
+            if msg is not None:
+                yield msg
+
+    def _on_keepalive(self, pgconn: pq.abc.PGconn, buf: memoryview) -> None:
+        wal_end, _, reply = _KEEPALIVE.unpack_from(buf, 1)
+        if wal_end > self._keepalive_lsn:
+            self._keepalive_lsn = wal_end
+        if wal_end > self._received_lsn:
+            self._received_lsn = wal_end
+        if reply:
+            # Pitfall 3: unanswered, the walsender gives up after wal_sender_timeout.
+            self._send_status_locked(pgconn)
+
+    def _stream_ended(self, pgconn: pq.abc.PGconn) -> CDCError:
+        """The CDCError for a copy stream the server ended (get_copy_data returned -1).
+
+        The final result tells why: a FATAL error such as 57P01 (terminated walsender), a slot
+        invalidated while streaming, a publication dropped, or COMMAND_OK when the walsender ended
+        the stream itself (server shutdown). Recognised errors keep their reason; everything else
+        is a retryable connection_failed.
+        """
+        self._ended = True
+        exc: psycopg.Error | None = None
+        try:
+            res = pgconn.get_result()
+            while res is not None and res.status != pq.ExecStatus.FATAL_ERROR:
+                res = pgconn.get_result()
+            if res is not None:
+                exc = error_from_result(res, encoding=self._encoding())
+        except psycopg.Error as err:  # the connection broke while we asked: that is the cause
+            exc = err
+        message = f"{self._context}: the server ended the replication stream"
+        if exc is None:
+            return SourceUnreachable(f"{message}.", reason=Reason.CONNECTION_FAILED)
+        try:
+            with self._translator:
+                raise exc
+        except CDCError as err:
+            if err.reason not in (Reason.UNKNOWN, Reason.CONNECTION_FAILED):
+                return err  # e.g. slot_invalidated, publication_missing: more telling
+            # Name the server's error by class and SQLSTATE only: its text is not ours to show.
+            state = f" {exc.sqlstate}" if exc.sqlstate else ""
+            fresh = SourceUnreachable(
+                f"{message} ({type(exc).__name__}{state}).", reason=Reason.CONNECTION_FAILED
+            )
+            fresh.__cause__ = err.__cause__
+            return fresh
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ended_error(self) -> CDCError:
+        """For calls after the stream already failed: the error was reported once already."""
+        return SourceUnreachable(
+            f"{self._context}: the replication stream has ended; start a new one.",
+            reason=Reason.CONNECTION_FAILED,
+        )
+
+    def _encoding(self) -> str:
+        conn = self._conn
+        return conn.info.encoding if conn is not None else "utf-8"
+
+    # ------------------------------------------------------------------ feedback
+
+    def set_flush_lsn(self, lsn: int) -> None:
+        """Record that everything up to `lsn` is durable downstream (reported as flush/apply).
+
+        Monotonic: a lower value is ignored. Takes effect with the next status update (periodic,
+        requested, or `send_status()`).
+        """
+        if not isinstance(lsn, int) or not 0 <= lsn <= _MAX_LSN:
+            raise ValueError(f"invalid LSN {lsn!r}")
+        if lsn > self._flush_lsn:
+            self._flush_lsn = lsn
+
+    def send_status(self, force: bool = True) -> bool:
+        """Send a standby status update now (`force`), or only if the periodic one is due.
+
+        Returns whether one was sent. Raises `CDCError` when the connection is broken.
+        """
+        with self._lock:
+            pgconn = self._pgconn
+            if pgconn is None:
+                raise RuntimeError(_NOT_RUNNING)
+            if self._ended:
+                raise self._ended_error()
+            if not force and time.monotonic() < self._next_status:
+                return False
+            with self._translator:
+                self._send_status_locked(pgconn)
+            return True
+
+    def _send_status_locked(self, pgconn: pq.abc.PGconn) -> None:
+        flush = self._flush_lsn
+        write = self._received_lsn if self._received_lsn > flush else flush
+        frame = _STATUS.pack(b"r", write, flush, flush, _now_us_since_2000(), 0)
+        deadline = time.monotonic() + _SEND_TIMEOUT_S
+        while pgconn.put_copy_data(frame) == 0:  # non-blocking libpq buffer full
+            self._flush_out(pgconn, deadline)
+        self._flush_out(pgconn, deadline)
+        now = time.monotonic()
+        self._last_status_at = now
+        self._next_status = now + self.status_interval_s
+
+    def _flush_out(self, pgconn: pq.abc.PGconn, deadline: float | None = None) -> None:
+        """Send libpq's output buffer (non-blocking mode), waiting without the GIL.
+
+        While waiting to write, incoming data is consumed into libpq's buffer (as libpq asks):
+        the server may itself be blocked writing to us and only read our frame once we read.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + _SEND_TIMEOUT_S
+        while pgconn.flush() == 1:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._waiter is None:
+                raise psycopg.OperationalError("could not send data to the server: timed out")
+            readable, _ = self._waiter.read_or_write(min(left, 1.0))
+            if readable:
+                pgconn.consume_input()
