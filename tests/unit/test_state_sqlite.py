@@ -522,9 +522,10 @@ def test_crashed_holder_expires_and_is_taken_over(db: Path, spawn: Callable[[], 
 def test_renew_fails_once_another_process_took_over(db: Path, spawn: Callable[[], Child]) -> None:
     child = spawn()
     with SQLiteStateStore(db) as s:
-        mine = s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=0.3)
+        # a TTL long enough for the child to answer on a loaded machine, then let it lapse
+        mine = s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=3.0)
         assert child.ask("acquire 30").startswith("held ")
-        time.sleep(0.4)
+        time.sleep(max(0.0, mine.expires_at.timestamp() - time.time()) + 0.2)
         assert child.ask("acquire 30") == "ok"
         with pytest.raises(LeaseHeld, match=rf"pid {child.pid}"):
             s.renew_lease(mine, 30)
