@@ -39,6 +39,9 @@ class Reason(enum.StrEnum):
     PUBLICATION_MISSING = "publication_missing"
     PUBLICATION_EXISTS = "publication_exists"
     SOURCE_CHANGED = "source_changed"
+    # destination
+    SCHEMA_INCOMPATIBLE = "schema_incompatible"
+    DESTINATION_FAILED = "destination_failed"
     # engine and operator
     CONFIG_INVALID = "config_invalid"
     UNKNOWN_SOURCE = "unknown_source"
@@ -147,6 +150,17 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The source database's identity changed (restored, failed over or recreated).",
         "Run `cdcengine repair` to re-snapshot from the new source.",
+    ),
+    Reason.SCHEMA_INCOMPATIBLE: ReasonPolicy(
+        False,
+        "A change does not fit the Delta table's schema (an incompatible type change).",
+        "Run `cdcengine resync` for that table.",
+    ),
+    Reason.DESTINATION_FAILED: ReasonPolicy(
+        True,
+        "The Delta destination failed a read or a commit.",
+        "Check the destination path or object store and its credentials; the write is retried "
+        "safely.",
     ),
     Reason.CONFIG_INVALID: ReasonPolicy(
         False, "The configuration is invalid.", "Fix the configuration as the message says."

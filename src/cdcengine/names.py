@@ -103,18 +103,34 @@ def _split_qualified(text: str) -> list[str]:
 
 
 def escape_path_segment(segment: str) -> str:
-    """A name as one path segment: letters, digits, `_` and `-` kept; every other byte `%XX`.
+    """A name as one path segment: letters, digits, `_` and `-` kept; every other byte `~XX`.
 
-    This keeps `/`, `.`, `..`, `%`, spaces and non-ASCII from changing the path's meaning on a
-    file system or in an object-store key, and stays reversible.
+    This keeps `/`, `.`, `..`, spaces and non-ASCII from changing the path's meaning on a file
+    system or in an object-store key, and stays reversible. `~` rather than `%`: delta-rs
+    percent-decodes a table path when it reads its log back, so a `%XX` segment would name a
+    different directory than the one it wrote.
     """
     out: list[str] = []
     for ch in segment:
         if ch in _SEGMENT_SAFE:
             out.append(ch)
         else:
-            out.extend(f"%{b:02X}" for b in ch.encode())
+            out.extend(f"~{b:02X}" for b in ch.encode())
     return "".join(out)
+
+
+def unescape_path_segment(escaped: str) -> str:
+    """The inverse of `escape_path_segment`."""
+    raw = bytearray()
+    i = 0
+    while i < len(escaped):
+        if escaped[i] == "~":
+            raw.append(int(escaped[i + 1:i + 3], 16))
+            i += 3
+        else:
+            raw += escaped[i].encode()
+            i += 1
+    return raw.decode()
 
 
 def is_engine_column(name: str) -> bool:

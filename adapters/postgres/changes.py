@@ -1,0 +1,106 @@
+"""`PostgresChanges`: the change-stream session the core pipeline drives.
+
+It stacks the replication stream (socket, keepalives, standby status), the transaction assembler
+(only committed transactions leave it; streamed chunks spilled and replayed) and the type
+catalog (a converter per relation column, text → Arrow). The core sees engine-neutral events and
+converters; it never sees psycopg.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow as pa
+
+from cdcengine.config import SourceConfig
+from cdcengine.events import Event, Relation
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.convert import to_arrow
+from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.stream import ReplicationStream
+from cdcengine_postgres.transactions import TransactionAssembler
+from cdcengine_postgres.types import PgType, load_types
+
+ColumnConverter = Callable[[Sequence[bytes | None]], tuple[pa.Array, int]]
+
+
+class PostgresChanges:
+    """Open with `with`; then `events(timeout_s)` yields committed transactions' events.
+
+    `set_flush_lsn` tells the server what is durable (sent with the next status update);
+    `keepalive_lsn` is the server's position for confirming an idle stream. On a reconnect make a
+    new session: in-progress streamed transactions are discarded with the old one.
+    """
+
+    def __init__(self, source: SourceConfig, *, start_lsn: int = 0, proto_version: int = 2,
+                 spill_dir: Path | None = None, status_interval_s: float = 10.0) -> None:
+        self.source = source
+        self._own_spill = spill_dir is None
+        self._spill = Path(spill_dir or tempfile.mkdtemp(prefix="cdcengine-spill-"))
+        self._stream = ReplicationStream(
+            source.dsn, slot=source.slot_name, publications=[source.publication_name],
+            start_lsn=start_lsn, proto_version=proto_version, secrets=source.secrets(),
+            status_interval_s=status_interval_s, application_name=f"cdcengine:{source.name}")
+        self._assembler = TransactionAssembler(self._spill)
+        self._types: dict[int, PgType] = {}
+
+    def __enter__(self) -> PostgresChanges:
+        try:
+            self._stream.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def events(self, timeout_s: float) -> Iterator[Event]:
+        """Events of whatever arrives within `timeout_s` (nothing when the stream is idle)."""
+        frame = self._stream.read(timeout_s)
+        if frame is not None:
+            yield from self._assembler.feed(frame.payload)
+
+    def set_flush_lsn(self, lsn: int) -> None:
+        self._stream.set_flush_lsn(lsn)
+
+    def send_status(self) -> None:
+        self._stream.send_status(force=True)
+
+    @property
+    def keepalive_lsn(self) -> int:
+        return self._stream.keepalive_lsn
+
+    def converters(self, relation: Relation) -> list[ColumnConverter]:
+        """One text→Arrow converter per column, from the catalog's types (cached by oid)."""
+        missing = {c.type_oid for c in relation.columns} - set(self._types)
+        if missing:
+            with connect(self.source.dsn, secrets=self.source.secrets()) as conn, \
+                    translate_errors(secrets=self.source.secrets(), context="reading types"):
+                self._types.update(load_types(conn, missing))
+        out: list[ColumnConverter] = []
+        for col in relation.columns:
+            pgtype = self._types[col.type_oid].with_typmod(col.typmod)
+            out.append(_converter(pgtype))
+        return out
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._assembler.close()
+            if self._own_spill:
+                shutil.rmtree(self._spill, ignore_errors=True)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _converter(pgtype: PgType) -> ColumnConverter:
+    def convert(values: Sequence[bytes | None]) -> tuple[pa.Array, int]:
+        done = to_arrow(values, pgtype)
+        return done.array, done.masked
+
+    return convert

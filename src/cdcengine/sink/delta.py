@@ -1,0 +1,974 @@
+"""The Delta Lake sink (deltalake / delta-rs): the only module of the engine that imports it.
+
+Layout (SPEC §5): for source table `schema.table` and destination `D`, the consolidated table is
+`D/schema/table` and the append (change-log) table `D/schema/table_cdc`. Progress is a Delta
+transaction action, `app_id = cdcengine/<source>/<schema.table>/<kind>` with `version` = end LSN
+of the last source transaction included, written in the SAME commit as the data. A write whose
+version is at or below the table's applied version is skipped, so a replay after a crash
+neither loses nor duplicates anything.
+
+How a consolidated batch lands (one Delta commit per call):
+1. `fold_for_merge`: one row per key (delta-rs inserts duplicates when a merge source repeats
+   a key in the not-matched branch), unchanged-TOAST values and delete rows filled from the batch.
+2. New data columns are added as nullable columns in a commit of their own first (no txn action:
+   adding a column is harmless to replay; the txn action always rides on the data commit).
+3. One `DeltaTable.merge` with `streamed_exec=False` (lets delta-rs prune target files with the
+   source's min/max) and, for a single integer, string or date key, an explicit key-range
+   predicate. Clauses, first match wins: matched & D -> delete (hard), or soft delete: only
+   `_cdc_deleted`, `_cdc_deleted_at`, `_cdc_lsn`, `_cdc_committed_at` change, except when the
+   batch changed the row before deleting it (`_cdc_has_values`): then the data columns the
+   batch knew are written too, so the row keeps its LAST values; matched & I/U/R -> every data
+   column the batch sent except that row's unchanged-TOAST ones, undeleted; not matched & not
+   D -> insert; not matched & D -> nothing.
+4. A merge that changes no row does not commit in delta-rs 1.6.6 (and so would drop the txn
+   action): the sink then commits an empty append carrying it.
+
+deltalake 1.6.6 facts this module relies on (see the tests): `write_deltalake` refuses custom
+table properties (`cdcengine.layout`), `DeltaTable.create(..., raise_if_key_not_exists=False)`
+takes them; `merge(merge_schema=True)` adding a timestamp-without-timezone column commits a
+table that no reader can open (no protocol upgrade), `alter.add_columns` upgrades correctly;
+`vacuum` defaults to `dry_run=True`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import structlog
+from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_deltalake
+from deltalake.exceptions import DeltaError
+
+from cdcengine.config import TableMode
+from cdcengine.lsn import format_lsn
+from cdcengine.names import TableRef
+from cdcengine.sink.base import (
+    CommitResult,
+    MaintenanceResult,
+    SinkSchemaError,
+    SinkWriteError,
+    TableKind,
+    TableSpec,
+    WriteResult,
+    kinds_for,
+)
+from cdcengine.sink.fold import (
+    COMMITTED_AT,
+    HAS_VALUES,
+    LSN,
+    OP,
+    SEQ,
+    UNCHANGED,
+    UNCHANGED_TYPE,
+    append_rows,
+    data_columns,
+    fold_for_merge,
+    unresolved_rows,
+)
+
+log = structlog.get_logger("cdcengine.sink")
+
+LAYOUT_PROPERTY = "cdcengine.layout"
+LAYOUT_VERSION = "1"
+DELETED = "_cdc_deleted"
+DELETED_AT = "_cdc_deleted_at"
+TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
+
+CONSOLIDATED_ENGINE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(LSN, pa.int64()),
+    pa.field(COMMITTED_AT, TIMESTAMP_UTC),
+    pa.field(DELETED, pa.bool_()),
+    pa.field(DELETED_AT, TIMESTAMP_UTC),
+)
+"""Engine columns of a consolidated table, after the data columns (SPEC §5)."""
+
+APPEND_ENGINE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(LSN, pa.int64()),
+    pa.field(SEQ, pa.int64()),
+    pa.field(OP, pa.string()),
+    pa.field(COMMITTED_AT, TIMESTAMP_UTC),
+    pa.field(UNCHANGED, UNCHANGED_TYPE),
+)
+"""Engine columns of an append (change-log) table, after the data columns (SPEC §5)."""
+
+_MAX_VERSION = (1 << 63) - 1
+_SOURCE_ALIAS = "s"
+_TARGET_ALIAS = "t"
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unresolved_unchanged: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaMaintenance:
+    """What `DeltaSink.maintain` does; the defaults are safe for readers of the last 7 days.
+
+    - `compact`: rewrite small files into `target_file_size` files (None: delta-rs default,
+      the table's `delta.targetFileSize` or 100 MB). Compaction commits with dataChange=false.
+    - `checkpoint_interval`: write a checkpoint when at least this many commits happened since
+      the last one this sink wrote (also stored as `delta.checkpointInterval` on new tables,
+      so delta-rs checkpoints on its own while writing).
+    - `vacuum_retention_hours`: delete files unreferenced for this long (None: no vacuum);
+      below the table's `delta.deletedFileRetentionDuration` (7 days) only with
+      `enforce_retention_duration=False`.
+    - `cleanup_log`: after a checkpoint, delete log files older than `delta.logRetentionDuration`.
+    """
+
+    compact: bool = True
+    target_file_size: int | None = None
+    checkpoint_interval: int = 100
+    vacuum_retention_hours: int | None = 168
+    enforce_retention_duration: bool = True
+    cleanup_log: bool = True
+
+
+def quote_ident(name: str) -> str:
+    """A column name as a delta-rs (DataFusion) SQL identifier: backticks, doubled inside."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def quote_text(value: str) -> str:
+    """A SQL string literal (standard SQL: quotes doubled, backslash literal)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+class DeltaSink:
+    """Writes change batches of one source into Delta tables under `destination`, exactly once.
+
+    `source` names the source in every app id; `storage_options` go to delta-rs unchanged
+    (object-store credentials: never logged, never in a repr). One writer thread owns an instance
+    (it caches open table handles); `read_table`, `row_count`, `exists` and `applied_version`
+    open fresh handles and may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        source: str,
+        storage_options: Mapping[str, str] | None = None,
+        maintenance: DeltaMaintenance | None = None,
+        target_file_size: int | None = None,
+    ) -> None:
+        if not destination:
+            raise ValueError("DeltaSink needs a destination")
+        if not source:
+            raise ValueError("DeltaSink needs a source name")
+        self.destination = destination
+        self.source = source
+        self.maintenance = maintenance or DeltaMaintenance()
+        self.target_file_size = target_file_size
+        self._storage_options: dict[str, str] | None = (
+            dict(storage_options) if storage_options else None
+        )
+        self._tables: dict[str, DeltaTable] = {}
+        self._checkpointed_at: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"DeltaSink(destination={self.destination!r}, source={self.source!r})"
+
+    # --- names -------------------------------------------------------------------------
+
+    def path(self, ref: TableRef, kind: TableKind | str) -> str:
+        """`D/schema/table` or `D/schema/table_cdc` (SPEC §5)."""
+        return ref.delta_path(self.destination, append=TableKind(kind) is TableKind.APPEND)
+
+    def app_id(self, ref: TableRef, kind: TableKind | str) -> str:
+        """`cdcengine/<source>/<schema.table>/<kind>`: the txn app id of one Delta table."""
+        return f"cdcengine/{self.source}/{ref.qualified}/{TableKind(kind)}"
+
+    # --- progress ----------------------------------------------------------------------
+
+    def applied_version(self, ref: TableRef, kind: TableKind | str) -> int | None:
+        """The txn version of this table's app id in the Delta log; None without table or id.
+
+        Reads the log afresh (no cached handle), so it reflects every commit made so far,
+        including one whose writer crashed before it could return.
+        """
+        dt = self._load(self.path(ref, kind))
+        return None if dt is None else self._txn_version(dt, ref, kind)
+
+    def resume_version(self, ref: TableRef, mode: TableMode) -> int | None:
+        """Minimum applied version over the tables `mode` writes; None if any has none."""
+        versions = [self.applied_version(ref, kind) for kind in kinds_for(mode)]
+        if not versions or any(v is None for v in versions):
+            return None
+        return min(v for v in versions if v is not None)
+
+    # --- writing -----------------------------------------------------------------------
+
+    def write(
+        self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int
+    ) -> WriteResult:
+        """`write_append` and/or `write_consolidated` as `spec.mode` says (append first).
+
+        The returned version is the minimum of the kinds' applied versions after the call.
+        """
+        commits: list[CommitResult] = []
+        for kind in kinds_for(spec.mode):
+            if kind is TableKind.APPEND:
+                commits.append(self.write_append(ref, batch, version=version, key=spec.key))
+            else:
+                commits.append(
+                    self.write_consolidated(
+                        ref, batch, key=spec.key, version=version, hard_deletes=spec.hard_deletes
+                    )
+                )
+        return WriteResult(
+            table=ref, version=min(c.version for c in commits), commits=tuple(commits)
+        )
+
+    def write_consolidated(
+        self,
+        ref: TableRef,
+        batch: pa.Table,
+        *,
+        key: Sequence[str],
+        version: int,
+        hard_deletes: bool = False,
+    ) -> CommitResult:
+        """Merge one batch into the consolidated table in ONE Delta commit carrying the txn.
+
+        Skipped (no commit, the applied version returned) when `version` <= applied version.
+        Creates the table on first use (properties `cdcengine.layout = 1`,
+        `delta.dataSkippingStatsColumns` = key columns + `_cdc_lsn`). An empty batch still
+        commits the txn action, so progress advances without data. After it returns,
+        `applied_version(ref, "consolidated") >= version`. Raises `SinkSchemaError` when the
+        batch's columns do not fit the table, `SinkWriteError` when Delta fails (retry the
+        same call), ValueError for a malformed batch (a caller bug).
+        """
+        kind = TableKind.CONSOLIDATED
+        started = time.perf_counter()
+        keys = list(key)
+        if not keys:
+            raise ValueError(f"{ref}: a consolidated table needs key columns")
+        batch = _check_batch(batch, version, require=(OP, LSN, COMMITTED_AT))
+        path = self._writable_path(ref, kind)
+        try:
+            dt = self._cached(path)
+            applied = None if dt is None else self._txn_version(dt, ref, kind)
+            if applied is not None and version <= applied:
+                return self._skipped(ref, kind, applied, batch.num_rows, version)
+            folded = fold_for_merge(batch, keys)
+            _assert_unique(folded, keys, ref)
+            created = dt is None
+            if dt is None:
+                dt = self._create(path, ref, kind, _consolidated_schema(folded), keys)
+                added: tuple[str, ...] = ()
+            else:
+                self._check_layout(dt, ref, path, kind)
+                added = self._add_new_columns(dt, ref, folded, kind)
+            target = _arrow_schema(dt)
+            source = _conform(folded, target, ref)
+            props = self._commit_properties(ref, kind, version)
+            result = self._merge_or_append(
+                dt, ref, source, target, keys, props, hard_deletes=hard_deletes, created=created
+            )
+            self._after_commit(ref, kind, version)
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(
+                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
+            ) from exc
+        except pa.ArrowException as exc:  # values that do not fit the stored types
+            self._tables.pop(path, None)
+            raise SinkSchemaError(
+                f"the batch for the Delta {kind} table of {ref} does not fit its schema "
+                f"({type(exc).__name__})",
+                table=ref.qualified,
+            ) from exc
+        except BaseException:
+            self._tables.pop(path, None)
+            raise
+        out = CommitResult(
+            table=ref,
+            kind=kind,
+            version=version,
+            skipped=False,
+            delta_version=dt.version(),
+            rows_in=batch.num_rows,
+            rows_written=source.num_rows,
+            columns_added=added,
+            inserted=result.inserted,
+            updated=result.updated,
+            deleted=result.deleted,
+            unresolved_unchanged=result.unresolved_unchanged,
+            duration_ms=_ms(started),
+        )
+        self._log_commit(out)
+        return out
+
+    def write_append(
+        self, ref: TableRef, batch: pa.Table, *, version: int, key: Sequence[str] = ()
+    ) -> CommitResult:
+        """Append one batch to the change-log table in ONE Delta commit carrying the txn.
+
+        Rows keep their order; unchanged-TOAST columns and delete rows are filled from earlier
+        changes of the same `key` in the batch where known (`append_rows`); what stays unknown
+        is listed in `_cdc_unchanged`. Same skip rule, creation, empty-batch and error behaviour
+        as `write_consolidated`. `(_cdc_lsn, _cdc_seq)` stays unique as long as the caller
+        sends each source transaction once per version (a replay is skipped).
+        """
+        kind = TableKind.APPEND
+        started = time.perf_counter()
+        batch = _check_batch(batch, version, require=(OP, LSN, SEQ, COMMITTED_AT))
+        path = self._writable_path(ref, kind)
+        try:
+            dt = self._cached(path)
+            applied = None if dt is None else self._txn_version(dt, ref, kind)
+            if applied is not None and version <= applied:
+                return self._skipped(ref, kind, applied, batch.num_rows, version)
+            rows = append_rows(batch, key)
+            if dt is None:
+                dt = self._create(path, ref, kind, _append_schema(rows), list(key))
+                added: tuple[str, ...] = ()
+            else:
+                self._check_layout(dt, ref, path, kind)
+                added = self._add_new_columns(dt, ref, rows, kind)
+            target = _arrow_schema(dt)
+            out_rows = _to_target(_conform(rows, target, ref), target)
+            write_deltalake(
+                dt,
+                out_rows,
+                mode="append",
+                target_file_size=self.target_file_size,
+                commit_properties=self._commit_properties(ref, kind, version),
+            )
+            self._after_commit(ref, kind, version)
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(
+                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
+            ) from exc
+        except pa.ArrowException as exc:  # values that do not fit the stored types
+            self._tables.pop(path, None)
+            raise SinkSchemaError(
+                f"the batch for the Delta {kind} table of {ref} does not fit its schema "
+                f"({type(exc).__name__})",
+                table=ref.qualified,
+            ) from exc
+        except BaseException:
+            self._tables.pop(path, None)
+            raise
+        out = CommitResult(
+            table=ref,
+            kind=kind,
+            version=version,
+            skipped=False,
+            delta_version=dt.version(),
+            rows_in=batch.num_rows,
+            rows_written=out_rows.num_rows,
+            inserted=out_rows.num_rows,
+            unresolved_unchanged=unresolved_rows(out_rows),
+            columns_added=added,
+            duration_ms=_ms(started),
+        )
+        self._log_commit(out)
+        return out
+
+    # --- upkeep ------------------------------------------------------------------------
+
+    def maintain(self, ref: TableRef, kind: TableKind | str) -> MaintenanceResult:
+        """Compact, checkpoint and vacuum one table as `self.maintenance` says.
+
+        Never changes the rows a reader sees nor the txn versions (compaction commits carry no
+        data change; checkpoints keep txn actions). A missing table is a no-op. Call it from
+        the table's writer thread, between writes.
+        """
+        kind = TableKind(kind)
+        started = time.perf_counter()
+        policy = self.maintenance
+        path = self.path(ref, kind)
+        removed = added = vacuumed = 0
+        checkpointed = False
+        try:
+            dt = self._cached(path)
+            if dt is None:
+                return MaintenanceResult(table=ref, kind=kind)
+            if policy.compact:
+                metrics = dt.optimize.compact(target_size=policy.target_file_size)
+                removed = int(metrics.get("numFilesRemoved", 0))
+                added = int(metrics.get("numFilesAdded", 0))
+            current = dt.version()
+            last = self._checkpointed_at.get(path)
+            if last is None or current - last >= policy.checkpoint_interval or removed:
+                dt.create_checkpoint()
+                self._checkpointed_at[path] = current
+                checkpointed = True
+                if policy.cleanup_log:
+                    dt.cleanup_metadata()
+            if policy.vacuum_retention_hours is not None:
+                vacuumed = len(
+                    dt.vacuum(
+                        retention_hours=policy.vacuum_retention_hours,
+                        dry_run=False,
+                        enforce_retention_duration=policy.enforce_retention_duration,
+                    )
+                )
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(
+                f"maintenance of the Delta {kind} table of {ref} failed ({type(exc).__name__})"
+            ) from exc
+        result = MaintenanceResult(
+            table=ref,
+            kind=kind,
+            files_removed=removed,
+            files_added=added,
+            checkpointed=checkpointed,
+            vacuumed_files=vacuumed,
+            duration_ms=_ms(started),
+        )
+        log.info("delta_table_maintained", **result.to_dict())
+        return result
+
+    def close(self) -> None:
+        """Drop cached table handles (nothing is buffered: every write committed). Safe twice."""
+        self._tables.clear()
+
+    # --- reading (tests, `status`) -----------------------------------------------------
+
+    def exists(self, ref: TableRef, kind: TableKind | str) -> bool:
+        """Whether the Delta table exists."""
+        return self._load(self.path(ref, kind)) is not None
+
+    def read_table(
+        self, ref: TableRef, kind: TableKind | str, *, columns: Sequence[str] | None = None
+    ) -> pa.Table:
+        """The table's current snapshot as a pyarrow Table (soft-deleted rows included).
+
+        Raises LookupError when the table does not exist.
+        """
+        dt = self._load(self.path(ref, kind))
+        if dt is None:
+            raise LookupError(f"no Delta {TableKind(kind)} table for {ref}")
+        return dt.to_pyarrow_table(columns=list(columns) if columns is not None else None)
+
+    def dataset(self, ref: TableRef, kind: TableKind | str) -> pads.Dataset:
+        """A pyarrow dataset of the current snapshot (for duckdb: `... FROM dset`)."""
+        dt = self._load(self.path(ref, kind))
+        if dt is None:
+            raise LookupError(f"no Delta {TableKind(kind)} table for {ref}")
+        return dt.to_pyarrow_dataset()
+
+    def row_count(
+        self, ref: TableRef, kind: TableKind | str, *, live_only: bool = False
+    ) -> int | None:
+        """Rows in the table (None when it does not exist). `live_only`: consolidated rows
+        not soft-deleted."""
+        kind = TableKind(kind)
+        dt = self._load(self.path(ref, kind))
+        if dt is None:
+            return None
+        if live_only and kind is TableKind.CONSOLIDATED:
+            return int(dt.to_pyarrow_dataset().count_rows(filter=~pads.field(DELETED)))
+        return int(dt.count())
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _writable_path(self, ref: TableRef, kind: TableKind) -> str:
+        """The table's path, refused when deltalake 1.6.6 would corrupt it.
+
+        delta-rs percent-decodes a local path (and decodes a `file://` URL twice) when it reads
+        the log back, but writes the commit under the literal path: a path holding `%` gets a
+        commit it can never read. Table segments are escaped with `~XX`, so only a destination
+        that itself contains `%` gets here; it is refused before anything is written rather
+        than failing on every retry.
+        """
+        path = self.path(ref, kind)
+        if "%" in path:
+            raise SinkWriteError(
+                f"the Delta path of {ref} ({path}) contains '%', which deltalake 1.6.6 "
+                "cannot read back",
+                retryable=False,
+                fix="Use a destination path without '%'.",
+            )
+        return path
+
+    def _load(self, path: str) -> DeltaTable | None:
+        if not DeltaTable.is_deltatable(path, storage_options=self._storage_options):
+            return None
+        return DeltaTable(path, storage_options=self._storage_options)
+
+    def _cached(self, path: str) -> DeltaTable | None:
+        dt = self._tables.get(path)
+        if dt is not None:
+            dt.update_incremental()
+            return dt
+        dt = self._load(path)
+        if dt is not None:
+            self._tables[path] = dt
+        return dt
+
+    def _txn_version(self, dt: DeltaTable, ref: TableRef, kind: TableKind | str) -> int | None:
+        value = dt.transaction_version(self.app_id(ref, kind))
+        return None if value is None else int(value)
+
+    def _commit_properties(self, ref: TableRef, kind: TableKind, version: int) -> CommitProperties:
+        return CommitProperties(
+            app_transactions=[Transaction(self.app_id(ref, kind), version)],
+            custom_metadata={"cdcengine.lsn": format_lsn(version)},
+        )
+
+    def _after_commit(self, ref: TableRef, kind: TableKind, version: int) -> None:
+        """Hook between the durable commit and the return; tests make it "crash" here."""
+
+    def _skipped(
+        self, ref: TableRef, kind: TableKind, applied: int, rows: int, version: int
+    ) -> CommitResult:
+        log.info(
+            "delta_commit_skipped",
+            table=ref.qualified,
+            kind=str(kind),
+            lsn=format_lsn(version),
+            applied_lsn=format_lsn(applied),
+            rows=rows,
+        )
+        return CommitResult(table=ref, kind=kind, version=applied, skipped=True, rows_in=rows)
+
+    def _create(
+        self, path: str, ref: TableRef, kind: TableKind, schema: pa.Schema, keys: list[str]
+    ) -> DeltaTable:
+        stats = [*keys, LSN] if kind is TableKind.CONSOLIDATED else [*keys, LSN, COMMITTED_AT]
+        configuration: dict[str, str | None] = {
+            LAYOUT_PROPERTY: LAYOUT_VERSION,
+            "delta.dataSkippingStatsColumns": ",".join(quote_ident(c) for c in stats),
+            "delta.checkpointInterval": str(self.maintenance.checkpoint_interval),
+        }
+        _check_storable(schema, ref)
+        dt = DeltaTable.create(
+            path,
+            schema,
+            mode="error",
+            configuration=configuration,
+            storage_options=self._storage_options,
+            raise_if_key_not_exists=False,
+        )
+        self._tables[path] = dt
+        log.info("delta_table_created", table=ref.qualified, kind=str(kind), path=path)
+        return dt
+
+    def _check_layout(self, dt: DeltaTable, ref: TableRef, path: str, kind: TableKind) -> None:
+        layout = dt.metadata().configuration.get(LAYOUT_PROPERTY)
+        if layout != LAYOUT_VERSION:
+            raise SinkSchemaError(
+                f"{path} holds a Delta table that is not a cdcengine layout-{LAYOUT_VERSION} "
+                f"table ({LAYOUT_PROPERTY}={layout!r})",
+                table=ref.qualified,
+            )
+        present = set(_arrow_schema(dt).names)
+        fields = (
+            CONSOLIDATED_ENGINE_FIELDS if kind is TableKind.CONSOLIDATED else (APPEND_ENGINE_FIELDS)
+        )
+        missing = [f.name for f in fields if f.name not in present]
+        if missing:
+            raise SinkSchemaError(
+                f"{path} lacks the engine column(s) {missing}", table=ref.qualified
+            )
+
+    def _add_new_columns(
+        self, dt: DeltaTable, ref: TableRef, batch: pa.Table, kind: TableKind
+    ) -> tuple[str, ...]:
+        """Add the batch's data columns the table lacks (nullable), in one commit of their own.
+
+        That commit carries no txn action: replaying it is harmless (the columns then exist),
+        and the data commit that follows carries the progress.
+        """
+        target = _arrow_schema(dt)
+        stored = {name.lower(): name for name in target.names}
+        new: list[pa.Field] = []
+        for name in data_columns(batch):
+            existing = stored.get(name.lower())
+            if existing is None:
+                new.append(pa.field(name, _normalise(batch.schema.field(name).type), True))
+            elif existing != name:
+                raise SinkSchemaError(
+                    f"{ref}: column {name!r} clashes with stored column {existing!r} "
+                    "(Delta column names ignore case)",
+                    table=ref.qualified,
+                    column=name,
+                )
+        if not new:
+            return ()
+        _check_storable(pa.schema(new), ref)
+        dt.alter.add_columns([Field.from_arrow(f) for f in new])
+        names = tuple(f.name for f in new)
+        log.info("delta_columns_added", table=ref.qualified, kind=str(kind), columns=list(names))
+        return names
+
+    def _merge_or_append(
+        self,
+        dt: DeltaTable,
+        ref: TableRef,
+        source: pa.Table,
+        target: pa.Schema,
+        keys: list[str],
+        props: CommitProperties,
+        *,
+        hard_deletes: bool,
+        created: bool,
+    ) -> _Applied:
+        """Apply the folded batch in one commit carrying `props` (the txn action)."""
+        is_delete = pc.fill_null(pc.equal(source.column(OP), "D"), False)
+        upserts = source.filter(pc.invert(is_delete))
+        if created or source.num_rows == 0:
+            # A table this call created is empty: every non-delete row is an insert.
+            rows = _to_target(_consolidated_rows(upserts), target)
+            write_deltalake(
+                dt,
+                rows,
+                mode="append",
+                target_file_size=self.target_file_size,
+                commit_properties=props,
+            )
+            unresolved = unresolved_rows(upserts)
+            self._log_unresolved(ref, unresolved)
+            return _Applied(inserted=rows.num_rows, unresolved_unchanged=unresolved)
+
+        unresolved = self._count_unresolved(dt, upserts, keys)
+        data = [c for c in data_columns(source) if c in target.names]
+        merger = dt.merge(
+            source,
+            _merge_predicate(source, keys),
+            source_alias=_SOURCE_ALIAS,
+            target_alias=_TARGET_ALIAS,
+            streamed_exec=False,
+            commit_properties=props,
+        )
+        s = _SOURCE_ALIAS
+        is_d = f"{s}.{OP} = 'D'"
+        not_d = f"{s}.{OP} <> 'D'"
+        values = _value_assignments(source, data, keys)
+        deleted = {
+            DELETED: "true",
+            DELETED_AT: f"{s}.{COMMITTED_AT}",
+            LSN: f"{s}.{LSN}",
+            COMMITTED_AT: f"{s}.{COMMITTED_AT}",
+        }
+        if hard_deletes:
+            merger = merger.when_matched_delete(predicate=is_d)
+        else:
+            if pc.any(pc.and_(is_delete, source.column(HAS_VALUES))).as_py():
+                # changed and then deleted in this batch: the row keeps its LAST values
+                merger = merger.when_matched_update(
+                    {**values, **deleted}, predicate=f"{is_d} AND {s}.{HAS_VALUES}"
+                )
+            merger = merger.when_matched_update(deleted, predicate=is_d)
+        merger = merger.when_matched_update(
+            {
+                **values,
+                LSN: f"{s}.{LSN}",
+                COMMITTED_AT: f"{s}.{COMMITTED_AT}",
+                DELETED: "false",
+                DELETED_AT: "NULL",
+            },
+            predicate=not_d,
+        )
+        merger = merger.when_not_matched_insert(_insert_assignments(data), predicate=not_d)
+        before = dt.version()
+        metrics: dict[str, Any] = merger.execute()
+        if dt.version() == before:
+            # delta-rs 1.6.6 does not commit a merge that changed nothing; the txn action
+            # must still be recorded, so commit an empty append carrying it.
+            write_deltalake(dt, target.empty_table(), mode="append", commit_properties=props)
+        self._log_unresolved(ref, unresolved)
+        return _Applied(
+            inserted=int(metrics.get("num_target_rows_inserted", 0)),
+            updated=int(metrics.get("num_target_rows_updated", 0)),
+            deleted=int(metrics.get("num_target_rows_deleted", 0)),
+            unresolved_unchanged=unresolved,
+        )
+
+    def _count_unresolved(self, dt: DeltaTable, upserts: pa.Table, keys: list[str]) -> int:
+        """Rows with still-unchanged TOAST columns whose key the target does not hold.
+
+        The merge will insert those with null values; this reads only the key columns of the
+        files whose statistics admit the candidate keys, and only when there are candidates.
+        """
+        if UNCHANGED not in upserts.column_names:
+            return 0
+        candidates = upserts.filter(pc.is_valid(upserts.column(UNCHANGED))).select(keys)
+        if candidates.num_rows == 0:
+            return 0
+        condition: pads.Expression | None = None
+        for k in keys:
+            term = pads.field(k).isin(candidates.column(k).combine_chunks())
+            condition = term if condition is None else condition & term
+        stored = dt.to_pyarrow_dataset().to_table(columns=keys, filter=condition)
+        total = int(candidates.num_rows)
+        if stored.num_rows == 0:
+            return total
+        found = candidates.join(stored.cast(candidates.schema), keys=keys, join_type="left semi")
+        return total - int(found.num_rows)
+
+    def _log_unresolved(self, ref: TableRef, count: int) -> None:
+        if count:
+            log.warning(
+                "unchanged_toast_unresolved",
+                table=ref.qualified,
+                rows=count,
+                reason="row_not_in_target",
+            )
+
+    def _log_commit(self, result: CommitResult) -> None:
+        log.info(
+            "delta_committed",
+            table=result.table.qualified,
+            kind=str(result.kind),
+            lsn=format_lsn(result.version),
+            delta_version=result.delta_version,
+            rows=result.rows_in,
+            inserted=result.inserted,
+            updated=result.updated,
+            deleted=result.deleted,
+            duration_ms=round(result.duration_ms, 1),
+        )
+
+
+# --- pure helpers -----------------------------------------------------------------------
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _check_batch(batch: pa.Table, version: int, *, require: Sequence[str]) -> pa.Table:
+    """Validate a change batch and coerce the engine columns' types; ValueError on a bug."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"version must be an int LSN, got {version!r}")
+    if not 0 <= version <= _MAX_VERSION:
+        raise ValueError(f"version {version} is outside 0..2^63-1")
+    missing = [c for c in require if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"change batch lacks engine column(s) {missing}")
+    wanted = {
+        LSN: pa.int64(),
+        SEQ: pa.int64(),
+        OP: pa.string(),
+        COMMITTED_AT: TIMESTAMP_UTC,
+        UNCHANGED: UNCHANGED_TYPE,
+    }
+    for name, type_ in wanted.items():
+        if name in batch.column_names and batch.schema.field(name).type != type_:
+            index = batch.schema.get_field_index(name)
+            batch = batch.set_column(index, name, batch.column(name).cast(type_))
+    if batch.num_rows:
+        top = pc.max(batch.column(LSN)).as_py()
+        if top is not None and top > version:
+            raise ValueError(f"batch holds _cdc_lsn {top} above its version {version}")
+    return batch
+
+
+def _assert_unique(folded: pa.Table, keys: list[str], ref: TableRef) -> None:
+    """One source row per key, or delta-rs would insert duplicates; a violation is a bug."""
+    if folded.num_rows <= 1:
+        return
+    distinct = folded.select(keys).group_by(keys, use_threads=False).aggregate([]).num_rows
+    if distinct != folded.num_rows:
+        raise AssertionError(f"{ref}: folded batch has {folded.num_rows} rows for {distinct} keys")
+
+
+def _normalise(type_: pa.DataType) -> pa.DataType:
+    """The Arrow type Delta stores for `type_` (what reading the table back gives)."""
+    if pa.types.is_large_string(type_) or pa.types.is_string_view(type_):
+        return pa.string()
+    if (
+        pa.types.is_large_binary(type_)
+        or pa.types.is_binary_view(type_)
+        or pa.types.is_fixed_size_binary(type_)
+    ):
+        return pa.binary()
+    if pa.types.is_dictionary(type_):
+        return _normalise(type_.value_type)
+    if pa.types.is_timestamp(type_):
+        return pa.timestamp("us", tz="UTC" if type_.tz is not None else None)
+    if (
+        pa.types.is_list(type_)
+        or pa.types.is_large_list(type_)
+        or pa.types.is_fixed_size_list(type_)
+        or pa.types.is_list_view(type_)
+        or pa.types.is_large_list_view(type_)
+    ):
+        return pa.list_(pa.field("element", _normalise(type_.value_type), True))
+    if pa.types.is_struct(type_):
+        return pa.struct([pa.field(f.name, _normalise(f.type), True) for f in type_.fields])
+    if pa.types.is_map(type_):
+        return pa.map_(_normalise(type_.key_type), _normalise(type_.item_type))
+    return type_
+
+
+def _check_storable(schema: pa.Schema, ref: TableRef) -> None:
+    for f in schema:
+        try:
+            Field.from_arrow(pa.field(f.name, _normalise(f.type), True))
+        except Exception as exc:  # delta-rs raises a bare Exception for an unmappable type
+            raise SinkSchemaError(
+                f"{ref}: column {f.name!r} has type {f.type}, which Delta cannot store",
+                table=ref.qualified,
+                column=f.name,
+                incoming=str(f.type),
+            ) from exc
+
+
+def _arrow_schema(dt: DeltaTable) -> pa.Schema:
+    return pa.schema(dt.schema().to_arrow())
+
+
+def _consolidated_schema(batch: pa.Table) -> pa.Schema:
+    fields = [
+        pa.field(c, _normalise(batch.schema.field(c).type), True) for c in data_columns(batch)
+    ]
+    return pa.schema([*fields, *CONSOLIDATED_ENGINE_FIELDS])
+
+
+def _append_schema(batch: pa.Table) -> pa.Schema:
+    fields = [
+        pa.field(c, _normalise(batch.schema.field(c).type), True) for c in data_columns(batch)
+    ]
+    return pa.schema([*fields, *APPEND_ENGINE_FIELDS])
+
+
+def _conform(batch: pa.Table, target: pa.Schema, ref: TableRef) -> pa.Table:
+    """Cast the batch's data columns to the stored types; a real type change is an error."""
+    for name in data_columns(batch):
+        index = target.get_field_index(name)
+        if index < 0:
+            continue
+        stored = target.field(index).type
+        incoming = batch.schema.field(name).type
+        if incoming == stored:
+            continue
+        if _normalise(incoming) != _normalise(stored):
+            raise SinkSchemaError(
+                f"{ref}: column {name!r} is stored as {stored} but the batch has {incoming} "
+                "(type changes are not supported yet)",
+                table=ref.qualified,
+                column=name,
+                stored=str(stored),
+                incoming=str(incoming),
+            )
+        position = batch.schema.get_field_index(name)
+        batch = batch.set_column(position, name, batch.column(name).cast(stored))
+    return batch
+
+
+def _consolidated_rows(upserts: pa.Table) -> pa.Table:
+    """Upsert rows as consolidated-table rows (data columns + engine columns, not deleted)."""
+    n = upserts.num_rows
+    columns = {c: upserts.column(c) for c in data_columns(upserts)}
+    columns[LSN] = upserts.column(LSN)
+    columns[COMMITTED_AT] = upserts.column(COMMITTED_AT)
+    columns[DELETED] = pa.nulls(n, pa.bool_()).fill_null(False)
+    columns[DELETED_AT] = pa.nulls(n, TIMESTAMP_UTC)
+    return pa.table(columns)
+
+
+def _to_target(rows: pa.Table, target: pa.Schema) -> pa.Table:
+    """Rows laid out exactly as the table: its column order, nulls for columns rows lack."""
+    n = rows.num_rows
+    columns = []
+    for f in target:
+        if f.name in rows.column_names:
+            col = rows.column(f.name)
+            columns.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            columns.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(columns, schema=target)
+
+
+def _literal(value: object) -> str | None:
+    """A SQL literal for a key bound, None when the type is not handled."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return quote_text(value)
+    if isinstance(value, date) and type(value) is date:
+        return f"DATE '{value.isoformat()}'"
+    return None
+
+
+def _merge_predicate(source: pa.Table, keys: list[str]) -> str:
+    """Key equality (null-safe only for key columns holding nulls), plus, for one integer,
+    string or date key, the source's key range so delta-rs skips target files early."""
+    s, t = _SOURCE_ALIAS, _TARGET_ALIAS
+    terms: list[str] = []
+    for k in keys:
+        q = quote_ident(k)
+        if source.column(k).null_count:
+            terms.append(f"{t}.{q} IS NOT DISTINCT FROM {s}.{q}")
+        else:
+            terms.append(f"{t}.{q} = {s}.{q}")
+    if len(keys) == 1 and source.num_rows:
+        k = keys[0]
+        type_ = source.schema.field(k).type
+        orderable = (
+            pa.types.is_integer(type_)
+            or pa.types.is_string(type_)
+            or pa.types.is_large_string(type_)
+            or pa.types.is_date32(type_)
+        )
+        if orderable and not source.column(k).null_count:
+            bounds = pc.min_max(source.column(k))
+            low, high = _literal(bounds["min"].as_py()), _literal(bounds["max"].as_py())
+            if low is not None and high is not None:
+                q = quote_ident(k)
+                terms.append(f"{t}.{q} >= {low} AND {t}.{q} <= {high}")
+    return " AND ".join(terms)
+
+
+def _value_assignments(source: pa.Table, data: list[str], keys: list[str]) -> dict[str, str]:
+    """Every non-key data column from the source row, except the columns that row lists in
+    `_cdc_unchanged` (per-row CASE, only for columns some row lists): those keep the target's."""
+    s, t = _SOURCE_ALIAS, _TARGET_ALIAS
+    maybe_unchanged: set[str] = set()
+    if UNCHANGED in source.column_names:
+        flat = pc.list_flatten(source.column(UNCHANGED))
+        maybe_unchanged = {str(v) for v in pc.unique(flat).to_pylist() if v is not None}
+    updates: dict[str, str] = {}
+    key_set = set(keys)
+    for c in data:
+        if c in key_set:
+            continue
+        q = quote_ident(c)
+        if c in maybe_unchanged:
+            updates[q] = (
+                f"CASE WHEN array_contains({s}.{UNCHANGED}, {quote_text(c)}) "
+                f"THEN {t}.{q} ELSE {s}.{q} END"
+            )
+        else:
+            updates[q] = f"{s}.{q}"
+    return updates
+
+
+def _insert_assignments(data: list[str]) -> dict[str, str]:
+    s = _SOURCE_ALIAS
+    values = {quote_ident(c): f"{s}.{quote_ident(c)}" for c in data}
+    values[LSN] = f"{s}.{LSN}"
+    values[COMMITTED_AT] = f"{s}.{COMMITTED_AT}"
+    values[DELETED] = "false"
+    values[DELETED_AT] = "NULL"
+    return values
+
+
+__all__ = [
+    "APPEND_ENGINE_FIELDS",
+    "CONSOLIDATED_ENGINE_FIELDS",
+    "DeltaMaintenance",
+    "DeltaSink",
+    "TableSpec",
+    "quote_ident",
+    "quote_text",
+]

@@ -1,0 +1,697 @@
+"""DeltaSink against real Delta tables in tmp_path, read back with deltalake and duckdb."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from cdcengine.config import TableMode
+from cdcengine.names import TableRef
+from cdcengine.sink import CommitResult, Sink, SinkSchemaError, SinkWriteError, TableKind, TableSpec
+from cdcengine.sink.delta import DeltaMaintenance, DeltaSink
+
+REF = TableRef("public", "orders")
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+ENGINE = [
+    pa.field("_cdc_op", pa.string()),
+    pa.field("_cdc_lsn", pa.int64()),
+    pa.field("_cdc_seq", pa.int64()),
+    pa.field("_cdc_committed_at", pa.timestamp("us", tz="UTC")),
+    pa.field("_cdc_unchanged", pa.list_(pa.string())),
+]
+SCHEMA = pa.schema([("id", pa.int64()), ("v", pa.string()), ("big", pa.string()), *ENGINE])
+
+
+def changes(rows: Sequence[Mapping[str, object]], lsn: int, schema: pa.Schema = SCHEMA) -> pa.Table:
+    """One transaction's changes at end LSN `lsn` (commit time T0 + lsn seconds)."""
+    at = T0 + timedelta(seconds=lsn)
+    return pa.Table.from_pylist(
+        [
+            {"_cdc_lsn": lsn, "_cdc_seq": i, "_cdc_committed_at": at, **row}
+            for i, row in enumerate(rows)
+        ],
+        schema=schema,
+    )
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> DeltaSink:
+    return DeltaSink(str(tmp_path / "dest"), source="src1")
+
+
+def duck(query: str, dset: object) -> list[tuple[object, ...]]:
+    """Run `query` in duckdb with `dset` (a pyarrow dataset of a Delta snapshot) as `dset`.
+
+    duckdb 2.0 cannot load its delta extension offline; reading through
+    `DeltaTable.to_pyarrow_dataset()` keeps the Delta log as the source of truth.
+    """
+    con = duckdb.connect()
+    con.register("dset", dset)
+    relation = con.sql(query)
+    assert relation is not None
+    return relation.fetchall()
+
+
+def consolidated(sink: DeltaSink, ref: TableRef = REF) -> dict[object, dict[str, object]]:
+    return {r["id"]: r for r in sink.read_table(ref, "consolidated").to_pylist()}
+
+
+def delta_version(sink: DeltaSink, kind: str = "consolidated", ref: TableRef = REF) -> int:
+    return DeltaTable(sink.path(ref, kind)).version()
+
+
+def write(
+    sink: DeltaSink, rows: Sequence[Mapping[str, object]], lsn: int, *, hard_deletes: bool = False
+) -> CommitResult:
+    return sink.write_consolidated(
+        REF, changes(rows, lsn), key=["id"], version=lsn, hard_deletes=hard_deletes
+    )
+
+
+# --- creation, progress -------------------------------------------------------------------
+
+
+def test_first_write_creates_table_with_layout_stats_and_txn(sink: DeltaSink) -> None:
+    result = write(
+        sink,
+        [
+            {"_cdc_op": "I", "id": 1, "v": "a", "big": "B"},
+            {"_cdc_op": "I", "id": 2, "v": "b", "big": "C"},
+        ],
+        100,
+    )
+    path = sink.path(REF, "consolidated")
+    assert path.endswith("/dest/public/orders")
+    dt = DeltaTable(path)
+    config = dt.metadata().configuration
+    assert config["cdcengine.layout"] == "1"
+    assert config["delta.dataSkippingStatsColumns"] == "`id`,`_cdc_lsn`"
+    assert pa.schema(dt.schema().to_arrow()).names == [
+        "id",
+        "v",
+        "big",
+        "_cdc_lsn",
+        "_cdc_committed_at",
+        "_cdc_deleted",
+        "_cdc_deleted_at",
+    ]
+    assert dt.transaction_version("cdcengine/src1/public.orders/consolidated") == 100
+    assert sink.applied_version(REF, TableKind.CONSOLIDATED) == 100
+    assert sink.applied_version(REF, "append") is None
+    assert result.version == 100 and not result.skipped and result.inserted == 2
+    json.dumps(result.to_dict())
+    stats = pa.table(dt.get_add_actions(flatten=True)).column_names
+    assert "min.id" in stats and "min._cdc_lsn" in stats and "min.v" not in stats
+    dset = dt.to_pyarrow_dataset()
+    assert duck("select id, v, big, _cdc_lsn, _cdc_deleted from dset order by id", dset) == [
+        (1, "a", "B", 100, False),
+        (2, "b", "C", 100, False),
+    ]
+
+
+def test_delta_sink_satisfies_the_sink_protocol(sink: DeltaSink) -> None:
+    as_sink: Sink = sink  # the static check is mypy's
+    assert as_sink.applied_version(REF, TableKind.APPEND) is None
+    assert "storage" not in repr(sink)
+
+
+def test_applied_version_none_without_table(sink: DeltaSink) -> None:
+    assert sink.applied_version(REF, "consolidated") is None
+    assert sink.resume_version(REF, TableMode.BOTH) is None
+    assert sink.row_count(REF, "consolidated") is None
+    assert not sink.exists(REF, "append")
+    with pytest.raises(LookupError):
+        sink.read_table(REF, "consolidated")
+
+
+def test_replay_of_same_or_lower_version_is_skipped(sink: DeltaSink) -> None:
+    rows = [{"_cdc_op": "I", "id": 1, "v": "a"}]
+    write(sink, rows, 100)
+    before = delta_version(sink)
+    again = write(sink, rows, 100)
+    lower = write(sink, [{"_cdc_op": "U", "id": 1, "v": "zzz"}], 50)
+    assert again.skipped and again.version == 100
+    assert lower.skipped and lower.version == 100
+    assert delta_version(sink) == before
+    assert consolidated(sink)[1]["v"] == "a"
+    # a fresh sink (a restart) sees the same
+    assert DeltaSink(sink.destination, source="src1").applied_version(REF, "consolidated") == 100
+    # another source name is another app id
+    assert DeltaSink(sink.destination, source="other").applied_version(REF, "consolidated") is None
+
+
+def test_empty_batch_commits_txn_only(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    before = delta_version(sink)
+    result = write(sink, [], 200)
+    assert delta_version(sink) == before + 1
+    assert result.delta_version == before + 1
+    assert sink.applied_version(REF, "consolidated") == 200
+    assert sink.row_count(REF, "consolidated") == 1
+
+
+def test_first_write_may_be_empty(sink: DeltaSink) -> None:
+    write(sink, [], 100)
+    assert sink.applied_version(REF, "consolidated") == 100
+    assert sink.row_count(REF, "consolidated") == 0
+
+
+def test_merge_that_changes_nothing_still_records_progress(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    before = delta_version(sink)
+    write(sink, [{"_cdc_op": "D", "id": 42}], 200)  # delete of an unknown key: a no-op merge
+    assert delta_version(sink) == before + 1
+    assert sink.applied_version(REF, "consolidated") == 200
+    assert set(consolidated(sink)) == {1}
+
+
+def test_batch_lsn_above_version_is_rejected(sink: DeltaSink) -> None:
+    with pytest.raises(ValueError, match="above its version"):
+        sink.write_consolidated(
+            REF, changes([{"_cdc_op": "I", "id": 1}], 300), key=["id"], version=200
+        )
+
+
+# --- merge semantics ----------------------------------------------------------------------
+
+
+def test_update_and_soft_delete_keep_last_values(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": i, "v": f"v{i}", "big": f"B{i}"} for i in (1, 2, 3)], 100)
+    result = write(
+        sink, [{"_cdc_op": "U", "id": 1, "v": "new", "big": "NB"}, {"_cdc_op": "D", "id": 2}], 200
+    )
+    rows = consolidated(sink)
+    assert (rows[1]["v"], rows[1]["big"], rows[1]["_cdc_lsn"]) == ("new", "NB", 200)
+    assert rows[2]["_cdc_deleted"] is True
+    assert rows[2]["_cdc_deleted_at"] == T0 + timedelta(seconds=200)
+    assert (rows[2]["v"], rows[2]["big"], rows[2]["_cdc_lsn"]) == ("v2", "B2", 200)
+    assert rows[2]["_cdc_committed_at"] == T0 + timedelta(seconds=200)
+    assert (rows[3]["_cdc_lsn"], rows[3]["_cdc_deleted"]) == (100, False)
+    assert result.updated == 2
+    dset = DeltaTable(sink.path(REF, "consolidated")).to_pyarrow_dataset()
+    assert duck("select count(*) from dset where not _cdc_deleted", dset) == [(2,)]
+    assert sink.row_count(REF, "consolidated", live_only=True) == 2
+    assert sink.row_count(REF, "consolidated") == 3
+
+
+def test_update_then_delete_in_one_batch_keeps_the_last_values(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": i, "v": "a", "big": "STORED"} for i in (1, 2)], 100)
+    write(
+        sink,
+        [
+            {"_cdc_op": "U", "id": 1, "v": "x", "_cdc_unchanged": ["big"]},
+            {"_cdc_op": "U", "id": 2, "v": "y", "big": None},
+            {"_cdc_op": "D", "id": 1},
+            {"_cdc_op": "D", "id": 2},
+        ],
+        200,
+    )
+    rows = consolidated(sink)
+    assert (rows[1]["v"], rows[1]["big"], rows[1]["_cdc_deleted"]) == ("x", "STORED", True)
+    assert (rows[2]["v"], rows[2]["big"], rows[2]["_cdc_deleted"]) == ("y", None, True)
+    assert rows[1]["_cdc_deleted_at"] == T0 + timedelta(seconds=200)
+
+
+def test_hard_delete_removes_row(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": i, "v": "x"} for i in (1, 2)], 100, hard_deletes=True)
+    result = write(sink, [{"_cdc_op": "D", "id": 2}], 200, hard_deletes=True)
+    assert set(consolidated(sink)) == {1}
+    assert result.deleted == 1
+    dset = DeltaTable(sink.path(REF, "consolidated")).to_pyarrow_dataset()
+    assert duck("select count(*), bool_or(_cdc_deleted) from dset", dset) == [(1, False)]
+
+
+def test_revive_after_delete_in_a_later_batch(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a", "big": "B"}], 100)
+    write(sink, [{"_cdc_op": "D", "id": 1}], 200)
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "back", "big": None}], 300)
+    [row] = consolidated(sink).values()
+    assert (row["v"], row["big"], row["_cdc_deleted"], row["_cdc_deleted_at"]) == (
+        "back",
+        None,
+        False,
+        None,
+    )
+    assert row["_cdc_lsn"] == 300
+
+
+def test_delete_and_reinsert_in_one_batch_revives(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    write(sink, [{"_cdc_op": "D", "id": 1}, {"_cdc_op": "I", "id": 1, "v": "b"}], 200)
+    [row] = consolidated(sink).values()
+    assert (row["v"], row["_cdc_deleted"]) == ("b", False)
+
+
+def test_key_change_as_delete_plus_insert(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a", "big": "B"}], 100)
+    write(sink, [{"_cdc_op": "D", "id": 1}, {"_cdc_op": "I", "id": 5, "v": "a", "big": "B"}], 200)
+    rows = consolidated(sink)
+    assert rows[1]["_cdc_deleted"] is True and rows[1]["v"] == "a"
+    assert rows[5]["_cdc_deleted"] is False and rows[5]["big"] == "B"
+
+
+def test_unchanged_toast_keeps_stored_value(sink: DeltaSink) -> None:
+    write(
+        sink,
+        [
+            {"_cdc_op": "I", "id": 1, "v": "a", "big": "STORED"},
+            {"_cdc_op": "I", "id": 2, "v": "b", "big": "KEEP"},
+        ],
+        100,
+    )
+    write(
+        sink,
+        [
+            {"_cdc_op": "U", "id": 1, "v": "a2", "_cdc_unchanged": ["big"]},
+            {"_cdc_op": "U", "id": 2, "v": "b2", "big": "CHANGED"},
+        ],
+        200,
+    )
+    rows = consolidated(sink)
+    assert (rows[1]["v"], rows[1]["big"]) == ("a2", "STORED")
+    assert (rows[2]["v"], rows[2]["big"]) == ("b2", "CHANGED")
+
+
+def test_unchanged_toast_inserted_and_updated_in_same_batch(sink: DeltaSink) -> None:
+    # on the creating write ...
+    write(
+        sink,
+        [
+            {"_cdc_op": "I", "id": 1, "v": "a", "big": "FIRST"},
+            {"_cdc_op": "U", "id": 1, "v": "b", "_cdc_unchanged": ["big"]},
+        ],
+        100,
+    )
+    assert consolidated(sink)[1]["big"] == "FIRST"
+    # ... and through the merge
+    result = write(
+        sink,
+        [
+            {"_cdc_op": "I", "id": 2, "v": "a", "big": "SECOND"},
+            {"_cdc_op": "U", "id": 2, "v": "b", "_cdc_unchanged": ["big"]},
+            {"_cdc_op": "U", "id": 1, "v": "c", "_cdc_unchanged": ["big"]},
+        ],
+        200,
+    )
+    rows = consolidated(sink)
+    assert (rows[1]["v"], rows[1]["big"]) == ("c", "FIRST")
+    assert (rows[2]["v"], rows[2]["big"]) == ("b", "SECOND")
+    assert result.unresolved_unchanged == 0
+
+
+def test_unresolvable_unchanged_toast_is_counted(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a", "big": "B"}], 100)
+    result = write(
+        sink,
+        [
+            {"_cdc_op": "U", "id": 9, "v": "x", "_cdc_unchanged": ["big"]},
+            {"_cdc_op": "U", "id": 1, "v": "y", "_cdc_unchanged": ["big"]},
+        ],
+        200,
+    )
+    assert result.unresolved_unchanged == 1
+    rows = consolidated(sink)
+    assert (rows[9]["v"], rows[9]["big"]) == ("x", None)
+    assert rows[1]["big"] == "B"
+
+
+def test_duplicate_keys_in_batch_never_duplicate_rows(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    batch = [
+        {"_cdc_op": "I", "id": 2, "v": "x"},  # new key, three changes: not-matched branch
+        {"_cdc_op": "U", "id": 2, "v": "y"},
+        {"_cdc_op": "U", "id": 2, "v": "z"},
+        {"_cdc_op": "U", "id": 1, "v": "b"},  # existing key, two changes: matched branch
+        {"_cdc_op": "U", "id": 1, "v": "c"},
+    ]
+    write(sink, batch, 200)
+    table = sink.read_table(REF, "consolidated")
+    assert table.num_rows == 2
+    assert sorted(
+        zip(table.column("id").to_pylist(), table.column("v").to_pylist(), strict=True)
+    ) == [(1, "c"), (2, "z")]
+    dset = DeltaTable(sink.path(REF, "consolidated")).to_pyarrow_dataset()
+    assert duck("select count(*), count(distinct id) from dset", dset) == [(2, 2)]
+
+
+def test_composite_and_quoted_key_columns(sink: DeltaSink) -> None:
+    ref = TableRef("Sales", "line_Items")
+    schema = pa.schema(
+        [("Order ID", pa.string()), ("line", pa.int32()), ("it's", pa.string()), *ENGINE]
+    )
+    spec = ["Order ID", "line"]
+    sink.write_consolidated(
+        ref,
+        changes(
+            [
+                {"_cdc_op": "I", "Order ID": "o'1", "line": 1, "it's": "a"},
+                {"_cdc_op": "I", "Order ID": "o'1", "line": 2, "it's": "b"},
+            ],
+            100,
+            schema,
+        ),
+        key=spec,
+        version=100,
+    )
+    sink.write_consolidated(
+        ref,
+        changes(
+            [
+                {"_cdc_op": "U", "Order ID": "o'1", "line": 2, "_cdc_unchanged": ["it's"]},
+                {"_cdc_op": "D", "Order ID": "o'1", "line": 1},
+                {"_cdc_op": "I", "Order ID": "o\\2", "line": 1, "it's": "c"},
+            ],
+            200,
+            schema,
+        ),
+        key=spec,
+        version=200,
+    )
+    assert sink.path(ref, "consolidated").endswith("/Sales/line_Items")
+    rows = {(r["Order ID"], r["line"]): r for r in sink.read_table(ref, "consolidated").to_pylist()}
+    assert rows[("o'1", 2)]["it's"] == "b"
+    assert rows[("o'1", 1)]["_cdc_deleted"] is True
+    assert rows[("o\\2", 1)]["it's"] == "c"
+    assert sink.applied_version(ref, "consolidated") == 200
+    config = DeltaTable(sink.path(ref, "consolidated")).metadata().configuration
+    assert config["delta.dataSkippingStatsColumns"] == "`Order ID`,`line`,`_cdc_lsn`"
+
+
+def test_table_names_needing_escapes_round_trip(sink: DeltaSink) -> None:
+    """Segments are escaped with `~XX` (delta-rs percent-decodes paths it reads back)."""
+    ref = TableRef("my.schema", "line items")
+    assert sink.path(ref, "consolidated").endswith("/my~2Eschema/line~20items")
+    sink.write_consolidated(
+        ref, changes([{"_cdc_op": "I", "id": 1}], 100), key=["id"], version=100
+    )
+    assert sink.applied_version(ref, "consolidated") == 100
+    assert sink.row_count(ref, "consolidated") == 1
+
+
+def test_destination_with_percent_is_refused_before_writing(tmp_path: Path) -> None:
+    """delta-rs 1.6.6 writes `.../a%20b/_delta_log/0.json` and then reads `.../a b/...`:
+    refuse such a path with a clear, non-retryable error before writing anything."""
+    bad = DeltaSink(str(tmp_path / "lake%20x"), source="shop")
+    with pytest.raises(SinkWriteError, match="'%'") as info:
+        bad.write_consolidated(
+            REF, changes([{"_cdc_op": "I", "id": 1}], 100), key=["id"], version=100
+        )
+    assert info.value.retryable is False
+    assert not Path(bad.path(REF, "consolidated")).exists()
+
+
+def test_string_key_range_predicate(sink: DeltaSink) -> None:
+    schema = pa.schema([("code", pa.string()), ("v", pa.int64()), *ENGINE])
+    ref = TableRef("public", "codes")
+    rows = [{"_cdc_op": "I", "code": c, "v": 1} for c in ("a'", "b", "c\\")]
+    sink.write_consolidated(ref, changes(rows, 100, schema), key=["code"], version=100)
+    upd = [{"_cdc_op": "U", "code": c, "v": 2} for c in ("a'", "c\\")]
+    sink.write_consolidated(ref, changes(upd, 200, schema), key=["code"], version=200)
+    got = {r["code"]: r["v"] for r in sink.read_table(ref, "consolidated").to_pylist()}
+    assert got == {"a'": 2, "b": 1, "c\\": 2}
+
+
+def test_merge_prunes_files_outside_the_key_range(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": i, "v": "x"} for i in range(0, 100)], 100)
+    for n, lsn in ((1, 200), (2, 300), (3, 400)):  # three more files, disjoint id ranges
+        write(sink, [{"_cdc_op": "I", "id": n * 1000 + i, "v": "x"} for i in range(100)], lsn)
+    write(
+        sink, [{"_cdc_op": "U", "id": 2005, "v": "y"}, {"_cdc_op": "U", "id": 2007, "v": "y"}], 500
+    )
+    metrics = DeltaTable(sink.path(REF, "consolidated")).history(1)[0]["operationMetrics"]
+    assert metrics["num_target_files_removed"] == 1
+    assert metrics["num_target_files_skipped_during_scan"] >= 3
+    assert sink.row_count(REF, "consolidated") == 400
+
+
+# --- append table -------------------------------------------------------------------------
+
+
+def test_append_table_rows_order_and_uniqueness(sink: DeltaSink) -> None:
+    b1 = changes(
+        [
+            {"_cdc_op": "I", "id": 1, "v": "a", "big": "B"},
+            {"_cdc_op": "U", "id": 1, "v": "b", "_cdc_unchanged": ["big"]},
+            {"_cdc_op": "U", "id": 2, "v": "x", "_cdc_unchanged": ["big"]},
+        ],
+        100,
+    )
+    b2 = changes([{"_cdc_op": "D", "id": 1}], 200)
+    sink.write_append(REF, b1, version=100, key=["id"])
+    sink.write_append(REF, b2, version=200, key=["id"])
+    replay = sink.write_append(REF, b2, version=200, key=["id"])
+    assert replay.skipped
+    path = sink.path(REF, "append")
+    assert path.endswith("/public/orders_cdc")
+    dt = DeltaTable(path)
+    assert dt.transaction_version("cdcengine/src1/public.orders/append") == 200
+    assert pa.schema(dt.schema().to_arrow()).names == [
+        "id",
+        "v",
+        "big",
+        "_cdc_lsn",
+        "_cdc_seq",
+        "_cdc_op",
+        "_cdc_committed_at",
+        "_cdc_unchanged",
+    ]
+    dset = dt.to_pyarrow_dataset()
+    rows = duck(
+        "select _cdc_lsn, _cdc_seq, _cdc_op, id, v, big, _cdc_unchanged from dset "
+        "order by _cdc_lsn, _cdc_seq",
+        dset,
+    )
+    assert rows == [
+        (100, 0, "I", 1, "a", "B", None),
+        (100, 1, "U", 1, "b", "B", None),  # filled from the insert in the same batch
+        (100, 2, "U", 2, "x", None, ["big"]),  # unresolvable: stays listed
+        (200, 0, "D", 1, None, None, None),  # another batch: nothing known to carry
+    ]
+    assert duck("select count(*) = count(distinct (_cdc_lsn, _cdc_seq)) from dset", dset) == [
+        (True,)
+    ]
+
+
+def test_write_both_modes_and_resume_version(sink: DeltaSink) -> None:
+    spec = TableSpec(key=("id",), mode=TableMode.BOTH)
+    result = sink.write(
+        REF, changes([{"_cdc_op": "I", "id": 1, "v": "a"}], 100), spec=spec, version=100
+    )
+    assert result.version == 100
+    assert [c.kind for c in result.commits] == [TableKind.APPEND, TableKind.CONSOLIDATED]
+    json.dumps(result.to_dict())
+    # the append table got ahead (e.g. a crash between the two commits)
+    sink.write_append(REF, changes([{"_cdc_op": "U", "id": 1, "v": "b"}], 200), version=200)
+    assert sink.resume_version(REF, TableMode.BOTH) == 100
+    assert sink.resume_version(REF, TableMode.APPEND) == 200
+    again = sink.write(
+        REF, changes([{"_cdc_op": "U", "id": 1, "v": "b"}], 200), spec=spec, version=200
+    )
+    assert [c.skipped for c in again.commits] == [True, False]
+    assert again.version == 200
+    assert sink.read_table(REF, "append").num_rows == 2
+    assert consolidated(sink)[1]["v"] == "b"
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def test_new_column_added_midway(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    sink.write_append(REF, changes([{"_cdc_op": "I", "id": 1, "v": "a"}], 100), version=100)
+    wider = pa.schema(
+        [*list(SCHEMA)[:3], ("seen_at", pa.timestamp("us")), ("n", pa.decimal128(10, 3)), *ENGINE]
+    )
+    rows = [
+        {
+            "_cdc_op": "U",
+            "id": 1,
+            "v": "b",
+            "seen_at": datetime(2024, 1, 2, 3, 4, 5),
+            "n": Decimal("1.500"),
+        },
+        {"_cdc_op": "I", "id": 2, "v": "c", "seen_at": None, "n": Decimal("2.000")},
+    ]
+    result = sink.write_consolidated(REF, changes(rows, 200, wider), key=["id"], version=200)
+    assert result.columns_added == ("seen_at", "n")
+    app = sink.write_append(REF, changes(rows, 200, wider), version=200, key=["id"])
+    assert app.columns_added == ("seen_at", "n")
+    for kind in ("consolidated", "append"):
+        dt = DeltaTable(sink.path(REF, kind))  # still readable: timestampNtz feature enabled
+        assert "timestampNtz" in (dt.protocol().reader_features or [])
+        assert dt.transaction_version(sink.app_id(REF, kind)) == 200
+    got = consolidated(sink)
+    assert got[1]["seen_at"] == datetime(2024, 1, 2, 3, 4, 5)
+    assert got[2]["n"] == Decimal("2.000")
+    # a later batch without the new columns leaves them alone
+    write(sink, [{"_cdc_op": "U", "id": 1, "v": "d"}], 300)
+    assert consolidated(sink)[1]["n"] == Decimal("1.500")
+    sink.write_append(REF, changes([{"_cdc_op": "U", "id": 1, "v": "d"}], 300), version=300)
+    assert sink.read_table(REF, "append").column("n").to_pylist() == [
+        None,
+        Decimal("1.500"),
+        Decimal("2.000"),
+        None,
+    ]
+
+
+def test_type_change_raises_schema_error(sink: DeltaSink) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    changed = pa.schema([("id", pa.int64()), ("v", pa.int64()), *ENGINE])
+    with pytest.raises(SinkSchemaError) as info:
+        sink.write_consolidated(
+            REF, changes([{"_cdc_op": "U", "id": 1, "v": 5}], 200, changed), key=["id"], version=200
+        )
+    assert (info.value.column, info.value.stored, info.value.incoming) == ("v", "string", "int64")
+    assert info.value.retryable is False
+    assert sink.applied_version(REF, "consolidated") == 100
+
+
+def test_values_that_do_not_fit_raise_schema_error(sink: DeltaSink) -> None:
+    schema = pa.schema([("id", pa.int64()), ("at", pa.timestamp("us")), *ENGINE])
+    write_ = sink.write_consolidated
+    write_(
+        REF, changes([{"_cdc_op": "I", "id": 1, "at": None}], 100, schema), key=["id"], version=100
+    )
+    nanos = pa.schema([("id", pa.int64()), ("at", pa.timestamp("ns")), *ENGINE])
+    batch = changes([{"_cdc_op": "U", "id": 1}], 200, nanos)
+    batch = batch.set_column(1, "at", pa.array([1], pa.timestamp("ns")))  # not whole microseconds
+    with pytest.raises(SinkSchemaError, match="does not fit"):
+        write_(REF, batch, key=["id"], version=200)
+    assert sink.applied_version(REF, "consolidated") == 100
+
+
+def test_case_clash_and_foreign_table_raise(sink: DeltaSink, tmp_path: Path) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    clash = pa.schema([("id", pa.int64()), ("V", pa.string()), *ENGINE])
+    with pytest.raises(SinkSchemaError, match="ignore case"):
+        sink.write_consolidated(
+            REF, changes([{"_cdc_op": "U", "id": 1, "V": "x"}], 200, clash), key=["id"], version=200
+        )
+    other = TableRef("public", "foreign")
+    write_deltalake(sink.path(other, "consolidated"), pa.table({"id": [1]}))
+    with pytest.raises(SinkSchemaError, match="not a cdcengine"):
+        sink.write_consolidated(
+            other, changes([{"_cdc_op": "I", "id": 1}], 100), key=["id"], version=100
+        )
+
+
+def test_types_round_trip(sink: DeltaSink) -> None:
+    schema = pa.schema(
+        [
+            ("id", pa.int32()),
+            ("small", pa.int16()),
+            ("flag", pa.bool_()),
+            ("f4", pa.float32()),
+            ("amount", pa.decimal128(12, 2)),
+            ("wide", pa.decimal128(38, 10)),
+            ("ts", pa.timestamp("us")),
+            ("tstz", pa.timestamp("us", tz="UTC")),
+            ("day", pa.date32()),
+            ("raw", pa.binary()),
+            ("tags", pa.list_(pa.string())),
+            ("nums", pa.list_(pa.int64())),
+            *ENGINE,
+        ]
+    )
+    row = {
+        "_cdc_op": "R",
+        "id": 1,
+        "small": -3,
+        "flag": True,
+        "f4": 1.5,
+        "amount": Decimal("12345.67"),
+        "wide": Decimal("1234567890.0123456789"),
+        "ts": datetime(1999, 12, 31, 23, 59, 59, 999999),
+        "tstz": T0,
+        "day": date(2000, 2, 29),
+        "raw": b"\x00\xff",
+        "tags": ["a", None, "c"],
+        "nums": [],
+    }
+    sink.write_consolidated(REF, changes([row], 100, schema), key=["id"], version=100)
+    sink.write_append(REF, changes([row], 100, schema), version=100, key=["id"])
+    update = {**row, "_cdc_op": "U", "amount": Decimal("-0.01"), "tags": None, "nums": [1, 2]}
+    sink.write_consolidated(REF, changes([update], 200, schema), key=["id"], version=200)
+    [got] = sink.read_table(REF, "consolidated").to_pylist()
+    for name in ("small", "flag", "f4", "wide", "ts", "tstz", "day", "raw"):
+        assert got[name] == row[name], name
+    assert (got["amount"], got["tags"], got["nums"]) == (Decimal("-0.01"), None, [1, 2])
+    stored = pa.schema(DeltaTable(sink.path(REF, "consolidated")).schema().to_arrow())
+    assert stored.field("ts").type == pa.timestamp("us")
+    assert stored.field("amount").type == pa.decimal128(12, 2)
+    dset = DeltaTable(sink.path(REF, "append")).to_pyarrow_dataset()
+    assert duck("select amount, ts, day, tags, nums, _cdc_op from dset", dset) == [
+        (Decimal("12345.67"), row["ts"], row["day"], ["a", None, "c"], [], "R")
+    ]
+
+
+# --- crash, upkeep -------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_after_commit_before_return_is_applied_on_restart(
+    sink: DeltaSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(sink, [{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    sink.write_append(REF, changes([{"_cdc_op": "I", "id": 1, "v": "a"}], 100), version=100)
+
+    def crash(*_: object) -> None:
+        raise Crash("process died after the Delta commit")
+
+    monkeypatch.setattr(sink, "_after_commit", crash)
+    batch = changes([{"_cdc_op": "U", "id": 1, "v": "b"}, {"_cdc_op": "I", "id": 2, "v": "c"}], 200)
+    with pytest.raises(Crash):
+        sink.write_consolidated(REF, batch, key=["id"], version=200)
+    with pytest.raises(Crash):
+        sink.write_append(REF, batch, version=200, key=["id"])
+
+    restarted = DeltaSink(sink.destination, source="src1")
+    assert restarted.resume_version(REF, TableMode.BOTH) == 200
+    versions = (delta_version(restarted), delta_version(restarted, "append"))
+    result = restarted.write(
+        REF, batch, spec=TableSpec(key=("id",), mode=TableMode.BOTH), version=200
+    )
+    assert all(c.skipped for c in result.commits) and result.version == 200
+    assert (delta_version(restarted), delta_version(restarted, "append")) == versions
+    assert restarted.row_count(REF, "append") == 3
+    assert {k: r["v"] for k, r in consolidated(restarted).items()} == {1: "b", 2: "c"}
+
+
+def test_maintain_compacts_checkpoints_vacuums_without_changing_data(tmp_path: Path) -> None:
+    policy = DeltaMaintenance(vacuum_retention_hours=0, enforce_retention_duration=False)
+    sink = DeltaSink(str(tmp_path / "dest"), source="src1", maintenance=policy)
+    for lsn in range(1, 8):
+        write(sink, [{"_cdc_op": "I", "id": lsn * 10 + i, "v": "x"} for i in range(5)], lsn)
+    before = sorted(r["id"] for r in sink.read_table(REF, "consolidated").to_pylist())
+    files_before = len(DeltaTable(sink.path(REF, "consolidated")).file_uris())
+    result = sink.maintain(REF, "consolidated")
+    assert files_before == 7
+    assert (result.files_removed, result.files_added) == (7, 1)
+    assert result.checkpointed
+    assert result.vacuumed_files == 7
+    json.dumps(result.to_dict())
+    assert len(DeltaTable(sink.path(REF, "consolidated")).file_uris()) == 1
+    assert sorted(r["id"] for r in sink.read_table(REF, "consolidated").to_pylist()) == before
+    assert sink.applied_version(REF, "consolidated") == 7
+    assert list((Path(sink.path(REF, "consolidated")) / "_delta_log").glob("*.checkpoint.parquet"))
+    again = sink.maintain(REF, "consolidated")  # nothing left to compact or checkpoint
+    assert (again.files_removed, again.checkpointed) == (0, False)
+    # delta-rs 1.6.6 vacuum lists the already-deleted tombstoned files again until the
+    # tombstones expire, so `vacuumed_files` is what it attempted, not what it found
+    write(sink, [{"_cdc_op": "U", "id": 10, "v": "after"}], 8)  # still writable
+    assert consolidated(sink)[10]["v"] == "after"
+    assert sink.maintain(REF, "append").files_removed == 0  # missing table: no-op
+    sink.close()
+    sink.close()
