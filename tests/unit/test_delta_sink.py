@@ -695,3 +695,36 @@ def test_maintain_compacts_checkpoints_vacuums_without_changing_data(tmp_path: P
     assert sink.maintain(REF, "append").files_removed == 0  # missing table: no-op
     sink.close()
     sink.close()
+
+
+def test_snapshot_load_commits_the_version_last_and_redoes_a_partial_load(
+    sink: DeltaSink,
+) -> None:
+    ref = TableRef("public", "snap")
+    spec = TableSpec(key=("id",), mode=TableMode.BOTH)
+    chunk = lambda lo, hi: pa.table({"id": pa.array(range(lo, hi), pa.int64())})  # noqa: E731
+
+    def interrupted() -> object:
+        yield chunk(0, 10)
+        raise RuntimeError("copy failed midway")
+
+    with pytest.raises(RuntimeError):
+        sink.write_snapshot(ref, interrupted(), spec=spec, version=500, committed_at_us=0)
+    assert sink.applied_version(ref, "consolidated") is None  # partial: not taken as loaded
+    res = sink.write_snapshot(ref, iter([chunk(0, 10), chunk(10, 25)]), spec=spec,
+                              version=500, committed_at_us=1_700_000_000_000_000)
+    assert res.version == 500
+    assert sink.applied_version(ref, "consolidated") == 500
+    assert sink.applied_version(ref, "append") == 500
+    table = sink.read_table(ref, "consolidated")
+    assert sorted(table["id"].to_pylist()) == list(range(25))  # the partial rows were replaced
+    assert set(table["_cdc_lsn"].to_pylist()) == {500}
+    log = sink.read_table(ref, "append")
+    assert set(log["_cdc_op"].to_pylist()) == {"R"}
+    assert sorted(log["_cdc_seq"].to_pylist()) == list(range(25))
+    # then the stream applies later changes on top
+    sink.write(ref, changes([{"_cdc_op": "U", "id": 3}], 600), spec=spec, version=600)
+    assert sink.applied_version(ref, "consolidated") == 600
+    again = sink.write_snapshot(ref, iter([chunk(0, 1)]), spec=spec, version=700,
+                                committed_at_us=0)
+    assert again.version == 600  # already loaded: left alone

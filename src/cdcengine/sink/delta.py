@@ -33,7 +33,7 @@ table that no reader can open (no protocol upgrade), `alter.add_columns` upgrade
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -378,6 +378,84 @@ class DeltaSink:
         return out
 
     # --- upkeep ------------------------------------------------------------------------
+
+    def write_snapshot(
+        self,
+        ref: TableRef,
+        chunks: Iterable[pa.Table],
+        *,
+        spec: TableSpec,
+        version: int,
+        committed_at_us: int,
+    ) -> WriteResult:
+        """Load a table's initial snapshot, taken at consistent point `version` (SPEC §8).
+
+        `chunks` are the data columns only, in any number. They are appended without a txn
+        action; then one commit per Delta table carries the txn action at `version`. So a load
+        interrupted before that last commit has no applied version, and the next attempt
+        overwrites the partial table from its first chunk: a half-loaded table is never taken
+        for a loaded one. Consolidated rows get `_cdc_lsn = version`; append rows are `R` rows
+        with `_cdc_seq` numbering them. A kind that already has an applied version is left
+        alone (a re-snapshot into an existing table is `resync`'s job).
+        """
+        todo: list[tuple[TableKind, str, DeltaTable | None]] = []
+        done: list[int] = []
+        for kind in kinds_for(spec.mode):
+            path = self._writable_path(ref, kind)
+            dt = self._cached(path)
+            applied = None if dt is None else self._txn_version(dt, ref, kind)
+            if applied is None:
+                todo.append((kind, path, dt))
+            else:
+                done.append(applied)
+        if not todo:
+            return WriteResult(table=ref, version=min(done))
+        stamp = pa.scalar(committed_at_us, pa.int64()).cast(TIMESTAMP_UTC)
+        seq = rows = 0
+        first = True
+        try:
+            for chunk in chunks:
+                n = chunk.num_rows
+                for i, (kind, path, dt) in enumerate(todo):
+                    cols = {c: chunk.column(c) for c in chunk.column_names}
+                    cols[LSN] = pa.array([version] * n, pa.int64())
+                    cols[COMMITTED_AT] = pa.array([stamp] * n, TIMESTAMP_UTC)
+                    if kind is TableKind.CONSOLIDATED:
+                        cols[DELETED] = pa.array([False] * n, pa.bool_())
+                        cols[DELETED_AT] = pa.nulls(n, TIMESTAMP_UTC)
+                        data = pa.table(cols)
+                        schema = _consolidated_schema(data)
+                    else:
+                        cols[SEQ] = pa.array(range(seq, seq + n), pa.int64())
+                        cols[OP] = pa.array(["R"] * n, pa.string())
+                        cols[UNCHANGED] = pa.nulls(n, UNCHANGED_TYPE)
+                        data = pa.table(cols)
+                        schema = _append_schema(data)
+                    if dt is None:
+                        dt = self._create(path, ref, kind, schema, list(spec.key))
+                    target = _arrow_schema(dt)
+                    write_deltalake(dt, _to_target(_conform(data, target, ref), target),
+                                    mode="overwrite" if first else "append")
+                    todo[i] = (kind, path, dt)
+                first = False
+                seq += n
+                rows += n
+            if first:
+                raise ValueError(f"{ref}: a snapshot yields at least one (possibly empty) chunk")
+            for kind, _, dt in todo:
+                assert dt is not None
+                target = _arrow_schema(dt)
+                write_deltalake(dt, target.empty_table(), mode="append",
+                                commit_properties=self._commit_properties(ref, kind, version))
+                self._after_commit(ref, kind, version)
+                log.info("snapshot_loaded", table=ref.qualified, kind=str(kind), rows=rows,
+                         lsn=format_lsn(version))
+        except (DeltaError, OSError) as exc:
+            for _, path, _ in todo:
+                self._tables.pop(path, None)
+            raise SinkWriteError(f"loading the snapshot of {ref} failed "
+                                 f"({type(exc).__name__})") from exc
+        return WriteResult(table=ref, version=min([version, *done]))
 
     def maintain(self, ref: TableRef, kind: TableKind | str) -> MaintenanceResult:
         """Compact, checkpoint and vacuum one table as `self.maintenance` says.
