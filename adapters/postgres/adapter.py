@@ -18,13 +18,17 @@ from cdcengine.adapter import (
     TeardownResult,
 )
 from cdcengine_postgres import discovery, prerequisites, provision
+from cdcengine_postgres.changes import PostgresChanges
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
 from cdcengine_postgres.publications import read_publication
 from cdcengine_postgres.slots import read_slot
+from cdcengine_postgres.snapshot import TableSnapshot
 
 if TYPE_CHECKING:
-    from cdcengine.config import SourceConfig
+    from pathlib import Path
+
+    from cdcengine.config import SourceConfig, TableConfig
 
 
 class PostgresAdapter:
@@ -77,3 +81,10 @@ class PostgresAdapter:
 
     def identify(self, source: SourceConfig) -> SourceIdentity:
         return provision.identify(source)
+
+    def snapshot(self, source: SourceConfig, table: TableConfig) -> TableSnapshot:
+        return TableSnapshot(source, table)
+
+    def changes(self, source: SourceConfig, *, start_lsn: int = 0,
+                spill_dir: Path | None = None) -> PostgresChanges:
+        return PostgresChanges(source, start_lsn=start_lsn, spill_dir=spill_dir)

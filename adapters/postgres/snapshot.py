@@ -51,6 +51,7 @@ class TableSnapshot:
         self.source, self.table, self.chunk_bytes = source, table, chunk_bytes
         self.consistent_point = 0
         self.columns: tuple[ColumnFacts, ...] = ()
+        self.key: tuple[str, ...] = ()
         self.masked: dict[str, int] = {}
         self.rows = 0
         self._rconn: psycopg.Connection | None = None
@@ -79,9 +80,10 @@ class TableSnapshot:
                 raise CDCError(f"table {self.table.name} does not exist (any more)",
                                reason=Reason.PREREQUISITES_FAILED)
             wanted = self.table.columns
-            key = set(self.table.primary_key or facts.primary_key or facts.identity_columns)
+            self.key = tuple(self.table.primary_key or facts.primary_key
+                             or facts.identity_columns)
             self.columns = tuple(c for c in facts.columns if not c.generated and (
-                wanted is None or c.name in wanted or c.name in key))
+                wanted is None or c.name in wanted or c.name in self.key))
         except BaseException:
             self.close()
             raise

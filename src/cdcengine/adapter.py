@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from cdcengine.config import SourceConfig
+    from collections.abc import Iterator, Sequence
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from cdcengine.batcher import ColumnConverter
+    from cdcengine.config import SourceConfig, TableConfig
+    from cdcengine.events import Event, Relation
 
 
 class Severity(enum.StrEnum):
@@ -138,6 +145,34 @@ class TeardownResult:
     notes: tuple[str, ...] = ()  # what was left alone and why
 
 
+class SnapshotSession(Protocol):
+    """One table's consistent copy (a context manager). After entering: `consistent_point`
+    (int LSN C: the stream applies this table's changes after C only), `key`, and `chunks()`
+    yielding typed Arrow tables of the captured columns; `masked` counts nulled values."""
+
+    consistent_point: int
+    key: tuple[str, ...]
+    masked: dict[str, int]
+    rows: int
+
+    def __enter__(self) -> SnapshotSession: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def chunks(self) -> Iterator[pa.Table]: ...
+
+
+class ChangeSession(Protocol):
+    """The live change stream (a context manager): committed transactions' events in order."""
+
+    def __enter__(self) -> ChangeSession: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def events(self, timeout_s: float) -> Iterator[Event]: ...
+    def converters(self, relation: Relation) -> Sequence[ColumnConverter]: ...
+    def set_flush_lsn(self, lsn: int) -> None: ...
+    def send_status(self) -> None: ...
+    @property
+    def keepalive_lsn(self) -> int: ...
+
+
 class SourceAdapter(Protocol):
     """What the core needs from a source engine's control plane.
 
@@ -208,3 +243,12 @@ class SourceAdapter(Protocol):
         ...
 
     def identify(self, source: SourceConfig) -> SourceIdentity: ...
+
+    def snapshot(self, source: SourceConfig, table: TableConfig) -> SnapshotSession:
+        """A consistent copy of one table under a snapshot exported by a temporary slot."""
+        ...
+
+    def changes(self, source: SourceConfig, *, start_lsn: int = 0,
+                spill_dir: Path | None = None) -> ChangeSession:
+        """The change stream from the source's slot (start 0: where the slot confirmed)."""
+        ...

@@ -1,0 +1,249 @@
+"""`Pipeline`: one source from its slot into Delta, exactly once (SPEC §5, §8).
+
+Order of work in `run`:
+1. the source must be enabled; the pipeline holds the source's lease while it runs;
+2. the source's identity (system identifier, timeline) must be the one recorded at enable,
+   else the source is `broken` (`source_changed`) — never silently "already applied";
+3. each table without an applied version in Delta is snapshotted (temporary slot, version = its
+   consistent point C);
+4. the change stream runs from the slot's confirmed position: the batcher closes batches on
+   transaction boundaries, each table's rows at or below its applied version (read back from the
+   Delta log) are skipped, each table's rows go to Delta in one commit carrying the batch's
+   version, and only then does the flush LSN sent to the server move (`Progress`).
+A crash at any point leaves Delta and the slot consistent: the slot is never confirmed past what
+is durable, and what is durable is never applied twice.
+
+Writes are synchronous on the reading thread: at most one batch is in flight, and a Delta commit
+(Rust, GIL released) holds the walsender back, which is the back-pressure. A writer thread to
+overlap decoding and commits is a measured optimisation for later.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import structlog
+
+from cdcengine.adapter import SourceAdapter
+from cdcengine.api import StateArg, _store
+from cdcengine.batcher import Batcher, ChangeBatch
+from cdcengine.batcher import TableSpec as BatchSpec
+from cdcengine.config import SourceConfig, TableConfig
+from cdcengine.errors import CDCError, NotEnabled, Reason
+from cdcengine.lsn import format_lsn
+from cdcengine.names import TableRef
+from cdcengine.progress import Progress
+from cdcengine.registry import adapter_for
+from cdcengine.sink.base import TableSpec as SinkSpec
+from cdcengine.sink.delta import DeltaSink
+from cdcengine.state.base import SourceState, StateStore, TableState, hold_lease
+
+log = structlog.get_logger("cdcengine.pipeline")
+
+LEASE_TTL_S = 60.0
+READ_TIMEOUT_S = 0.5
+
+
+@dataclass(slots=True)
+class RunStats:
+    batches: int = 0
+    transactions: int = 0
+    rows: int = 0
+    snapshot_rows: int = 0
+    flush_lsn: int = 0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, source: SourceConfig, *, state: StateArg = None,
+                 adapter: SourceAdapter | None = None, spill_dir: Path | None = None,
+                 on_batch: Callable[[ChangeBatch, RunStats], None] | None = None) -> None:
+        self.source = source
+        self._state = state
+        self._adapter = adapter or adapter_for(source)
+        self._spill_dir = spill_dir
+        self._on_batch = on_batch
+        self.stats = RunStats()
+        self._applied: dict[TableRef, int] = {}
+
+    def run(self, stop_event: threading.Event | None = None) -> RunStats:
+        """Snapshot where needed, then stream until `stop_event` is set (or an error).
+
+        A requested stop finishes the current Delta commit and confirms what is durable. Errors
+        are `CDCError`s; the caller (the daemon) decides on retries. Non-retryable slot and
+        identity problems mark the source `broken` before they are raised.
+        """
+        stop = stop_event or threading.Event()
+        src = self.source
+        with _store(self._state) as store, hold_lease(store, src.name, purpose="daemon",
+                                                      ttl_s=LEASE_TTL_S, wait_s=0) as lease:
+            rec = store.get_source(src.name)
+            if not (rec and rec.enabled):
+                raise NotEnabled(f"source {src.name!r} is not enabled; run `cdcengine enable`")
+            if rec.broken is not None:
+                raise CDCError(f"source {src.name!r} is broken ({rec.broken.reason}): "
+                               f"{rec.broken.message}", reason=_reason(rec.broken.reason),
+                               retryable=False, fix="Run `cdcengine repair` for this source.")
+            try:
+                self._check_identity(store, rec.system_identifier, rec.timeline)
+                sink = DeltaSink(src.destination, source=src.name,
+                                 storage_options=dict(src.destination_options) or None)
+                self._snapshot_pending(store, sink, stop)
+                if not stop.is_set():
+                    self._stream(store, sink, stop, lambda: store.renew_lease(lease, LEASE_TTL_S))
+            except CDCError as exc:
+                self._record_failure(store, exc)
+                raise
+        return self.stats
+
+    # ---- identity -----------------------------------------------------------------------------
+    def _check_identity(self, store: StateStore, sysid: str | None, timeline: int | None) -> None:
+        ident = self._adapter.identify(self.source)
+        moved = timeline is not None and ident.timeline != timeline
+        if sysid and (ident.system_identifier != sysid or moved):
+            raise CDCError(
+                f"source {self.source.name!r}: the database's identity changed (system "
+                f"identifier {sysid} timeline {timeline} at enable, now "
+                f"{ident.system_identifier} timeline {ident.timeline}): it was restored, failed "
+                "over or recreated, so applied positions no longer describe it.",
+                reason=Reason.SOURCE_CHANGED)
+
+    # ---- snapshots ----------------------------------------------------------------------------
+    def _snapshot_pending(self, store: StateStore, sink: DeltaSink, stop: threading.Event) -> None:
+        src = self.source
+        stopped = {t.name for t in store.list_tables(src.name) if t.state is TableState.STOPPED}
+        for tc in src.table_configs:
+            if tc.name in stopped:
+                continue
+            applied = sink.resume_version(tc.ref, tc.mode)
+            if applied is not None:
+                self._applied[tc.ref] = applied
+                continue
+            if stop.is_set():
+                return
+            store.upsert_table(src.name, tc.name, str(tc.mode))
+            store.set_table_state(src.name, tc.name, TableState.SNAPSHOTTING)
+            store.set_source_state(src.name, SourceState.SNAPSHOTTING)
+            started = time.monotonic()
+            with self._adapter.snapshot(src, tc) as snap:
+                spec = SinkSpec(key=snap.key, mode=tc.mode, hard_deletes=src.hard_deletes)
+                sink.write_snapshot(tc.ref, snap.chunks(), spec=spec,
+                                    version=snap.consistent_point,
+                                    committed_at_us=int(time.time() * 1_000_000))
+                self._applied[tc.ref] = snap.consistent_point
+                self.stats.snapshot_rows += snap.rows
+                if snap.masked:
+                    log.warning("values_masked", source=src.name, table=tc.name,
+                                columns=snap.masked)
+            store.set_table_state(src.name, tc.name, TableState.STREAMING)
+            log.info("table_snapshotted", source=src.name, table=tc.name, rows=snap.rows,
+                     lsn=format_lsn(snap.consistent_point),
+                     duration_ms=round((time.monotonic() - started) * 1000))
+
+    # ---- streaming ----------------------------------------------------------------------------
+    def _stream(self, store: StateStore, sink: DeltaSink, stop: threading.Event,
+                renew: Callable[[], object]) -> None:
+        src = self.source
+        live = {tc.ref: tc for tc in src.table_configs if tc.ref in self._applied}
+        specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
+                 for ref, tc in live.items()}
+        spill = self._spill_dir or Path(tempfile.gettempdir())
+        with self._adapter.changes(src, spill_dir=spill) as changes:
+            batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
+                              max_bytes=src.max_batch_mb * 1024 * 1024,
+                              flush_interval_s=src.flush_interval_ms / 1000)
+            progress = Progress()
+            store.set_source_state(src.name, SourceState.STREAMING)
+            renewed = time.monotonic()
+            while not stop.is_set():
+                for event in changes.events(READ_TIMEOUT_S):
+                    batcher.add(event)
+                    if not batcher.in_transaction and batcher.version is not None:
+                        progress.received(batcher.version)
+                    if batcher.ready():
+                        self._write(store, sink, batcher, progress, live)
+                if batcher.ready():
+                    self._write(store, sink, batcher, progress, live)
+                progress.buffer_state(open_transaction=batcher.in_transaction,
+                                      pending_rows=batcher.pending_rows)
+                progress.keepalive(changes.keepalive_lsn)
+                changes.set_flush_lsn(progress.flush_lsn)
+                self.stats.flush_lsn = progress.flush_lsn
+                if time.monotonic() - renewed > LEASE_TTL_S / 3:
+                    renew()
+                    renewed = time.monotonic()
+            # a requested stop: finish what is committed, confirm it, leave
+            if not batcher.in_transaction and batcher.pending_rows:
+                self._write(store, sink, batcher, progress, live)
+            changes.set_flush_lsn(progress.flush_lsn)
+            changes.send_status()
+            self.stats.flush_lsn = progress.flush_lsn
+
+    def _write(self, store: StateStore, sink: DeltaSink, batcher: Batcher, progress: Progress,
+               live: dict[TableRef, TableConfig]) -> None:
+        batch = batcher.take()
+        if batch is None:
+            return
+        progress.batch_started()
+        started = time.monotonic()
+        written = 0
+        for ref, table in batch.tables.items():
+            tc = live[ref]
+            applied = self._applied.get(ref, 0)
+            fresh = table.filter(pc.greater(table["_cdc_lsn"], pa.scalar(applied, pa.int64())))
+            if fresh.num_rows == 0:
+                continue  # replayed after a restart: already in Delta
+            spec = SinkSpec(key=batch.keys[ref], mode=tc.mode,
+                            hard_deletes=self.source.hard_deletes)
+            sink.write(ref, fresh, spec=spec, version=batch.version)
+            self._applied[ref] = batch.version
+            self.stats.rows += fresh.num_rows
+            written += fresh.num_rows
+            self.stats.rows_by_table[tc.name] = self.stats.rows_by_table.get(tc.name, 0) \
+                + fresh.num_rows
+        for stopped in batch.stopped:
+            store.set_table_state(self.source.name, stopped.ref.qualified, TableState.STOPPED,
+                                  reason=f"{stopped.reason}: {stopped.message}",
+                                  remedy=stopped.remedy)
+            log.warning("table_stopped", source=self.source.name, table=stopped.ref.qualified,
+                        reason=stopped.reason, lsn=format_lsn(stopped.lsn))
+            live.pop(stopped.ref, None)
+        for (ref, column), count in batch.masked.items():
+            log.warning("values_masked", source=self.source.name, table=ref.qualified,
+                        column=column, count=count)
+        progress.batch_durable(batch.version)
+        self.stats.batches += 1
+        self.stats.transactions += batch.transactions
+        log.info("batch_committed", source=self.source.name, rows=written,
+                 skipped=batch.rows - written, transactions=batch.transactions,
+                 lsn=format_lsn(batch.version),
+                 duration_ms=round((time.monotonic() - started) * 1000))
+        if self._on_batch is not None:
+            self._on_batch(batch, self.stats)
+
+    # ---- failures -----------------------------------------------------------------------------
+    def _record_failure(self, store: StateStore, exc: CDCError) -> None:
+        """Non-retryable problems become visible states; retryable ones are the caller's."""
+        name = self.source.name
+        if exc.retryable:
+            return
+        if exc.reason in (Reason.SLOT_MISSING, Reason.SLOT_INVALIDATED, Reason.SOURCE_CHANGED,
+                          Reason.PUBLICATION_MISSING):
+            store.set_broken(name, str(exc.reason), exc.message)
+        elif exc.reason in (Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED):
+            store.set_paused(name, str(exc.reason), exc.message)
+        log.error("source_failed", source=name, reason=str(exc.reason), message=exc.message)
+
+
+def _reason(text: str) -> Reason:
+    try:
+        return Reason(text)
+    except ValueError:
+        return Reason.UNKNOWN
