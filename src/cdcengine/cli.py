@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO, TypeVar
 
 import structlog
 
-from cdcengine import api
+from cdcengine import api, daemon
 from cdcengine.adapter import Check, Severity, TableInfo
 from cdcengine.config import Config, SourceConfig, load_config
 from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source", metavar="S")
     g.add_argument("--all", action="store_true")
     c.add_argument("--json", action="store_true")
+    c = cmd("run", "daemon: snapshot where needed, then stream every (or one) source")
+    c.add_argument("--source", metavar="S")
     c = cmd("status", "state, slot, publication, settings and tables per source")
     c.add_argument("--source", metavar="S")
     c.add_argument("--json", action="store_true")
@@ -89,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cdcengine: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     secrets = [s for src in cfg.sources for s in src.secrets()]
+    quiet = logging.INFO if args.command == "run" else logging.WARNING
     configure_logging(fmt=str(cfg.engine.log_format),
-                      level=logging.DEBUG if args.verbose else logging.WARNING, secrets=secrets)
+                      level=logging.DEBUG if args.verbose else quiet, secrets=secrets)
     handler: Callable[[argparse.Namespace, Config], int] = COMMANDS[args.command]
     try:
         return handler(args, cfg)
@@ -335,6 +340,24 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     )
 
 
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    """SIGINT/SIGTERM finish the current Delta commit and exit 0 (SPEC §3)."""
+    sources = _sources(cfg, args.source)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    result = daemon.run(cfg, sources, stop)
+    for outcome in result.outcomes:
+        if outcome.error is not None:
+            print(f"source {outcome.name}: stopped: {outcome.error.reason}: "
+                  f"{outcome.error.message}", file=sys.stderr)
+    return EXIT_OK if result.requested_stop and result.exit_code == 0 else result.exit_code
+
+
 def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
     src = cfg.source(args.source)
     changes: dict[str, object] = {}
@@ -360,6 +383,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "tables": cmd_tables,
     "enable": cmd_enable,
     "disable": cmd_disable,
+    "run": cmd_run,
     "status": cmd_status,
     "settings": cmd_settings,
 }

@@ -1,0 +1,69 @@
+"""`cdcengine run` as a process: it streams, SIGTERM ends it with exit 0, failures exit 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cdc_util import source_for
+from test_pipeline import live_rows, wait_for
+
+from cdcengine import api
+
+
+def write_config(tmp_path: Path, src: object, state: str) -> Path:
+    cfg = tmp_path / "cdcengine.toml"
+    cfg.write_text(
+        f'[engine]\nstate = "{state}"\nhttp_port = 0\n'
+        f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'  # type: ignore[attr-defined]
+        f'tables = ["public.items"]\ndestination = "{src.destination}"\n'  # type: ignore[attr-defined]
+        "flush_interval_ms = 100\n")
+    return cfg
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CDCENGINE__")}
+
+
+def test_run_streams_and_stops_cleanly_on_sigterm(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id int PRIMARY KEY, v text);"
+               "INSERT INTO items VALUES (1, 'a')")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    cfg = write_config(tmp_path, src, state)
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+                            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: set(live_rows(src, "items")) == {1}, timeout=60)
+        db.execute("INSERT INTO items VALUES (2, 'b'); UPDATE items SET v = 'z' WHERE id = 1")
+        wait_for(lambda: live_rows(src, "items").get(1, {}).get("v") == "z", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert set(live_rows(src, "items")) == {1, 2}
+    assert "batch_committed" in err
+    password = db.server.password
+    assert password
+    assert password not in err
+    assert password not in out
+
+
+def test_run_exits_1_for_a_source_that_is_not_enabled(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items"])
+    cfg = write_config(tmp_path, src, state)
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+                         cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1
+    assert "not_enabled" in res.stderr
+    assert time.monotonic() - started < 30
