@@ -33,7 +33,8 @@ table that no reader can open (no protocol upgrade), `alter.add_columns` upgrade
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -255,7 +256,7 @@ class DeltaSink:
             raise ValueError(f"{ref}: a consolidated table needs key columns")
         batch = _check_batch(batch, version, require=(OP, LSN, COMMITTED_AT))
         path = self._writable_path(ref, kind)
-        try:
+        with self._delta_errors(path, ref, kind):
             dt = self._cached(path)
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
@@ -276,21 +277,6 @@ class DeltaSink:
                 dt, ref, source, target, keys, props, hard_deletes=hard_deletes, created=created
             )
             self._after_commit(ref, kind, version)
-        except (DeltaError, OSError) as exc:
-            self._tables.pop(path, None)
-            raise SinkWriteError(
-                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
-            ) from exc
-        except pa.ArrowException as exc:  # values that do not fit the stored types
-            self._tables.pop(path, None)
-            raise SinkSchemaError(
-                f"the batch for the Delta {kind} table of {ref} does not fit its schema "
-                f"({type(exc).__name__})",
-                table=ref.qualified,
-            ) from exc
-        except BaseException:
-            self._tables.pop(path, None)
-            raise
         out = CommitResult(
             table=ref,
             kind=kind,
@@ -324,7 +310,7 @@ class DeltaSink:
         started = time.perf_counter()
         batch = _check_batch(batch, version, require=(OP, LSN, SEQ, COMMITTED_AT))
         path = self._writable_path(ref, kind)
-        try:
+        with self._delta_errors(path, ref, kind):
             dt = self._cached(path)
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
@@ -346,21 +332,6 @@ class DeltaSink:
                 commit_properties=self._commit_properties(ref, kind, version),
             )
             self._after_commit(ref, kind, version)
-        except (DeltaError, OSError) as exc:
-            self._tables.pop(path, None)
-            raise SinkWriteError(
-                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
-            ) from exc
-        except pa.ArrowException as exc:  # values that do not fit the stored types
-            self._tables.pop(path, None)
-            raise SinkSchemaError(
-                f"the batch for the Delta {kind} table of {ref} does not fit its schema "
-                f"({type(exc).__name__})",
-                table=ref.qualified,
-            ) from exc
-        except BaseException:
-            self._tables.pop(path, None)
-            raise
         out = CommitResult(
             table=ref,
             kind=kind,
@@ -554,6 +525,28 @@ class DeltaSink:
         return int(dt.count())
 
     # --- internals ---------------------------------------------------------------------
+
+    @contextmanager
+    def _delta_errors(self, path: str, ref: TableRef, kind: TableKind) -> Iterator[None]:
+        """Delta/IO failures as `SinkWriteError` (retryable), values that do not fit the stored
+        types as `SinkSchemaError`; the cached table handle is dropped on any failure."""
+        try:
+            yield
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(
+                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
+            ) from exc
+        except pa.ArrowException as exc:
+            self._tables.pop(path, None)
+            raise SinkSchemaError(
+                f"the batch for the Delta {kind} table of {ref} does not fit its schema "
+                f"({type(exc).__name__})",
+                table=ref.qualified,
+            ) from exc
+        except BaseException:
+            self._tables.pop(path, None)
+            raise
 
     def _writable_path(self, ref: TableRef, kind: TableKind) -> str:
         """The table's path, refused when deltalake 1.6.6 would corrupt it.
