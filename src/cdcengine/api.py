@@ -40,7 +40,9 @@ LEASE_TTL_S = 120.0
 
 
 @contextmanager
-def _store(state: StateArg) -> Iterator[StateStore]:
+def open_store(state: StateArg) -> Iterator[StateStore]:
+    """The given store as is, or one opened from a URL (default: the engine default) and
+    closed afterwards."""
     if state is None or isinstance(state, str):
         store = open_state(state or DEFAULT_STATE_URL)
         try:
@@ -179,7 +181,7 @@ class Status:
 
 def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list[Check]:
     """Every prerequisite check, all reported (SPEC §3 `check`). Raises only when unreachable."""
-    with _store(state) as store:
+    with open_store(state) as store:
         rec = store.get_source(source.name)
         return adapter_for(source).check_prerequisites(
             _as_enabled(rec, _with_overrides(source, store)), install_id=store.install_id(),
@@ -205,7 +207,7 @@ def enable_cdc(
     re-snapshots; recreating the slot silently would leave a gap). It never removes tables from
     Delta, never drops anything it did not create, and on failure undoes exactly what it created.
     """
-    with _store(state) as store, hold_lease(store, source.name, purpose="enable",
+    with open_store(state) as store, hold_lease(store, source.name, purpose="enable",
                                             ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
         rec = store.get_source(source.name)
         if rec and rec.enabled:
@@ -273,7 +275,7 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
     that walsender, waiting at most `wait_s`. A slot or publication this install cannot prove it
     created is left alone, and `notes` says so.
     """
-    with _store(state) as store, hold_lease(store, source.name, purpose="disable",
+    with open_store(state) as store, hold_lease(store, source.name, purpose="disable",
                                             ttl_s=LEASE_TTL_S + wait_s, wait_s=0):
         rec = store.get_source(source.name)
         target = _as_enabled(rec, source)
@@ -326,7 +328,7 @@ def update_cdc_settings(
             raise ConfigError(f"settings: {key} must be an integer (got {value!r})")
         elif value < 1:
             raise ConfigError(f"settings: {key} must be >= 1 (got {value})")
-    with _store(state) as store, hold_lease(store, source.name, purpose="settings",
+    with open_store(state) as store, hold_lease(store, source.name, purpose="settings",
                                             ttl_s=LEASE_TTL_S, wait_s=0):
         rec = store.get_source(source.name)
         if not (rec and rec.enabled):
@@ -353,7 +355,7 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
     Raises a `CDCError` when the source cannot be reached; a broken source is reported, not
     raised.
     """
-    with _store(state) as store:
+    with open_store(state) as store:
         rec = store.get_source(source.name)
         target = _as_enabled(rec, source)
         adapter = adapter_for(source)

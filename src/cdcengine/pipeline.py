@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import structlog
 
 from cdcengine.adapter import SourceAdapter
-from cdcengine.api import StateArg, _store
+from cdcengine.api import StateArg, open_store
 from cdcengine.batcher import Batcher, ChangeBatch
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
@@ -82,7 +82,7 @@ class Pipeline:
         """
         stop = stop_event or threading.Event()
         src = self.source
-        with _store(self._state) as store, hold_lease(store, src.name, purpose="daemon",
+        with open_store(self._state) as store, hold_lease(store, src.name, purpose="daemon",
                                                       ttl_s=LEASE_TTL_S, wait_s=0) as lease:
             rec = store.get_source(src.name)
             if not (rec and rec.enabled):

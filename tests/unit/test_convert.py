@@ -16,6 +16,19 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pg_type_builders import (
+    BOOL,
+    FLOAT4,
+    FLOAT8,
+    INT2,
+    INT4,
+    INT8,
+    NUMERIC,
+    array_of,
+    base,
+    domain,
+    numeric_typmod,
+)
 
 from cdcengine_postgres.convert import (
     Converted,
@@ -25,30 +38,6 @@ from cdcengine_postgres.convert import (
 )
 from cdcengine_postgres.types import PgType, arrow_type
 
-
-def base(name: str, oid: int, category: str = "U", typmod: int = -1) -> PgType:
-    return PgType(name, oid, "b", category, typmod)
-
-
-def array_of(element: PgType, oid: int, typmod: int = -1) -> PgType:
-    return PgType("_" + element.name, oid, "b", "A", typmod, element=element)
-
-
-def domain(name: str, over: PgType, oid: int = 20001) -> PgType:
-    return PgType(name, oid, "d", over.category, -1, base=over)
-
-
-def numeric_typmod(precision: int, scale: int) -> int:
-    return ((precision << 16) | (scale & 0x7FF)) + 4
-
-
-BOOL = base("bool", 16, "B")
-INT2 = base("int2", 21, "N")
-INT4 = base("int4", 23, "N")
-INT8 = base("int8", 20, "N")
-FLOAT4 = base("float4", 700, "N")
-FLOAT8 = base("float8", 701, "N")
-NUMERIC = base("numeric", 1700, "N")
 NUMERIC_12_2 = NUMERIC.with_typmod(numeric_typmod(12, 2))
 TEXT = base("text", 25, "S")
 BYTEA = base("bytea", 17, "U")
