@@ -72,6 +72,7 @@ _SOURCE_KEYS: dict[str, str] = {
     "auto_drop_slot": "bool", "lag_warning_threshold_mb": "int",
     "lag_critical_threshold_mb": "int", "lag_check_interval_s": "int",
     "flush_interval_ms": "int", "max_batch_rows": "int", "max_batch_mb": "int", "table": "dict",
+    "maintenance_interval_s": "int", "vacuum_retention_hours": "int",
 }
 _ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "log_format": "str"}
 _TABLE_KEYS = ("mode", "columns", "primary_key")
@@ -122,6 +123,8 @@ class SourceConfig:
     flush_interval_ms: int = 1000
     max_batch_rows: int = 200_000
     max_batch_mb: int = 256
+    maintenance_interval_s: int = 600  # per Delta table: compaction + checkpoint + vacuum; 0 off
+    vacuum_retention_hours: int = 168  # files unreferenced this long are deleted; 0: no vacuum
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -191,6 +194,10 @@ class SourceConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise fail(key, f"must be an integer >= 1 (got {value!r})")
+        for key in ("maintenance_interval_s", "vacuum_retention_hours"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise fail(key, f"must be an integer >= 0, 0 turning it off (got {value!r})")
         if self.lag_warning_threshold_mb >= self.lag_critical_threshold_mb:
             raise fail("lag_warning_threshold_mb",
                        f"must be less than lag_critical_threshold_mb "

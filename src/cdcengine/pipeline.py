@@ -7,15 +7,16 @@ Order of work in `run`:
 3. each table without an applied version in Delta is snapshotted (temporary slot, version = its
    consistent point C);
 4. the change stream runs from the slot's confirmed position: the batcher closes batches on
-   transaction boundaries, each table's rows at or below its applied version (read back from the
-   Delta log) are skipped, each table's rows go to Delta in one commit carrying the batch's
-   version, and only then does the flush LSN sent to the server move (`Progress`).
+   transaction boundaries, the `BatchWriter` (its own thread) commits each table's rows above
+   that Delta table's applied version (read back from its log) in one commit carrying the
+   batch's version, and only then does the flush LSN sent to the server move (`Progress`).
 A crash at any point leaves Delta and the slot consistent: the slot is never confirmed past what
-is durable, and what is durable is never applied twice.
+is durable, and what is durable is never applied twice (`failpoints` names the moments the
+tests kill the process at).
 
-Writes are synchronous on the reading thread: at most one batch is in flight, and a Delta commit
-(Rust, GIL released) holds the walsender back, which is the back-pressure. A writer thread to
-overlap decoding and commits is a measured optimisation for later.
+The reading thread alone touches the replication connection and the state store; while a Delta
+commit runs it goes on reading (one batch queued at most: the back-pressure) and keeps the
+walsender answered.
 """
 
 from __future__ import annotations
@@ -24,26 +25,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import structlog
 
-from cdcengine.adapter import SourceAdapter
+from cdcengine import failpoints
+from cdcengine.adapter import ChangeSession, SourceAdapter
 from cdcengine.api import StateArg, open_store
 from cdcengine.batcher import Batcher, ChangeBatch
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, NotEnabled, Reason
 from cdcengine.lsn import format_lsn
-from cdcengine.names import TableRef
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
 from cdcengine.sink.base import TableSpec as SinkSpec
+from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.state.base import SourceState, StateStore, TableState, hold_lease
+from cdcengine.writer import Applied, BatchWriter, Durable, WriterStats
 
 log = structlog.get_logger("cdcengine.pipeline")
 
@@ -52,13 +53,9 @@ READ_TIMEOUT_S = 0.5
 
 
 @dataclass(slots=True)
-class RunStats:
-    batches: int = 0
-    transactions: int = 0
-    rows: int = 0
+class RunStats(WriterStats):
     snapshot_rows: int = 0
     flush_lsn: int = 0
-    rows_by_table: dict[str, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -71,7 +68,7 @@ class Pipeline:
         self._spill_dir = spill_dir
         self._on_batch = on_batch
         self.stats = RunStats()
-        self._applied: dict[TableRef, int] = {}
+        self._applied: Applied = {}
 
     def run(self, stop_event: threading.Event | None = None) -> RunStats:
         """Snapshot where needed, then stream until `stop_event` is set (or an error).
@@ -122,9 +119,7 @@ class Pipeline:
         for tc in src.table_configs:
             if tc.name in stopped:
                 continue
-            applied = sink.resume_version(tc.ref, tc.mode)
-            if applied is not None:
-                self._applied[tc.ref] = applied
+            if self._load_applied(sink, tc):
                 continue
             if stop.is_set():
                 return
@@ -137,7 +132,8 @@ class Pipeline:
                 sink.write_snapshot(tc.ref, snap.chunks(), spec=spec,
                                     version=snap.consistent_point,
                                     committed_at_us=int(time.time() * 1_000_000))
-                self._applied[tc.ref] = snap.consistent_point
+                failpoints.hit("after_snapshot")
+                self._load_applied(sink, tc)
                 self.stats.snapshot_rows += snap.rows
                 if snap.masked:
                     log.warning("values_masked", source=src.name, table=tc.name,
@@ -147,11 +143,22 @@ class Pipeline:
                      lsn=format_lsn(snap.consistent_point),
                      duration_ms=round((time.monotonic() - started) * 1000))
 
+    def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:
+        """Read each Delta table's applied version; True when every kind of the table has one."""
+        versions = {kind: sink.applied_version(tc.ref, kind) for kind in kinds_for(tc.mode)}
+        if any(v is None for v in versions.values()):
+            return False
+        for kind, version in versions.items():
+            assert version is not None
+            self._applied[(tc.ref, kind)] = version
+        return True
+
     # ---- streaming ----------------------------------------------------------------------------
     def _stream(self, store: StateStore, sink: DeltaSink, stop: threading.Event,
                 renew: Callable[[], object]) -> None:
         src = self.source
-        live = {tc.ref: tc for tc in src.table_configs if tc.ref in self._applied}
+        live = {tc.ref: tc for tc in src.table_configs
+                if all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
         specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
@@ -160,73 +167,52 @@ class Pipeline:
                               max_bytes=src.max_batch_mb * 1024 * 1024,
                               flush_interval_s=src.flush_interval_ms / 1000)
             progress = Progress()
+            writer = BatchWriter(sink, source=src.name, tables=live, applied=self._applied,
+                                 hard_deletes=src.hard_deletes, stats=self.stats,
+                                 maintenance_interval_s=src.maintenance_interval_s,
+                                 on_durable=self._durable_hook()).start()
+            loop = _Loop(self, store, changes, batcher, progress, writer)
             store.set_source_state(src.name, SourceState.STREAMING)
             renewed = time.monotonic()
-            while not stop.is_set():
-                for event in changes.events(READ_TIMEOUT_S):
-                    batcher.add(event)
-                    if not batcher.in_transaction and batcher.version is not None:
-                        progress.received(batcher.version)
+            try:
+                while not stop.is_set():
+                    for event in changes.events(READ_TIMEOUT_S):
+                        batcher.add(event)
+                        if not batcher.in_transaction and batcher.version is not None:
+                            progress.received(batcher.version)
+                        if batcher.ready():
+                            loop.submit()
                     if batcher.ready():
-                        self._write(store, sink, batcher, progress, live)
-                if batcher.ready():
-                    self._write(store, sink, batcher, progress, live)
-                progress.buffer_state(open_transaction=batcher.in_transaction,
-                                      pending_rows=batcher.pending_rows)
-                progress.keepalive(changes.keepalive_lsn)
-                changes.set_flush_lsn(progress.flush_lsn)
-                self.stats.flush_lsn = progress.flush_lsn
-                if time.monotonic() - renewed > LEASE_TTL_S / 3:
-                    renew()
-                    renewed = time.monotonic()
-            # a requested stop: finish what is committed, confirm it, leave
-            if not batcher.in_transaction and batcher.pending_rows:
-                self._write(store, sink, batcher, progress, live)
-            changes.set_flush_lsn(progress.flush_lsn)
+                        loop.submit()
+                    loop.settle()
+                    if time.monotonic() - renewed > LEASE_TTL_S / 3:
+                        renew()
+                        renewed = time.monotonic()
+                # a requested stop: commit what is complete, confirm what is durable, leave
+                if not batcher.in_transaction and batcher.version is not None:
+                    loop.submit()
+            finally:
+                writer.close(waiting=loop.keep_alive)
+            loop.settle()
             changes.send_status()
-            self.stats.flush_lsn = progress.flush_lsn
+            writer.check()
 
-    def _write(self, store: StateStore, sink: DeltaSink, batcher: Batcher, progress: Progress,
-               live: dict[TableRef, TableConfig]) -> None:
-        batch = batcher.take()
-        if batch is None:
-            return
-        progress.batch_started()
-        started = time.monotonic()
-        written = 0
-        for ref, table in batch.tables.items():
-            tc = live[ref]
-            applied = self._applied.get(ref, 0)
-            fresh = table.filter(pc.greater(table["_cdc_lsn"], pa.scalar(applied, pa.int64())))
-            if fresh.num_rows == 0:
-                continue  # replayed after a restart: already in Delta
-            spec = SinkSpec(key=batch.keys[ref], mode=tc.mode,
-                            hard_deletes=self.source.hard_deletes)
-            sink.write(ref, fresh, spec=spec, version=batch.version)
-            self._applied[ref] = batch.version
-            self.stats.rows += fresh.num_rows
-            written += fresh.num_rows
-            self.stats.rows_by_table[tc.name] = self.stats.rows_by_table.get(tc.name, 0) \
-                + fresh.num_rows
+    def _durable_hook(self) -> Callable[[ChangeBatch, Durable], None] | None:
+        on_batch = self._on_batch
+        if on_batch is None:
+            return None
+        return lambda batch, _done: on_batch(batch, self.stats)
+
+    def _stopped(self, store: StateStore, batch: ChangeBatch) -> None:
         for stopped in batch.stopped:
             store.set_table_state(self.source.name, stopped.ref.qualified, TableState.STOPPED,
                                   reason=f"{stopped.reason}: {stopped.message}",
                                   remedy=stopped.remedy)
             log.warning("table_stopped", source=self.source.name, table=stopped.ref.qualified,
                         reason=stopped.reason, lsn=format_lsn(stopped.lsn))
-            live.pop(stopped.ref, None)
         for (ref, column), count in batch.masked.items():
             log.warning("values_masked", source=self.source.name, table=ref.qualified,
                         column=column, count=count)
-        progress.batch_durable(batch.version)
-        self.stats.batches += 1
-        self.stats.transactions += batch.transactions
-        log.info("batch_committed", source=self.source.name, rows=written,
-                 skipped=batch.rows - written, transactions=batch.transactions,
-                 lsn=format_lsn(batch.version),
-                 duration_ms=round((time.monotonic() - started) * 1000))
-        if self._on_batch is not None:
-            self._on_batch(batch, self.stats)
 
     # ---- failures -----------------------------------------------------------------------------
     def _record_failure(self, store: StateStore, exc: CDCError) -> None:
@@ -240,6 +226,51 @@ class Pipeline:
         elif exc.reason in (Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED):
             store.set_paused(name, str(exc.reason), exc.message)
         log.error("source_failed", source=name, reason=str(exc.reason), message=exc.message)
+
+
+class _Loop:
+    """The reader side of one streaming run: hand batches to the writer, confirm what is durable.
+
+    Everything here runs on the reading thread, which alone touches the replication connection
+    and the state store.
+    """
+
+    STATUS_EVERY_S = 5.0
+
+    def __init__(self, pipeline: Pipeline, store: StateStore, changes: ChangeSession,
+                 batcher: Batcher, progress: Progress, writer: BatchWriter) -> None:
+        self.pipeline, self.store, self.changes = pipeline, store, changes
+        self.batcher, self.progress, self.writer = batcher, progress, writer
+        self._status_at = time.monotonic()
+
+    def submit(self) -> None:
+        batch = self.batcher.take()
+        if batch is None:
+            return
+        failpoints.hit("batch_taken")
+        self.pipeline._stopped(self.store, batch)
+        self.progress.batch_started()
+        self.writer.submit(batch, waiting=self.keep_alive)
+
+    def settle(self) -> None:
+        """Move the flush LSN over what became durable; tell the server promptly."""
+        confirmed = self.progress.flush_lsn
+        for done in self.writer.durable():
+            self.progress.batch_durable(done.version)
+        self.progress.buffer_state(open_transaction=self.batcher.in_transaction,
+                                   pending_rows=self.batcher.pending_rows)
+        self.progress.keepalive(self.changes.keepalive_lsn)
+        self.changes.set_flush_lsn(self.progress.flush_lsn)
+        self.pipeline.stats.flush_lsn = self.progress.flush_lsn
+        if self.progress.flush_lsn > confirmed \
+                or time.monotonic() - self._status_at > self.STATUS_EVERY_S:
+            self.changes.send_status()
+            self._status_at = time.monotonic()
+            failpoints.hit("after_confirm")
+
+    def keep_alive(self) -> None:
+        """While the writer is busy: confirm what it finished and keep the walsender content."""
+        self.settle()
 
 
 def _reason(text: str) -> Reason:

@@ -1,0 +1,217 @@
+"""`BatchWriter`: commits change batches to Delta on its own thread, one at a time, in order.
+
+Why a thread: a Delta MERGE (or a compaction) can take seconds, and the replication connection
+must keep being read and answered meanwhile, or the walsender times out; decoding the next
+batch also overlaps the commit of the previous one. The queue holds at most `depth` batches,
+which is the back-pressure: a slow destination stops the reader, never grows memory.
+
+Exactly once, per Delta table: every table kind (append, consolidated) has its own applied
+version, read from its Delta log at start. A batch's rows at or below it are filtered out
+(after a restart batches are cut differently, so a replayed batch can straddle the applied
+version), and what is left is committed with the batch's version as the transaction action.
+Upkeep (compaction, checkpoints, vacuum) runs here too, between writes, so it never races a
+write to the same table.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import structlog
+
+from cdcengine import failpoints
+from cdcengine.batcher import ChangeBatch
+from cdcengine.config import TableConfig
+from cdcengine.lsn import format_lsn
+from cdcengine.names import TableRef
+from cdcengine.sink.base import TableKind, kinds_for
+from cdcengine.sink.delta import DeltaSink
+
+log = structlog.get_logger("cdcengine.writer")
+
+Applied = dict[tuple[TableRef, TableKind], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Durable:
+    """A batch whose every Delta commit is done: the slot may be confirmed up to `version`."""
+
+    version: int
+    rows: int  # rows committed (after filtering what was already applied)
+    skipped: int  # rows that were already in Delta
+    transactions: int
+    duration_ms: int
+
+
+@dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    transactions: int = 0
+    rows: int = 0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+    commit_seconds: float = 0.0
+
+
+_STOP = object()
+
+
+class BatchWriter:
+    """Start with `start()`; `submit` batches in version order; poll `durable()`; `close()`."""
+
+    def __init__(self, sink: DeltaSink, *, source: str, tables: Mapping[TableRef, TableConfig],
+                 applied: Applied, hard_deletes: bool, stats: WriterStats | None = None,
+                 maintenance_interval_s: float = 600.0, depth: int = 1,
+                 on_durable: Callable[[ChangeBatch, Durable], None] | None = None) -> None:
+        self._sink = sink
+        self._source = source
+        self._tables = dict(tables)
+        self._applied = applied
+        self._hard_deletes = hard_deletes
+        self.stats = stats or WriterStats()
+        self._maintenance_s = maintenance_interval_s
+        self._maintained: dict[tuple[TableRef, TableKind], float] = {}
+        self._on_durable = on_durable
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._done: queue.SimpleQueue[Durable] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._busy = 0  # batches submitted and not yet durable
+        self._thread = threading.Thread(target=self._loop, name=f"writer-{source}", daemon=True)
+
+    # ---- reader side ----------------------------------------------------------------------
+    def start(self) -> BatchWriter:
+        self._thread.start()
+        return self
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
+
+    def submit(self, batch: ChangeBatch, *, waiting: Callable[[], None]) -> None:
+        """Queue a batch; while the queue is full call `waiting()` every half second (keep the
+        source connection alive there). Raises the writer's error, if it failed."""
+        self.check()
+        self._busy += 1
+        while True:
+            try:
+                self._queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                self.check()
+                waiting()
+
+    def durable(self) -> list[Durable]:
+        """Batches that became durable since the last call, in order. Raises on failure."""
+        out: list[Durable] = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self._busy -= len(out)
+        if not out:
+            self.check()
+        return out
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self, *, waiting: Callable[[], None], timeout_s: float | None = None) -> None:
+        """Finish every queued batch, then stop the thread (after an error: just stop)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.5)
+                break
+            except queue.Full:
+                waiting()
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+            if self._thread.is_alive():
+                waiting()
+            if deadline is not None and time.monotonic() > deadline:
+                break
+
+    # ---- writer thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, ChangeBatch)
+            try:
+                done = self._write(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                self._error = exc
+                return
+            self._done.put(done)
+            if self._on_durable is not None:
+                self._on_durable(item, done)
+
+    def _write(self, batch: ChangeBatch) -> Durable:
+        started = time.monotonic()
+        written = 0
+        touched: list[tuple[TableRef, TableKind]] = []
+        tables = list(batch.tables.items())
+        for i, (ref, table) in enumerate(tables):
+            tc = self._tables[ref]
+            kinds = kinds_for(tc.mode)
+            for j, kind in enumerate(kinds):
+                rows = _after(table, self._applied.get((ref, kind), 0))
+                if rows.num_rows == 0:
+                    continue  # replayed after a restart: already in this Delta table
+                if kind is TableKind.APPEND:
+                    self._sink.write_append(ref, rows, version=batch.version,
+                                            key=batch.keys[ref])
+                else:
+                    self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
+                                                  version=batch.version,
+                                                  hard_deletes=self._hard_deletes)
+                self._applied[(ref, kind)] = batch.version
+                touched.append((ref, kind))
+                if j == 0:
+                    written += rows.num_rows
+                    by_table = self.stats.rows_by_table
+                    by_table[tc.name] = by_table.get(tc.name, 0) + rows.num_rows
+                if j < len(kinds) - 1:
+                    failpoints.hit("between_kinds")
+            if i < len(tables) - 1:
+                failpoints.hit("between_tables")
+        failpoints.hit("after_commit")
+        elapsed = time.monotonic() - started
+        self.stats.batches += 1
+        self.stats.transactions += batch.transactions
+        self.stats.rows += written
+        self.stats.commit_seconds += elapsed
+        done = Durable(version=batch.version, rows=written, skipped=batch.rows - written,
+                       transactions=batch.transactions, duration_ms=round(elapsed * 1000))
+        log.info("batch_committed", source=self._source, rows=done.rows, skipped=done.skipped,
+                 transactions=done.transactions, lsn=format_lsn(done.version),
+                 duration_ms=done.duration_ms)
+        self._upkeep(touched)
+        return done
+
+    def _upkeep(self, touched: list[tuple[TableRef, TableKind]]) -> None:
+        """Compact, checkpoint and vacuum each written table once per maintenance interval."""
+        if self._maintenance_s <= 0:
+            return
+        now = time.monotonic()
+        for ref, kind in touched:
+            last = self._maintained.setdefault((ref, kind), now)
+            if now - last >= self._maintenance_s:
+                self._sink.maintain(ref, kind)
+                self._maintained[(ref, kind)] = time.monotonic()
+
+
+def _after(table: pa.Table, applied: int) -> pa.Table:
+    if applied <= 0:
+        return table
+    return table.filter(pc.greater(table["_cdc_lsn"], pa.scalar(applied, pa.int64())))
