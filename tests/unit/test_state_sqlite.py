@@ -510,13 +510,26 @@ def test_crashed_holder_expires_and_is_taken_over(db: Path, spawn: Callable[[], 
     child.send("crash")
     assert child.proc.wait() == 3
     with SQLiteStateStore(db) as s:
-        with pytest.raises(LeaseHeld):
-            s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=30)
         time.sleep(0.6)
         assert s.get_lease("shop") is None
         assert s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=30).pid == (
             os.getpid()
         )
+
+
+def test_a_killed_local_holder_is_taken_over_at_once(db: Path, spawn: Callable[[], Child]) -> None:
+    # kill -9 leaves no chance to release; on the same host the dead pid gives it away
+    alive, dead = spawn(), spawn()
+    assert dead.ask("acquire 300") == "ok"
+    assert alive.ask("acquire 300").startswith("held ")
+    dead.send("crash")
+    assert dead.proc.wait() == 3
+    assert alive.ask("acquire 300") == "ok"
+    with SQLiteStateStore(db) as s:
+        held = s.get_lease("shop")
+        assert held is not None and held.pid == alive.pid
+        with pytest.raises(LeaseHeld, match=rf"pid {alive.pid}"):
+            s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=30)
 
 
 def test_renew_fails_once_another_process_took_over(db: Path, spawn: Callable[[], Child]) -> None:

@@ -176,6 +176,23 @@ def new_holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def holder_gone(host: str, pid: int | None) -> bool:
+    """True when a lease's holder was a process on this host that no longer exists.
+
+    A daemon killed with -9 cannot release its lease; waiting out the TTL would delay the
+    restart for nothing. Holders on other hosts are trusted until their lease expires.
+    """
+    if host != socket.gethostname() or not pid or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def lease_held_message(lease: Lease) -> str:
     """The `LeaseHeld` text: who holds the source, where, and since when, so an operator can act."""
     return (

@@ -33,6 +33,7 @@ from cdcengine.state.base import (
     TableRecord,
     TableState,
     hold_lease,
+    holder_gone,
     lease_held_message,
 )
 from cdcengine.state.migrations import BOOTSTRAP, LATEST_VERSION, pending_migrations
@@ -538,7 +539,8 @@ class SQLiteStateStore:
         with self._write() as conn:
             now = self._clock()
             row = self._lease_row(conn, source)
-            if row is not None and row["holder"] != holder and row["expires_at"] >= now:
+            if row is not None and row["holder"] != holder and row["expires_at"] >= now \
+                    and not holder_gone(row["host"], row["pid"]):
                 raise LeaseHeld(lease_held_message(_lease(row)))
             acquired_at = row["acquired_at"] if row is not None and row["holder"] == holder else now
             lease = Lease(
