@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from cdcengine.adapter import Check, PublicationInfo, SlotInfo, TableInfo
-from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig
+from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig, TableConfig
 from cdcengine.errors import (
     CDCError,
     ConfigError,
@@ -26,9 +26,12 @@ from cdcengine.errors import (
     PrerequisitesFailed,
     Reason,
     ReplicationResourceError,
+    classify_error,
 )
 from cdcengine.lsn import format_lsn, parse_lsn
 from cdcengine.registry import adapter_for
+from cdcengine.sink.base import kinds_for
+from cdcengine.sink.delta import DeltaSink
 from cdcengine.state import open_state
 from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState, hold_lease
 
@@ -136,10 +139,22 @@ class TableStatus:
     name: str
     mode: str
     state: str
-    applied_lsn: str | None = None  # read from the Delta log once tables are written
-    rows: int | None = None
+    applied_lsn: str | None = None  # from the Delta log: every change up to it is in Delta
+    rows: int | None = None  # consolidated: live (not deleted) rows; append: change rows
     reason: str | None = None
     remedy: str | None = None
+    delta: tuple[DeltaTableView, ...] = ()  # per Delta table of this source table
+    delta_error: str | None = None  # the destination could not be read
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaTableView:
+    kind: str  # consolidated | append
+    path: str
+    exists: bool
+    version: int | None = None  # the Delta table's own version
+    applied_lsn: str | None = None
+    rows: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -371,7 +386,8 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
             tables.append(TableStatus(name=tc.name, mode=str(tc.mode),
                                       state=str(state_) if state_ else "disabled",
                                       reason=tr.reason if tr else None,
-                                      remedy=tr.remedy if tr else None))
+                                      remedy=tr.remedy if tr else None,
+                                      **_delta_status(source, tc)))
         lease = store.get_lease(source.name)
         return Status(
             name=source.name,
@@ -396,6 +412,30 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
             lease={"purpose": lease.purpose, "host": lease.host, "pid": lease.pid,
                    "since": lease.acquired_at.isoformat()} if lease else None,
         )
+
+
+def _delta_status(source: SourceConfig, tc: TableConfig) -> dict[str, object]:
+    """What the Delta log says of one source table: applied LSN (the minimum over its Delta
+    tables: everything up to it is in all of them) and row counts. A destination that cannot
+    be read is reported, never raised: status must work while the lake is down."""
+    sink = DeltaSink(source.destination, source=source.name,
+                     storage_options=dict(source.destination_options) or None)
+    views: list[DeltaTableView] = []
+    try:
+        for kind in kinds_for(tc.mode):
+            info = sink.table_info(tc.ref, kind)
+            views.append(DeltaTableView(kind=str(kind), path=info.path, exists=info.exists,
+                                        version=info.version,
+                                        applied_lsn=format_lsn(info.applied_version)
+                                        if info.applied_version is not None else None,
+                                        rows=info.rows))
+    except Exception as exc:  # noqa: BLE001 - reported in the status, with its reason
+        return {"delta_error": classify_error(exc).message}
+    applied = [v.applied_lsn for v in views]
+    lsn = (format_lsn(min(parse_lsn(a) for a in applied if a is not None))
+           if applied and all(a is not None for a in applied) else None)
+    rows = views[-1].rows if views else None  # consolidated when written, else the log
+    return {"applied_lsn": lsn, "rows": rows, "delta": tuple(views)}
 
 
 def _marker(m: object) -> MarkerView | None:

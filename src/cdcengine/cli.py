@@ -20,12 +20,13 @@ import structlog
 
 from cdcengine import api, daemon
 from cdcengine.adapter import Check, Severity, TableInfo
-from cdcengine.config import Config, SourceConfig, load_config
+from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
 from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
 from cdcengine.logs import configure_logging
-from cdcengine.secrets import scrub
+from cdcengine.secrets import dsn_password, scrub
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_NO_CONFIG = frozenset({"demo"})  # commands that bring their own source and need no config
 T = TypeVar("T")
 
 
@@ -43,6 +44,16 @@ def _bool(text: str) -> bool:
     if low in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError(f"expected 0 to 86400 seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,17 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lag-warning-mb", type=int, metavar="N")
     c.add_argument("--lag-critical-mb", type=int, metavar="N")
     c.add_argument("--json", action="store_true")
+    c = cmd("demo", "the embedded default: a throwaway PostgreSQL (or --dsn), sample tables and "
+                    "a live workload, replicated into ./demo-lake with progress")
+    c.add_argument("--dsn", metavar="URL",
+                   help="use this database instead of a throwaway server; its demo schema "
+                        "'shop', slot and publication are dropped at the end unless --keep")
+    c.add_argument("--lake", metavar="PATH", default="demo-lake",
+                   help="where the Delta tables go (./demo-lake); kept afterwards")
+    c.add_argument("--duration", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="how long the live workload runs (30)")
+    c.add_argument("--keep", action="store_true",
+                   help="with --dsn: leave the sample schema, slot and publication in place")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        # the demo brings its own source: it needs (and reads) no config file
+        cfg = (Config(engine=EngineConfig(), sources=()) if args.command in _NO_CONFIG
+               else load_config(args.config))
     except CDCError as exc:
         print(f"cdcengine: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     secrets = [s for src in cfg.sources for s in src.secrets()]
+    if getattr(args, "dsn", None):
+        secrets += [s for s in (dsn_password(args.dsn),) if s]
     quiet = logging.INFO if args.command == "run" else logging.WARNING
     configure_logging(fmt=str(cfg.engine.log_format),
                       level=logging.DEBUG if args.verbose else quiet, secrets=secrets)
@@ -323,8 +349,10 @@ def _show_status(_: SourceConfig, st: api.Status) -> None:
               f"{st.lease['pid']}) since {st.lease['since']}")
     for t in st.tables:
         why = f"  {t.reason}; remedy: {t.remedy}" if t.reason else ""
+        rows = "-" if t.rows is None else f"{t.rows:,}"
+        lake = f"  (destination unreadable: {t.delta_error})" if t.delta_error else ""
         print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
-              f"{t.applied_lsn or '-'}{why}")
+              f"{t.applied_lsn or '-':<18} rows {rows}{why}{lake}")
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -378,6 +406,30 @@ def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace, _cfg: Config) -> int:
+    """SIGINT/SIGTERM stop the demo; it still stops its threads and cleans up (exit 130)."""
+    from pathlib import Path
+
+    from cdcengine.demo import DemoOptions, run_demo  # duckdb and friends: only for the demo
+
+    stop = threading.Event()
+    previous: dict[signal.Signals, Callable[..., object] | int | None] = {}
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+    try:
+        opts = DemoOptions(lake=Path(args.lake), dsn=args.dsn, duration_s=args.duration,
+                           keep=args.keep)
+        return run_demo(opts, stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "check": cmd_check,
     "tables": cmd_tables,
@@ -386,6 +438,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "run": cmd_run,
     "status": cmd_status,
     "settings": cmd_settings,
+    "demo": cmd_demo,
 }
 
 

@@ -13,6 +13,7 @@ from cdc_util import query, source_for, store
 from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, Reason
+from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
 from cdcengine.pipeline import Pipeline
 from cdcengine.sink.delta import DeltaSink
@@ -92,6 +93,12 @@ def test_snapshot_then_stream_into_consolidated_delta(db, tmp_path: Path) -> Non
     status = api.cdc_status(src, state=state)
     assert status.state == str(SourceState.STREAMING)
     assert {t.state for t in status.tables} == {str(TableState.STREAMING)}
+    (orders,) = status.tables
+    applied = DeltaSink(src.destination, source=src.name).applied_version(
+        TableRef("public", "orders"), "consolidated")
+    assert orders.rows == 100
+    assert orders.applied_lsn == format_lsn(applied)  # type: ignore[arg-type]
+    assert [(d.kind, d.exists, d.rows) for d in orders.delta] == [("consolidated", True, 100)]
 
 
 def test_restart_applies_nothing_twice_and_idle_slot_advances(db, tmp_path: Path) -> None:

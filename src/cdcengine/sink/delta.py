@@ -112,6 +112,15 @@ class _Applied:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaTableInfo:
+    path: str
+    exists: bool
+    version: int | None = None
+    applied_version: int | None = None
+    rows: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeltaMaintenance:
     """What `DeltaSink.maintain` does; the defaults are safe for readers of the last 7 days.
 
@@ -491,6 +500,22 @@ class DeltaSink:
     def exists(self, ref: TableRef, kind: TableKind | str) -> bool:
         """Whether the Delta table exists."""
         return self._load(self.path(ref, kind)) is not None
+
+    def table_info(self, ref: TableRef, kind: TableKind | str) -> DeltaTableInfo:
+        """Path, existence, Delta version, applied LSN and row count (consolidated: live rows)
+        of one table, from one fresh read of its log."""
+        kind = TableKind(kind)
+        path = self.path(ref, kind)
+        with self._delta_errors(path, ref, kind):
+            dt = self._load(path)
+            if dt is None:
+                return DeltaTableInfo(path=path, exists=False)
+            if kind is TableKind.CONSOLIDATED:
+                rows = int(dt.to_pyarrow_dataset().count_rows(filter=~pads.field(DELETED)))
+            else:
+                rows = int(dt.count())
+            return DeltaTableInfo(path=path, exists=True, version=dt.version(),
+                                  applied_version=self._txn_version(dt, ref, kind), rows=rows)
 
     def read_table(
         self, ref: TableRef, kind: TableKind | str, *, columns: Sequence[str] | None = None
