@@ -382,7 +382,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     for outcome in result.outcomes:
         if outcome.error is not None:
             print(f"source {outcome.name}: stopped: {outcome.error.reason}: "
-                  f"{outcome.error.message}", file=sys.stderr)
+                  f"{outcome.error.message}\n  fix: {outcome.error.fix}", file=sys.stderr)
     return EXIT_OK if result.requested_stop and result.exit_code == 0 else result.exit_code
 
 

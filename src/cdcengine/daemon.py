@@ -11,6 +11,7 @@ end with failed sources exits 1.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,11 +49,14 @@ def run_source(source: SourceConfig, state: str, stop: threading.Event,
                outcome: SourceOutcome) -> None:
     backoff = BACKOFF_START_S
     while not stop.is_set():
+        started = time.monotonic()
         try:
             Pipeline(source, state=state).run(stop)
             return
         except Exception as exc:  # noqa: BLE001 - classified: retry or give up, never a crash
             err = classify_error(exc)
+            if time.monotonic() - started > BACKOFF_MAX_S:
+                backoff = BACKOFF_START_S  # it ran well for a while: a fresh incident
             if not err.retryable:
                 outcome.error = err
                 log.error("source_stopped", source=source.name, reason=str(err.reason),

@@ -67,3 +67,42 @@ def test_run_exits_1_for_a_source_that_is_not_enabled(db, tmp_path: Path) -> Non
     assert res.returncode == 1
     assert "not_enabled" in res.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_slot_dropped_while_streaming_breaks_the_source(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    cfg = write_config(tmp_path, src, state)
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+                            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        db.execute("INSERT INTO items VALUES (1, 'a')")
+        wait_for(lambda: set(live_rows(src, "items")) == {1}, timeout=60)
+        # someone drops the slot behind the engine's back (terminating its walsender first)
+        db.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                   "WHERE slot_name = %s AND active_pid IS NOT NULL", [src.slot_name])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                db.execute("SELECT pg_drop_replication_slot(%s)", [src.slot_name])
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                db.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                           "WHERE slot_name = %s AND active_pid IS NOT NULL", [src.slot_name])
+                time.sleep(0.05)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert "slot_missing" in err
+    status = api.cdc_status(src, state=state)
+    assert status.state == "broken"
+    assert status.broken is not None and status.broken.reason == "slot_missing"
+    assert "repair" in (status.broken.message + err)
