@@ -19,9 +19,12 @@ LSN), `_cdc_seq` (ordinal among this table's changes in its transaction), `_cdc_
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
@@ -101,14 +104,42 @@ class _Relation:
 
 @dataclass(slots=True)
 class _Buffer:
-    """One table's committed rows; `segments` give (row count so far, end_lsn, ts) per txn."""
+    """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
+    a tail of text rows. Row positions count from the first part; `segments` give (rows so far,
+    end LSN, commit time) per committed transaction; `unchanged` is keyed by tail position."""
 
     rel: _Relation
+    parts: list[pa.Table] = field(default_factory=list)
+    converted: int = 0  # rows held in `parts`
+    spilled: int = 0  # leading parts that live in (memory-mapped) spill files
     rows: list[Row] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
     seqs: list[int] = field(default_factory=list)
     unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
     segments: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.converted + len(self.rows)
+
+    def truncate(self, upto: int) -> None:
+        """Keep the first `upto` rows (drop an aborted transaction's tail)."""
+        if upto >= self.converted:
+            keep = upto - self.converted
+            del self.rows[keep:], self.ops[keep:], self.seqs[keep:]
+            for i in [i for i in self.unchanged if i >= keep]:
+                del self.unchanged[i]
+            return
+        self.rows.clear(), self.ops.clear(), self.seqs.clear(), self.unchanged.clear()
+        kept: list[pa.Table] = []
+        left = upto
+        for part in self.parts:
+            if left <= 0:
+                break
+            kept.append(part.slice(0, min(left, part.num_rows)))
+            left -= kept[-1].num_rows
+        self.parts, self.converted = kept, upto
+        self.spilled = min(self.spilled, len(kept))
 
 
 class Batcher:
@@ -121,8 +152,10 @@ class Batcher:
         max_bytes: int,
         flush_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        spill_dir: Path | None = None,
     ) -> None:
         self._specs = dict(specs)
+        self._spill_dir = spill_dir
         self._converters = converters
         self._max_rows, self._max_bytes = max_rows, max_bytes
         self._interval, self._clock = flush_interval_s, clock
@@ -134,7 +167,10 @@ class Batcher:
         self._txn_seq: dict[TableRef, int] = {}
         self._txn_start: dict[TableRef, int] = {}
         self._rows = 0
-        self._bytes = 0
+        self._bytes = 0  # estimated size of the text tails
+        self._part_bytes = 0  # converted parts held in memory
+        self.spilled_bytes = 0  # written to spill files since the last take
+        self._masked: dict[tuple[TableRef, str], int] = {}
         self._first_at: float | None = None
         self._version: int | None = None
         self._txns = 0
@@ -150,7 +186,7 @@ class Batcher:
         elif isinstance(event, Begin):
             self._begin = event
             self._txn_seq.clear()
-            self._txn_start = {ref: len(b.rows) for ref, b in self._buffers.items()}
+            self._txn_start = {ref: b.count for ref, b in self._buffers.items()}
         elif isinstance(event, Commit):
             self._commit(event)
         elif isinstance(event, Relation):
@@ -196,11 +232,9 @@ class Batcher:
         buf = self._buffers.get(ref)
         if buf is not None and self._begin is not None:
             # drop the open transaction's rows of the stopped table; committed ones stay
-            start = self._txn_start.get(ref, len(buf.rows))
-            self._rows -= len(buf.rows) - start
-            del buf.rows[start:], buf.ops[start:], buf.seqs[start:]
-            for i in [i for i in buf.unchanged if i >= start]:
-                del buf.unchanged[i]
+            start = self._txn_start.get(ref, buf.count)
+            self._rows -= buf.count - start
+            buf.truncate(start)
 
     def _update(self, ev: Update) -> None:
         rel = self._relations.get(ev.relid)
@@ -226,7 +260,7 @@ class Batcher:
         if buf is None or buf.rel is not rel:
             buf = self._buffers[ref] = self._buffers.get(ref) or _Buffer(rel=rel)
             buf.rel = rel
-            self._txn_start.setdefault(ref, len(buf.rows))
+            self._txn_start.setdefault(ref, buf.count)
         seq = self._txn_seq.get(ref, 0)
         self._txn_seq[ref] = seq + 1
         if UNCHANGED in row:
@@ -240,12 +274,45 @@ class Batcher:
         self._bytes += ROW_OVERHEAD_BYTES + sum(map(len, filter(None, row)))  # type: ignore[arg-type]
         if self._first_at is None:
             self._first_at = self._clock()
+        if self._bytes >= self._max_bytes and self._begin is not None:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Inside a transaction too large for the budget (a batch cannot close there): convert
+        the text tails to Arrow, several times smaller; once converted parts exceed the budget
+        as well, move them to spill files that stay memory-mapped (clean pages the kernel can
+        drop), so one huge transaction still lands in one batch without holding it in RAM."""
+        for buf in self._buffers.values():
+            if buf.rows:
+                part = self._convert(buf, self._masked)
+                buf.parts.append(part)
+                buf.converted += part.num_rows
+                self._part_bytes += part.nbytes
+        self._bytes = 0
+        if self._part_bytes >= self._max_bytes:
+            for buf in self._buffers.values():
+                buf.parts[buf.spilled:] = [self._spill(p) for p in buf.parts[buf.spilled:]]
+                buf.spilled = len(buf.parts)
+            self._part_bytes = 0
+
+    def _spill(self, part: pa.Table) -> pa.Table:
+        fd, name = tempfile.mkstemp(prefix="cdcengine-batch-", suffix=".arrow",
+                                    dir=self._spill_dir)
+        os.close(fd)
+        try:
+            with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, part.schema) as writer:
+                writer.write_table(part)
+            mapped = pa.ipc.open_file(pa.memory_map(name)).read_all()
+        finally:
+            os.unlink(name)  # the mapping keeps the data; nothing is left behind after a crash
+        self.spilled_bytes += part.nbytes
+        return mapped
 
     def _commit(self, ev: Commit) -> None:
         ts = ev.commit_ts_us
         for buf in self._buffers.values():
-            if not buf.segments or buf.segments[-1][0] != len(buf.rows):
-                buf.segments.append((len(buf.rows), ev.end_lsn, ts))
+            if not buf.segments or buf.segments[-1][0] != buf.count:
+                buf.segments.append((buf.count, ev.end_lsn, ts))
         self._version = ev.end_lsn
         self._txns += 1
         self._begin = None
@@ -268,7 +335,8 @@ class Batcher:
         """A batch should be taken now: full by rows or bytes, or the flush interval passed."""
         if self.in_transaction or self._version is None:
             return False
-        if self._new_stops or self._rows >= self._max_rows or self._bytes >= self._max_bytes:
+        full = self._bytes + self._part_bytes + self.spilled_bytes >= self._max_bytes
+        if self._new_stops or self._rows >= self._max_rows or full:
             return True
         return self._first_at is not None and self._clock() - self._first_at >= self._interval
 
@@ -280,21 +348,25 @@ class Batcher:
             return None
         tables: dict[TableRef, pa.Table] = {}
         keys: dict[TableRef, tuple[str, ...]] = {}
-        masked: dict[tuple[TableRef, str], int] = {}
+        masked = self._masked
         for ref, buf in self._buffers.items():
-            if buf.rows:
+            if buf.count:
                 tables[ref] = self._to_arrow(buf, masked)
                 keys[ref] = buf.rel.key
         batch = ChangeBatch(version=self._version, transactions=self._txns, tables=tables,
                             keys=keys, masked=masked, stopped=tuple(self._new_stops))
         self._buffers.clear()
         self._new_stops.clear()
-        self._rows = self._bytes = self._txns = 0
+        self._masked = {}
+        self._rows = self._bytes = self._part_bytes = self._txns = 0
+        self.spilled_bytes = 0
         self._first_at = None
         self._version = None
         return batch
 
-    def _to_arrow(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+    def _convert(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+        """The tail's text rows as one Arrow part (data columns, `_cdc_op`, `_cdc_seq`,
+        `_cdc_unchanged`); the tail is emptied."""
         rel, n = buf.rel, len(buf.rows)
         columns = rel.relation.columns
         rows = buf.rows
@@ -313,15 +385,26 @@ class Batcher:
                 masked[(rel.spec.ref, col.name)] = masked.get((rel.spec.ref, col.name), 0) + bad
             arrays.append(array)
             names.append(col.name)
-        lsns, stamps = _expand(buf.segments, n)
         unchanged = [list(buf.unchanged[i]) if i in buf.unchanged else None for i in range(n)] \
             if buf.unchanged else pa.nulls(n, pa.list_(pa.string()))
-        arrays += [pa.array(buf.ops, pa.string()), pa.array(lsns, pa.int64()),
-                   pa.array(buf.seqs, pa.int64()),
-                   pa.array(stamps, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        arrays += [pa.array(buf.ops, pa.string()), pa.array(buf.seqs, pa.int64()),
                    pa.array(unchanged, pa.list_(pa.string()))]
-        names += ENGINE_SCHEMA.names
+        names += ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+        buf.rows, buf.ops, buf.seqs, buf.unchanged = [], [], [], {}
         return pa.Table.from_arrays(arrays, names=names)
+
+    def _to_arrow(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+        if buf.rows or not buf.parts:
+            part = self._convert(buf, masked)
+            buf.parts.append(part)
+            buf.converted += part.num_rows
+        table = buf.parts[0] if len(buf.parts) == 1 else pa.concat_tables(buf.parts)
+        lsns, stamps = _expand(buf.segments, table.num_rows)
+        table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn",
+                                 pa.array(lsns, pa.int64()))
+        return table.add_column(table.schema.get_field_index("_cdc_unchanged"),
+                                "_cdc_committed_at",
+                                pa.array(stamps, pa.int64()).cast(pa.timestamp("us", tz="UTC")))
 
 
 def _expand(segments: list[tuple[int, int, int]], n: int) -> tuple[list[int], list[int]]:

@@ -165,7 +165,7 @@ class Pipeline:
         with self._adapter.changes(src, spill_dir=spill) as changes:
             batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
                               max_bytes=src.max_batch_mb * 1024 * 1024,
-                              flush_interval_s=src.flush_interval_ms / 1000)
+                              flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
             progress = Progress()
             writer = BatchWriter(sink, source=src.name, tables=live, applied=self._applied,
                                  hard_deletes=src.hard_deletes, stats=self.stats,

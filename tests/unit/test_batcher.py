@@ -183,3 +183,59 @@ def test_schema_change_inside_a_transaction_drops_only_that_transaction() -> Non
     assert batch is not None
     assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
     assert batch.stopped[0].lsn == 12  # the stopping transaction's commit record
+
+
+# one transaction larger than the memory budget -------------------------------------------------
+
+ITEMS = TableRef("public", "items")
+
+
+def _huge_stream(b: Batcher) -> list[object]:
+    """Two small transactions around one big one touching two tables, with unchanged TOAST
+    values, key changes, masked values and a TRUNCATE of `items` halfway through the big one."""
+    b.add(rel())
+    b.add(rel(2, "items"))
+    txn(b, 1, 100, Insert(relid=1, new=(b"0", b"first")))
+    big: list[object] = []
+    for i in range(1, 400):
+        big.append(Insert(relid=1, new=(str(i).encode(), b"v" * (i % 50))))
+        big.append(Insert(relid=2, new=(str(i).encode(), b"it")))
+        if i % 7 == 0:
+            big.append(Update(relid=1, new=(str(i).encode(), UNCHANGED)))
+        if i % 11 == 0:
+            big.append(Update(relid=1, old=(str(i).encode(), None),
+                              new=(str(i + 10_000).encode(), b"moved")))
+        if i % 13 == 0:
+            big.append(Insert(relid=1, new=(str(i + 20_000).encode(), b"bad")))
+        if i == 300:
+            big.append(Truncate(relids=(2,)))
+    txn(b, 2, 200, *big)
+    txn(b, 3, 300, Delete(relid=1, old=(b"0", None)))
+    return big
+
+
+@pytest.mark.parametrize("budget", [2_000, 40_000])
+def test_a_transaction_over_budget_is_compacted_and_spilled_not_split(tmp_path, budget) -> None:
+    small = Batcher({ORDERS: TableSpec(ref=ORDERS), ITEMS: TableSpec(ref=ITEMS)},
+                    lambda r: [text] * len(r.columns), max_rows=10**6, max_bytes=budget,
+                    flush_interval_s=60, clock=Clock(), spill_dir=tmp_path)
+    reference = Batcher({ORDERS: TableSpec(ref=ORDERS), ITEMS: TableSpec(ref=ITEMS)},
+                        lambda r: [text] * len(r.columns), max_rows=10**6, max_bytes=10**9,
+                        flush_interval_s=60, clock=Clock())
+    _huge_stream(reference)
+    _huge_stream(small)
+    assert small.ready()  # full: taken right after the big transaction's commit
+    spilled = small.spilled_bytes
+    got, expected = small.take(), reference.take()
+    assert got is not None and expected is not None
+    assert (got.version, got.transactions) == (expected.version, expected.transactions) == (300, 3)
+    assert got.tables.keys() == expected.tables.keys()
+    for ref in expected.tables:
+        assert got.tables[ref].equals(expected.tables[ref]), ref
+    assert got.masked == expected.masked == {(ORDERS, "note"): 30}
+    assert [s.ref for s in got.stopped] == [ITEMS]
+    assert ITEMS not in got.tables  # its rows in the truncating transaction were dropped
+    assert list(tmp_path.iterdir()) == []  # spill files are unlinked once mapped
+    if budget == 2_000:
+        assert spilled > 0
+    assert small.pending_rows == 0 and small.take() is None
