@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cdc_util import query, source_for, store
+from deltalake import DeltaTable
 
 from cdcengine import api
 from cdcengine.config import SourceConfig
@@ -182,3 +183,24 @@ def test_both_mode_writes_the_change_log_too(db, tmp_path: Path) -> None:
                      log["_cdc_op"].to_pylist(), log["id"].to_pylist(), strict=True))
     assert [o[2:] for o in ops] == [("R", 1), ("I", 2), ("U", 1), ("D", 2)]
     assert len({(o[0], o[1]) for o in ops}) == len(ops)  # (_cdc_lsn, _cdc_seq) unique
+
+
+def test_tables_are_kept_healthy_while_streaming(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE m (id int PRIMARY KEY, v int)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["m"], flush_interval_ms=50, maintenance_interval_s=1)
+    api.enable_cdc(src, state=state)
+    ref = TableRef("public", "m")
+    sink = DeltaSink(src.destination, source=src.name)
+    with Running(src, state):
+        for i in range(30):  # many small commits: many small files
+            db.execute(f"INSERT INTO m VALUES ({i}, {i})")
+            time.sleep(0.1)
+        wait_for(lambda: len(live_rows(src, "m")) == 30)
+    log_dir = Path(sink.path(ref, "consolidated")) / "_delta_log"
+    assert list(log_dir.glob("*.checkpoint.parquet"))
+    dt = DeltaTable(sink.path(ref, "consolidated"))
+    assert "OPTIMIZE" in {h.get("operation") for h in dt.history()}
+    assert len(dt.file_uris()) < 10  # compacted, not one file per commit
+    assert sink.applied_version(ref, "consolidated") is not None
+    assert len(live_rows(src, "m")) == 30
