@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from cdc_util import query, source_for, store
 from deltalake import DeltaTable
@@ -204,3 +205,33 @@ def test_tables_are_kept_healthy_while_streaming(db, tmp_path: Path) -> None:
     assert len(dt.file_uris()) < 10  # compacted, not one file per commit
     assert sink.applied_version(ref, "consolidated") is not None
     assert len(live_rows(src, "m")) == 30
+
+
+@pytest.mark.slow
+def test_an_invalidated_slot_breaks_the_source(make_cluster, tmp_path: Path) -> None:
+    cluster = make_cluster({"max_slot_wal_keep_size": "1MB"})
+    dsn = cluster.dsn()
+
+    def run(sql: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql)
+
+    run("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = SourceConfig(name="inval", dsn=dsn, tables=["t"], destination=str(tmp_path / "lake"))
+    api.enable_cdc(src, state=state)
+    # WAL far beyond max_slot_wal_keep_size while nothing reads the slot, then a checkpoint
+    for i in range(4):
+        run(f"INSERT INTO t SELECT g + {i * 1000}, repeat('x', 500) "
+            "FROM generate_series(1, 1000) g")
+        query(dsn, "SELECT pg_switch_wal()")
+    run("CHECKPOINT")
+    assert query(dsn, "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
+                 [src.slot_name])[0][0] == "lost"
+    with pytest.raises(CDCError) as info:
+        Pipeline(src, state=state).run(threading.Event())
+    assert info.value.reason is Reason.SLOT_INVALIDATED
+    assert not info.value.retryable
+    status = api.cdc_status(src, state=state)
+    assert status.state == "broken"
+    assert status.broken is not None and status.broken.reason == "slot_invalidated"
