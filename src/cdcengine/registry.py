@@ -14,9 +14,12 @@ from cdcengine.errors import ConfigError
 if TYPE_CHECKING:
     from cdcengine.adapter import SourceAdapter
     from cdcengine.config import SourceConfig
+    from cdcengine.demo import DemoFactory
 
 # engine name -> "module:attribute" of a zero-argument adapter factory
 ADAPTERS: dict[str, str] = {"postgres": "cdcengine_postgres.adapter:PostgresAdapter"}
+# engine name -> "module:attribute" of the engine's `cdcengine demo` part (a `DemoFactory`)
+DEMOS: dict[str, str] = {"postgres": "cdcengine_postgres.demo:open_demo"}
 
 
 def engine_of(source: SourceConfig) -> str:
@@ -35,3 +38,13 @@ def adapter_for(source: SourceConfig) -> SourceAdapter:
     module_name, _, attr = ADAPTERS[engine_of(source)].partition(":")
     factory = getattr(importlib.import_module(module_name), attr)
     return cast("SourceAdapter", factory())
+
+
+def demo_for(engine: str = "postgres") -> DemoFactory:
+    """The engine's demo factory: `factory(dsn or None, say=print) -> DemoSource`."""
+    try:
+        target = DEMOS[engine]
+    except KeyError:
+        raise ConfigError(f"no demo for engine {engine!r} (known: {', '.join(DEMOS)})") from None
+    module_name, _, attr = target.partition(":")
+    return cast("DemoFactory", getattr(importlib.import_module(module_name), attr))
