@@ -728,3 +728,17 @@ def test_snapshot_load_commits_the_version_last_and_redoes_a_partial_load(
     again = sink.write_snapshot(ref, iter([chunk(0, 1)]), spec=spec, version=700,
                                 committed_at_us=0)
     assert again.version == 600  # already loaded: left alone
+
+
+def test_a_replayed_older_change_never_regresses_a_newer_row(sink: DeltaSink) -> None:
+    write(sink, [{"id": 1, "v": "a", "_cdc_op": "I"}, {"id": 2, "v": "b", "_cdc_op": "I"}], 100)
+    write(sink, [{"id": 1, "v": "new", "_cdc_op": "U"}], 200)
+    # a later batch that also carries older changes (a replay straddling what is applied)
+    old = changes([{"id": 1, "v": "old", "_cdc_op": "U"}, {"id": 2, "_cdc_op": "D"}], 150)
+    fresh = changes([{"id": 3, "v": "c", "_cdc_op": "I"}], 300)
+    sink.write_consolidated(REF, pa.concat_tables([old, fresh]), key=["id"], version=300)
+    rows = consolidated(sink)
+    assert (rows[1]["v"], rows[1]["_cdc_lsn"]) == ("new", 200)  # kept: 150 < 200
+    assert rows[2]["_cdc_deleted"] is True and rows[2]["_cdc_lsn"] == 150  # newer than 100
+    assert rows[3]["v"] == "c"
+    assert sink.applied_version(REF, "consolidated") == 300

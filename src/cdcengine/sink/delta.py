@@ -743,8 +743,12 @@ class DeltaSink:
             commit_properties=props,
         )
         s = _SOURCE_ALIAS
-        is_d = f"{s}.{OP} = 'D'"
+        # A matched row changes only when the change is newer than what it holds: replays
+        # (after a restart, or over snapshot chunks copied at a later point) never regress it.
+        newer = f"{_TARGET_ALIAS}.{LSN} < {s}.{LSN}"
+        is_d = f"{s}.{OP} = 'D' AND {newer}"
         not_d = f"{s}.{OP} <> 'D'"
+        matched_not_d = f"{not_d} AND {newer}"
         values = _value_assignments(source, data, keys)
         deleted = {
             DELETED: "true",
@@ -769,7 +773,7 @@ class DeltaSink:
                 DELETED: "false",
                 DELETED_AT: "NULL",
             },
-            predicate=not_d,
+            predicate=matched_not_d,
         )
         merger = merger.when_not_matched_insert(_insert_assignments(data), predicate=not_d)
         before = dt.version()
