@@ -8,11 +8,12 @@ after each `Commit`, and `take()`s a batch between transactions. Guarantees:
   durable, everything at or below it is applied;
 - the hot path keeps rows as the adapter's tuples of text `bytes` and converts each column once,
   at `take()`, through the adapter's converters (no per-value Python conversion here);
-- a change the engine cannot apply correctly yet (TRUNCATE, a changed column set) stops that
-  table with a stated reason instead of being skipped or mis-applied; other tables go on.
+- a change the engine cannot apply correctly yet (a changed column set) stops that table with a
+  stated reason instead of being skipped or mis-applied; other tables go on.
 
-Batch layout per table (the sink's input): the data columns, then `_cdc_op` ('I'/'U'/'D'; a
-key-changing update is split into 'D' of the old key and 'I' of the new), `_cdc_lsn` (commit end
+Batch layout per table (the sink's input): the data columns, then `_cdc_op` ('I'/'U'/'D', 'T' for
+a TRUNCATE with null data columns; a key-changing update is split into 'D' of the old key and 'I'
+of the new), `_cdc_lsn` (commit end
 LSN), `_cdc_seq` (ordinal among this table's changes in its transaction), `_cdc_committed_at`
 (timestamp[us, UTC]) and `_cdc_unchanged` (list of unchanged-TOAST column names, null if none).
 """
@@ -73,7 +74,7 @@ class TableSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoppedTable:
     ref: TableRef
-    reason: str  # stable code: "truncate" | "schema_changed"
+    reason: str  # stable code: "schema_changed"
     message: str
     remedy: str
     lsn: int  # end LSN of the transaction that stopped it
@@ -192,13 +193,12 @@ class Batcher:
         elif isinstance(event, Relation):
             self._relation(event)
         elif isinstance(event, Truncate):
+            # one 'T' row (data columns null) per truncated table, in transaction order: the
+            # sink deletes every older row of the table at its LSN, the change log records it
             for relid in event.relids:
                 rel = self._relations.get(relid)
                 if rel is not None:
-                    self._stop(rel.spec.ref, "truncate",
-                               "TRUNCATE is not applied yet; the table stopped at it so that no "
-                               "later change is applied over rows that should be gone.",
-                               "resync the table")
+                    self._change(relid, "T", (None,) * len(rel.relation.columns))
         elif isinstance(event, Message):
             pass  # logical decoding messages carry no table data
 

@@ -128,23 +128,34 @@ def test_restart_applies_nothing_twice_and_idle_slot_advances(db, tmp_path: Path
     assert sink.applied_version(TableRef("public", "t"), "consolidated") > version  # type: ignore[operator]
 
 
-def test_truncate_stops_the_table_with_a_reason(db, tmp_path: Path) -> None:
-    db.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+def test_truncate_is_applied_at_its_lsn(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY);"
+               "INSERT INTO a VALUES (1, 'snap'), (2, 'snap')")
     state = "sqlite:///" + str(tmp_path / "state.db")
-    src = source_for(db.dsn, tmp_path, ["a", "b"], flush_interval_ms=100)
+    src = source_for(db.dsn, tmp_path, ["a", "b"], table_mode="both", flush_interval_ms=100)
     api.enable_cdc(src, state=state)
     with Running(src, state):
-        db.execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
-        wait_for(lambda: len(live_rows(src, "a")) == 1 and len(live_rows(src, "b")) == 1)
-        db.execute("TRUNCATE a")
-        db.execute("INSERT INTO a VALUES (2); INSERT INTO b VALUES (2)")
-        wait_for(lambda: len(live_rows(src, "b")) == 2)
-        time.sleep(0.5)
+        db.execute("INSERT INTO a VALUES (3, 'x'); INSERT INTO b VALUES (1)")
+        wait_for(lambda: len(live_rows(src, "a")) == 3 and len(live_rows(src, "b")) == 1)
+        # in one transaction: a change before the TRUNCATE (gone) and after it (kept)
+        db.execute("BEGIN; UPDATE a SET v = 'lost' WHERE id = 1; TRUNCATE a, b;"
+                   "INSERT INTO a VALUES (2, 'again'); COMMIT")
+        db.execute("INSERT INTO a VALUES (4, 'after'); INSERT INTO b VALUES (2)")
+        wait_for(lambda: set(live_rows(src, "a")) == {2, 4} and set(live_rows(src, "b")) == {2})
+    rows = live_rows(src, "a")
+    assert rows[2]["v"] == "again" and rows[4]["v"] == "after"
     tables = {t.name: t for t in store(tmp_path).list_tables(src.name)}
-    assert tables["public.a"].state is TableState.STOPPED
-    assert "truncate" in (tables["public.a"].reason or "")
-    assert tables["public.b"].state is TableState.STREAMING
-    assert list(live_rows(src, "a")) == [1]  # nothing applied after the TRUNCATE
+    assert {t.state for t in tables.values()} == {TableState.STREAMING}
+    sink = DeltaSink(src.destination, source=src.name)
+    gone = {r["id"]: r for r in sink.read_table(TableRef("public", "a"), "consolidated")
+            .to_pylist() if r["_cdc_deleted"]}
+    assert set(gone) == {1, 3} and gone[1]["v"] == "snap"
+    log = sink.read_table(TableRef("public", "a"), "append").sort_by(
+        [("_cdc_lsn", "ascending"), ("_cdc_seq", "ascending")]).to_pylist()
+    assert [(r["_cdc_op"], r["id"]) for r in log][-4:] == [
+        ("U", 1), ("T", None), ("I", 2), ("I", 4)]
+    source_rows = {r[0]: r[1] for r in query(db.dsn, "SELECT id, v FROM a")}
+    assert {k: v["v"] for k, v in rows.items()} == source_rows
 
 
 @pytest.mark.slow

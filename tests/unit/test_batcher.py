@@ -147,18 +147,24 @@ def test_masked_values_are_counted() -> None:
     assert b.take().masked == {(ORDERS, "note"): 2}  # type: ignore[union-attr]
 
 
-def test_truncate_stops_the_table_and_drops_its_rows_of_that_transaction() -> None:
+def test_truncate_is_a_t_row_in_transaction_order() -> None:
     b = make()
     b.add(rel())
+    b.add(rel(2, "items"))
     txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
-    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b")), Truncate(relids=(1,)),
+    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b")), Truncate(relids=(1, 2)),
         Insert(relid=1, new=(b"3", b"c")))
     txn(b, 3, 30, Insert(relid=1, new=(b"4", b"d")))
     batch = b.take()
     assert batch is not None
-    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
-    assert [s.reason for s in batch.stopped] == ["truncate"]
-    assert batch.version == 30
+    t = batch.tables[ORDERS]
+    assert t["_cdc_op"].to_pylist() == ["I", "I", "T", "I", "I"]
+    assert t["id"].to_pylist() == ["1", "2", None, "3", "4"]
+    assert t["note"].to_pylist()[2] is None
+    assert t["_cdc_lsn"].to_pylist() == [10, 20, 20, 20, 30]
+    assert t["_cdc_seq"].to_pylist() == [0, 0, 1, 2, 0]
+    assert TableRef("public", "items") not in batch.tables  # not configured: ignored
+    assert batch.stopped == ()
 
 
 def test_changed_column_set_stops_the_table() -> None:
@@ -192,7 +198,8 @@ ITEMS = TableRef("public", "items")
 
 def _huge_stream(b: Batcher) -> list[object]:
     """Two small transactions around one big one touching two tables, with unchanged TOAST
-    values, key changes, masked values and a TRUNCATE of `items` halfway through the big one."""
+    values, key changes, masked values, a TRUNCATE of `items` and later a change of its column
+    set inside the big one."""
     b.add(rel())
     b.add(rel(2, "items"))
     txn(b, 1, 100, Insert(relid=1, new=(b"0", b"first")))
@@ -209,6 +216,8 @@ def _huge_stream(b: Batcher) -> list[object]:
             big.append(Insert(relid=1, new=(str(i + 20_000).encode(), b"bad")))
         if i == 300:
             big.append(Truncate(relids=(2,)))
+        if i == 350:  # items changes shape: it stops, its rows of this transaction are dropped
+            big.append(rel(2, "items", cols=("id", "note", "extra")))
     txn(b, 2, 200, *big)
     txn(b, 3, 300, Delete(relid=1, old=(b"0", None)))
     return big
@@ -234,7 +243,7 @@ def test_a_transaction_over_budget_is_compacted_and_spilled_not_split(tmp_path, 
         assert got.tables[ref].equals(expected.tables[ref]), ref
     assert got.masked == expected.masked == {(ORDERS, "note"): 30}
     assert [s.ref for s in got.stopped] == [ITEMS]
-    assert ITEMS not in got.tables  # its rows in the truncating transaction were dropped
+    assert ITEMS not in got.tables  # dropped across converted and spilled parts
     assert list(tmp_path.iterdir()) == []  # spill files are unlinked once mapped
     if budget == 2_000:
         assert spilled > 0

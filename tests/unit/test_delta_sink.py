@@ -742,3 +742,64 @@ def test_a_replayed_older_change_never_regresses_a_newer_row(sink: DeltaSink) ->
     assert rows[2]["_cdc_deleted"] is True and rows[2]["_cdc_lsn"] == 150  # newer than 100
     assert rows[3]["v"] == "c"
     assert sink.applied_version(REF, "consolidated") == 300
+
+
+# --- TRUNCATE -------------------------------------------------------------------------------
+
+
+def _seed(sink: DeltaSink, *, hard: bool = False) -> None:
+    write(sink, [{"id": i, "v": f"v{i}", "_cdc_op": "I"} for i in (1, 2, 3)], 100,
+          hard_deletes=hard)
+
+
+def test_truncate_soft_deletes_every_older_row_in_one_commit(sink: DeltaSink) -> None:
+    _seed(sink)
+    before = delta_version(sink)
+    write(sink, [{"id": 5, "v": "gone", "_cdc_op": "I"}, {"_cdc_op": "T"},
+                 {"id": 6, "v": "new", "_cdc_op": "I"}, {"id": 1, "v": "back", "_cdc_op": "I"}],
+          200)
+    assert delta_version(sink) == before + 1
+    rows = consolidated(sink)
+    assert 5 not in rows  # inserted before the TRUNCATE, in the same transaction
+    assert {k for k, r in rows.items() if not r["_cdc_deleted"]} == {1, 6}
+    assert rows[1]["v"] == "back" and rows[1]["_cdc_deleted_at"] is None
+    for k in (2, 3):
+        assert rows[k]["_cdc_deleted"] is True
+        assert rows[k]["_cdc_lsn"] == 200
+        assert rows[k]["_cdc_deleted_at"] == T0 + timedelta(seconds=200)
+        assert rows[k]["v"] == f"v{k}"  # soft delete keeps the last values
+    assert sink.applied_version(REF, "consolidated") == 200
+
+
+def test_truncate_alone_and_replayed(sink: DeltaSink) -> None:
+    _seed(sink)
+    write(sink, [{"_cdc_op": "T"}], 300)
+    assert all(r["_cdc_deleted"] for r in consolidated(sink).values())
+    assert sink.applied_version(REF, "consolidated") == 300
+    # a later batch replaying the TRUNCATE before new rows: rows after it are untouched
+    write(sink, [{"id": 7, "v": "x", "_cdc_op": "I"}], 350)
+    replay = pa.concat_tables([changes([{"_cdc_op": "T"}], 300),
+                               changes([{"id": 8, "v": "y", "_cdc_op": "I"}], 400)])
+    sink.write_consolidated(REF, replay, key=["id"], version=400)
+    live = {k for k, r in consolidated(sink).items() if not r["_cdc_deleted"]}
+    assert live == {7, 8}
+
+
+def test_truncate_with_hard_deletes_removes_rows(sink: DeltaSink) -> None:
+    _seed(sink, hard=True)
+    write(sink, [{"_cdc_op": "T"}, {"id": 9, "v": "n", "_cdc_op": "I"}], 200, hard_deletes=True)
+    assert set(consolidated(sink)) == {9}
+    write(sink, [{"_cdc_op": "T"}], 300, hard_deletes=True)
+    assert consolidated(sink) == {}
+    assert sink.applied_version(REF, "consolidated") == 300
+
+
+def test_truncate_in_the_change_log_is_one_t_row(sink: DeltaSink) -> None:
+    sink.write_append(REF, changes([{"id": 1, "v": "a", "_cdc_op": "I"}], 100), version=100,
+                      key=["id"])
+    sink.write_append(REF, changes([{"_cdc_op": "T"}, {"id": 2, "v": "b", "_cdc_op": "I"}], 200),
+                      version=200, key=["id"])
+    log = sink.read_table(REF, "append").sort_by([("_cdc_lsn", "ascending"),
+                                                  ("_cdc_seq", "ascending")]).to_pylist()
+    assert [(r["_cdc_op"], r["id"], r["v"]) for r in log] == [("I", 1, "a"), ("T", None, None),
+                                                            ("I", 2, "b")]

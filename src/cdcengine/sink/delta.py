@@ -270,6 +270,7 @@ class DeltaSink:
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
                 return self._skipped(ref, kind, applied, batch.num_rows, version)
+            batch, truncate = _after_last_truncate(batch)
             folded = fold_for_merge(batch, keys)
             _assert_unique(folded, keys, ref)
             created = dt is None
@@ -283,7 +284,8 @@ class DeltaSink:
             source = _conform(folded, target, ref)
             props = self._commit_properties(ref, kind, version)
             result = self._merge_or_append(
-                dt, ref, source, target, keys, props, hard_deletes=hard_deletes, created=created
+                dt, ref, source, target, keys, props, hard_deletes=hard_deletes, created=created,
+                truncate=None if created else truncate,
             )
             self._after_commit(ref, kind, version)
         out = CommitResult(
@@ -714,11 +716,18 @@ class DeltaSink:
         *,
         hard_deletes: bool,
         created: bool,
+        truncate: _Truncate | None = None,
     ) -> _Applied:
-        """Apply the folded batch in one commit carrying `props` (the txn action)."""
+        """Apply the folded batch in one commit carrying `props` (the txn action).
+
+        With `truncate`, every stored row older than the TRUNCATE is deleted (soft: marked,
+        stamped with its LSN and time) in the same commit; `source` holds what came after it.
+        """
         is_delete = pc.fill_null(pc.equal(source.column(OP), "D"), False)
         upserts = source.filter(pc.invert(is_delete))
-        if created or source.num_rows == 0:
+        if truncate is not None and source.num_rows == 0:
+            return self._truncate_only(dt, truncate, target, props, hard_deletes=hard_deletes)
+        if created or (source.num_rows == 0 and truncate is None):
             # A table this call created is empty: every non-delete row is an insert.
             rows = _to_target(_consolidated_rows(upserts), target)
             write_deltalake(
@@ -736,7 +745,8 @@ class DeltaSink:
         data = [c for c in data_columns(source) if c in target.names]
         merger = dt.merge(
             source,
-            _merge_predicate(source, keys),
+            # a TRUNCATE reaches every stored row: no file may be pruned from the merge
+            _merge_predicate(source, keys, prune=truncate is None),
             source_alias=_SOURCE_ALIAS,
             target_alias=_TARGET_ALIAS,
             streamed_exec=False,
@@ -776,6 +786,13 @@ class DeltaSink:
             predicate=matched_not_d,
         )
         merger = merger.when_not_matched_insert(_insert_assignments(data), predicate=not_d)
+        if truncate is not None:
+            gone = truncate.predicate(_TARGET_ALIAS + ".")
+            if hard_deletes:
+                merger = merger.when_not_matched_by_source_delete(predicate=gone)
+            else:
+                merger = merger.when_not_matched_by_source_update(truncate.updates(),
+                                                                  predicate=gone)
         before = dt.version()
         metrics: dict[str, Any] = merger.execute()
         if dt.version() == before:
@@ -789,6 +806,20 @@ class DeltaSink:
             deleted=int(metrics.get("num_target_rows_deleted", 0)),
             unresolved_unchanged=unresolved,
         )
+
+    def _truncate_only(self, dt: DeltaTable, truncate: _Truncate, target: pa.Schema,
+                       props: CommitProperties, *, hard_deletes: bool) -> _Applied:
+        before = dt.version()
+        if hard_deletes:
+            metrics = dt.delete(truncate.predicate(""), commit_properties=props)
+            done = _Applied(deleted=int(metrics.get("num_deleted_rows", 0)))
+        else:
+            metrics = dt.update(updates=truncate.updates(), predicate=truncate.predicate(""),
+                                commit_properties=props)
+            done = _Applied(updated=int(metrics.get("num_updated_rows", 0)))
+        if dt.version() == before:  # nothing to delete: the txn action still gets its commit
+            write_deltalake(dt, target.empty_table(), mode="append", commit_properties=props)
+        return done
 
     def _count_unresolved(self, dt: DeltaTable, upserts: pa.Table, keys: list[str]) -> int:
         """Rows with still-unchanged TOAST columns whose key the target does not hold.
@@ -1000,7 +1031,36 @@ def _literal(value: object) -> str | None:
     return None
 
 
-def _merge_predicate(source: pa.Table, keys: list[str]) -> str:
+@dataclass(frozen=True, slots=True)
+class _Truncate:
+    """The last TRUNCATE of a batch: its commit's end LSN and time."""
+
+    lsn: int
+    committed_at_us: int
+
+    def predicate(self, prefix: str) -> str:
+        """Rows the TRUNCATE removes: older than it (a replay never touches later rows)."""
+        return f"{prefix}{LSN} < {self.lsn} AND NOT {prefix}{DELETED}"
+
+    def updates(self) -> dict[str, str]:
+        stamp = (f"arrow_cast(to_timestamp_micros({self.committed_at_us}), "
+                 "'Timestamp(Microsecond, Some(\"UTC\"))')")
+        return {DELETED: "true", DELETED_AT: stamp, LSN: str(self.lsn), COMMITTED_AT: stamp}
+
+
+def _after_last_truncate(batch: pa.Table) -> tuple[pa.Table, _Truncate | None]:
+    """The rows after the batch's last 'T' row, and that TRUNCATE; rows before it are gone
+    from the table anyway (it removes everything the table held at that point)."""
+    is_t = pc.fill_null(pc.equal(batch.column(OP), "T"), False)
+    if batch.num_rows == 0 or not pc.any(is_t).as_py():
+        return batch, None
+    last = int(pc.max(pc.indices_nonzero(is_t)).as_py())
+    at = batch.column(COMMITTED_AT)[last].cast(pa.int64()).as_py()
+    lsn = batch.column(LSN)[last].as_py()
+    return batch.slice(last + 1), _Truncate(lsn=lsn, committed_at_us=at)
+
+
+def _merge_predicate(source: pa.Table, keys: list[str], *, prune: bool = True) -> str:
     """Key equality (null-safe only for key columns holding nulls), plus, for one integer,
     string or date key, the source's key range so delta-rs skips target files early."""
     s, t = _SOURCE_ALIAS, _TARGET_ALIAS
@@ -1011,7 +1071,7 @@ def _merge_predicate(source: pa.Table, keys: list[str]) -> str:
             terms.append(f"{t}.{q} IS NOT DISTINCT FROM {s}.{q}")
         else:
             terms.append(f"{t}.{q} = {s}.{q}")
-    if len(keys) == 1 and source.num_rows:
+    if prune and len(keys) == 1 and source.num_rows:
         k = keys[0]
         type_ = source.schema.field(k).type
         orderable = (
