@@ -8,8 +8,9 @@ after each `Commit`, and `take()`s a batch between transactions. Guarantees:
   durable, everything at or below it is applied;
 - the hot path keeps rows as the adapter's tuples of text `bytes` and converts each column once,
   at `take()`, through the adapter's converters (no per-value Python conversion here);
-- a change the engine cannot apply correctly yet (a changed column set) stops that table with a
-  stated reason instead of being skipped or mis-applied; other tables go on.
+- a table's changed shape (ALTER TABLE) is carried: each row keeps the columns it was sent with
+  and the batch reports the change (`SchemaChange`); a changed key stops that table with a
+  stated reason instead of being mis-applied; other tables go on.
 
 Batch layout per table (the sink's input): the data columns, then `_cdc_op` ('I'/'U'/'D', 'T' for
 a TRUNCATE with null data columns; a key-changing update is split into 'D' of the old key and 'I'
@@ -74,10 +75,22 @@ class TableSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoppedTable:
     ref: TableRef
-    reason: str  # stable code: "schema_changed"
+    reason: str  # stable code: "primary_key_changed" | "schema_incompatible"
     message: str
     remedy: str
     lsn: int  # end LSN of the transaction that stopped it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchemaChange:
+    """A table's shape changed; its rows from the transaction at `lsn` on have the new one."""
+
+    ref: TableRef
+    lsn: int  # final LSN of the first transaction carrying the new shape
+    added: tuple[str, ...]
+    dropped: tuple[str, ...]
+    retyped: tuple[str, ...]
+    relation: Relation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +101,7 @@ class ChangeBatch:
     keys: dict[TableRef, tuple[str, ...]]
     masked: dict[tuple[TableRef, str], int] = field(default_factory=dict)
     stopped: tuple[StoppedTable, ...] = ()
+    schema_changes: tuple[SchemaChange, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -172,6 +186,7 @@ class Batcher:
         self._part_bytes = 0  # converted parts held in memory
         self.spilled_bytes = 0  # written to spill files since the last take
         self._masked: dict[tuple[TableRef, str], int] = {}
+        self._schema_changes: list[SchemaChange] = []
         self._first_at: float | None = None
         self._version: int | None = None
         self._txns = 0
@@ -209,18 +224,60 @@ class Batcher:
             self._relations[relation.relid] = None  # published but not configured: ignored
             return
         old = self._relations.get(relation.relid)
-        if old is not None and [c.name for c in old.relation.columns] != [
-                c.name for c in relation.columns]:
-            self._stop(ref, "schema_changed",
-                       f"the column set of {ref.qualified} changed; schema evolution is not "
-                       "applied yet, so the table stopped before the first changed row.",
-                       "resync the table")
+        if old is not None and ref not in self._stopped:
+            self._reshape(ref, spec, old, relation)
         names = [c.name for c in relation.columns]
         key = spec.key or relation.key_columns
         self._relations[relation.relid] = _Relation(
             relation=relation, spec=spec, key=tuple(key),
             key_idx=tuple(names.index(k) for k in key if k in names),
             converters=self._converters(relation))
+
+    def _reshape(self, ref: TableRef, spec: TableSpec, old: _Relation, new: Relation) -> None:
+        """A known table arrives with another shape (after an ALTER TABLE).
+
+        Added, dropped and retyped columns are carried: rows buffered so far are converted
+        under the old shape first, so each row keeps the columns it was sent with, and the
+        change is reported with the batch (the pipeline backfills defaults, the sink adds
+        columns and widens types or stops the table). A changed replica-identity key of a
+        table without a declared key stops it: merging by the old key would be wrong.
+        """
+        before = {c.name: (c.type_oid, c.typmod) for c in old.relation.columns}
+        after = {c.name: (c.type_oid, c.typmod) for c in new.columns}
+        added = tuple(n for n in after if n not in before)
+        dropped = tuple(n for n in before if n not in after)
+        retyped = tuple(n for n in after if n in before and before[n] != after[n])
+        keyed = new.replica_identity in ("default", "index")
+        if spec.key is None and keyed and old.relation.key_columns != new.key_columns:
+            self._stop(ref, "primary_key_changed",
+                       f"the key of {ref.qualified} changed from "
+                       f"{list(old.relation.key_columns)} to {list(new.key_columns)}; rows "
+                       "merged by the old key would be wrong, so the table stopped before "
+                       "the first change under the new key.", "resync the table")
+            return
+        if not (added or dropped or retyped):
+            return
+        buf = self._buffers.get(ref)
+        if buf is not None and buf.rows:
+            part = self._convert(buf, self._masked)
+            buf.parts.append(part)
+            buf.converted += part.num_rows
+            self._part_bytes += part.nbytes
+            self._bytes = sum(ROW_OVERHEAD_BYTES + sum(map(len, filter(None, r)))  # type: ignore[arg-type]
+                              for b in self._buffers.values() for r in b.rows)
+        lsn = self._begin.final_lsn if self._begin else (self._version or 0)
+        self._schema_changes.append(SchemaChange(ref=ref, lsn=lsn, added=added, dropped=dropped,
+                                                 retyped=retyped, relation=new))
+
+    def stop_table(self, ref: TableRef) -> None:
+        """Buffer nothing more of `ref` (the sink refused it; the pipeline recorded why)."""
+        if ref not in self._stopped:
+            self._stopped[ref] = StoppedTable(ref=ref, reason="stopped", message="",
+                                              remedy="", lsn=self._version or 0)
+            buf = self._buffers.get(ref)
+            if buf is not None and self._begin is None:
+                self._rows -= buf.count
+                del self._buffers[ref]
 
     def _stop(self, ref: TableRef, reason: str, message: str, remedy: str) -> None:
         if ref in self._stopped:
@@ -354,9 +411,11 @@ class Batcher:
                 tables[ref] = self._to_arrow(buf, masked)
                 keys[ref] = buf.rel.key
         batch = ChangeBatch(version=self._version, transactions=self._txns, tables=tables,
-                            keys=keys, masked=masked, stopped=tuple(self._new_stops))
+                            keys=keys, masked=masked, stopped=tuple(self._new_stops),
+                            schema_changes=tuple(self._schema_changes))
         self._buffers.clear()
         self._new_stops.clear()
+        self._schema_changes = []
         self._masked = {}
         self._rows = self._bytes = self._part_bytes = self._txns = 0
         self.spilled_bytes = 0
@@ -398,7 +457,14 @@ class Batcher:
             part = self._convert(buf, masked)
             buf.parts.append(part)
             buf.converted += part.num_rows
-        table = buf.parts[0] if len(buf.parts) == 1 else pa.concat_tables(buf.parts)
+        if len(buf.parts) == 1:
+            table = buf.parts[0]
+        else:
+            # parts of different shapes (an ALTER TABLE in between): missing columns become
+            # null, widened types are promoted; data columns first, in order of appearance
+            table = pa.concat_tables(buf.parts, promote_options="permissive")
+            engine = ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+            table = table.select([n for n in table.column_names if n not in engine] + engine)
         lsns, stamps = _expand(buf.segments, table.num_rows)
         table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn",
                                  pa.array(lsns, pa.int64()))

@@ -33,7 +33,7 @@ import structlog
 from cdcengine import failpoints
 from cdcengine.adapter import ChangeSession, SourceAdapter
 from cdcengine.api import StateArg, open_store
-from cdcengine.batcher import Batcher, ChangeBatch
+from cdcengine.batcher import Batcher, ChangeBatch, StoppedTable
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, NotEnabled, Reason
@@ -203,13 +203,16 @@ class Pipeline:
             return None
         return lambda batch, _done: on_batch(batch, self.stats)
 
+    def _record_stop(self, store: StateStore, stopped: StoppedTable) -> None:
+        store.set_table_state(self.source.name, stopped.ref.qualified, TableState.STOPPED,
+                              reason=f"{stopped.reason}: {stopped.message}",
+                              remedy=stopped.remedy)
+        log.warning("table_stopped", source=self.source.name, table=stopped.ref.qualified,
+                    reason=stopped.reason, message=stopped.message, lsn=format_lsn(stopped.lsn))
+
     def _stopped(self, store: StateStore, batch: ChangeBatch) -> None:
         for stopped in batch.stopped:
-            store.set_table_state(self.source.name, stopped.ref.qualified, TableState.STOPPED,
-                                  reason=f"{stopped.reason}: {stopped.message}",
-                                  remedy=stopped.remedy)
-            log.warning("table_stopped", source=self.source.name, table=stopped.ref.qualified,
-                        reason=stopped.reason, lsn=format_lsn(stopped.lsn))
+            self._record_stop(store, stopped)
         for (ref, column), count in batch.masked.items():
             log.warning("values_masked", source=self.source.name, table=ref.qualified,
                         column=column, count=count)
@@ -257,6 +260,9 @@ class _Loop:
         confirmed = self.progress.flush_lsn
         for done in self.writer.durable():
             self.progress.batch_durable(done.version)
+            for stopped in done.stopped:
+                self.batcher.stop_table(stopped.ref)
+                self.pipeline._record_stop(self.store, stopped)
         self.progress.buffer_state(open_transaction=self.batcher.in_transaction,
                                    pending_rows=self.batcher.pending_rows)
         self.progress.keepalive(self.changes.keepalive_lsn)

@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 import structlog
 
 from cdcengine import failpoints
-from cdcengine.batcher import ChangeBatch
+from cdcengine.batcher import ChangeBatch, StoppedTable
 from cdcengine.config import TableConfig
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
-from cdcengine.sink.base import TableKind, kinds_for
+from cdcengine.sink.base import SinkSchemaError, TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
 
 log = structlog.get_logger("cdcengine.writer")
@@ -47,6 +47,7 @@ class Durable:
     skipped: int  # rows that were already in Delta
     transactions: int
     duration_ms: int
+    stopped: tuple[StoppedTable, ...] = ()  # tables whose changes Delta refused
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class BatchWriter:
         self._done: queue.SimpleQueue[Durable] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._busy = 0  # batches submitted and not yet durable
+        self._stopped: set[TableRef] = set()
         self._thread = threading.Thread(target=self._loop, name=f"writer-{source}", daemon=True)
 
     # ---- reader side ----------------------------------------------------------------------
@@ -161,20 +163,32 @@ class BatchWriter:
         written = 0
         touched: list[tuple[TableRef, TableKind]] = []
         tables = list(batch.tables.items())
+        stopped: list[StoppedTable] = []
         for i, (ref, table) in enumerate(tables):
+            if ref in self._stopped:
+                continue
             tc = self._tables[ref]
             kinds = kinds_for(tc.mode)
             for j, kind in enumerate(kinds):
                 rows = _after(table, self._applied.get((ref, kind), 0))
                 if rows.num_rows == 0:
                     continue  # replayed after a restart: already in this Delta table
-                if kind is TableKind.APPEND:
-                    self._sink.write_append(ref, rows, version=batch.version,
-                                            key=batch.keys[ref])
-                else:
-                    self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
-                                                  version=batch.version,
-                                                  hard_deletes=self._hard_deletes)
+                try:
+                    if kind is TableKind.APPEND:
+                        self._sink.write_append(ref, rows, version=batch.version,
+                                                key=batch.keys[ref])
+                    else:
+                        self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
+                                                      version=batch.version,
+                                                      hard_deletes=self._hard_deletes)
+                except SinkSchemaError as exc:
+                    # this table cannot take its changes (an incompatible type change): it
+                    # stops here, the others go on
+                    self._stopped.add(ref)
+                    stopped.append(StoppedTable(ref=ref, reason=str(exc.reason),
+                                                message=exc.message, remedy="resync the table",
+                                                lsn=batch.version))
+                    break
                 self._applied[(ref, kind)] = batch.version
                 touched.append((ref, kind))
                 if j == 0:
@@ -192,7 +206,8 @@ class BatchWriter:
         self.stats.rows += written
         self.stats.commit_seconds += elapsed
         done = Durable(version=batch.version, rows=written, skipped=batch.rows - written,
-                       transactions=batch.transactions, duration_ms=round(elapsed * 1000))
+                       transactions=batch.transactions, duration_ms=round(elapsed * 1000),
+                       stopped=tuple(stopped))
         log.info("batch_committed", source=self._source, rows=done.rows, skipped=done.skipped,
                  transactions=done.transactions, lsn=format_lsn(done.version),
                  duration_ms=done.duration_ms)

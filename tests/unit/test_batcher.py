@@ -167,19 +167,7 @@ def test_truncate_is_a_t_row_in_transaction_order() -> None:
     assert batch.stopped == ()
 
 
-def test_changed_column_set_stops_the_table() -> None:
-    b = make()
-    b.add(rel())
-    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
-    b.add(rel(cols=("id", "note", "added")))
-    txn(b, 2, 20, Insert(relid=1, new=(b"2", b"b", b"x")))
-    batch = b.take()
-    assert batch is not None
-    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
-    assert batch.stopped[0].reason == "schema_changed"
-
-
-def test_schema_change_inside_a_transaction_drops_only_that_transaction() -> None:
+def test_schema_change_inside_a_transaction_keeps_both_shapes() -> None:
     b = make()
     b.add(rel())
     txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
@@ -187,8 +175,10 @@ def test_schema_change_inside_a_transaction_drops_only_that_transaction() -> Non
         Insert(relid=1, new=(b"3", b"c", b"x")))
     batch = b.take()
     assert batch is not None
-    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
-    assert batch.stopped[0].lsn == 12  # the stopping transaction's commit record
+    t = batch.tables[ORDERS]
+    assert t["id"].to_pylist() == ["1", "2", "3"]
+    assert t["added"].to_pylist() == [None, None, "x"]
+    assert [c.lsn for c in batch.schema_changes] == [12]  # the transaction's commit record
 
 
 # one transaction larger than the memory budget -------------------------------------------------
@@ -198,8 +188,8 @@ ITEMS = TableRef("public", "items")
 
 def _huge_stream(b: Batcher) -> list[object]:
     """Two small transactions around one big one touching two tables, with unchanged TOAST
-    values, key changes, masked values, a TRUNCATE of `items` and later a change of its column
-    set inside the big one."""
+    values, key changes, masked values, a TRUNCATE of `items` and later a change of its key
+    inside the big one."""
     b.add(rel())
     b.add(rel(2, "items"))
     txn(b, 1, 100, Insert(relid=1, new=(b"0", b"first")))
@@ -216,8 +206,13 @@ def _huge_stream(b: Batcher) -> list[object]:
             big.append(Insert(relid=1, new=(str(i + 20_000).encode(), b"bad")))
         if i == 300:
             big.append(Truncate(relids=(2,)))
-        if i == 350:  # items changes shape: it stops, its rows of this transaction are dropped
-            big.append(rel(2, "items", cols=("id", "note", "extra")))
+        if i == 350:  # items changes its key: it stops, its rows of this transaction go
+            big.append(Relation(relid=2, schema="public", name="items",
+                                replica_identity="default",
+                                columns=(RelationColumn(name="id", type_oid=25, typmod=-1,
+                                                        key=False),
+                                         RelationColumn(name="note", type_oid=25, typmod=-1,
+                                                        key=True))))
     txn(b, 2, 200, *big)
     txn(b, 3, 300, Delete(relid=1, old=(b"0", None)))
     return big
@@ -248,3 +243,48 @@ def test_a_transaction_over_budget_is_compacted_and_spilled_not_split(tmp_path, 
     if budget == 2_000:
         assert spilled > 0
     assert small.pending_rows == 0 and small.take() is None
+
+
+# ALTER TABLE between changes -------------------------------------------------------------------
+
+
+def test_added_dropped_and_retyped_columns_are_carried() -> None:
+    b = make()
+    b.add(rel(cols=("id", "note", "old")))
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a", b"o")))
+    b.add(rel(cols=("id", "note", "old")))  # same shape again (a relcache reset): no change
+    wider = Relation(relid=1, schema="public", name="orders", replica_identity="default",
+                     columns=(RelationColumn(name="id", type_oid=25, typmod=-1, key=True),
+                              RelationColumn(name="note", type_oid=1043, typmod=104, key=False),
+                              RelationColumn(name="extra", type_oid=25, typmod=-1, key=False)))
+    b.add(Begin(xid=2, final_lsn=12, commit_ts_us=0))
+    b.add(wider)
+    b.add(Insert(relid=1, new=(b"2", b"b", b"e")))
+    b.add(Commit(xid=2, commit_lsn=12, end_lsn=20, commit_ts_us=0))
+    batch = b.take()
+    assert batch is not None
+    t = batch.tables[ORDERS]
+    assert t.column_names[:4] == ["id", "note", "old", "extra"]
+    assert t["old"].to_pylist() == ["o", None]
+    assert t["extra"].to_pylist() == [None, "e"]
+    (change,) = batch.schema_changes
+    assert (change.ref, change.lsn) == (ORDERS, 12)
+    assert (change.added, change.dropped, change.retyped) == (("extra",), ("old",), ("note",))
+    assert batch.stopped == ()
+
+
+def test_a_changed_key_stops_the_table() -> None:
+    b = make()
+    b.add(rel())
+    txn(b, 1, 10, Insert(relid=1, new=(b"1", b"a")))
+    rekeyed = Relation(relid=1, schema="public", name="orders", replica_identity="default",
+                       columns=(RelationColumn(name="id", type_oid=25, typmod=-1, key=False),
+                                RelationColumn(name="note", type_oid=25, typmod=-1, key=True)))
+    b.add(Begin(xid=2, final_lsn=12, commit_ts_us=0))
+    b.add(rekeyed)
+    b.add(Insert(relid=1, new=(b"2", b"b")))
+    b.add(Commit(xid=2, commit_lsn=12, end_lsn=20, commit_ts_us=0))
+    batch = b.take()
+    assert batch is not None
+    assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
+    assert [s.reason for s in batch.stopped] == ["primary_key_changed"]

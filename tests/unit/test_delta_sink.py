@@ -16,7 +16,7 @@ from deltalake import DeltaTable, write_deltalake
 from cdcengine.config import TableMode
 from cdcengine.names import TableRef
 from cdcengine.sink import CommitResult, Sink, SinkSchemaError, SinkWriteError, TableKind, TableSpec
-from cdcengine.sink.delta import DeltaMaintenance, DeltaSink
+from cdcengine.sink.delta import DeltaMaintenance, DeltaSink, widens
 
 REF = TableRef("public", "orders")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -531,9 +531,11 @@ def test_new_column_added_midway(sink: DeltaSink) -> None:
     got = consolidated(sink)
     assert got[1]["seen_at"] == datetime(2024, 1, 2, 3, 4, 5)
     assert got[2]["n"] == Decimal("2.000")
-    # a later batch without the new columns leaves them alone
+    # a later batch without the columns (dropped at the source): null for the rows it changes,
+    # untouched rows keep their last values (SPEC §6)
     write(sink, [{"_cdc_op": "U", "id": 1, "v": "d"}], 300)
-    assert consolidated(sink)[1]["n"] == Decimal("1.500")
+    assert consolidated(sink)[1]["n"] is None
+    assert consolidated(sink)[2]["n"] == Decimal("2.000")
     sink.write_append(REF, changes([{"_cdc_op": "U", "id": 1, "v": "d"}], 300), version=300)
     assert sink.read_table(REF, "append").column("n").to_pylist() == [
         None,
@@ -803,3 +805,17 @@ def test_truncate_in_the_change_log_is_one_t_row(sink: DeltaSink) -> None:
                                                   ("_cdc_seq", "ascending")]).to_pylist()
     assert [(r["_cdc_op"], r["id"], r["v"]) for r in log] == [("I", 1, "a"), ("T", None, None),
                                                             ("I", 2, "b")]
+
+
+@pytest.mark.parametrize(("stored", "incoming", "ok"), [
+    (pa.int32(), pa.int64(), True), (pa.int16(), pa.int32(), True), (pa.int64(), pa.int32(), False),
+    (pa.float32(), pa.float64(), True), (pa.int32(), pa.float64(), True),
+    (pa.int64(), pa.float64(), False), (pa.int32(), pa.decimal128(12, 2), True),
+    (pa.int32(), pa.decimal128(10, 2), False), (pa.decimal128(6, 2), pa.decimal128(12, 3), True),
+    (pa.decimal128(6, 2), pa.decimal128(6, 3), False), (pa.decimal128(6, 2), pa.string(), True),
+    (pa.int32(), pa.string(), True), (pa.string(), pa.int32(), False),
+    (pa.timestamp("us"), pa.timestamp("us", tz="UTC"), False), (pa.float64(), pa.string(), False),
+])
+def test_which_type_changes_are_widenings(stored: pa.DataType, incoming: pa.DataType,
+                                          ok: bool) -> None:
+    assert widens(stored, incoming) is ok

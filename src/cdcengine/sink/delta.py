@@ -48,7 +48,7 @@ from deltalake.exceptions import DeltaError
 
 from cdcengine.config import TableMode
 from cdcengine.lsn import format_lsn
-from cdcengine.names import TableRef
+from cdcengine.names import TableRef, is_engine_column
 from cdcengine.sink.base import (
     CommitResult,
     MaintenanceResult,
@@ -280,8 +280,10 @@ class DeltaSink:
             else:
                 self._check_layout(dt, ref, path, kind)
                 added = self._add_new_columns(dt, ref, folded, kind)
+                self._widen(dt, ref, kind, folded)
             target = _arrow_schema(dt)
-            source = _conform(folded, target, ref)
+            # a stored column the batch lacks was dropped at the source: null from now on
+            source = _with_missing_as_null(_conform(folded, target, ref), target)
             props = self._commit_properties(ref, kind, version)
             result = self._merge_or_append(
                 dt, ref, source, target, keys, props, hard_deletes=hard_deletes, created=created,
@@ -333,6 +335,7 @@ class DeltaSink:
             else:
                 self._check_layout(dt, ref, path, kind)
                 added = self._add_new_columns(dt, ref, rows, kind)
+                self._widen(dt, ref, kind, rows)
             target = _arrow_schema(dt)
             out_rows = _to_target(_conform(rows, target, ref), target)
             write_deltalake(
@@ -705,6 +708,42 @@ class DeltaSink:
         log.info("delta_columns_added", table=ref.qualified, kind=str(kind), columns=list(names))
         return names
 
+    def _widen(self, dt: DeltaTable, ref: TableRef, kind: TableKind, batch: pa.Table) -> None:
+        """Rewrite the table with the wider types a source column now has (int4 → int8, a
+        wider numeric, …), in one commit that keeps the applied version's txn action.
+
+        delta-rs neither widens on merge nor refuses: it would truncate silently. A change
+        that is not a widening is left to `_conform`, which refuses it (`SinkSchemaError`).
+        """
+        target = _arrow_schema(dt)
+        wider: dict[str, pa.DataType] = {}
+        for name in data_columns(batch):
+            index = target.get_field_index(name)
+            if index < 0:
+                continue
+            stored, incoming = target.field(index).type, _normalise(batch.schema.field(name).type)
+            if incoming != stored and widens(stored, incoming):
+                wider[name] = incoming
+        if not wider:
+            return
+        started = time.perf_counter()
+        table = dt.to_pyarrow_table()
+        for name, type_ in wider.items():
+            index = table.schema.get_field_index(name)
+            table = table.set_column(index, pa.field(name, type_, True),
+                                     table.column(name).cast(type_))
+        applied = self._txn_version(dt, ref, kind)
+        props = CommitProperties(
+            app_transactions=[Transaction(self.app_id(ref, kind), applied)]
+            if applied is not None else None,
+            custom_metadata={"cdcengine.operation": "widen"},
+        )
+        write_deltalake(dt, table, mode="overwrite", schema_mode="overwrite",
+                        commit_properties=props)
+        log.info("delta_columns_widened", table=ref.qualified, kind=str(kind),
+                 columns={n: str(t) for n, t in wider.items()}, rows=table.num_rows,
+                 duration_ms=_ms(started))
+
     def _merge_or_append(
         self,
         dt: DeltaTable,
@@ -970,6 +1009,36 @@ def _append_schema(batch: pa.Table) -> pa.Schema:
     return pa.schema([*fields, *APPEND_ENGINE_FIELDS])
 
 
+def widens(stored: pa.DataType, incoming: pa.DataType) -> bool:
+    """Whether every value of `stored` is exactly representable in `incoming` (PostgreSQL's
+    widening ALTERs: smaller → larger integers, float4 → float8, integers → float8 or a numeric
+    wide enough, a numeric with more integer digits and scale, integers/numerics → text)."""
+    int_digits = {8: 3, 16: 5, 32: 10, 64: 19}
+    if pa.types.is_signed_integer(stored):
+        if pa.types.is_signed_integer(incoming):
+            return incoming.bit_width >= stored.bit_width
+        if pa.types.is_float64(incoming):
+            return stored.bit_width <= 32
+        if pa.types.is_decimal(incoming):
+            return incoming.precision - incoming.scale >= int_digits[stored.bit_width]
+        return pa.types.is_string(incoming)
+    if pa.types.is_float32(stored):
+        return pa.types.is_float64(incoming)
+    if pa.types.is_decimal(stored):
+        if pa.types.is_decimal(incoming):
+            return (incoming.scale >= stored.scale
+                    and incoming.precision - incoming.scale >= stored.precision - stored.scale)
+        return pa.types.is_string(incoming)
+    return False
+
+
+def _with_missing_as_null(batch: pa.Table, target: pa.Schema) -> pa.Table:
+    for f in target:
+        if not is_engine_column(f.name) and f.name not in batch.column_names:
+            batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
+    return batch
+
+
 def _conform(batch: pa.Table, target: pa.Schema, ref: TableRef) -> pa.Table:
     """Cast the batch's data columns to the stored types; a real type change is an error."""
     for name in data_columns(batch):
@@ -982,8 +1051,8 @@ def _conform(batch: pa.Table, target: pa.Schema, ref: TableRef) -> pa.Table:
             continue
         if _normalise(incoming) != _normalise(stored):
             raise SinkSchemaError(
-                f"{ref}: column {name!r} is stored as {stored} but the batch has {incoming} "
-                "(type changes are not supported yet)",
+                f"{ref}: column {name!r} is stored as {stored} but the source now sends "
+                f"{incoming}, which is not a widening; the table must be re-snapshotted",
                 table=ref.qualified,
                 column=name,
                 stored=str(stored),
