@@ -25,6 +25,8 @@ from cdcengine_postgres.stream import ReplicationStream
 from cdcengine_postgres.transactions import TransactionAssembler
 from cdcengine_postgres.types import PgType, load_types
 
+DRAIN_FRAMES = 2000  # frames per `events` call at most, so the caller still gets control
+
 ColumnConverter = Callable[[Sequence[bytes | None]], tuple[pa.Array, int]]
 
 
@@ -57,10 +59,18 @@ class PostgresChanges:
         return self
 
     def events(self, timeout_s: float) -> Iterator[Event]:
-        """Events of whatever arrives within `timeout_s` (nothing when the stream is idle)."""
-        frame = self._stream.read(timeout_s)
-        if frame is not None:
-            yield from self._assembler.feed(frame.payload)
+        """Events of whatever arrives within `timeout_s` (nothing when the stream is idle),
+        then of every frame already buffered, up to `DRAIN_FRAMES`: the caller's per-read
+        bookkeeping runs once per drain, not once per row."""
+        read, feed = self._stream.read, self._assembler.feed
+        frame = read(timeout_s)
+        drained = 0
+        while frame is not None:
+            yield from feed(frame.payload)
+            drained += 1
+            if drained >= DRAIN_FRAMES:
+                return
+            frame = read(0)
 
     def set_flush_lsn(self, lsn: int) -> None:
         self._stream.set_flush_lsn(lsn)

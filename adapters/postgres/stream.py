@@ -526,6 +526,7 @@ class ReplicationStream:
         timeout_s: float,
     ) -> XLogData | None:
         deadline: float | None = None
+        polled = False
         while True:
             # Hot path: one lock, one clock read, one frame; no allocation besides the result.
             with lock:
@@ -555,7 +556,15 @@ class ReplicationStream:
             if deadline is None:
                 deadline = now + timeout_s
             if now >= deadline:
-                return None
+                if polled:
+                    return None
+                # out of time, but the socket may hold more already: one non-blocking look
+                polled = True
+                with lock:
+                    if self._pgconn is None:
+                        raise RuntimeError(_NOT_RUNNING)
+                    pgconn.consume_input()
+                continue
             waiter = self._waiter
             if waiter is None:
                 raise RuntimeError(_NOT_RUNNING)

@@ -115,6 +115,14 @@ class _Relation:
     key: tuple[str, ...]
     key_idx: tuple[int, ...]
     converters: Sequence[ColumnConverter]
+    # hot-path caches, so a row costs no TableRef hashing: the table's buffer of the current
+    # batch (valid while `buf_batch` is the batcher's batch number), the next `_cdc_seq` of
+    # the current transaction (valid while `seq_txn` is its transaction number)
+    stopped: bool = False
+    buf: _Buffer | None = None
+    buf_batch: int = -1
+    seq: int = 0
+    seq_txn: int = -1
 
 
 @dataclass(slots=True)
@@ -179,7 +187,6 @@ class Batcher:
         self._stopped: dict[TableRef, StoppedTable] = {}
         self._new_stops: list[StoppedTable] = []
         self._begin: Begin | None = None
-        self._txn_seq: dict[TableRef, int] = {}
         self._txn_start: dict[TableRef, int] = {}
         self._rows = 0
         self._bytes = 0  # estimated size of the text tails
@@ -187,21 +194,24 @@ class Batcher:
         self.spilled_bytes = 0  # written to spill files since the last take
         self._masked: dict[tuple[TableRef, str], int] = {}
         self._schema_changes: list[SchemaChange] = []
+        self._txn_no = 0  # Begin events seen
+        self._batch_no = 0  # batches taken
         self._first_at: float | None = None
         self._version: int | None = None
         self._txns = 0
 
     # ---- feeding ----------------------------------------------------------------------------
     def add(self, event: Event) -> None:
-        if isinstance(event, Insert):
-            self._change(event.relid, "I", event.new)
-        elif isinstance(event, Update):
-            self._update(event)
-        elif isinstance(event, Delete):
-            self._change(event.relid, "D", event.old)
+        cls = type(event)
+        if cls is Insert:
+            self._change(event.relid, "I", event.new)  # type: ignore[union-attr]
+        elif cls is Update:
+            self._update(event)  # type: ignore[arg-type]
+        elif cls is Delete:
+            self._change(event.relid, "D", event.old)  # type: ignore[union-attr]
         elif isinstance(event, Begin):
             self._begin = event
-            self._txn_seq.clear()
+            self._txn_no += 1
             self._txn_start = {ref: b.count for ref, b in self._buffers.items()}
         elif isinstance(event, Commit):
             self._commit(event)
@@ -228,10 +238,12 @@ class Batcher:
             self._reshape(ref, spec, old, relation)
         names = [c.name for c in relation.columns]
         key = spec.key or relation.key_columns
-        self._relations[relation.relid] = _Relation(
+        new = self._relations[relation.relid] = _Relation(
             relation=relation, spec=spec, key=tuple(key),
             key_idx=tuple(names.index(k) for k in key if k in names),
-            converters=self._converters(relation))
+            converters=self._converters(relation), stopped=ref in self._stopped)
+        if old is not None:  # same table, new shape: `_cdc_seq` goes on within the transaction
+            new.seq, new.seq_txn = old.seq, old.seq_txn
 
     def _reshape(self, ref: TableRef, spec: TableSpec, old: _Relation, new: Relation) -> None:
         """A known table arrives with another shape (after an ALTER TABLE).
@@ -269,11 +281,17 @@ class Batcher:
         self._schema_changes.append(SchemaChange(ref=ref, lsn=lsn, added=added, dropped=dropped,
                                                  retyped=retyped, relation=new))
 
+    def _mark_stopped(self, ref: TableRef) -> None:
+        for rel in self._relations.values():
+            if rel is not None and rel.spec.ref == ref:
+                rel.stopped = True
+
     def stop_table(self, ref: TableRef) -> None:
         """Buffer nothing more of `ref` (the sink refused it; the pipeline recorded why)."""
         if ref not in self._stopped:
             self._stopped[ref] = StoppedTable(ref=ref, reason="stopped", message="",
                                               remedy="", lsn=self._version or 0)
+            self._mark_stopped(ref)
             buf = self._buffers.get(ref)
             if buf is not None and self._begin is None:
                 self._rows -= buf.count
@@ -285,6 +303,7 @@ class Batcher:
         lsn = self._begin.final_lsn if self._begin else (self._version or 0)
         stop = StoppedTable(ref=ref, reason=reason, message=message, remedy=remedy, lsn=lsn)
         self._stopped[ref] = stop
+        self._mark_stopped(ref)
         self._new_stops.append(stop)
         buf = self._buffers.get(ref)
         if buf is not None and self._begin is not None:
@@ -308,18 +327,21 @@ class Batcher:
 
     def _change(self, relid: int, op: str, row: Row) -> None:
         rel = self._relations.get(relid)
-        if rel is None:
+        if rel is None or rel.stopped:
             return
-        ref = rel.spec.ref
-        if ref in self._stopped:
-            return
-        buf = self._buffers.get(ref)
-        if buf is None or buf.rel is not rel:
-            buf = self._buffers[ref] = self._buffers.get(ref) or _Buffer(rel=rel)
-            buf.rel = rel
-            self._txn_start.setdefault(ref, buf.count)
-        seq = self._txn_seq.get(ref, 0)
-        self._txn_seq[ref] = seq + 1
+        buf = rel.buf
+        if rel.buf_batch != self._batch_no or buf is None:
+            ref = rel.spec.ref
+            buf = self._buffers.get(ref)
+            if buf is None or buf.rel is not rel:
+                buf = self._buffers[ref] = buf or _Buffer(rel=rel)
+                buf.rel = rel
+                self._txn_start.setdefault(ref, buf.count)
+            rel.buf, rel.buf_batch = buf, self._batch_no
+        if rel.seq_txn != self._txn_no:
+            rel.seq, rel.seq_txn = 0, self._txn_no
+        seq = rel.seq
+        rel.seq = seq + 1
         if UNCHANGED in row:
             names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
                           if v is UNCHANGED)
@@ -414,6 +436,7 @@ class Batcher:
                             keys=keys, masked=masked, stopped=tuple(self._new_stops),
                             schema_changes=tuple(self._schema_changes))
         self._buffers.clear()
+        self._batch_no += 1
         self._new_stops.clear()
         self._schema_changes = []
         self._masked = {}

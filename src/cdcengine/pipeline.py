@@ -37,6 +37,7 @@ from cdcengine.batcher import Batcher, ChangeBatch, StoppedTable
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, NotEnabled, Reason
+from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
@@ -175,13 +176,15 @@ class Pipeline:
             store.set_source_state(src.name, SourceState.STREAMING)
             renewed = time.monotonic()
             try:
+                add = batcher.add
                 while not stop.is_set():
                     for event in changes.events(READ_TIMEOUT_S):
-                        batcher.add(event)
-                        if not batcher.in_transaction and batcher.version is not None:
-                            progress.received(batcher.version)
-                        if batcher.ready():
-                            loop.submit()
+                        add(event)
+                        # batches close only between transactions: look only after commits
+                        if type(event) is Commit:
+                            progress.received(event.end_lsn)
+                            if batcher.ready():
+                                loop.submit()
                     if batcher.ready():
                         loop.submit()
                     loop.settle()
@@ -191,8 +194,10 @@ class Pipeline:
                 # a requested stop: commit what is complete, confirm what is durable, leave
                 if not batcher.in_transaction and batcher.version is not None:
                     loop.submit()
-            finally:
                 writer.close(waiting=loop.keep_alive)
+            except BaseException:
+                writer.abort()  # nothing of this run may commit after it raised
+                raise
             loop.settle()
             changes.send_status()
             writer.check()

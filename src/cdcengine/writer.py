@@ -83,6 +83,7 @@ class BatchWriter:
         self._error: BaseException | None = None
         self._busy = 0  # batches submitted and not yet durable
         self._stopped: set[TableRef] = set()
+        self._aborting = False
         self._thread = threading.Thread(target=self._loop, name=f"writer-{source}", daemon=True)
 
     # ---- reader side ----------------------------------------------------------------------
@@ -142,11 +143,25 @@ class BatchWriter:
             if deadline is not None and time.monotonic() > deadline:
                 break
 
+    def abort(self) -> None:
+        """After a failure: let the commit in progress finish, drop the queued batches, and
+        return only once the thread is gone, so no write of this run lands after the caller
+        moved on (a restart would replay those batches, cut differently). Never touches the
+        source connection."""
+        self._aborting = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(_STOP)
+        self._thread.join()
+
     # ---- writer thread --------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
+            if item is _STOP or self._aborting:
                 return
             assert isinstance(item, ChangeBatch)
             try:
