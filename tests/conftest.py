@@ -21,9 +21,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import pytest
+import structlog
 from pgutil import MakeCluster, PgServer, ScratchDatabase, open_test_server
 
 from cdcengine_postgres.cluster import ClusterError, TempCluster, find_bindir
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog globally (its secrets, its
+    level): put the previous configuration back so it cannot leak into later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from cdcengine_postgres.errors import translate_errors
 from cdcengine_postgres.publications import read_publication
 from cdcengine_postgres.slots import read_slot
 from cdcengine_postgres.snapshot import TableSnapshot
+from cdcengine_postgres.verify import VerifyRead
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -84,6 +85,9 @@ class PostgresAdapter:
 
     def snapshot(self, source: SourceConfig, table: TableConfig) -> TableSnapshot:
         return TableSnapshot(source, table)
+
+    def verify_reader(self, source: SourceConfig, table: TableConfig) -> VerifyRead:
+        return VerifyRead(source, table)
 
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,
                 spill_dir: Path | None = None) -> PostgresChanges:

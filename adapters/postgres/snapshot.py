@@ -1,8 +1,8 @@
-"""Initial table snapshots under a snapshot exported by a temporary slot (SPEC §8, simple form).
+"""Table snapshots under a snapshot exported by a temporary slot (SPEC §8).
 
 `TableSnapshot` creates a TEMPORARY logical slot with `(SNAPSHOT 'export')` on a replication
 connection, imports that snapshot into a REPEATABLE READ transaction on a second connection and
-copies the table with `COPY (SELECT …) TO STDOUT` (text format), yielding typed Arrow chunks of
+copies the table with `COPY (SELECT …) TO STDOUT` (text format), yielding typed Arrow tables of
 bounded size. The table's version is the temporary slot's consistent point C: the stream (from the
 persistent slot) must apply only this table's changes that commit after C.
 
@@ -10,27 +10,53 @@ Why a temporary slot per snapshot: it exports a snapshot consistent with an exac
 disappears by itself with its connection, so a crash leaves nothing behind. The exported snapshot
 lives only while the exporting connection stays idle in its transaction, which is why that
 connection is held open until the copy is done and runs no other command.
+
+Chunked, parallel form (driven by `cdcengine.snapshots`):
+- `layout()`: the columns, the chunk key (the first key column, when its type orders sensibly:
+  numbers, strings, dates/times, uuid) and the leaves read (a partitioned table's leaf
+  partitions, each copied on its own; else the table itself);
+- `plan(chunk_rows)`: per leaf, key ranges [lo, hi) of about `chunk_rows` rows each, cut at
+  the key's `pg_stats` histogram bounds (or at quantiles of a row sample when the leaf has no
+  histogram); a leaf without a usable key, or with at most `chunk_rows` rows, is one chunk;
+- `open_workers(n)`: n connections (the first is the session's own) each importing the exported
+  snapshot (`SET TRANSACTION SNAPSHOT`), so every chunk reads the same consistent state;
+- `copy_chunk(chunk, worker=i)`: `COPY (SELECT cols FROM leaf WHERE key >= lo AND key < hi)`,
+  streamed in pieces of at most `piece_rows` rows / `chunk_bytes` text bytes, converted to Arrow
+  in the calling thread (the Arrow kernels release the GIL, so workers overlap).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 import psycopg
 import pyarrow as pa
 from psycopg import sql
 
+from cdcengine.adapter import ChunkRange, SnapshotLayout
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import parse_lsn
-from cdcengine_postgres.catalog import ColumnFacts, load_table_facts
+from cdcengine.names import TableRef
+from cdcengine.snapshots import ranges_from_points, split_points
+from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow
 from cdcengine_postgres.errors import translate_errors
 
-DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024  # text bytes per Arrow chunk: bounded memory
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024  # text bytes per Arrow piece at most: bounded memory
+DEFAULT_PIECE_ROWS = 100_000  # rows per Arrow piece at most
+SAMPLE_VALUES_PER_CHUNK = 50  # key sample size per planned chunk when there is no histogram
+MAX_SAMPLE = 100_000
+_ORDERED_CATEGORIES = frozenset({"N", "S", "D"})  # numeric, string, date/time (pg_type)
+_END = object()
 
 
 def temp_slot_name(slot_name: str) -> str:
@@ -39,23 +65,32 @@ def temp_slot_name(slot_name: str) -> str:
 
 
 class TableSnapshot:
-    """One table's consistent copy. Use as a context manager; iterate `chunks()` once.
+    """One table's consistent copy. Use as a context manager.
 
     After `__enter__`: `consistent_point` (int LSN C) and `columns` (the captured columns, in
     table order: generated columns are not captured, `columns` selection applied, key kept).
-    `masked` counts values the Arrow types could not hold, per column.
+    `masked` counts values the Arrow types could not hold, per column; `rows` counts rows
+    converted (both totals over every worker).
     """
 
     def __init__(self, source: SourceConfig, table: TableConfig, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
-        self.source, self.table, self.chunk_bytes = source, table, chunk_bytes
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 piece_rows: int = DEFAULT_PIECE_ROWS) -> None:
+        self.source, self.table = source, table
+        self.chunk_bytes, self.piece_rows = chunk_bytes, piece_rows
         self.consistent_point = 0
         self.columns: tuple[ColumnFacts, ...] = ()
         self.key: tuple[str, ...] = ()
         self.masked: dict[str, int] = {}
         self.rows = 0
-        self._rconn: psycopg.Connection | None = None
-        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+        self._rconn: psycopg.Connection[Any] | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._workers: list[psycopg.Connection[Any]] = []
+        self._snapshot_name = ""
+        self._facts: TableFacts | None = None
+        self._chunk_key: ColumnFacts | None = None
+        self._layout: SnapshotLayout | None = None
 
     def __enter__(self) -> TableSnapshot:
         secrets = self.source.secrets()
@@ -68,65 +103,254 @@ class TableSnapshot:
                     f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput "
                     "(SNAPSHOT 'export')").fetchone()
             assert row is not None
-            self.consistent_point, snapshot_name = parse_lsn(row[1]), row[2]
-            self._conn = connect(self.source.dsn, autocommit=False, secrets=secrets)
-            self._conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            self._conn.read_only = True
-            with translate_errors(secrets=secrets, context="importing the snapshot"):
-                self._conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
-                    sql.Literal(snapshot_name)))
+            self.consistent_point, self._snapshot_name = parse_lsn(row[1]), row[2]
+            self._conn = self._import_snapshot()
+            with translate_errors(secrets=secrets, context="reading the catalog"):
                 facts = load_table_facts(self._conn, [self.table.ref]).get(self.table.ref)
             if facts is None:
                 raise CDCError(f"table {self.table.name} does not exist (any more)",
                                reason=Reason.PREREQUISITES_FAILED)
+            self._facts = facts
             wanted = self.table.columns
             self.key = tuple(self.table.primary_key or facts.primary_key
                              or facts.identity_columns)
             self.columns = tuple(c for c in facts.columns if not c.generated and (
                 wanted is None or c.name in wanted or c.name in self.key))
+            self._workers = [self._conn]
         except BaseException:
             self.close()
             raise
         return self
 
-    def chunks(self) -> Iterator[pa.Table]:
-        """Typed Arrow chunks of about `chunk_bytes` of text each, in table scan order."""
+    def _import_snapshot(self) -> psycopg.Connection[Any]:
+        secrets = self.source.secrets()
+        conn = connect(self.source.dsn, autocommit=False, secrets=secrets)
+        try:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            with translate_errors(secrets=secrets, context="importing the snapshot"):
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(self._snapshot_name)))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # ---- layout and plan ----------------------------------------------------------------------
+    def layout(self) -> SnapshotLayout:
+        if self._layout is None:
+            facts, conn = self._facts, self._conn
+            assert facts is not None, "use TableSnapshot as a context manager"
+            assert conn is not None
+            chunk_key = None
+            if self.key:
+                col = next((c for c in self.columns if c.name == self.key[0]), None)
+                if col is not None and self._orderable(col):
+                    chunk_key = col
+            self._chunk_key = chunk_key
+            leaves = (tuple(r.qualified for r in facts.leaf_partitions)
+                      if facts.relkind == "p" else (facts.ref.qualified,))
+            self._layout = SnapshotLayout(
+                columns=tuple(c.name for c in self.columns), key=self.key,
+                chunk_key=None if chunk_key is None else chunk_key.name, leaves=leaves)
+        return self._layout
+
+    def _orderable(self, col: ColumnFacts) -> bool:
+        assert self._conn is not None
+        with translate_errors(secrets=self.source.secrets(), context="reading the key type"):
+            row = self._conn.execute("SELECT typcategory, typname FROM pg_type WHERE oid = %s",
+                                     [col.type_oid]).fetchone()
+        return row is not None and (row[0] in _ORDERED_CATEGORIES or row[1] == "uuid")
+
+    def plan(self, chunk_rows: int) -> list[ChunkRange]:
+        """Key-range chunks of about `chunk_rows` rows, per leaf, numbered from 0."""
+        layout = self.layout()
+        out: list[ChunkRange] = []
+        with translate_errors(secrets=self.source.secrets(), context="planning the snapshot"):
+            for leaf in layout.leaves:
+                ref = TableRef.parse(leaf)
+                estimate = self._estimate_rows(ref)
+                bounds: list[tuple[str | None, str | None]] = [(None, None)]
+                if self._chunk_key is not None and estimate > chunk_rows:
+                    n = math.ceil(estimate / chunk_rows)
+                    values = self._histogram(ref) or self._sample(ref, n, estimate)
+                    bounds = ranges_from_points(split_points(values, n))
+                per = max(1, estimate // len(bounds)) if estimate else 0
+                for lo, hi in bounds:
+                    out.append(ChunkRange(id=len(out), leaf=leaf, lo=lo, hi=hi,
+                                          estimated_rows=per))
+        return out
+
+    def _estimate_rows(self, ref: TableRef) -> int:
+        assert self._conn is not None
+        row = self._conn.execute(
+            "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s", [ref.schema, ref.name]).fetchone()
+        if row is not None and row[0] is not None and row[0] >= 0:
+            return int(row[0])
+        counted = self._conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(ref.schema, ref.name))).fetchone()
+        return int(counted[0]) if counted else 0
+
+    def _histogram(self, ref: TableRef) -> list[str]:
+        assert self._conn is not None
+        assert self._chunk_key is not None
+        row = self._conn.execute(
+            "SELECT histogram_bounds::text FROM pg_stats WHERE schemaname = %s"
+            " AND tablename = %s AND attname = %s AND NOT inherited",
+            [ref.schema, ref.name, self._chunk_key.name]).fetchone()
+        if row is None or row[0] is None:
+            return []
+        rows = self._conn.execute(sql.SQL(
+            "SELECT u::text FROM unnest({}::{}[]) WITH ORDINALITY AS x (u, i) ORDER BY i"
+        ).format(sql.Literal(row[0]), sql.SQL(self._chunk_key.type_text))).fetchall()
+        return [r[0] for r in rows if r[0] is not None]
+
+    def _sample(self, ref: TableRef, chunks: int, estimate: int) -> list[str]:
+        """Sorted key values of a row sample (a leaf never analyzed has no histogram)."""
+        assert self._conn is not None
+        assert self._chunk_key is not None
+        want = min(MAX_SAMPLE, chunks * SAMPLE_VALUES_PER_CHUNK)
+        percent = min(100.0, 100.0 * want / max(estimate, 1))
+        key = sql.Identifier(self._chunk_key.name)
+        rows = self._conn.execute(sql.SQL(
+            "SELECT {k}::text FROM {t} TABLESAMPLE BERNOULLI ({p}) WHERE {k} IS NOT NULL "
+            "ORDER BY {k}").format(k=key, t=sql.Identifier(ref.schema, ref.name),
+                                   p=sql.Literal(percent))).fetchall()
+        return [r[0] for r in rows]
+
+    # ---- copying ------------------------------------------------------------------------------
+    def empty(self) -> pa.Table:
+        """The typed empty table of the captured columns."""
+        return self._convert(b"")
+
+    def open_workers(self, n: int) -> int:
+        """Up to `n` connections importing the exported snapshot (the first: the session's)."""
         assert self._conn is not None, "use TableSnapshot as a context manager"
-        names = [c.name for c in self.columns]
+        # end the planning queries' statement state; the transaction (and snapshot) stays
+        while len(self._workers) < max(1, n):
+            self._workers.append(self._import_snapshot())
+        return len(self._workers)
+
+    def copy_chunk(self, chunk: ChunkRange, *, worker: int = 0) -> Iterator[pa.Table]:
+        """The chunk's rows as typed Arrow tables of bounded size (at least one, maybe empty).
+
+        Each worker connection must be used by one thread at a time."""
+        conn = self._workers[worker]
+        ref = TableRef.parse(chunk.leaf)
+        query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns),
+            sql.Identifier(ref.schema, ref.name), self._where(chunk))
+        yield from self._copy(conn, query)
+
+    def _where(self, chunk: ChunkRange) -> sql.Composable:
+        if chunk.lo is None and chunk.hi is None:
+            return sql.SQL("")
+        col = self._chunk_key
+        if col is None:
+            raise ValueError(f"{self.table.name}: a key-range chunk needs a usable key")
+        key, type_ = sql.Identifier(col.name), sql.SQL(col.type_text)
+        conds: list[sql.Composable] = []
+        if chunk.lo is not None:
+            conds.append(sql.SQL("{} >= {}::{}").format(key, sql.Literal(chunk.lo), type_))
+        if chunk.hi is not None:
+            below = sql.SQL("{} < {}::{}").format(key, sql.Literal(chunk.hi), type_)
+            if chunk.lo is None:  # a declared key may hold nulls: the first chunk takes them
+                below = sql.SQL("({} OR {} IS NULL)").format(below, key)
+            conds.append(below)
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
+
+    def chunks(self) -> Iterator[pa.Table]:
+        """The whole table on the session's connection, as Arrow tables of bounded size."""
+        assert self._conn is not None, "use TableSnapshot as a context manager"
         query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-            sql.SQL(", ").join(map(sql.Identifier, names)),
+            sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns),
             sql.Identifier(self.table.ref.schema, self.table.ref.name))
-        buf = bytearray()
-        with translate_errors(secrets=self.source.secrets(), context="copying the table"), \
-                self._conn.cursor().copy(query) as copy:
-            for data in copy:  # one CopyData message per row: the unavoidable per-row step
-                buf += data
-                if len(buf) >= self.chunk_bytes:
-                    yield self._convert(bytes(buf))
-                    buf.clear()
-        if buf or self.rows == 0:
-            yield self._convert(bytes(buf))
+        yield from self._copy(self._conn, query)
+
+    def _copy(self, conn: psycopg.Connection[Any], query: sql.Composable) -> Iterator[pa.Table]:
+        """Run the COPY in a reader thread (so the server keeps sending while this thread
+        converts and the caller writes) handing raw pieces over a queue of two: bounded memory."""
+        pieces: queue.Queue[object] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    pieces.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read() -> None:
+            limit_rows, limit_bytes = self.piece_rows, self.chunk_bytes
+            try:
+                with translate_errors(secrets=self.source.secrets(),
+                                      context="copying the table"), \
+                        conn.cursor().copy(query) as copy:
+                    buf = bytearray()
+                    rows = 0
+                    for data in copy:  # one CopyData message per row: the unavoidable per-row step
+                        buf += data
+                        rows += 1
+                        if rows >= limit_rows or len(buf) >= limit_bytes:
+                            if not put(bytes(buf)):
+                                return
+                            buf.clear()
+                            rows = 0
+                    if buf and not put(bytes(buf)):
+                        return
+                put(_END)
+            except BaseException as exc:  # noqa: BLE001 - raised in the consuming thread
+                put(exc)
+
+        reader = threading.Thread(target=read, name="snapshot-copy", daemon=True)
+        reader.start()
+        yielded = False
+        try:
+            while True:
+                item = pieces.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                yield self._convert(item)
+                yielded = True
+            if not yielded:
+                yield self._convert(b"")
+        finally:
+            if reader.is_alive():  # abandoned mid-copy: stop the server sending
+                stop.set()
+                with contextlib.suppress(Exception):
+                    conn.cancel_safe()
+            reader.join()
 
     def _convert(self, chunk: bytes) -> pa.Table:
         raw = parse_copy_text(chunk, len(self.columns))
         arrays: list[pa.Array] = []
+        masked: dict[str, int] = {}
         for col, values in zip(self.columns, raw, strict=True):
             done = to_arrow(values, col.pg_type)
             if done.masked:
-                self.masked[col.name] = self.masked.get(col.name, 0) + done.masked
+                masked[col.name] = done.masked
             arrays.append(done.array)
         table = pa.Table.from_arrays(arrays, names=[c.name for c in self.columns])
-        self.rows += table.num_rows
+        with self._lock:
+            self.rows += table.num_rows
+            for name, count in masked.items():
+                self.masked[name] = self.masked.get(name, 0) + count
         return table
 
     def close(self) -> None:
-        """Ends the read transaction and the exporting connection (its temporary slot goes)."""
-        for conn in (self._conn, self._rconn):
+        """Ends the read transactions and the exporting connection (its temporary slot goes)."""
+        for conn in (*self._workers, self._conn, self._rconn):
             if conn is not None and not conn.closed:
                 conn.close()
+        self._workers = []
         self._conn = self._rconn = None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-

@@ -12,12 +12,15 @@ from cdcengine.api import (
     EnableResult,
     SettingsResult,
     Status,
+    TableVerify,
+    VerifyResult,
     cdc_status,
     check_prerequisites,
     disable_cdc,
     discover_tables,
     enable_cdc,
     update_cdc_settings,
+    verify,
 )
 from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
 from cdcengine.errors import CDCError, Reason
@@ -37,6 +40,8 @@ __all__ = [
     "Status",
     "TableConfig",
     "TableInfo",
+    "TableVerify",
+    "VerifyResult",
     "cdc_status",
     "check_prerequisites",
     "disable_cdc",
@@ -44,6 +49,7 @@ __all__ = [
     "enable_cdc",
     "load_config",
     "update_cdc_settings",
+    "verify",
 ]
 
 __version__ = "0.1.0"

@@ -145,10 +145,61 @@ class TeardownResult:
     notes: tuple[str, ...] = ()  # what was left alone and why
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkRange:
+    """One chunk of a table snapshot: the rows of `leaf` (the table itself, or one partition of
+    a partitioned table) whose chunk key lies in [lo, hi). Bounds are the key's values as the
+    source prints them (text; compared by the source, in the key's own type and collation);
+    None is unbounded (the first chunk also takes rows whose key is null)."""
+
+    id: int
+    leaf: str  # "schema.name"
+    lo: str | None = None
+    hi: str | None = None
+    estimated_rows: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "leaf": self.leaf, "lo": self.lo, "hi": self.hi,
+                "rows": self.estimated_rows}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> ChunkRange:
+        lo, hi, rows, id_ = data.get("lo"), data.get("hi"), data.get("rows", 0), data["id"]
+        return cls(id=int(id_), leaf=str(data["leaf"]),  # type: ignore[call-overload]
+                   lo=None if lo is None else str(lo), hi=None if hi is None else str(hi),
+                   estimated_rows=int(rows))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotLayout:
+    """What a chunk plan depends on; a resumed snapshot needs the same layout as its plan.
+
+    `chunk_key`: the key column ranges are cut on (None: no usable key, so the table is read
+    as one chunk per leaf and an interrupted snapshot restarts the table). `leaves`: what is
+    read, "schema.name" each (a partitioned table's leaf partitions, else the table itself).
+    """
+
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    chunk_key: str | None
+    leaves: tuple[str, ...]
+
+    @property
+    def resumable(self) -> bool:
+        return self.chunk_key is not None
+
+
 class SnapshotSession(Protocol):
     """One table's consistent copy (a context manager). After entering: `consistent_point`
     (int LSN C: the stream applies this table's changes after C only), `key`, and `chunks()`
-    yielding typed Arrow tables of the captured columns; `masked` counts nulled values."""
+    yielding typed Arrow tables of the captured columns; `masked` counts nulled values.
+
+    Chunked, parallel form (`cdcengine.snapshots` drives it): `layout()`, `plan(chunk_rows)`,
+    then `open_workers(n)` (each worker a connection importing the same exported snapshot) and
+    `copy_chunk(chunk, worker=i)` from up to n threads at once, one per worker, each yielding
+    the chunk's rows as typed Arrow tables of bounded size. `empty()` is the typed empty table.
+    `rows` and `masked` are totals over everything copied (thread-safe).
+    """
 
     consistent_point: int
     key: tuple[str, ...]
@@ -156,6 +207,29 @@ class SnapshotSession(Protocol):
     rows: int
 
     def __enter__(self) -> SnapshotSession: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def chunks(self) -> Iterator[pa.Table]: ...
+    def layout(self) -> SnapshotLayout: ...
+    def plan(self, chunk_rows: int) -> list[ChunkRange]: ...
+    def empty(self) -> pa.Table: ...
+    def open_workers(self, n: int) -> int: ...
+    def copy_chunk(self, chunk: ChunkRange, *, worker: int) -> Iterator[pa.Table]: ...
+
+
+class VerifyReader(Protocol):
+    """One table's rows at an exact source position, for `verify` (a context manager).
+
+    After entering: `consistent_point` (int LSN C: exactly the transactions with commit end LSN
+    <= C are visible), `key` (the columns rows are matched by), `columns` (the captured column
+    names) and `schema` (their Arrow types, SPEC §6); `chunks()` yields typed Arrow tables of
+    those columns in no particular order, bounded in size."""
+
+    consistent_point: int
+    key: tuple[str, ...]
+    columns: tuple[str, ...]
+    schema: pa.Schema
+
+    def __enter__(self) -> VerifyReader: ...
     def __exit__(self, *exc: object) -> None: ...
     def chunks(self) -> Iterator[pa.Table]: ...
 
@@ -245,7 +319,14 @@ class SourceAdapter(Protocol):
     def identify(self, source: SourceConfig) -> SourceIdentity: ...
 
     def snapshot(self, source: SourceConfig, table: TableConfig) -> SnapshotSession:
-        """A consistent copy of one table under a snapshot exported by a temporary slot."""
+        """A consistent copy of one table under a snapshot exported by a temporary slot.
+
+        The exporting connection stays open (and idle) until the session is left, so workers
+        opened by `open_workers` import exactly the same snapshot."""
+        ...
+
+    def verify_reader(self, source: SourceConfig, table: TableConfig) -> VerifyReader:
+        """The table's rows under a snapshot at an exact position (see `VerifyReader`)."""
         ...
 
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,

@@ -11,7 +11,7 @@ raises `LeaseHeld` (retryable) naming the holder.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -29,11 +29,18 @@ from cdcengine.errors import (
     classify_error,
 )
 from cdcengine.lsn import format_lsn, parse_lsn
+from cdcengine.names import TableRef
 from cdcengine.registry import adapter_for
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.state import open_state
 from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState, hold_lease
+from cdcengine.verify import DEFAULT_EXAMPLES as DEFAULT_VERIFY_EXAMPLES
+from cdcengine.verify import DEFAULT_WAIT_S as DEFAULT_VERIFY_WAIT_S
+from cdcengine.verify import Comparison as Comparison  # re-exported: verify's results
+from cdcengine.verify import RowDifference as RowDifference
+from cdcengine.verify import TableVerify as TableVerify
+from cdcengine.verify import VerifyResult, verify_table
 
 log = structlog.get_logger("cdcengine.api")
 
@@ -145,6 +152,9 @@ class TableStatus:
     remedy: str | None = None
     delta: tuple[DeltaTableView, ...] = ()  # per Delta table of this source table
     delta_error: str | None = None  # the destination could not be read
+    # the table's last snapshot run (rows, rows_total, rows_per_s, eta_s, chunks_done,
+    # chunks_total, resumed, finished); None when never snapshotted with chunk progress
+    snapshot: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,6 +374,16 @@ def update_cdc_settings(
                               settings={k: new[k] for k in SETTINGS_KEYS})
 
 
+def _snapshot_view(store: StateStore, source: str, table: str) -> dict[str, object] | None:
+    p = store.get_snapshot_progress(source, table)
+    if p is None:
+        return None
+    return {"rows": p.rows_done, "rows_total": p.rows_total, "rows_per_s": p.rows_per_s,
+            "eta_s": p.eta_s, "chunks_done": p.chunks_done, "chunks_total": p.chunks_total,
+            "resumed": p.resumed, "finished": p.finished,
+            "updated_at": p.updated_at.isoformat()}
+
+
 def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
     """State, slot (lag, retained WAL), publication, settings with origin, broken reason, tables.
 
@@ -387,6 +407,7 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
                                       state=str(state_) if state_ else "disabled",
                                       reason=tr.reason if tr else None,
                                       remedy=tr.remedy if tr else None,
+                                      snapshot=_snapshot_view(store, source.name, tc.name),
                                       **_delta_status(source, tc)))
         lease = store.get_lease(source.name)
         return Status(
@@ -443,3 +464,57 @@ def _marker(m: object) -> MarkerView | None:
         return None
     return MarkerView(reason=m.reason, message=m.message, at=m.at.isoformat())  # type: ignore[attr-defined]
 
+
+
+# ---- verify ---------------------------------------------------------------------------------
+
+
+def tables_to_verify(source: SourceConfig, table: str | None = None) -> list[TableConfig]:
+    """The source's table configs `verify` covers: all, or the one named (`schema.table`, bare
+    → public). Raises `ConfigError` for a table that is not in the source's config."""
+    if table is None:
+        return list(source.table_configs)
+    try:
+        wanted = TableRef.parse(table).qualified
+    except ValueError as exc:
+        raise ConfigError(f"verify: {exc}") from None
+    tcs = [tc for tc in source.table_configs if tc.name == wanted]
+    if not tcs:
+        raise ConfigError(f"verify: table {table!r} is not one of source {source.name!r}'s "
+                          f"tables ({', '.join(tc.name for tc in source.table_configs)})")
+    return tcs
+
+
+def verify(
+    source: SourceConfig,
+    table: str | None = None,
+    *,
+    state: StateArg = None,
+    wait_s: float = DEFAULT_VERIFY_WAIT_S,
+    examples: int = DEFAULT_VERIFY_EXAMPLES,
+) -> VerifyResult:
+    """Compare the source tables (or one, `table`) with their Delta tables (SPEC §3 `verify`).
+
+    Safe while the daemon streams: each table is read under an exactly positioned source
+    snapshot C; the comparison waits at most `wait_s` for Delta to hold every change up to C
+    (else that table is `not_caught_up`), and rows changed in Delta after C are in flux, not
+    differences. Per table: counts and up to `examples` keys of rows missing in Delta, extra in
+    Delta and different (with the columns). Read-only: takes no lease, changes nothing. Raises
+    `ConfigError` for a table not in the source's config, a `CDCError` when the source cannot
+    be reached. See `cdcengine.verify`.
+    """
+    tcs = tables_to_verify(source, table)
+    with open_store(state) as store:
+        rec = store.get_source(source.name)
+        target = _as_enabled(rec, source)
+    adapter = adapter_for(source)
+
+    def confirmed() -> int | None:
+        if not (rec and rec.enabled):
+            return None
+        lsn = adapter.slot_status(target).confirmed_flush_lsn
+        return parse_lsn(lsn) if lsn else None
+
+    return VerifyResult(source=source.name, tables=tuple(
+        verify_table(adapter, target, tc, confirmed_lsn=confirmed, wait_s=wait_s,
+                     examples=examples) for tc in tcs))

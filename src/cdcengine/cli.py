@@ -24,6 +24,7 @@ from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
 from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
 from cdcengine.logs import configure_logging
 from cdcengine.secrets import dsn_password, scrub
+from cdcengine.verify import format_key
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _NO_CONFIG = frozenset({"demo"})  # commands that bring their own source and need no config
@@ -92,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--auto-drop-slot", type=_bool, metavar="BOOL")
     c.add_argument("--lag-warning-mb", type=int, metavar="N")
     c.add_argument("--lag-critical-mb", type=int, metavar="N")
+    c.add_argument("--json", action="store_true")
+    c = cmd("verify", "compare source tables with their Delta tables (row counts, then a "
+                      "key/checksum diff) and report the differences; exit 1 unless all equal")
+    c.add_argument("--source", metavar="S", required=True)
+    c.add_argument("--table", metavar="T", help="one table (schema.table; bare → public)")
+    c.add_argument("--wait", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="how long to wait for Delta to catch up with the source snapshot (60)")
+    c.add_argument("--examples", type=int, default=20, metavar="N",
+                   help="example keys shown per kind of difference (20)")
     c.add_argument("--json", action="store_true")
     c = cmd("demo", "the embedded default: a throwaway PostgreSQL (or --dsn), sample tables and "
                     "a live workload, replicated into ./demo-lake with progress")
@@ -406,6 +416,43 @@ def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def _show_verify(src: SourceConfig, res: api.VerifyResult) -> None:
+    print(f"source {src.name} ({src.masked_dsn})")
+    for t in res.tables:
+        symbol = Severity.OK.symbol if t.ok else Severity.ERROR.symbol
+        c = t.comparison
+        print(f"  {symbol} {t.table}: {t.message}")
+        if c is not None and not t.ok:
+            print(f"       rows: source {c.source_rows:,}, Delta {c.delta_rows:,}, compared "
+                  f"{c.rows_compared:,}, in flux {c.in_flux:,} (at {t.consistent_point})")
+            for label, keys in (("missing in Delta", c.missing_examples),
+                                ("extra in Delta", c.extra_examples)):
+                if keys:
+                    print(f"       {label}: " + ", ".join(format_key(k)
+                                                      for k in keys))
+            if c.different_examples:
+                print("       different: " + ", ".join(
+                    f"{format_key(d.key)} ({', '.join(d.columns)})"
+                    for d in c.different_examples))
+        if t.fix and not t.ok:
+            print(f"       fix: {t.fix}")
+
+
+def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
+    if args.examples < 0:
+        raise ConfigError("verify: --examples must be >= 0")
+    sources = _sources(cfg, args.source)
+    for src in sources:
+        api.tables_to_verify(src, args.table)  # an unknown table is a usage error (exit 2)
+    return _per_source(
+        args, sources,
+        lambda src: api.verify(src, args.table, state=_state(cfg), wait_s=args.wait,
+                               examples=args.examples),
+        show=_show_verify, to_json=lambda _, res: res.to_dict(),
+        failed=lambda res: not res.ok,
+    )
+
+
 def cmd_demo(args: argparse.Namespace, _cfg: Config) -> int:
     """SIGINT/SIGTERM stop the demo; it still stops its threads and cleans up (exit 130)."""
     from pathlib import Path
@@ -439,6 +486,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "status": cmd_status,
     "settings": cmd_settings,
     "demo": cmd_demo,
+    "verify": cmd_verify,
 }
 
 

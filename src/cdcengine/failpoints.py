@@ -10,7 +10,9 @@ Points (in the order a batch meets them):
 - `between_kinds`: a table's append table is committed, its consolidated table not;
 - `after_commit`: every Delta commit of the batch is done, the slot not yet confirmed;
 - `after_confirm`: the slot was told the batch is flushed;
-- `after_snapshot`: a table's snapshot is committed, its state not yet recorded.
+- `after_snapshot`: a table's snapshot is committed, its state not yet recorded;
+- `snapshot_chunk_committed`: one chunk of a table snapshot is committed to Delta (other chunks
+  may be mid-copy), the table not yet marked loaded.
 """
 
 from __future__ import annotations

@@ -30,6 +30,17 @@ def _masker(secrets: tuple[str, ...]) -> structlog.types.Processor:
     return mask
 
 
+class _Stderr:
+    """`sys.stderr` looked up at every write, not bound once: the stream may be replaced later
+    (a host application, a test harness) and a closed one must never be written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     *, fmt: str = "console", level: int = logging.INFO, secrets: Iterable[str] = ()
 ) -> None:
@@ -49,6 +60,6 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )

@@ -41,9 +41,9 @@ from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
-from cdcengine.sink.base import TableSpec as SinkSpec
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.snapshots import snapshot_table
 from cdcengine.state.base import SourceState, StateStore, TableState, hold_lease
 from cdcengine.writer import Applied, BatchWriter, Durable, WriterStats
 
@@ -128,20 +128,19 @@ class Pipeline:
             store.set_table_state(src.name, tc.name, TableState.SNAPSHOTTING)
             store.set_source_state(src.name, SourceState.SNAPSHOTTING)
             started = time.monotonic()
-            with self._adapter.snapshot(src, tc) as snap:
-                spec = SinkSpec(key=snap.key, mode=tc.mode, hard_deletes=src.hard_deletes)
-                sink.write_snapshot(tc.ref, snap.chunks(), spec=spec,
-                                    version=snap.consistent_point,
-                                    committed_at_us=int(time.time() * 1_000_000))
-                failpoints.hit("after_snapshot")
-                self._load_applied(sink, tc)
-                self.stats.snapshot_rows += snap.rows
-                if snap.masked:
-                    log.warning("values_masked", source=src.name, table=tc.name,
-                                columns=snap.masked)
+            done = snapshot_table(self._adapter, src, tc, sink, store, stop=stop)
+            if not done.finished:  # stopped: the finished chunks stay in Delta for the next run
+                return
+            failpoints.hit("after_snapshot")
+            self._load_applied(sink, tc)
+            self.stats.snapshot_rows += done.rows_copied
+            if done.masked:
+                log.warning("values_masked", source=src.name, table=tc.name, columns=done.masked)
             store.set_table_state(src.name, tc.name, TableState.STREAMING)
-            log.info("table_snapshotted", source=src.name, table=tc.name, rows=snap.rows,
-                     lsn=format_lsn(snap.consistent_point),
+            log.info("table_snapshotted", source=src.name, table=tc.name, rows=done.rows_copied,
+                     rows_total=done.rows_total, chunks=done.chunks_total,
+                     chunks_copied=done.chunks_copied, resumed=done.resumed,
+                     lsn=format_lsn(done.version or 0),
                      duration_ms=round((time.monotonic() - started) * 1000))
 
     def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:

@@ -76,6 +76,7 @@ from cdcengine.sink.fold import (
 log = structlog.get_logger("cdcengine.sink")
 
 LAYOUT_PROPERTY = "cdcengine.layout"
+SNAPSHOT_PLAN_PROPERTY = "cdcengine.snapshot.plan"
 LAYOUT_VERSION = "1"
 DELETED = "_cdc_deleted"
 DELETED_AT = "_cdc_deleted_at"
@@ -441,6 +442,156 @@ class DeltaSink:
             raise SinkWriteError(f"loading the snapshot of {ref} failed "
                                  f"({type(exc).__name__})") from exc
         return WriteResult(table=ref, version=min([version, *done]))
+
+    # --- chunked snapshots (driven by cdcengine.snapshots) ------------------------------
+    #
+    # Per Delta table (kind), in the Delta log only:
+    # - table property `cdcengine.snapshot.plan`: the JSON plan of the current attempt
+    #   (its `attempt` = consistent point of the run that planned it);
+    # - txn `<app_id>/snapshot` = that attempt: set by the commit that emptied the table for it,
+    #   so a plan whose attempt differs from this marker is stale (a crash between the two);
+    # - txn `<app_id>/snapshot/<attempt hex>-<chunk id>` = the consistent point the chunk was
+    #   copied under, in the same commit as the chunk's rows: a chunk is finished exactly when
+    #   its txn is in the log;
+    # - finally txn `<app_id>` = the earliest finished chunk's point (the stream replays from it).
+
+    def snapshot_app_id(self, ref: TableRef, kind: TableKind | str, chunk: str = "") -> str:
+        """`<app_id>/snapshot` (the attempt marker) or `<app_id>/snapshot/<chunk>`."""
+        base = f"{self.app_id(ref, kind)}/snapshot"
+        return f"{base}/{chunk}" if chunk else base
+
+    def snapshot_plan(self, ref: TableRef, kind: TableKind | str) -> tuple[str | None, int | None]:
+        """(the stored plan JSON, the attempt marker's version); Nones without table or plan."""
+        dt = self._load(self.path(ref, kind))
+        if dt is None:
+            return None, None
+        plan = dt.metadata().configuration.get(SNAPSHOT_PLAN_PROPERTY)
+        marker = dt.transaction_version(self.snapshot_app_id(ref, kind))
+        return plan, None if marker is None else int(marker)
+
+    def snapshot_chunk_versions(
+        self, ref: TableRef, kind: TableKind | str, chunks: Sequence[str]
+    ) -> dict[str, int]:
+        """For each chunk name committed in this table's log: the point it was copied under."""
+        dt = self._load(self.path(ref, kind))
+        if dt is None:
+            return {}
+        out: dict[str, int] = {}
+        for chunk in chunks:
+            value = dt.transaction_version(self.snapshot_app_id(ref, kind, chunk))
+            if value is not None:
+                out[chunk] = int(value)
+        return out
+
+    def begin_snapshot(
+        self,
+        ref: TableRef,
+        kind: TableKind | str,
+        *,
+        empty: pa.Table,
+        key: Sequence[str],
+        plan: str,
+        attempt: int,
+    ) -> None:
+        """Start a snapshot attempt from scratch: the table is created (or emptied: an
+        interrupted load is overwritten) in a commit carrying the attempt marker, then `plan` is
+        stored. `empty` is the typed empty table of the data columns."""
+        kind = TableKind(kind)
+        path = self._writable_path(ref, kind)
+        data = _snapshot_rows(empty, kind, version=attempt, stamp_us=0, seq_base=0)
+        try:
+            dt = self._load(path)
+            if dt is None:
+                schema = (_consolidated_schema(data) if kind is TableKind.CONSOLIDATED
+                          else _append_schema(data))
+                dt = self._create(path, ref, kind, schema, list(key))
+            else:
+                self._check_layout(dt, ref, path, kind)
+                self._add_new_columns(dt, ref, data, kind)
+            target = _arrow_schema(dt)
+            write_deltalake(dt, _to_target(_conform(data, target, ref), target), mode="overwrite",
+                            commit_properties=CommitProperties(
+                                app_transactions=[
+                                    Transaction(self.snapshot_app_id(ref, kind), attempt)],
+                                custom_metadata={"cdcengine.snapshot": "begin"}))
+            dt.alter.set_table_properties({SNAPSHOT_PLAN_PROPERTY: plan},
+                                          raise_if_not_exists=False)
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(f"starting the snapshot of {ref} failed "
+                                 f"({type(exc).__name__})") from exc
+        self._tables.pop(path, None)  # a cached handle predates the overwrite
+        log.info("snapshot_started", table=ref.qualified, kind=str(kind),
+                 lsn=format_lsn(attempt))
+
+    def write_snapshot_chunk(
+        self,
+        ref: TableRef,
+        kinds: Sequence[TableKind | str],
+        pieces: Iterable[pa.Table],
+        *,
+        chunk: str,
+        seq_base: int,
+        version: int,
+        committed_at_us: int,
+    ) -> int:
+        """Append one snapshot chunk to each of `kinds`: per Delta table ONE commit carrying
+        the chunk's txn (`version` = the consistent point it was read under). The pieces are
+        streamed (never all in memory); with two kinds they are teed to a second writer thread.
+        Safe to call from several threads at once (fresh table handles; appends do not conflict).
+        Returns the rows written (per kind)."""
+        kinds = [TableKind(k) for k in kinds]
+        counted = [0]
+
+        def stream(kind: TableKind, source: Iterable[pa.Table],
+                   target: pa.Schema) -> Iterator[pa.RecordBatch]:
+            seq = seq_base
+            for piece in source:
+                rows = _snapshot_rows(piece, kind, version=version, stamp_us=committed_at_us,
+                                      seq_base=seq)
+                seq += piece.num_rows
+                if kind is kinds[0]:
+                    counted[0] += piece.num_rows
+                yield from _to_target(_conform(rows, target, ref), target).to_batches()
+
+        def write(kind: TableKind, source: Iterable[pa.Table]) -> None:
+            path = self._writable_path(ref, kind)
+            dt = self._load(path)
+            if dt is None:
+                raise SinkWriteError(f"{ref}: the snapshot's {kind} table is missing")
+            target = _arrow_schema(dt)
+            reader = pa.RecordBatchReader.from_batches(target, stream(kind, source, target))
+            write_deltalake(dt, reader, mode="append", commit_properties=CommitProperties(
+                app_transactions=[Transaction(self.snapshot_app_id(ref, kind, chunk), version)],
+                custom_metadata={"cdcengine.snapshot": chunk}))
+
+        try:
+            if len(kinds) == 1:
+                write(kinds[0], pieces)
+            else:
+                _tee_write(kinds, pieces, write)
+        except (DeltaError, OSError) as exc:
+            raise SinkWriteError(f"writing snapshot chunk {chunk} of {ref} failed "
+                                 f"({type(exc).__name__})") from exc
+        return counted[0]
+
+    def finish_snapshot(self, ref: TableRef, kind: TableKind | str, *, version: int) -> None:
+        """Mark the table loaded: an empty commit carrying its app id at `version` (the
+        earliest finished chunk's point, from where the stream replays its changes)."""
+        kind = TableKind(kind)
+        path = self._writable_path(ref, kind)
+        try:
+            dt = self._load(path)
+            if dt is None:
+                raise SinkWriteError(f"{ref}: the snapshot's {kind} table is missing")
+            write_deltalake(dt, _arrow_schema(dt).empty_table(), mode="append",
+                            commit_properties=self._commit_properties(ref, kind, version))
+        except (DeltaError, OSError) as exc:
+            raise SinkWriteError(f"finishing the snapshot of {ref} failed "
+                                 f"({type(exc).__name__})") from exc
+        self._tables.pop(path, None)
+        self._after_commit(ref, kind, version)
+        log.info("snapshot_loaded", table=ref.qualified, kind=str(kind), lsn=format_lsn(version))
 
     def maintain(self, ref: TableRef, kind: TableKind | str) -> MaintenanceResult:
         """Compact, checkpoint and vacuum one table as `self.maintenance` says.
@@ -907,6 +1058,100 @@ class DeltaSink:
 
 
 # --- pure helpers -----------------------------------------------------------------------
+
+
+def _snapshot_rows(
+    chunk: pa.Table, kind: TableKind, *, version: int, stamp_us: int, seq_base: int
+) -> pa.Table:
+    """Snapshot data columns as rows of `kind`: consolidated rows stamped `_cdc_lsn = version`,
+    not deleted; append rows are `R` rows numbered from `seq_base`."""
+    n = chunk.num_rows
+    cols = {c: chunk.column(c) for c in chunk.column_names}
+    cols[LSN] = pa.repeat(pa.scalar(version, pa.int64()), n)
+    cols[COMMITTED_AT] = pa.repeat(pa.scalar(stamp_us, pa.int64()), n).cast(TIMESTAMP_UTC)
+    if kind is TableKind.CONSOLIDATED:
+        cols[DELETED] = pa.repeat(pa.scalar(False), n)
+        cols[DELETED_AT] = pa.nulls(n, TIMESTAMP_UTC)
+    else:
+        ones = pa.repeat(pa.scalar(1, pa.int64()), n)
+        cols[SEQ] = pc.add(pc.cumulative_sum(ones), seq_base - 1) if n else ones
+        cols[OP] = pa.repeat(pa.scalar("R"), n)
+        cols[UNCHANGED] = pa.nulls(n, UNCHANGED_TYPE)
+    return pa.table(cols)
+
+
+def _tee_write(
+    kinds: Sequence[TableKind],
+    pieces: Iterable[pa.Table],
+    write: Any,
+) -> None:
+    """Feed every piece to one `write(kind, pieces)` per kind, each in its own thread, through
+    bounded queues (memory stays bounded); the first failure stops them all and is raised."""
+    import queue
+    import threading
+
+    done = object()
+    queues: list[queue.Queue[object]] = [queue.Queue(maxsize=2) for _ in kinds]
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def consume(q: queue.Queue[object]) -> Iterator[pa.Table]:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise RuntimeError("snapshot chunk aborted") from item
+            assert isinstance(item, pa.Table)
+            yield item
+
+    def run(kind: TableKind, q: queue.Queue[object]) -> None:
+        try:
+            write(kind, consume(q))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the feeding thread
+            errors.append(exc)
+            failed.set()
+            while True:  # unblock the feeder
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+
+    def put(q: queue.Queue[object], item: object) -> None:
+        while not failed.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    threads = [threading.Thread(target=run, args=(k, q), daemon=True,
+                                name=f"snapshot-{k}") for k, q in zip(kinds, queues, strict=True)]
+    for t in threads:
+        t.start()
+    end: object = done
+    try:
+        for piece in pieces:
+            if failed.is_set():
+                break
+            for q in queues:
+                put(q, piece)
+    except BaseException as exc:  # noqa: BLE001 - every writer aborts, then it is re-raised
+        errors.append(exc)
+        failed.set()
+    if failed.is_set():  # never let a writer commit a partial chunk
+        end = errors[0] if errors else RuntimeError("snapshot chunk aborted")
+    for q, t in zip(queues, threads, strict=True):
+        while t.is_alive():
+            try:
+                q.put(end, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _ms(started: float) -> float:

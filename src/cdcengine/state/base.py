@@ -18,7 +18,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,6 +84,47 @@ class TableRecord:
     state: TableState
     reason: str | None
     remedy: str | None
+    updated_at: datetime
+
+
+class ChunkState(enum.StrEnum):
+    PLANNED = "planned"
+    COPYING = "copying"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotChunkRecord:
+    """One planned chunk of a table snapshot, for progress display (the Delta log decides
+    which chunks are really finished; see `cdcengine.snapshots`)."""
+
+    chunk_id: int
+    attempt: int  # the consistent point of the attempt that planned the chunks
+    leaf: str  # the partition (or the table itself) the chunk reads
+    lo: str | None  # key range [lo, hi) as the source prints the key; None: unbounded
+    hi: str | None
+    estimated_rows: int
+    state: ChunkState
+    rows: int = 0
+    lsn: int | None = None  # the consistent point the chunk was copied under, once finished
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotProgress:
+    """A table snapshot's progress (`status`, `snapshot_progress` log events)."""
+
+    attempt: int
+    resumed: bool  # this run continued an interrupted snapshot
+    chunks_total: int
+    chunks_done: int
+    rows_total: int  # estimate (planner statistics) until finished
+    rows_done: int  # rows in finished chunks plus rows copied so far in running chunks
+    rows_copied: int  # rows copied by this run (a resumed run copies only what was missing)
+    rows_per_s: float | None
+    eta_s: float | None
+    finished: bool
+    started_at: datetime
     updated_at: datetime
 
 
@@ -155,6 +196,26 @@ class StateStore(Protocol):
         remedy: str | None = None,
     ) -> TableRecord: ...
     def remove_table(self, source: str, table: str) -> None: ...
+
+    # snapshot progress (display only; the Delta log is the truth)
+    def record_snapshot_plan(
+        self, source: str, table: str, chunks: Sequence[SnapshotChunkRecord]
+    ) -> None: ...
+    def update_snapshot_chunk(
+        self,
+        source: str,
+        table: str,
+        chunk_id: int,
+        *,
+        state: ChunkState,
+        rows: int,
+        lsn: int | None = None,
+    ) -> None: ...
+    def list_snapshot_chunks(self, source: str, table: str) -> list[SnapshotChunkRecord]: ...
+    def set_snapshot_progress(
+        self, source: str, table: str, progress: SnapshotProgress
+    ) -> None: ...
+    def get_snapshot_progress(self, source: str, table: str) -> SnapshotProgress | None: ...
 
     # settings overrides
     def set_setting(self, source: str, key: str, value: bool | int) -> SettingValue: ...

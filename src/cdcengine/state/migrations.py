@@ -78,6 +78,42 @@ MIGRATIONS: tuple[Migration, ...] = (
                 expires_at DOUBLE PRECISION NOT NULL)""",
         ),
     ),
+    Migration(
+        version=2,
+        description="snapshot chunk progress (display only: the Delta log is the truth)",
+        statements=(
+            """CREATE TABLE snapshot_chunks (
+                source TEXT NOT NULL,
+                table_name TEXT NOT NULL,
+                chunk_id INTEGER NOT NULL,
+                attempt BIGINT NOT NULL,
+                leaf TEXT NOT NULL,
+                lo TEXT,
+                hi TEXT,
+                estimated_rows BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                rows_copied BIGINT NOT NULL,
+                lsn BIGINT,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (source, table_name, chunk_id))""",
+            """CREATE TABLE snapshot_progress (
+                source TEXT NOT NULL,
+                table_name TEXT NOT NULL,
+                attempt BIGINT NOT NULL,
+                resumed INTEGER NOT NULL,
+                chunks_total INTEGER NOT NULL,
+                chunks_done INTEGER NOT NULL,
+                rows_total BIGINT NOT NULL,
+                rows_done BIGINT NOT NULL,
+                rows_copied BIGINT NOT NULL,
+                rows_per_s DOUBLE PRECISION,
+                eta_s DOUBLE PRECISION,
+                finished INTEGER NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (source, table_name))""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,9 +25,12 @@ from types import TracebackType
 from cdcengine.errors import LeaseHeld, Reason, StateStoreError
 from cdcengine.state.base import (
     SETTING_KEYS,
+    ChunkState,
     Lease,
     Marker,
     SettingValue,
+    SnapshotChunkRecord,
+    SnapshotProgress,
     SourceRecord,
     SourceState,
     TableRecord,
@@ -89,6 +92,38 @@ def _table(row: sqlite3.Row) -> TableRecord:
         state=TableState(row["state"]),
         reason=row["reason"],
         remedy=row["remedy"],
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _chunk(row: sqlite3.Row) -> SnapshotChunkRecord:
+    return SnapshotChunkRecord(
+        chunk_id=int(row["chunk_id"]),
+        attempt=int(row["attempt"]),
+        leaf=row["leaf"],
+        lo=row["lo"],
+        hi=row["hi"],
+        estimated_rows=int(row["estimated_rows"]),
+        state=ChunkState(row["state"]),
+        rows=int(row["rows_copied"]),
+        lsn=None if row["lsn"] is None else int(row["lsn"]),
+        updated_at=_dt(row["updated_at"]),
+    )
+
+
+def _progress(row: sqlite3.Row) -> SnapshotProgress:
+    return SnapshotProgress(
+        attempt=int(row["attempt"]),
+        resumed=bool(row["resumed"]),
+        chunks_total=int(row["chunks_total"]),
+        chunks_done=int(row["chunks_done"]),
+        rows_total=int(row["rows_total"]),
+        rows_done=int(row["rows_done"]),
+        rows_copied=int(row["rows_copied"]),
+        rows_per_s=row["rows_per_s"],
+        eta_s=row["eta_s"],
+        finished=bool(row["finished"]),
+        started_at=_dt(row["started_at"]),
         updated_at=_dt(row["updated_at"]),
     )
 
@@ -471,6 +506,82 @@ class SQLiteStateStore:
         """The table is no longer recorded for the source. Idempotent."""
         with self._write() as conn:
             conn.execute("DELETE FROM source_tables WHERE source = ? AND name = ?", (source, table))
+
+    # snapshot progress (display only) -------------------------------------------------------
+
+    def record_snapshot_plan(
+        self, source: str, table: str, chunks: Sequence[SnapshotChunkRecord]
+    ) -> None:
+        """Replace the table's chunk records with `chunks` (a new or resumed attempt)."""
+        now = self._clock()
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM snapshot_chunks WHERE source = ? AND table_name = ?", (source, table)
+            )
+            conn.executemany(
+                "INSERT INTO snapshot_chunks (source, table_name, chunk_id, attempt, leaf, lo, hi,"
+                " estimated_rows, state, rows_copied, lsn, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (source, table, c.chunk_id, c.attempt, c.leaf, c.lo, c.hi, c.estimated_rows,
+                     str(c.state), c.rows, c.lsn, now)
+                    for c in chunks
+                ],
+            )
+
+    def update_snapshot_chunk(
+        self,
+        source: str,
+        table: str,
+        chunk_id: int,
+        *,
+        state: ChunkState,
+        rows: int,
+        lsn: int | None = None,
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE snapshot_chunks SET state = ?, rows_copied = ?, lsn = ?, updated_at = ?"
+                " WHERE source = ? AND table_name = ? AND chunk_id = ?",
+                (str(ChunkState(state)), rows, lsn, self._clock(), source, table, chunk_id),
+            )
+
+    def list_snapshot_chunks(self, source: str, table: str) -> list[SnapshotChunkRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM snapshot_chunks WHERE source = ? AND table_name = ?"
+                " ORDER BY chunk_id",
+                (source, table),
+            ).fetchall()
+        return [_chunk(row) for row in rows]
+
+    def set_snapshot_progress(self, source: str, table: str, progress: SnapshotProgress) -> None:
+        p = progress
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO snapshot_progress (source, table_name, attempt, resumed,"
+                " chunks_total, chunks_done, rows_total, rows_done, rows_copied, rows_per_s,"
+                " eta_s, finished, started_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, table_name) DO UPDATE SET attempt = excluded.attempt,"
+                " resumed = excluded.resumed, chunks_total = excluded.chunks_total,"
+                " chunks_done = excluded.chunks_done, rows_total = excluded.rows_total,"
+                " rows_done = excluded.rows_done, rows_copied = excluded.rows_copied,"
+                " rows_per_s = excluded.rows_per_s, eta_s = excluded.eta_s,"
+                " finished = excluded.finished, started_at = excluded.started_at,"
+                " updated_at = excluded.updated_at",
+                (source, table, p.attempt, int(p.resumed), p.chunks_total, p.chunks_done,
+                 p.rows_total, p.rows_done, p.rows_copied, p.rows_per_s, p.eta_s,
+                 int(p.finished), p.started_at.timestamp(), p.updated_at.timestamp()),
+            )
+
+    def get_snapshot_progress(self, source: str, table: str) -> SnapshotProgress | None:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT * FROM snapshot_progress WHERE source = ? AND table_name = ?",
+                (source, table),
+            ).fetchone()
+        return None if row is None else _progress(row)
 
     # settings overrides -----------------------------------------------------------------------
 
