@@ -190,8 +190,11 @@ class BatchWriter:
                     continue  # replayed after a restart: already in this Delta table
                 try:
                     if kind is TableKind.APPEND:
-                        self._sink.write_append(ref, rows, version=batch.version,
-                                                key=batch.keys[ref])
+                        # `both`: the consolidated table is written after this, so it
+                        # still holds the values as of before the batch
+                        self._sink.write_append(
+                            ref, rows, version=batch.version, key=batch.keys[ref],
+                            fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
                     else:
                         self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
                                                       version=batch.version,

@@ -67,9 +67,11 @@ from cdcengine.sink.fold import (
     SEQ,
     UNCHANGED,
     UNCHANGED_TYPE,
+    append_lookup_keys,
     append_rows,
     data_columns,
     fold_for_merge,
+    has_key_change_with_unchanged,
     unresolved_rows,
 )
 
@@ -229,7 +231,9 @@ class DeltaSink:
         commits: list[CommitResult] = []
         for kind in kinds_for(spec.mode):
             if kind is TableKind.APPEND:
-                commits.append(self.write_append(ref, batch, version=version, key=spec.key))
+                commits.append(self.write_append(
+                    ref, batch, version=version, key=spec.key,
+                    fill_from_consolidated=spec.mode is TableMode.BOTH))
             else:
                 commits.append(
                     self.write_consolidated(
@@ -272,6 +276,11 @@ class DeltaSink:
             if applied is not None and version <= applied:
                 return self._skipped(ref, kind, applied, batch.num_rows, version)
             batch, truncate = _after_last_truncate(batch)
+            if has_key_change_with_unchanged(batch, keys):
+                # a key-changing update that kept a TOASTed column: its value belongs to the
+                # OLD key, stored in this very table (the merge alone would insert NULL)
+                batch = append_rows(batch, keys,
+                                    prior=self._last_known(ref, batch, keys, applied))
             folded = fold_for_merge(batch, keys)
             _assert_unique(folded, keys, ref)
             created = dt is None
@@ -310,7 +319,13 @@ class DeltaSink:
         return out
 
     def write_append(
-        self, ref: TableRef, batch: pa.Table, *, version: int, key: Sequence[str] = ()
+        self,
+        ref: TableRef,
+        batch: pa.Table,
+        *,
+        version: int,
+        key: Sequence[str] = (),
+        fill_from_consolidated: bool = False,
     ) -> CommitResult:
         """Append one batch to the change-log table in ONE Delta commit carrying the txn.
 
@@ -319,6 +334,12 @@ class DeltaSink:
         is listed in `_cdc_unchanged`. Same skip rule, creation, empty-batch and error behaviour
         as `write_consolidated`. `(_cdc_lsn, _cdc_seq)` stays unique as long as the caller
         sends each source transaction once per version (a replay is skipped).
+
+        `fill_from_consolidated` (table mode `both`, where the append table of a batch is
+        written BEFORE its consolidated table): what the batch cannot resolve (a D without an
+        earlier change of its key in the batch, an unchanged-TOAST column no earlier change
+        knew) is filled from the stored consolidated row of the key, which still holds the
+        values as of before the batch (see `_last_known`).
         """
         kind = TableKind.APPEND
         started = time.perf_counter()
@@ -329,7 +350,12 @@ class DeltaSink:
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
                 return self._skipped(ref, kind, applied, batch.num_rows, version)
-            rows = append_rows(batch, key)
+            prior = (
+                self._last_known(ref, batch, list(key), applied)
+                if fill_from_consolidated and key
+                else None
+            )
+            rows = append_rows(batch, key, prior=prior)
             if dt is None:
                 dt = self._create(path, ref, kind, _append_schema(rows), list(key))
                 added: tuple[str, ...] = ()
@@ -362,6 +388,58 @@ class DeltaSink:
         )
         self._log_commit(out)
         return out
+
+    def _last_known(
+        self, ref: TableRef, batch: pa.Table, keys: list[str], applied: int | None
+    ) -> pa.Table | None:
+        """The stored consolidated rows of the keys `batch` cannot resolve on its own, as they
+        were BEFORE the batch (None when there is nothing to look up or nothing usable).
+
+        Only the candidate keys (`append_lookup_keys`) are read, through a key filter on the
+        pyarrow dataset (files and row groups whose statistics exclude the keys are skipped),
+        and only the batch's data columns the table holds. A stored row is used only when it
+        is live and older than the key's first change in the batch, and only when the
+        consolidated table has applied at least what the append table had (so no change
+        between the stored row and the batch is missing: after a crash between the two
+        kinds the consolidated table lags, and then nothing is filled).
+        """
+        wanted = append_lookup_keys(batch, keys)
+        if wanted.num_rows == 0:
+            return None
+        dt = self._cached(self.path(ref, TableKind.CONSOLIDATED))
+        if dt is None:
+            return None
+        stored_version = self._txn_version(dt, ref, TableKind.CONSOLIDATED)
+        if stored_version is None or (applied is not None and stored_version < applied):
+            log.info("append_fill_skipped", table=ref.qualified, reason="consolidated_behind",
+                     consolidated_lsn=None if stored_version is None
+                     else format_lsn(stored_version))
+            return None
+        target = _arrow_schema(dt)
+        if any(k not in target.names for k in keys):
+            return None
+        columns = [c for c in data_columns(batch) if c in target.names]
+        condition: pads.Expression = ~pads.field(DELETED)
+        for k in keys:
+            values = wanted.column(k).combine_chunks().cast(target.field(k).type)
+            condition = condition & pads.field(k).isin(values)
+        stored = dt.to_pyarrow_dataset().to_table(columns=[*columns, LSN], filter=condition)
+        if stored.num_rows == 0:
+            return None
+        # exact key match (the per-column filters over-approximate a composite key), and only
+        # rows older than the key's first change in this batch
+        index = stored.select([*keys, LSN]).rename_columns([*keys, "__stored_lsn"])
+        index = index.append_column("__row", pa.array(range(stored.num_rows), pa.int64()))
+        probe_schema = pa.schema([target.field(k) for k in keys]
+                                 + [pa.field("__first_lsn", pa.int64())])
+        probe = wanted.rename_columns([*keys, "__first_lsn"]).cast(probe_schema)
+        joined = index.join(probe, keys=keys, join_type="inner", use_threads=False)
+        older = pc.fill_null(pc.less(joined.column("__stored_lsn"),
+                                     joined.column("__first_lsn")), False)
+        rows = joined.column("__row").filter(older)
+        if len(rows) == 0:
+            return None
+        return stored.select(columns).take(rows)
 
     # --- upkeep ------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ no Delta):
   into it. This is what a Delta merge needs: delta-rs applies a source row per matching target row
   and INSERTS DUPLICATES when the source repeats a key in the not-matched branch.
 - `append_rows`: every row kept (a change log), unchanged-TOAST placeholders and delete rows
-  filled from earlier changes of the same key in the batch where known.
+  filled from earlier changes of the same key in the batch where known, else from `prior`
+  values (the stored consolidated rows, `append_lookup_keys` says which keys to look up); the
+  insert half of a key-changing update takes its unchanged-TOAST values from the old key.
 
 "Known" value of column `c` at a row: an I/U/R/T row knows `c` unless `c` is listed in its
 `_cdc_unchanged`; a D row knows `c` only when it carries a non-null value (replica identity FULL,
@@ -103,7 +105,9 @@ def fold_for_merge(batch: pa.Table, key: Sequence[str]) -> pa.Table:
     return _resolve(batch, keys, groups, lasts.take(pc.sort_indices(lasts)), for_merge=True)
 
 
-def append_rows(batch: pa.Table, key: Sequence[str] = ()) -> pa.Table:
+def append_rows(
+    batch: pa.Table, key: Sequence[str] = (), *, prior: pa.Table | None = None
+) -> pa.Table:
     """Every row, in input order, with unchanged-TOAST and delete values filled where known.
 
     For each row, a listed unchanged-TOAST column takes the value of the latest earlier change
@@ -111,15 +115,140 @@ def append_rows(batch: pa.Table, key: Sequence[str] = ()) -> pa.Table:
     becomes null); columns the batch cannot resolve stay listed with a null value. A D row's
     non-key data columns take the last values the batch knew for the key. With an empty `key`
     (a table without a replica identity key) rows are not related and nothing is filled.
-    Never changes the number, order or schema of the rows.
+
+    `prior`: the last known values of some keys as of BEFORE the batch (e.g. the stored
+    consolidated rows; at most one row per key; the key columns plus any subset of the data
+    columns). They count as a change preceding the batch that knew every column it holds, so
+    what the batch itself cannot resolve is filled from them; a data column `prior` lacks
+    stays unknown.
+
+    Never changes the number or order of the rows, nor the schema (except that `_cdc_unchanged`
+    is appended, all null, when `prior` is given and the batch had none).
     """
     keys = _check(batch, key, require_key=False)
     if batch.num_rows == 0 or not keys:
         return _normalise_unchanged(batch)
+    if prior is not None and prior.num_rows and UNCHANGED not in batch.column_names:
+        batch = batch.append_column(
+            pa.field(UNCHANGED, UNCHANGED_TYPE), pa.nulls(batch.num_rows, UNCHANGED_TYPE)
+        )
+    # A key-changing UPDATE arrives as a D of the old key and an I of the new one; only such
+    # an I can list unchanged-TOAST columns, and their values are the OLD key's: resolve those
+    # first with the I counted as a change of the old key, then everything as usual.
+    old_keyed, pairs = _key_change_view(batch, keys)
+    if pairs is not None:
+        first = _append_resolve(old_keyed, keys, prior)
+        for name in [*data_columns(batch), UNCHANGED]:
+            if name in keys:
+                continue
+            index = batch.schema.get_field_index(name)
+            merged = pc.if_else(pairs, first.column(name), batch.column(name))
+            batch = batch.set_column(index, batch.schema.field(index), merged)
+    return _append_resolve(batch, keys, prior)
+
+
+def _append_resolve(batch: pa.Table, keys: list[str], prior: pa.Table | None) -> pa.Table:
+    if prior is not None and prior.num_rows:
+        head = _prior_rows(batch, keys, prior)
+        joined = pa.concat_tables([head, batch])
+        groups = _Groups.of(joined, keys)
+        out = _resolve(joined, keys, groups, groups.positions, for_merge=False)
+        return out.slice(head.num_rows)
     groups = _Groups.of(batch, keys)
     if groups.unique:
         return _normalise_unchanged(batch)
     return _resolve(batch, keys, groups, groups.positions, for_merge=False)
+
+
+def _key_change_view(batch: pa.Table, keys: list[str]) -> tuple[pa.Table, pa.Array | None]:
+    """The batch with the key of every key-change insert (an I listing unchanged-TOAST columns
+    right after a D of the same transaction: `_cdc_lsn` equal, `_cdc_seq` one more) replaced
+    by the old key of that D, and the mask of those rows (None when there is none)."""
+    n = batch.num_rows
+    if UNCHANGED not in batch.column_names or SEQ not in batch.column_names or n < 2:
+        return batch, None
+    ops = _array(batch.column(OP))
+    listed = _bool(pc.greater(pc.list_value_length(batch.column(UNCHANGED)), 0))
+    inserts = _bool(pc.and_(pc.equal(ops, "I"), listed))
+    if not pc.any(inserts).as_py():
+        return batch, None
+    lsn, seq = _array(batch.column(LSN)), _array(batch.column(SEQ))
+    after_delete = _bool(pc.and_(
+        pc.and_(pc.equal(ops.slice(0, n - 1), "D"), pc.equal(lsn.slice(1), lsn.slice(0, n - 1))),
+        pc.equal(seq.slice(1), pc.add(seq.slice(0, n - 1), 1)),
+    ))
+    pairs = _bool(pc.and_(inserts, pa.concat_arrays([pa.array([False]), after_delete])))
+    if not pc.any(pairs).as_py():
+        return batch, None
+    positions = pc.indices_nonzero(_all_true(n)).cast(pa.int64())
+    source = pc.if_else(pairs, pc.subtract(positions, 1), positions)
+    view = batch
+    for k in keys:
+        index = view.schema.get_field_index(k)
+        view = view.set_column(index, view.schema.field(index), _array(view.column(k)).take(source))
+    return view, pairs
+
+
+def has_key_change_with_unchanged(batch: pa.Table, key: Sequence[str]) -> bool:
+    """Whether the insert half of a key-changing update lists an unchanged-TOAST column (its
+    value is the old key's, which the batch may not know)."""
+    if UNCHANGED not in batch.column_names or not key or not unresolved_rows(batch):
+        return False
+    _, pairs = _key_change_view(batch, list(key))
+    if pairs is None:
+        return False
+    lengths = pc.fill_null(pc.list_value_length(batch.column(UNCHANGED)), 0)
+    return bool(pc.any(pc.and_(pairs, pc.greater(lengths, 0))).as_py())
+
+
+def append_lookup_keys(batch: pa.Table, key: Sequence[str]) -> pa.Table:
+    """The keys whose last known values the batch alone cannot supply, for a lookup elsewhere.
+
+    A key is listed when one of its rows is a D with no earlier I/U/R of the key in the batch
+    (under the default replica identity it carries only the key), or lists an unchanged-TOAST
+    column that no earlier change of the key in the batch knew. Result: the key columns plus
+    `_cdc_lsn`, the LSN of the key's FIRST change in the batch (values stored elsewhere are
+    "before the batch" only when older than it); one row per key. 'T' rows are ignored. The
+    insert half of a key-changing update that lists unchanged-TOAST columns the batch cannot
+    resolve asks for its OLD key (whose values those are).
+    """
+    keys = _check(batch, key, require_key=True)
+    schema = pa.schema([batch.schema.field(k) for k in keys] + [pa.field(LSN, pa.int64())])
+    if batch.num_rows == 0:
+        return schema.empty_table()
+    ops = batch.column(OP)
+    rows = batch.filter(_bool(pc.not_equal(ops, "T")))
+    if rows.num_rows == 0:
+        return schema.empty_table()
+    need_toast = pa.nulls(rows.num_rows, pa.bool_()).fill_null(False)
+    if UNCHANGED in rows.column_names and unresolved_rows(rows):
+        resolved = append_rows(rows, keys)
+        lengths = pc.fill_null(pc.list_value_length(resolved.column(UNCHANGED)), 0)
+        need_toast = _bool(pc.greater(lengths, 0))
+    rows, _ = _key_change_view(rows, keys)  # a key change's unresolved insert needs the old key
+    n = rows.num_rows
+    index = pc.indices_nonzero(_all_true(n)).cast(pa.int64())
+    is_delete = _bool(pc.equal(rows.column(OP), "D"))
+    null_i64 = pa.scalar(None, pa.int64())
+    work = pa.table(
+        {
+            **{k: rows.column(k) for k in keys},
+            "lsn": rows.column(LSN),
+            "first_delete": pc.if_else(is_delete, index, null_i64),
+            "first_upsert": pc.if_else(is_delete, null_i64, index),
+            "toast": need_toast,
+        }
+    )
+    agg = work.group_by(keys, use_threads=False).aggregate(
+        [("lsn", "min"), ("first_delete", "min"), ("first_upsert", "min"), ("toast", "any")]
+    )
+    first_d, first_u = agg.column("first_delete_min"), agg.column("first_upsert_min")
+    earlier = _bool(pc.less(first_d, first_u))  # null (no upsert, or no delete) -> False
+    bare_delete = pc.and_(pc.is_valid(first_d), pc.or_(pc.is_null(first_u), earlier))
+    wanted = agg.filter(_bool(pc.or_(bare_delete, _bool(agg.column("toast_any")))))
+    return pa.table(
+        {**{k: wanted.column(k) for k in keys}, LSN: wanted.column("lsn_min")}
+    ).cast(schema)
 
 
 # --- internals ---------------------------------------------------------------------------
@@ -135,6 +264,39 @@ def _check(batch: pa.Table, key: Sequence[str], *, require_key: bool) -> list[st
     if missing:
         raise ValueError(f"change batch lacks column(s) {missing}; has {batch.column_names}")
     return keys
+
+
+def _prior_rows(batch: pa.Table, keys: list[str], prior: pa.Table) -> pa.Table:
+    """`prior` laid out as batch rows: an 'U' that knew the columns `prior` holds (a column it
+    lacks, or cannot cast to the batch's type, is listed unchanged); one row per key."""
+    missing = [k for k in keys if k not in prior.column_names]
+    if missing:
+        raise ValueError(f"prior values lack key column(s) {missing}")
+    m = prior.num_rows
+    unknown: list[str] = []
+    columns: dict[str, pa.Array | pa.ChunkedArray] = {}
+    for f in batch.schema:
+        if f.name == OP:
+            columns[f.name] = pa.array(["U"] * m, f.type)
+        elif f.name in (LSN, SEQ):
+            columns[f.name] = pa.nulls(m, f.type).fill_null(-1)
+        elif f.name == UNCHANGED:
+            continue
+        elif is_engine_column(f.name) or f.name not in prior.column_names:
+            columns[f.name] = pa.nulls(m, f.type)
+            if not is_engine_column(f.name):
+                unknown.append(f.name)
+        else:
+            try:
+                columns[f.name] = prior.column(f.name).cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                if f.name in keys:
+                    raise
+                columns[f.name] = pa.nulls(m, f.type)
+                unknown.append(f.name)
+    type_ = batch.schema.field(UNCHANGED).type
+    columns[UNCHANGED] = pa.array([unknown or None] * m, type_)
+    return pa.table(columns, schema=batch.schema)
 
 
 def _normalise_unchanged(batch: pa.Table) -> pa.Table:
