@@ -342,7 +342,7 @@ class Batcher:
             rel.seq, rel.seq_txn = 0, self._txn_no
         seq = rel.seq
         rel.seq = seq + 1
-        if UNCHANGED in row:
+        if op == "U" and UNCHANGED in row:  # only an update's new row can hold the marker
             names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
                           if v is UNCHANGED)
             buf.unchanged[len(buf.rows)] = names
