@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,39 @@ def slot_exists(dsn: str, name: str) -> bool:
 
 def publication_exists(dsn: str, name: str) -> bool:
     return bool(query(dsn, "SELECT 1 FROM pg_publication WHERE pubname = %s", [name]))
+
+
+class TransactionLoop:
+    """Runs `transaction(conn)` again and again, one source transaction each, on a background
+    thread for the duration of a `with` block; the thread's error is raised at its end."""
+
+    def __init__(self, dsn: str, seed: int) -> None:
+        self.dsn = dsn
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.transactions = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def transaction(self, conn: psycopg.Connection[Any]) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self.stop.is_set():
+                    with conn.transaction():
+                        self.transaction(conn)
+                    self.transactions += 1
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
+            self.error = exc
+
+    def __enter__(self) -> TransactionLoop:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        if self.error is not None:
+            raise self.error

@@ -10,17 +10,15 @@ the source), and no row's `_cdc_lsn` went backwards across the crash.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import query, source_for
+from cdc_util import TransactionLoop, query, source_for
 from test_pipeline import wait_for
 
 from cdcengine import api
@@ -54,27 +52,14 @@ def start_daemon(cfg: Path, failpoint: str | None, log: Path) -> subprocess.Pope
                             stderr=log.open("a"), text=True)
 
 
-class Workload:
+class Workload(TransactionLoop):
     """Small multi-table transactions (inserts, updates, deletes, key changes) until stopped."""
 
     def __init__(self, dsn: str, seed: int) -> None:
-        self.dsn = dsn
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
+        super().__init__(dsn, seed)
         self.next_id = 1000
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while not self.stop.is_set():
-                    with conn.transaction():
-                        self._transaction(conn)
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
-            self.error = exc
-
-    def _transaction(self, conn: psycopg.Connection[Any]) -> None:
+    def transaction(self, conn: psycopg.Connection[Any]) -> None:
         rng = self.rng
         for _ in range(rng.randint(1, 6)):
             self.next_id += 1
@@ -94,16 +79,6 @@ class Workload:
             else:
                 conn.execute("INSERT INTO ledger (acct, amount) VALUES (%s, %s)",
                              [rng.randint(1, 2000), rng.randint(-500, 500)])
-
-    def __enter__(self) -> Workload:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        if self.error is not None:
-            raise self.error
 
 
 def source_rows(dsn: str, table: str) -> dict[int, tuple[Any, ...]]:

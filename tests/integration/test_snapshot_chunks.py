@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import query, source_for, store
+from cdc_util import TransactionLoop, query, source_for, store
 from test_pipeline import Running, wait_for
 
 from cdcengine import api
@@ -27,51 +26,29 @@ from cdcengine.state.base import ChunkState, TableState
 from cdcengine_postgres.snapshot import TableSnapshot
 
 
-class Writer:
+class Writer(TransactionLoop):
     """Small transactions (insert, update, delete, key change) on `table` until stopped."""
 
     def __init__(self, dsn: str, table: str, *, first_id: int, top: int, seed: int = 7) -> None:
-        self.dsn, self.table, self.next_id, self.top = dsn, table, first_id, top
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.transactions = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(dsn, seed)
+        self.table, self.next_id, self.top = table, first_id, top
 
-    def _run(self) -> None:
+    def transaction(self, conn: psycopg.Connection[Any]) -> None:
         t = self.table
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while not self.stop.is_set():
-                    with conn.transaction():
-                        for _ in range(self.rng.randint(1, 4)):
-                            k = self.rng.randint(1, self.top)
-                            choice = self.rng.random()
-                            self.next_id += 1
-                            if choice < 0.35:
-                                conn.execute(f"INSERT INTO {t} (id, v, note) VALUES (%s, 1, 'new')"
-                                             " ON CONFLICT DO NOTHING", [self.next_id])
-                            elif choice < 0.7:
-                                conn.execute(f"UPDATE {t} SET v = v + 1, note = note || 'u' "
-                                             "WHERE id = %s", [k])
-                            elif choice < 0.9:
-                                conn.execute(f"DELETE FROM {t} WHERE id = %s", [k])
-                            else:  # moves the row to another key range (another chunk)
-                                conn.execute(f"UPDATE {t} SET id = %s WHERE id = %s",
-                                             [self.next_id, k])
-                    self.transactions += 1
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the test
-            self.error = exc
-
-    def __enter__(self) -> Writer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        if self.error is not None:
-            raise self.error
+        for _ in range(self.rng.randint(1, 4)):
+            k = self.rng.randint(1, self.top)
+            choice = self.rng.random()
+            self.next_id += 1
+            if choice < 0.35:
+                conn.execute(f"INSERT INTO {t} (id, v, note) VALUES (%s, 1, 'new')"
+                             " ON CONFLICT DO NOTHING", [self.next_id])
+            elif choice < 0.7:
+                conn.execute(f"UPDATE {t} SET v = v + 1, note = note || 'u' "
+                             "WHERE id = %s", [k])
+            elif choice < 0.9:
+                conn.execute(f"DELETE FROM {t} WHERE id = %s", [k])
+            else:  # moves the row to another key range (another chunk)
+                conn.execute(f"UPDATE {t} SET id = %s WHERE id = %s", [self.next_id, k])
 
 
 def source_rows(dsn: str, table: str) -> dict[int, tuple[Any, ...]]:
