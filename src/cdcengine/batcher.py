@@ -315,17 +315,17 @@ class Batcher:
     def _update(self, ev: Update) -> None:
         rel = self._relations.get(ev.relid)
         if rel is None or ev.old is None or not rel.key_idx:
-            self._change(ev.relid, "U", ev.new)
+            self._change(ev.relid, "U", ev.new, from_update=True)
             return
         old, new = ev.old, ev.new
         if any(old[i] != new[i] and new[i] is not UNCHANGED for i in rel.key_idx):
             # the key changed: a delete of the old key, then an insert of the new row
             self._change(ev.relid, "D", old)
-            self._change(ev.relid, "I", new)
+            self._change(ev.relid, "I", new, from_update=True)
         else:
-            self._change(ev.relid, "U", new)
+            self._change(ev.relid, "U", new, from_update=True)
 
-    def _change(self, relid: int, op: str, row: Row) -> None:
+    def _change(self, relid: int, op: str, row: Row, *, from_update: bool = False) -> None:
         rel = self._relations.get(relid)
         if rel is None or rel.stopped:
             return
@@ -342,7 +342,7 @@ class Batcher:
             rel.seq, rel.seq_txn = 0, self._txn_no
         seq = rel.seq
         rel.seq = seq + 1
-        if op == "U" and UNCHANGED in row:  # only an update's new row can hold the marker
+        if from_update and UNCHANGED in row:  # only an update's new row can hold the marker
             names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
                           if v is UNCHANGED)
             buf.unchanged[len(buf.rows)] = names

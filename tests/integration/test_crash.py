@@ -38,7 +38,9 @@ def write_config(tmp_path: Path, src: SourceConfig, state: str) -> Path:
         f'[engine]\nstate = "{state}"\nhttp_port = 0\n'
         f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
         f'tables = [{tables}]\ndestination = "{src.destination}"\n'
-        'table_mode = "both"\nflush_interval_ms = 50\nmax_batch_rows = 40\n')
+        'table_mode = "both"\nflush_interval_ms = 50\nmax_batch_rows = 400\n'
+        # compacted often: a backlog of tiny commits must not make every merge slower
+        'maintenance_interval_s = 3\n')
     return cfg
 
 

@@ -288,3 +288,15 @@ def test_a_changed_key_stops_the_table() -> None:
     assert batch is not None
     assert batch.tables[ORDERS]["id"].to_pylist() == ["1"]
     assert [s.reason for s in batch.stopped] == ["primary_key_changed"]
+
+
+def test_a_key_change_keeps_the_unchanged_toast_mark_on_its_insert() -> None:
+    b = make()
+    b.add(rel(cols=("id", "note", "big")))
+    txn(b, 1, 10, Update(relid=1, old=(b"1", None, None), new=(b"2", b"n", UNCHANGED)))
+    batch = b.take()
+    assert batch is not None
+    t = batch.tables[ORDERS]
+    assert t["_cdc_op"].to_pylist() == ["D", "I"]
+    assert t["_cdc_unchanged"].to_pylist() == [None, ["big"]]
+    assert t["big"].to_pylist() == [None, None]  # a placeholder, never the marker object
