@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from cdcengine.adapter import (
     Check,
+    ColumnDefault,
     ProvisionResult,
     PublicationInfo,
     SlotInfo,
@@ -17,7 +18,7 @@ from cdcengine.adapter import (
     TableInfo,
     TeardownResult,
 )
-from cdcengine_postgres import discovery, prerequisites, provision
+from cdcengine_postgres import defaults, discovery, prerequisites, provision
 from cdcengine_postgres.changes import PostgresChanges
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
@@ -27,9 +28,11 @@ from cdcengine_postgres.snapshot import TableSnapshot
 from cdcengine_postgres.verify import VerifyRead
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from cdcengine.config import SourceConfig, TableConfig
+    from cdcengine.names import TableRef
 
 
 class PostgresAdapter:
@@ -92,3 +95,9 @@ class PostgresAdapter:
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,
                 spill_dir: Path | None = None) -> PostgresChanges:
         return PostgresChanges(source, start_lsn=start_lsn, spill_dir=spill_dir)
+
+    def added_column_defaults(self, source: SourceConfig, ref: TableRef,
+                              columns: Sequence[str]) -> dict[str, ColumnDefault]:
+        with connect(source.dsn, secrets=source.secrets()) as conn, \
+                translate_errors(secrets=source.secrets(), context="reading column defaults"):
+            return defaults.added_column_defaults(conn, ref, columns)

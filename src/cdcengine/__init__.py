@@ -19,6 +19,7 @@ from cdcengine.api import (
     disable_cdc,
     discover_tables,
     enable_cdc,
+    resync_table,
     update_cdc_settings,
     verify,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "discover_tables",
     "enable_cdc",
     "load_config",
+    "resync_table",
     "update_cdc_settings",
     "verify",
 ]

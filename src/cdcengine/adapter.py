@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from cdcengine.batcher import ColumnConverter
     from cdcengine.config import SourceConfig, TableConfig
     from cdcengine.events import Event, Relation
+    from cdcengine.names import TableRef
 
 
 class Severity(enum.StrEnum):
@@ -168,6 +169,20 @@ class ChunkRange:
         return cls(id=int(id_), leaf=str(data["leaf"]),  # type: ignore[call-overload]
                    lo=None if lo is None else str(lo), hi=None if hi is None else str(hi),
                    estimated_rows=int(rows))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ColumnDefault:
+    """What rows that existed before an `ADD COLUMN` hold in it without any WAL saying so.
+
+    `kind`: "none" (no default: they hold NULL, which the stream already implies), "fast" (a
+    constant default stored once in the catalog: they hold `value`, typed as the column's Delta
+    type), "rewritten" (a volatile default or an identity column: the table was rewritten and
+    each row got its own value, which only a re-snapshot can read)."""
+
+    kind: str
+    value: pa.Scalar | None = None
+    text: str | None = None  # the source's text form of the default, for messages
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -332,4 +347,10 @@ class SourceAdapter(Protocol):
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,
                 spill_dir: Path | None = None) -> ChangeSession:
         """The change stream from the source's slot (start 0: where the slot confirmed)."""
+        ...
+
+    def added_column_defaults(self, source: SourceConfig, ref: TableRef,
+                              columns: Sequence[str]) -> dict[str, ColumnDefault]:
+        """For columns just added to `ref`: what the rows that existed before hold in them
+        (see `ColumnDefault`). A column no longer in the table is left out."""
         ...

@@ -374,6 +374,42 @@ def update_cdc_settings(
                               settings={k: new[k] for k in SETTINGS_KEYS})
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResyncResult:
+    source: str
+    table: str
+    queued: bool
+    daemon_running: bool  # a running daemon holds the lease and performs it while streaming
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def resync_table(source: SourceConfig, table: str, *, state: StateArg = None) -> ResyncResult:
+    """Queue a re-snapshot of one table (SPEC §3 `resync`): the table becomes `pending` with a
+    resync request in the state store. A running daemon (which holds the source's lease)
+    performs it within seconds while the other tables keep their progress; without a daemon
+    the next `run` does it before streaming. The swap into Delta is one commit per Delta table.
+    """
+    from cdcengine.resync import request_resync  # pipeline-side module: imported lazily
+
+    tc = tables_to_verify(source, table)[0]
+    with open_store(state) as store:
+        rec = store.get_source(source.name)
+        if not (rec and rec.enabled):
+            raise NotEnabled(f"source {source.name!r}: CDC is not enabled; run "
+                             "`cdcengine enable` first.")
+        held = store.get_lease(source.name)
+        daemon = held is not None and held.purpose == "daemon"
+        if daemon:
+            request_resync(store, source.name, tc)
+        else:
+            with hold_lease(store, source.name, purpose="resync", ttl_s=LEASE_TTL_S, wait_s=5):
+                request_resync(store, source.name, tc)
+    log.info("resync_requested", source=source.name, table=tc.name, daemon_running=daemon)
+    return ResyncResult(source=source.name, table=tc.name, queued=True, daemon_running=daemon)
+
+
 def _snapshot_view(store: StateStore, source: str, table: str) -> dict[str, object] | None:
     p = store.get_snapshot_progress(source, table)
     if p is None:

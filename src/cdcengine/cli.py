@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lag-warning-mb", type=int, metavar="N")
     c.add_argument("--lag-critical-mb", type=int, metavar="N")
     c.add_argument("--json", action="store_true")
+    c = cmd("resync", "re-snapshot one table while the others keep streaming (queued for "
+                      "the daemon, or done by the next run)")
+    c.add_argument("--source", metavar="S", required=True)
+    c.add_argument("--table", metavar="T", required=True, help="schema.table (bare → public)")
+    c.add_argument("--json", action="store_true")
     c = cmd("verify", "compare source tables with their Delta tables (row counts, then a "
                       "key/checksum diff) and report the differences; exit 1 unless all equal")
     c.add_argument("--source", metavar="S", required=True)
@@ -416,6 +421,19 @@ def cmd_settings(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
+    src = cfg.source(args.source)
+    res = api.resync_table(src, args.table, state=_state(cfg))
+    if args.json:
+        _print_json(res.to_dict())
+    elif res.daemon_running:
+        print(f"source {src.name}: resync of {res.table} queued; the running daemon performs it")
+    else:
+        print(f"source {src.name}: resync of {res.table} queued; the next `cdcengine run` "
+              "performs it")
+    return EXIT_OK
+
+
 def _show_verify(src: SourceConfig, res: api.VerifyResult) -> None:
     print(f"source {src.name} ({src.masked_dsn})")
     for t in res.tables:
@@ -487,6 +505,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "settings": cmd_settings,
     "demo": cmd_demo,
     "verify": cmd_verify,
+    "resync": cmd_resync,
 }
 
 

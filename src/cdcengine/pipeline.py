@@ -41,16 +41,18 @@ from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
+from cdcengine.resync import is_requested, resync_table
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.snapshots import snapshot_table
 from cdcengine.state.base import SourceState, StateStore, TableState, hold_lease
-from cdcengine.writer import Applied, BatchWriter, Durable, WriterStats
+from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
 
 log = structlog.get_logger("cdcengine.pipeline")
 
 LEASE_TTL_S = 60.0
 READ_TIMEOUT_S = 0.5
+RESYNC_POLL_S = 2.0  # how often a streaming run looks for queued `resync` requests
 
 
 @dataclass(slots=True)
@@ -94,8 +96,13 @@ class Pipeline:
                 sink = DeltaSink(src.destination, source=src.name,
                                  storage_options=dict(src.destination_options) or None)
                 self._snapshot_pending(store, sink, stop)
-                if not stop.is_set():
-                    self._stream(store, sink, stop, lambda: store.renew_lease(lease, LEASE_TTL_S))
+                renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
+                while not stop.is_set():
+                    self._resync_pending(store, sink, stop)
+                    # the stream session ends early when a resync is requested: it is
+                    # performed, then a new session replays from the slot's confirmed position
+                    if stop.is_set() or not self._stream(store, sink, stop, renew):
+                        break
             except CDCError as exc:
                 self._record_failure(store, exc)
                 raise
@@ -143,6 +150,22 @@ class Pipeline:
                      lsn=format_lsn(done.version or 0),
                      duration_ms=round((time.monotonic() - started) * 1000))
 
+    def _resync_requests(self, store: StateStore) -> list[TableConfig]:
+        wanted = {t.name for t in store.list_tables(self.source.name) if is_requested(t)}
+        return [tc for tc in self.source.table_configs if tc.name in wanted]
+
+    def _resync_pending(self, store: StateStore, sink: DeltaSink, stop: threading.Event) -> None:
+        """Perform queued `resync` requests (SPEC §3, §8), with no stream session open."""
+        for tc in self._resync_requests(store):
+            if stop.is_set():
+                return
+            store.set_source_state(self.source.name, SourceState.SNAPSHOTTING)
+            done = resync_table(self._adapter, self.source, tc, sink, store, stop=stop)
+            if not done.finished:
+                return
+            self._load_applied(sink, tc)
+            self.stats.snapshot_rows += done.rows
+
     def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:
         """Read each Delta table's applied version; True when every kind of the table has one."""
         versions = {kind: sink.applied_version(tc.ref, kind) for kind in kinds_for(tc.mode)}
@@ -155,7 +178,9 @@ class Pipeline:
 
     # ---- streaming ----------------------------------------------------------------------------
     def _stream(self, store: StateStore, sink: DeltaSink, stop: threading.Event,
-                renew: Callable[[], object]) -> None:
+                renew: Callable[[], object]) -> bool:
+        """Stream until `stop` (False) or until a resync is requested (True: the session
+        ended cleanly between transactions, everything complete committed)."""
         src = self.source
         live = {tc.ref: tc for tc in src.table_configs
                 if all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
@@ -170,13 +195,15 @@ class Pipeline:
             writer = BatchWriter(sink, source=src.name, tables=live, applied=self._applied,
                                  hard_deletes=src.hard_deletes, stats=self.stats,
                                  maintenance_interval_s=src.maintenance_interval_s,
-                                 on_durable=self._durable_hook()).start()
+                                 on_durable=self._durable_hook(),
+                                 defaults=self._defaults_fn()).start()
             loop = _Loop(self, store, changes, batcher, progress, writer)
             store.set_source_state(src.name, SourceState.STREAMING)
-            renewed = time.monotonic()
+            renewed = polled = time.monotonic()
+            resync = False
             try:
                 add = batcher.add
-                while not stop.is_set():
+                while not stop.is_set() and not resync:
                     for event in changes.events(READ_TIMEOUT_S):
                         add(event)
                         # batches close only between transactions: look only after commits
@@ -190,6 +217,10 @@ class Pipeline:
                     if time.monotonic() - renewed > LEASE_TTL_S / 3:
                         renew()
                         renewed = time.monotonic()
+                    if time.monotonic() - polled > RESYNC_POLL_S:
+                        polled = time.monotonic()
+                        resync = not batcher.in_transaction \
+                            and bool(self._resync_requests(store))
                 # a requested stop: commit what is complete, confirm what is durable, leave
                 if not batcher.in_transaction and batcher.version is not None:
                     loop.submit()
@@ -200,6 +231,15 @@ class Pipeline:
             loop.settle()
             changes.send_status()
             writer.check()
+        return resync
+
+    def _defaults_fn(self) -> DefaultsFn | None:
+        """The adapter's answer to "what do old rows hold in an added column" (SPEC §6)."""
+        ask = getattr(self._adapter, "added_column_defaults", None)
+        if ask is None:
+            return None
+        src = self.source
+        return lambda ref, columns: ask(src, ref, columns)
 
     def _durable_hook(self) -> Callable[[ChangeBatch, Durable], None] | None:
         on_batch = self._on_batch

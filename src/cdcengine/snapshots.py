@@ -193,6 +193,7 @@ class SnapshotOutcome:
     chunks_copied: int = 0  # by this run
     resumed: bool = False
     masked: dict[str, int] = field(default_factory=dict)
+    key: tuple[str, ...] = ()  # the columns rows are keyed by (declared or the table's key)
 
 
 def snapshot_table(
@@ -244,7 +245,8 @@ def snapshot_table(
         copied = run.copy(todo, workers)
         outcome = SnapshotOutcome(finished=False, rows_copied=meter.copied,
                                   rows_total=meter.rows_done, chunks_total=len(plan.chunks),
-                                  chunks_copied=copied, resumed=resumed, masked=dict(snap.masked))
+                                  chunks_copied=copied, resumed=resumed, masked=dict(snap.masked),
+                                  key=tuple(snap.key))
         if copied < len(todo):
             run.report(finished=False)
             return outcome

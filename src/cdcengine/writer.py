@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,16 +26,20 @@ import pyarrow.compute as pc
 import structlog
 
 from cdcengine import failpoints
+from cdcengine.adapter import ColumnDefault
 from cdcengine.batcher import ChangeBatch, StoppedTable
 from cdcengine.config import TableConfig
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
 from cdcengine.sink.base import SinkSchemaError, TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.sink.fold import data_columns
 
 log = structlog.get_logger("cdcengine.writer")
 
 Applied = dict[tuple[TableRef, TableKind], int]
+DefaultsFn = Callable[[TableRef, Sequence[str]], Mapping[str, ColumnDefault]]
+"""What rows existing before an ADD COLUMN hold in it (`SourceAdapter.added_column_defaults`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +72,10 @@ class BatchWriter:
     def __init__(self, sink: DeltaSink, *, source: str, tables: Mapping[TableRef, TableConfig],
                  applied: Applied, hard_deletes: bool, stats: WriterStats | None = None,
                  maintenance_interval_s: float = 600.0, depth: int = 1,
-                 on_durable: Callable[[ChangeBatch, Durable], None] | None = None) -> None:
+                 on_durable: Callable[[ChangeBatch, Durable], None] | None = None,
+                 defaults: DefaultsFn | None = None) -> None:
         self._sink = sink
+        self._defaults = defaults
         self._source = source
         self._tables = dict(tables)
         self._applied = applied
@@ -184,8 +190,14 @@ class BatchWriter:
                 continue
             tc = self._tables[ref]
             kinds = kinds_for(tc.mode)
+            table, refused = self._added_columns(batch, ref, tc, table)
+            if refused is not None:
+                self._stopped.add(ref)
+                stopped.append(refused)
+                continue
             for j, kind in enumerate(kinds):
-                rows = _after(table, self._applied.get((ref, kind), 0))
+                rows = _after(table if kind is TableKind.CONSOLIDATED else batch.tables[ref],
+                              self._applied.get((ref, kind), 0))
                 if rows.num_rows == 0:
                     continue  # replayed after a restart: already in this Delta table
                 try:
@@ -232,6 +244,50 @@ class BatchWriter:
         self._upkeep(touched)
         return done
 
+    def _added_columns(self, batch: ChangeBatch, ref: TableRef, tc: TableConfig,
+                       table: pa.Table) -> tuple[pa.Table, StoppedTable | None]:
+        """Columns added at the source since the consolidated table was last written: rows that
+        existed before hold the column's default without any WAL saying so (SPEC §6).
+
+        A constant default is backfilled into the stored rows older than the change (one commit
+        carrying the table's current version, so a replay is harmless) and into this batch's
+        rows from before it; a rewritten table (volatile default, identity) stops the table
+        (remedy: resync). The added columns are those the batch reports, plus batch columns the
+        Delta table lacks (after a restart the stream no longer shows the shape change: then
+        every stored row predates it, as no row of the new shape was committed)."""
+        if self._defaults is None or TableKind.CONSOLIDATED not in kinds_for(tc.mode):
+            return table, None
+        changes = [c for c in batch.schema_changes if c.ref == ref and c.added]
+        stored = self._sink.data_columns(ref, TableKind.CONSOLIDATED)
+        if stored is None:
+            return table, None  # a new Delta table: no old rows
+        known = {c.lower() for c in stored}
+        added = {c for change in changes for c in change.added}
+        added |= {c for c in data_columns(table) if c.lower() not in known}
+        if tc.columns is not None:
+            added &= set(tc.columns)
+        added &= set(table.column_names)
+        if not added:
+            return table, None
+        applied = self._applied.get((ref, TableKind.CONSOLIDATED), 0)
+        upto = min((c.lsn for c in changes), default=applied)
+        found = self._defaults(ref, sorted(added))
+        rewritten = sorted(c for c, d in found.items() if d.kind == "rewritten")
+        if rewritten:
+            return table, StoppedTable(
+                ref=ref, reason="schema_incompatible",
+                message=f"column(s) {rewritten} of {ref.qualified} were added with a volatile "
+                        "default (or as identity): PostgreSQL rewrote the table and gave each "
+                        "existing row its own value, which the change stream does not carry.",
+                remedy="resync the table", lsn=batch.version)
+        for column, default in sorted(found.items()):
+            if default.kind != "fast" or default.value is None:
+                continue
+            self._sink.backfill_column(ref, TableKind.CONSOLIDATED, column, default.value,
+                                       upto_lsn=upto)
+            table = _fill_before(table, column, default.value, upto)
+        return table, None
+
     def _upkeep(self, touched: list[tuple[TableRef, TableKind]]) -> None:
         """Compact, checkpoint and vacuum each written table once per maintenance interval."""
         if self._maintenance_s <= 0:
@@ -242,6 +298,18 @@ class BatchWriter:
             if now - last >= self._maintenance_s:
                 self._sink.maintain(ref, kind)
                 self._maintained[(ref, kind)] = time.monotonic()
+
+
+def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:
+    """`column` set to `value` where null in the rows with `_cdc_lsn <= upto`."""
+    col = table.column(column)
+    fill = pa.scalar(value.as_py(), col.type)
+    old = pc.less_equal(table["_cdc_lsn"], pa.scalar(upto, pa.int64()))
+    mask = pc.and_(old, pc.is_null(col))
+    if not pc.any(mask).as_py():
+        return table
+    filled = pc.if_else(mask, fill, col)
+    return table.set_column(table.schema.get_field_index(column), column, filled)
 
 
 def _after(table: pa.Table, applied: int) -> pa.Table:
