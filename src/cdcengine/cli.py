@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn, TextIO, TypeVar
 
 import structlog
@@ -368,6 +368,20 @@ def _show_status(_: SourceConfig, st: api.Status) -> None:
         lake = f"  (destination unreadable: {t.delta_error})" if t.delta_error else ""
         print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
               f"{t.applied_lsn or '-':<18} rows {rows}{why}{lake}")
+        if t.snapshot and not t.snapshot.get("finished"):
+            print(f"      snapshot: {_snapshot_progress(t.snapshot)}")
+
+
+def _snapshot_progress(snap: Mapping[str, object]) -> str:
+    """`rows of ~total rows, rows/s, chunks done/total, ETA` of a running table snapshot."""
+    def num(key: str) -> float:
+        value = snap.get(key)
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    eta = snap.get("eta_s")
+    return (f"{num('rows'):,.0f} of ~{num('rows_total'):,.0f} rows, {num('rows_per_s'):,.0f} "
+            f"rows/s, chunks {num('chunks_done'):.0f}/{num('chunks_total'):.0f}, ETA "
+            + (f"{eta:.0f} s" if isinstance(eta, int | float) else "-"))
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:

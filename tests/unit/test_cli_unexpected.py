@@ -40,3 +40,12 @@ def test_unexpected_error_is_reported_with_details_under_verbose_and_masked(
     assert "cli_unexpected_error" in err  # the -v details (traceback) were logged
     assert "Traceback" in err
     assert SECRET not in err
+
+
+def test_snapshot_progress_line() -> None:
+    from cdcengine.cli import _snapshot_progress
+
+    line = _snapshot_progress({"rows": 120_000, "rows_total": 1_000_000, "rows_per_s": 50_000.4,
+                               "chunks_done": 3, "chunks_total": 10, "eta_s": 17.6})
+    assert line == "120,000 of ~1,000,000 rows, 50,000 rows/s, chunks 3/10, ETA 18 s"
+    assert _snapshot_progress({}).endswith("ETA -")
