@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from stream_bench import WalsenderCpu  # same folder: scripts run from benchmarks/
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MB = 512.0
@@ -73,7 +74,6 @@ TABLE = "public.e2e_bench"
 SOURCE_NAME = "e2e_bench"
 RECV_SLOT = "e2e_bench_recv"
 BASE_SLOT = "e2e_bench_base"
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SCHEMA = (
     "CREATE TABLE public.e2e_bench (id bigint PRIMARY KEY, customer int, amount numeric(12,2),"
@@ -99,48 +99,6 @@ END $$
 
 
 # ---- shared helpers -----------------------------------------------------------------------
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (Linux /proc), or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-class _WalsenderCpu(threading.Thread):
-    """Samples the CPU seconds of the walsender serving `slot` until stopped (it exits with its
-    client, so the last sample taken while it lived is the total, within 50 ms)."""
-
-    def __init__(self, dsn: str, slot: str) -> None:
-        super().__init__(daemon=True)
-        self._dsn, self._slot = dsn, slot
-        self._halt = threading.Event()
-        self.cpu_s = 0.0
-
-    def run(self) -> None:
-        with psycopg.connect(self._dsn, autocommit=True) as conn:
-            pid: int | None = None
-            while not self._halt.is_set():
-                if pid is None:
-                    row = conn.execute(
-                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
-                        [self._slot],
-                    ).fetchone()
-                    pid = row[0] if row and isinstance(row[0], int) else None
-                if pid is not None:
-                    cpu = _proc_cpu_s(pid)
-                    if cpu is not None:
-                        self.cpu_s = cpu
-                self._halt.wait(0.05)
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join()
-        return self.cpu_s
 
 
 def _one(
@@ -380,7 +338,7 @@ def run_recvlogical(
             "-E", end_lsn, "-f", "/dev/null",
             "-o", "proto_version=1", "-o", f"publication_names={publication}",
         ]  # fmt: skip
-        sampler = _WalsenderCpu(srv.dsn, RECV_SLOT)
+        sampler = WalsenderCpu(srv.dsn, RECV_SLOT)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.start()
         t0 = time.perf_counter()
@@ -415,7 +373,7 @@ def run_engine(
         "profile": args.profile,
         "profile_top": args.profile_top,
     }
-    sampler = _WalsenderCpu(srv.dsn, slot)
+    sampler = WalsenderCpu(srv.dsn, slot)
     sampler.start()
     child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "_engine"], stdin=subprocess.PIPE, text=True

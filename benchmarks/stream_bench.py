@@ -73,7 +73,7 @@ class Run:
     client_cpu_s: float
 
 
-def _proc_cpu_s(pid: int) -> float | None:
+def proc_cpu_s(pid: int) -> float | None:
     """utime + stime of a process (Linux /proc), or None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -83,7 +83,7 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-class _WalsenderCpu(threading.Thread):
+class WalsenderCpu(threading.Thread):
     """Samples the CPU time of the walsender serving `slot` until stopped (it exits with the
     client, so the last sample taken while it lived is the total)."""
 
@@ -107,7 +107,7 @@ class _WalsenderCpu(threading.Thread):
                 ).fetchone()
                 pid = row[0] if row and isinstance(row[0], int) else None
             if pid is not None:
-                cpu = _proc_cpu_s(pid)
+                cpu = proc_cpu_s(pid)
                 if cpu is not None:
                     self.cpu_s = cpu
             self._halt.wait(0.05)
@@ -151,7 +151,7 @@ def run_recvlogical(
         "-o", "proto_version=1", "-o", "publication_names=pb",
     ]  # fmt: skip
     env = {**os.environ, "PGPASSWORD": cluster.password}
-    sampler = _WalsenderCpu(cluster.admin_dsn, slot)
+    sampler = WalsenderCpu(cluster.admin_dsn, slot)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     sampler.start()
@@ -169,7 +169,7 @@ def run_stream(
 ) -> Run:
     slot = "bench_stream"
     _fresh_copy(admin, slot)
-    sampler = _WalsenderCpu(cluster.admin_dsn, slot)
+    sampler = WalsenderCpu(cluster.admin_dsn, slot)
     inserts = 0
     cpu0 = time.process_time()
     t0 = time.perf_counter()
