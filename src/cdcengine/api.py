@@ -475,8 +475,7 @@ def _delta_status(source: SourceConfig, tc: TableConfig) -> dict[str, object]:
     """What the Delta log says of one source table: applied LSN (the minimum over its Delta
     tables: everything up to it is in all of them) and row counts. A destination that cannot
     be read is reported, never raised: status must work while the lake is down."""
-    sink = DeltaSink(source.destination, source=source.name,
-                     storage_options=dict(source.destination_options) or None)
+    sink = DeltaSink.for_source(source)
     views: list[DeltaTableView] = []
     try:
         for kind in kinds_for(tc.mode):

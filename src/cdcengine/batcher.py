@@ -269,14 +269,7 @@ class Batcher:
             return
         if not (added or dropped or retyped):
             return
-        buf = self._buffers.get(ref)
-        if buf is not None and buf.rows:
-            part = self._convert(buf, self._masked)
-            buf.parts.append(part)
-            buf.converted += part.num_rows
-            self._part_bytes += part.nbytes
-            self._bytes = sum(ROW_OVERHEAD_BYTES + sum(map(len, filter(None, r)))  # type: ignore[arg-type]
-                              for b in self._buffers.values() for r in b.rows)
+        self._seal_tails()  # rows so far keep the shape they were sent with
         lsn = self._begin.final_lsn if self._begin else (self._version or 0)
         self._schema_changes.append(SchemaChange(ref=ref, lsn=lsn, added=added, dropped=dropped,
                                                  retyped=retyped, relation=new))
@@ -361,18 +354,25 @@ class Batcher:
         the text tails to Arrow, several times smaller; once converted parts exceed the budget
         as well, move them to spill files that stay memory-mapped (clean pages the kernel can
         drop), so one huge transaction still lands in one batch without holding it in RAM."""
-        for buf in self._buffers.values():
-            if buf.rows:
-                part = self._convert(buf, self._masked)
-                buf.parts.append(part)
-                buf.converted += part.num_rows
-                self._part_bytes += part.nbytes
-        self._bytes = 0
+        self._seal_tails()
         if self._part_bytes >= self._max_bytes:
             for buf in self._buffers.values():
                 buf.parts[buf.spilled:] = [self._spill(p) for p in buf.parts[buf.spilled:]]
                 buf.spilled = len(buf.parts)
             self._part_bytes = 0
+
+    def _seal_tails(self) -> None:
+        """Convert every buffer's text tail to an Arrow part (under the buffer's current shape)."""
+        for buf in self._buffers.values():
+            if buf.rows:
+                self._seal(buf)
+        self._bytes = 0
+
+    def _seal(self, buf: _Buffer) -> None:
+        part = self._convert(buf)
+        buf.parts.append(part)
+        buf.converted += part.num_rows
+        self._part_bytes += part.nbytes
 
     def _spill(self, part: pa.Table) -> pa.Table:
         fd, name = tempfile.mkstemp(prefix="cdcengine-batch-", suffix=".arrow",
@@ -427,13 +427,12 @@ class Batcher:
             return None
         tables: dict[TableRef, pa.Table] = {}
         keys: dict[TableRef, tuple[str, ...]] = {}
-        masked = self._masked
         for ref, buf in self._buffers.items():
             if buf.count:
-                tables[ref] = self._to_arrow(buf, masked)
+                tables[ref] = self._to_arrow(buf)
                 keys[ref] = buf.rel.key
         batch = ChangeBatch(version=self._version, transactions=self._txns, tables=tables,
-                            keys=keys, masked=masked, stopped=tuple(self._new_stops),
+                            keys=keys, masked=self._masked, stopped=tuple(self._new_stops),
                             schema_changes=tuple(self._schema_changes))
         self._buffers.clear()
         self._batch_no += 1
@@ -446,7 +445,7 @@ class Batcher:
         self._version = None
         return batch
 
-    def _convert(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+    def _convert(self, buf: _Buffer) -> pa.Table:
         """The tail's text rows as one Arrow part (data columns, `_cdc_op`, `_cdc_seq`,
         `_cdc_unchanged`); the tail is emptied."""
         rel, n = buf.rel, len(buf.rows)
@@ -464,6 +463,7 @@ class Batcher:
                 continue
             array, bad = convert(values)
             if bad:
+                masked = self._masked
                 masked[(rel.spec.ref, col.name)] = masked.get((rel.spec.ref, col.name), 0) + bad
             arrays.append(array)
             names.append(col.name)
@@ -475,11 +475,9 @@ class Batcher:
         buf.rows, buf.ops, buf.seqs, buf.unchanged = [], [], [], {}
         return pa.Table.from_arrays(arrays, names=names)
 
-    def _to_arrow(self, buf: _Buffer, masked: dict[tuple[TableRef, str], int]) -> pa.Table:
+    def _to_arrow(self, buf: _Buffer) -> pa.Table:
         if buf.rows or not buf.parts:
-            part = self._convert(buf, masked)
-            buf.parts.append(part)
-            buf.converted += part.num_rows
+            self._seal(buf)
         if len(buf.parts) == 1:
             table = buf.parts[0]
         else:

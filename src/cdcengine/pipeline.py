@@ -93,8 +93,7 @@ class Pipeline:
                                retryable=False, fix="Run `cdcengine repair` for this source.")
             try:
                 self._check_identity(store, rec.system_identifier, rec.timeline)
-                sink = DeltaSink(src.destination, source=src.name,
-                                 storage_options=dict(src.destination_options) or None)
+                sink = DeltaSink.for_source(src)
                 self._snapshot_pending(store, sink, stop)
                 renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
                 while not stop.is_set():

@@ -72,8 +72,7 @@ def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfi
         store.set_table_state(source.name, table.name, TableState.STREAMING)
         return ResyncOutcome(finished=True, version=plain.version, rows=plain.rows_copied)
     staging_root = f"{source.destination.rstrip('/')}/{STAGING}/{table.ref.qualified}"
-    staged_sink = DeltaSink(staging_root, source=source.name,
-                            storage_options=dict(source.destination_options) or None)
+    staged_sink = DeltaSink.for_source(source, destination=staging_root)
     _remove(staging_root)
     store.set_table_state(source.name, table.name, TableState.SNAPSHOTTING)
     done = snapshot_table(adapter, source, table, staged_sink, store, stop=stop)

@@ -461,8 +461,7 @@ def verify_table(
     started = time.monotonic()
     mode = str(table.mode)
     kind = (TableKind.CONSOLIDATED if table.mode.writes_consolidated else TableKind.APPEND)
-    sink = DeltaSink(source.destination, source=source.name,
-                     storage_options=dict(source.destination_options) or None)
+    sink = DeltaSink.for_source(source)
     storage = dict(source.destination_options) or None
     path = sink.path(table.ref, kind)
     app_id = sink.app_id(table.ref, kind)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -88,3 +91,15 @@ class TransactionLoop:
         self.thread.join(30)
         if self.error is not None:
             raise self.error
+
+
+def start_daemon(cfg: Path, log: Path, failpoint: str | None = None) -> subprocess.Popen[str]:
+    """`cdcengine run` on `cfg` as a process, its output appended to `log`; `failpoint` arms
+    `CDCENGINE_FAILPOINT` (cdcengine.failpoints) so it kills itself there."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CDCENGINE__") and k != "CDCENGINE_FAILPOINT"}
+    if failpoint:
+        env["CDCENGINE_FAILPOINT"] = failpoint
+    return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+                            cwd=cfg.parent, env=env, stdout=log.open("a"),
+                            stderr=subprocess.STDOUT, text=True)

@@ -9,16 +9,13 @@ the source), and no row's `_cdc_lsn` went backwards across the crash.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, query, source_for
+from cdc_util import TransactionLoop, query, source_for, start_daemon
 from test_pipeline import wait_for
 
 from cdcengine import api
@@ -42,16 +39,6 @@ def write_config(tmp_path: Path, src: SourceConfig, state: str) -> Path:
         # compacted often: a backlog of tiny commits must not make every merge slower
         'maintenance_interval_s = 3\n')
     return cfg
-
-
-def start_daemon(cfg: Path, failpoint: str | None, log: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CDCENGINE__") and k != "CDCENGINE_FAILPOINT"}
-    if failpoint:
-        env["CDCENGINE_FAILPOINT"] = failpoint
-    return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
-                            cwd=cfg.parent, env=env, stdout=subprocess.DEVNULL,
-                            stderr=log.open("a"), text=True)
 
 
 class Workload(TransactionLoop):
@@ -144,7 +131,7 @@ def test_kill_9_then_restart_is_exactly_once(db, tmp_path: Path, failpoint: str)
 
     with Workload(db.dsn, seed=hash(failpoint) & 0xFFFF):
         log = tmp_path / "daemon.log"
-        crashing = start_daemon(cfg, CASES[failpoint], log)
+        crashing = start_daemon(cfg, log, CASES[failpoint])
         try:
             crashing.wait(timeout=90)
         finally:
@@ -152,7 +139,7 @@ def test_kill_9_then_restart_is_exactly_once(db, tmp_path: Path, failpoint: str)
                 crashing.kill()
         assert crashing.returncode == -signal.SIGKILL, log.read_text()[-3000:]
         before = {t: lsns(sink, t) for t in TABLES}
-        daemon = start_daemon(cfg, None, log)
+        daemon = start_daemon(cfg, log)
         try:
             # a little more workload against the restarted daemon
             wait_for(lambda: all(sink.exists(TableRef("public", t), "consolidated")

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, query, source_for, store
+from cdc_util import TransactionLoop, query, source_for, start_daemon, store
 from test_pipeline import Running, wait_for
 
 from cdcengine import api
@@ -269,16 +266,6 @@ def _config(tmp_path: Path, src: SourceConfig, state: str) -> Path:
     return cfg
 
 
-def _daemon(cfg: Path, failpoint: str | None, log: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CDCENGINE__") and k != "CDCENGINE_FAILPOINT"}
-    if failpoint:
-        env["CDCENGINE_FAILPOINT"] = failpoint
-    return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
-                            cwd=cfg.parent, env=env, stdout=log.open("a"),
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def _events(log: Path, name: str) -> list[dict[str, Any]]:
     out = []
     for line in log.read_text().splitlines():
@@ -299,14 +286,14 @@ def test_kill_9_mid_snapshot_resumes_from_finished_chunks(db, tmp_path: Path) ->
     cfg = _config(tmp_path, src, state)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with Writer(db.dsn, "kill", first_id=n, top=n, seed=11):
-        crashing = _daemon(cfg, "snapshot_chunk_committed:4", first_log)
+        crashing = start_daemon(cfg, first_log, "snapshot_chunk_committed:4")
         try:
             crashing.wait(timeout=120)
         finally:
             if crashing.poll() is None:
                 crashing.kill()
         assert crashing.returncode == -signal.SIGKILL, first_log.read_text()[-3000:]
-        daemon = _daemon(cfg, None, second_log)
+        daemon = start_daemon(cfg, second_log)
         try:
             wait_for(lambda: bool(_events(second_log, "table_snapshotted")), timeout=120)
         except BaseException:

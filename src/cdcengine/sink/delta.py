@@ -46,7 +46,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_deltalake
 from deltalake.exceptions import DeltaError
 
-from cdcengine.config import TableMode
+from cdcengine.config import SourceConfig, TableMode
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef, is_engine_column
 from cdcengine.sink.base import (
@@ -187,6 +187,13 @@ class DeltaSink:
         )
         self._tables: dict[str, DeltaTable] = {}
         self._checkpointed_at: dict[str, int] = {}
+
+    @classmethod
+    def for_source(cls, source: SourceConfig, *, destination: str | None = None) -> DeltaSink:
+        """The sink of a configured source (its destination and storage options), or of
+        another `destination` under the same options (a staging area)."""
+        return cls(destination or source.destination, source=source.name,
+                   storage_options=dict(source.destination_options) or None)
 
     def __repr__(self) -> str:
         return f"DeltaSink(destination={self.destination!r}, source={self.source!r})"
