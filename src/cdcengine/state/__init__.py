@@ -1,4 +1,5 @@
-"""The engine's state store: lifecycle, tables, setting overrides and leases per source.
+"""The engine's state store: lifecycle, tables, setting overrides, leases and run history per
+source.
 
 `open_state(url)` picks the implementation from the `[engine] state` URL. The PostgreSQL store
 lives in the adapter package and is imported only when asked for, so the core never needs a driver.
@@ -13,8 +14,11 @@ from cdcengine.errors import Reason, StateStoreError
 from cdcengine.secrets import mask_dsn
 from cdcengine.state.base import (
     SETTING_KEYS,
+    BatchRecord,
     Lease,
     Marker,
+    RunRecord,
+    RunStatus,
     SettingValue,
     SourceRecord,
     SourceState,
@@ -25,15 +29,20 @@ from cdcengine.state.base import (
     new_holder_id,
 )
 from cdcengine.state.migrations import LATEST_VERSION, MIGRATIONS, Migration
+from cdcengine.state.sql import SQLStateStore
 from cdcengine.state.sqlite import SQLiteStateStore
 
 __all__ = [
     "LATEST_VERSION",
     "MIGRATIONS",
     "SETTING_KEYS",
+    "BatchRecord",
     "Lease",
     "Marker",
     "Migration",
+    "RunRecord",
+    "RunStatus",
+    "SQLStateStore",
     "SQLiteStateStore",
     "SettingValue",
     "SourceRecord",
@@ -57,7 +66,10 @@ def open_state(url: str, *, base_dir: Path | None = None) -> StateStore:
     """An open, migrated state store for `url`; relative SQLite paths resolve against `base_dir`
     (default: the working directory) and their parent folders are created.
 
-    Messages quote the URL masked, so a PostgreSQL password never reaches a log or a terminal.
+    A `postgresql://` URL (optionally with `?schema=name`, default `cdcengine`) opens
+    `cdcengine_postgres.state_store.PostgresStateStore`: the same store in a PostgreSQL schema,
+    shared by daemons on several machines. Messages quote the URL masked, so a PostgreSQL
+    password never reaches a log or a terminal.
     """
     if url in (f"{_SQLITE}:memory:", f"{_SQLITE}/:memory:"):
         return SQLiteStateStore(":memory:")

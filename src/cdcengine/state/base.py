@@ -1,7 +1,8 @@
 """The state store's seam: what the engine remembers between runs, engine-neutral.
 
 The store holds each source's lifecycle (enabled, state, broken/paused markers, what was
-provisioned), its tables' states, tuning overrides made with `settings`, and per-source leases.
+provisioned), its tables' states, tuning overrides made with `settings`, per-source leases, and a
+bounded history of recent runs and their batches (`cdcengine jobs`).
 Applied LSN positions are deliberately absent: they live in the Delta log, committed atomically
 with the data, so the two can never disagree.
 
@@ -147,6 +148,56 @@ class Lease:
     expires_at: datetime
 
 
+class RunStatus(enum.StrEnum):
+    """How a run ended, or that it has not (see `cdcengine.state.runs` for how it is derived)."""
+
+    RUNNING = "running"
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # never ended: its process is gone, or it went silent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    """One run (a daemon's stream, a snapshot, a resync, a repair, a sweep) of one source.
+
+    `rows` and the LSN range are totals over every batch of the run, kept on the run itself so
+    they survive the pruning of old batch rows. `duration_s` is up to now while running, up to
+    the last batch (or the start) when interrupted.
+    """
+
+    id: int
+    source: str
+    kind: str
+    status: RunStatus
+    started_at: datetime
+    ended_at: datetime | None
+    duration_s: float
+    batches: int
+    rows: dict[str, int]
+    first_lsn: int | None
+    last_lsn: int | None
+    error_reason: str | None
+    error_message: str | None
+    host: str
+    pid: int
+    holder: str
+    last_batch_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchRecord:
+    """One committed batch of a run: rows per table, its LSN range and how long it took."""
+
+    run_id: int
+    at: datetime
+    first_lsn: int | None
+    last_lsn: int
+    rows: dict[str, int]
+    duration_s: float
+    commit_latency_s: float | None
+
+
 class StateStore(Protocol):
     """What the engine needs from a state store. Implementations are safe to share by threads."""
 
@@ -175,6 +226,14 @@ class StateStore(Protocol):
         system_identifier: str | None,
         timeline: int | None,
         tables: Mapping[str, str],
+    ) -> SourceRecord: ...
+    def record_reprovisioned(
+        self,
+        name: str,
+        *,
+        consistent_point: int | None,
+        system_identifier: str | None,
+        timeline: int | None,
     ) -> SourceRecord: ...
     def record_disabled(self, name: str) -> SourceRecord: ...
     def set_source_state(self, name: str, state: SourceState) -> SourceRecord: ...
@@ -230,6 +289,24 @@ class StateStore(Protocol):
     def lease(
         self, source: str, *, purpose: str, ttl_s: float = 60.0, wait_s: float = 0.0
     ) -> AbstractContextManager[Lease]: ...
+
+    # run history (bounded; `cdcengine jobs`)
+    def start_run(self, source: str, *, kind: str, holder: str) -> int: ...
+    def record_batch(
+        self,
+        run_id: int,
+        *,
+        first_lsn: int | None,
+        last_lsn: int,
+        rows: Mapping[str, int],
+        duration_s: float,
+        commit_latency_s: float | None = None,
+    ) -> None: ...
+    def end_run(
+        self, run_id: int, *, error_reason: str | None = None, error_message: str | None = None
+    ) -> None: ...
+    def list_runs(self, source: str, *, limit: int = 20) -> list[RunRecord]: ...
+    def list_batches(self, run_id: int, *, limit: int = 50) -> list[BatchRecord]: ...
 
 
 def new_holder_id() -> str:

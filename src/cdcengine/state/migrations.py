@@ -114,6 +114,49 @@ MIGRATIONS: tuple[Migration, ...] = (
                 PRIMARY KEY (source, table_name))""",
         ),
     ),
+    Migration(
+        version=3,
+        description="run history: runs, per-run table totals, recent batches (bounded)",
+        # Ids are assigned by the store under its write lock (MAX + 1): SQLite and PostgreSQL
+        # share no auto-increment syntax. Totals live on the run (`runs`, `run_tables`) so that
+        # pruning old `run_batches` rows never changes what a run reports.
+        statements=(
+            """CREATE TABLE runs (
+                id BIGINT PRIMARY KEY,
+                source TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                holder TEXT NOT NULL,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                ended_at DOUBLE PRECISION,
+                status TEXT NOT NULL,
+                error_reason TEXT,
+                error_message TEXT,
+                batches BIGINT NOT NULL,
+                first_lsn BIGINT,
+                last_lsn BIGINT,
+                last_batch_at DOUBLE PRECISION)""",
+            "CREATE INDEX runs_by_source ON runs (source, id)",
+            """CREATE TABLE run_tables (
+                run_id BIGINT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+                table_name TEXT NOT NULL,
+                row_count BIGINT NOT NULL,
+                PRIMARY KEY (run_id, table_name))""",
+            """CREATE TABLE run_batches (
+                source TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                run_id BIGINT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+                recorded_at DOUBLE PRECISION NOT NULL,
+                first_lsn BIGINT,
+                last_lsn BIGINT NOT NULL,
+                table_rows TEXT NOT NULL,
+                duration_s DOUBLE PRECISION NOT NULL,
+                commit_latency_s DOUBLE PRECISION,
+                PRIMARY KEY (source, seq))""",
+            "CREATE INDEX run_batches_by_run ON run_batches (run_id, seq)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version
