@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from cdcengine.adapter import (
     Check,
     ColumnDefault,
+    HealthProbe,
     ProvisionResult,
     PublicationInfo,
     SlotInfo,
@@ -18,11 +19,11 @@ from cdcengine.adapter import (
     TableInfo,
     TeardownResult,
 )
-from cdcengine_postgres import defaults, discovery, prerequisites, provision
+from cdcengine_postgres import defaults, discovery, health, prerequisites, provision
 from cdcengine_postgres.changes import PostgresChanges
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.publications import read_publication
+from cdcengine_postgres.publications import publication_info, read_publication
 from cdcengine_postgres.slots import read_slot
 from cdcengine_postgres.snapshot import TableSnapshot
 from cdcengine_postgres.verify import VerifyRead
@@ -75,13 +76,14 @@ class PostgresAdapter:
                            ) -> PublicationInfo:
         with connect(source.dsn, secrets=source.secrets()) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading the publication"):
-            pub = read_publication(conn, source.publication_name)
-        if not pub.exists:
-            return PublicationInfo(name=pub.name, exists=False)
-        owned = pub.marked_by(install_id, source.name) if install_id else None
-        return PublicationInfo(name=pub.name, exists=True,
-                               tables=tuple(t.ref.qualified for t in pub.tables),
-                               owned=owned, mark=pub.mark)
+            return publication_info(read_publication(conn, source.publication_name),
+                                    install_id=install_id, source=source.name)
+
+    def probe_health(self, source: SourceConfig, *, install_id: str | None = None
+                     ) -> HealthProbe:
+        with connect(source.dsn, secrets=source.secrets()) as conn, \
+                translate_errors(secrets=source.secrets(), context="reading the slot's health"):
+            return health.probe(conn, source, install_id=install_id)
 
     def identify(self, source: SourceConfig) -> SourceIdentity:
         return provision.identify(source)

@@ -25,6 +25,7 @@ from cdcengine.names import TableRef, case_collisions, is_engine_column
 from cdcengine_postgres.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import postgres_error
+from cdcengine_postgres.health import retention_cap_mb
 from cdcengine_postgres.publications import PublicationState, read_publication, table_list_sql
 from cdcengine_postgres.slots import SlotState, read_slot
 
@@ -610,12 +611,9 @@ def check_publication(ctx: _Ctx) -> list[Check]:
 
 
 def check_lag_thresholds(ctx: _Ctx) -> list[Check]:
-    row = ctx.conn.execute(
-        "SELECT setting::bigint FROM pg_settings WHERE name = 'max_slot_wal_keep_size'"
-    ).fetchone()
-    cap = int(row[0]) if row and row[0] is not None else None
     s = ctx.source
-    t = effective_thresholds(s.lag_warning_threshold_mb, s.lag_critical_threshold_mb, cap)
+    t = effective_thresholds(s.lag_warning_threshold_mb, s.lag_critical_threshold_mb,
+                             retention_cap_mb(ctx.conn))
     if t.cap_mb is None:
         return [Check(name="lag_thresholds", severity=OK,
                       message=f"Retained WAL: warning at {t.warning_mb} MB, critical at "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from cdcengine.adapter import PublicationInfo
 from cdcengine.names import TableRef
 
 _MARK = re.compile(r"^cdcengine install=(?P<install>[0-9a-f]+) source=(?P<source>\S+) "
@@ -54,6 +55,17 @@ class PublicationState:
 
     def table(self, ref: TableRef) -> PublishedTable | None:
         return next((t for t in self.tables if t.ref == ref), None)
+
+
+def publication_info(pub: PublicationState, *, install_id: str | None, source: str
+                     ) -> PublicationInfo:
+    """The engine-neutral view; `owned` tells whether it carries `install_id`'s mark."""
+    if not pub.exists:
+        return PublicationInfo(name=pub.name, exists=False)
+    return PublicationInfo(name=pub.name, exists=True,
+                           tables=tuple(t.ref.qualified for t in pub.tables),
+                           owned=pub.marked_by(install_id, source) if install_id else None,
+                           mark=pub.mark)
 
 
 def mark_text(install_id: str, source: str, slot: str) -> str:

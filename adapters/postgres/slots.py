@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import structlog
@@ -18,9 +20,9 @@ from cdcengine.errors import PermissionDenied, Reason, ReplicationResourceError,
 
 log = structlog.get_logger("cdcengine.postgres.slots")
 
-_SLOT_QUERY = (
-    "SELECT s.plugin, s.slot_type, s.database, s.temporary, s.active, s.active_pid,"
-    " s.restart_lsn::text, s.confirmed_flush_lsn::text,"
+SLOTS_SELECT = (
+    "SELECT s.slot_name, s.plugin, s.slot_type, s.database, s.temporary, s.active,"
+    " s.active_pid, s.restart_lsn::text, s.confirmed_flush_lsn::text,"
     " pg_wal_lsn_diff(c.lsn, s.confirmed_flush_lsn)::bigint,"
     " pg_wal_lsn_diff(c.lsn, s.restart_lsn)::bigint,"
     " s.wal_status, s.safe_wal_size"
@@ -28,8 +30,34 @@ _SLOT_QUERY = (
     # On a standby pg_current_wal_lsn() raises; the receive position is "current" there.
     " CROSS JOIN (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()"
     " ELSE pg_current_wal_lsn() END AS lsn) c"
-    " WHERE s.slot_name = %s"
+    " WHERE "
 )
+"""Rows of `slot_info`; the caller appends its condition on `s`."""
+
+_TEMP_KINDS = {"snapshot": ("snap", 44), "verify": ("vfy", 42)}
+
+
+def temp_slot_prefix(slot_name: str, kind: str) -> str:
+    """The prefix of the engine's temporary slots of one kind for a source's slot."""
+    tag, keep = _TEMP_KINDS[kind]
+    return f"{slot_name[:keep]}_{tag}_"
+
+
+def temp_slot_name(slot_name: str, kind: str) -> str:
+    """A unique temporary slot name derived from the source's slot (≤ 63 chars)."""
+    return f"{temp_slot_prefix(slot_name, kind)}{uuid.uuid4().hex[:12]}"
+
+
+def temp_slot_prefixes(slot_name: str) -> tuple[str, ...]:
+    return tuple(temp_slot_prefix(slot_name, kind) for kind in _TEMP_KINDS)
+
+
+def slot_info(row: Sequence[Any]) -> SlotInfo:
+    return SlotInfo(
+        name=row[0], exists=True, plugin=row[1], temporary=row[4], active=row[5],
+        active_pid=row[6], restart_lsn=row[7], confirmed_flush_lsn=row[8], lag_bytes=row[9],
+        retained_wal_bytes=row[10], wal_status=row[11], safe_wal_size=row[12],
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,15 +74,19 @@ class SlotState:
 
 
 def read_slot(conn: psycopg.Connection, name: str) -> SlotState:
-    row = conn.execute(_SLOT_QUERY, [name]).fetchone()
+    row = conn.execute(SLOTS_SELECT + "s.slot_name = %s", [name]).fetchone()
     if row is None:
         return SlotState(info=SlotInfo(name=name, exists=False))
-    info = SlotInfo(
-        name=name, exists=True, plugin=row[0], temporary=row[3], active=row[4],
-        active_pid=row[5], restart_lsn=row[6], confirmed_flush_lsn=row[7], lag_bytes=row[8],
-        retained_wal_bytes=row[9], wal_status=row[10], safe_wal_size=row[11],
-    )
-    return SlotState(info=info, slot_type=row[1], database=row[2])
+    return SlotState(info=slot_info(row), slot_type=row[2], database=row[3])
+
+
+def read_temp_slots(conn: psycopg.Connection, slot_name: str) -> list[SlotInfo]:
+    """The engine's temporary (snapshot, verify) slots of a source that exist right now."""
+    rows = conn.execute(
+        SLOTS_SELECT + "s.temporary AND (" + " OR ".join(
+            "starts_with(s.slot_name, %s)" for _ in _TEMP_KINDS) + ") ORDER BY s.slot_name",
+        list(temp_slot_prefixes(slot_name))).fetchall()
+    return [slot_info(r) for r in rows]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

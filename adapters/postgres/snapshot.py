@@ -31,7 +31,6 @@ import contextlib
 import math
 import queue
 import threading
-import uuid
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -50,6 +49,7 @@ from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.slots import temp_slot_name
 
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024  # text bytes per Arrow piece at most: bounded memory
 DEFAULT_PIECE_ROWS = 100_000  # rows per Arrow piece at most
@@ -57,11 +57,6 @@ SAMPLE_VALUES_PER_CHUNK = 50  # key sample size per planned chunk when there is 
 MAX_SAMPLE = 100_000
 _ORDERED_CATEGORIES = frozenset({"N", "S", "D"})  # numeric, string, date/time (pg_type)
 _END = object()
-
-
-def temp_slot_name(slot_name: str) -> str:
-    """A unique temporary slot name derived from the source's slot (≤ 63 chars)."""
-    return f"{slot_name[:44]}_snap_{uuid.uuid4().hex[:12]}"
 
 
 class TableSnapshot:
@@ -96,7 +91,7 @@ class TableSnapshot:
         secrets = self.source.secrets()
         try:
             self._rconn = connect(self.source.dsn, replication=True, secrets=secrets)
-            slot = temp_slot_name(self.source.slot_name)
+            slot = temp_slot_name(self.source.slot_name, "snapshot")
             with translate_errors(secrets=secrets, context="creating the snapshot slot"):
                 # simple query protocol only on a replication connection; the name is [a-z0-9_]
                 row = self._rconn.execute(

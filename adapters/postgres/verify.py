@@ -19,7 +19,6 @@ selection applies, key columns always kept.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -34,6 +33,7 @@ from cdcengine_postgres.catalog import ColumnFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.slots import temp_slot_name
 from cdcengine_postgres.types import arrow_type
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # COPY text bytes per Arrow chunk: bounded memory
@@ -65,7 +65,7 @@ class VerifyRead:
         try:
             rconn = connect(self.source.dsn, replication=True, secrets=secrets,
                             application_name="cdcengine verify")
-            slot = f"{self.source.slot_name[:42]}_vfy_{uuid.uuid4().hex[:12]}"
+            slot = temp_slot_name(self.source.slot_name, "verify")
             with translate_errors(secrets=secrets, context="creating the verify snapshot slot"):
                 # simple query protocol only on a replication connection; the name is [a-z0-9_]
                 row = rconn.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput "

@@ -10,6 +10,7 @@ from cdcengine.adapter import Check, ColumnInfo, Severity, TableInfo
 from cdcengine.api import (
     DisableResult,
     EnableResult,
+    JobView,
     SettingsResult,
     Status,
     TableVerify,
@@ -19,12 +20,15 @@ from cdcengine.api import (
     disable_cdc,
     discover_tables,
     enable_cdc,
+    list_jobs,
     resync_table,
     update_cdc_settings,
     verify,
 )
 from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
 from cdcengine.errors import CDCError, Reason
+from cdcengine.health import HealthReport, SweepResult, sweep
+from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
 
 __all__ = [
     "CDCError",
@@ -34,11 +38,16 @@ __all__ = [
     "DisableResult",
     "EnableResult",
     "EngineConfig",
+    "HealthReport",
+    "JobView",
     "Reason",
+    "RepairResult",
+    "ResumeResult",
     "SettingsResult",
     "Severity",
     "SourceConfig",
     "Status",
+    "SweepResult",
     "TableConfig",
     "TableInfo",
     "TableVerify",
@@ -48,8 +57,12 @@ __all__ = [
     "disable_cdc",
     "discover_tables",
     "enable_cdc",
+    "list_jobs",
     "load_config",
+    "repair_cdc",
+    "resume_cdc",
     "resync_table",
+    "sweep",
     "update_cdc_settings",
     "verify",
 ]

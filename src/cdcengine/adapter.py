@@ -129,6 +129,23 @@ class PublicationInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HealthProbe:
+    """One reading of what the lag policy needs (SPEC §7), taken on one connection."""
+
+    slot: SlotInfo
+    temporary_slots: tuple[SlotInfo, ...] = ()  # the engine's snapshot/verify slots right now
+    publication: PublicationInfo
+    retention_cap_mb: int | None = None  # max_slot_wal_keep_size; None when unlimited
+
+    @property
+    def retained_wal_bytes(self) -> int | None:
+        """The most WAL any of the source's slots holds back: what fills the disk."""
+        values = [s.retained_wal_bytes for s in (self.slot, *self.temporary_slots)
+                  if s.exists and s.retained_wal_bytes is not None]
+        return max(values) if values else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProvisionResult:
     slot_created: bool
     slot_adopted: bool
@@ -329,6 +346,12 @@ class SourceAdapter(Protocol):
         self, source: SourceConfig, *, install_id: str | None = None
     ) -> PublicationInfo:
         """The publication and its tables; `owned` tells whether it carries `install_id`'s mark."""
+        ...
+
+    def probe_health(self, source: SourceConfig, *, install_id: str | None = None
+                     ) -> HealthProbe:
+        """The slot (and the engine's temporary slots), the publication and the server's WAL
+        retention cap, read together for one pass of the lag policy."""
         ...
 
     def identify(self, source: SourceConfig) -> SourceIdentity: ...

@@ -14,10 +14,11 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import structlog
 
-from cdcengine.adapter import Check, PublicationInfo, SlotInfo, TableInfo
+from cdcengine.adapter import Check, HealthProbe, PublicationInfo, SlotInfo, TableInfo
 from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig, TableConfig
 from cdcengine.errors import (
     CDCError,
@@ -28,6 +29,7 @@ from cdcengine.errors import (
     ReplicationResourceError,
     classify_error,
 )
+from cdcengine.lag import effective_thresholds, level_of
 from cdcengine.lsn import format_lsn, parse_lsn
 from cdcengine.names import TableRef
 from cdcengine.registry import adapter_for
@@ -195,6 +197,9 @@ class Status:
     consistent_point: str | None = None
     system_identifier: str | None = None
     lease: dict[str, object] | None = None
+    # SPEC §7 as this source sees it: effective thresholds and where retained WAL stands
+    lag: dict[str, object] = field(default_factory=dict)
+    temporary_slots: tuple[SlotInfo, ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
@@ -318,6 +323,19 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
             terminated_pids=td.terminated_pids, notes=td.notes)
 
 
+@contextmanager
+def _lease_unless_daemon(store: StateStore, source: str, purpose: str) -> Iterator[None]:
+    """The source's lease for a change a running daemon also accepts queued in the state store
+    (it reads settings and resync requests there): with a daemon holding the lease, the change
+    is written without it and the daemon applies it at its next check."""
+    held = store.get_lease(source)
+    if held is not None and held.purpose == "daemon":
+        yield
+        return
+    with hold_lease(store, source, purpose=purpose, ttl_s=LEASE_TTL_S, wait_s=5):
+        yield
+
+
 def _effective_settings(source: SourceConfig, store: StateStore) -> dict[str, tuple[object, str]]:
     overrides = store.get_settings(source.name)
     out: dict[str, tuple[object, str]] = {}
@@ -353,8 +371,7 @@ def update_cdc_settings(
             raise ConfigError(f"settings: {key} must be an integer (got {value!r})")
         elif value < 1:
             raise ConfigError(f"settings: {key} must be >= 1 (got {value})")
-    with open_store(state) as store, hold_lease(store, source.name, purpose="settings",
-                                            ttl_s=LEASE_TTL_S, wait_s=0):
+    with open_store(state) as store, _lease_unless_daemon(store, source.name, "settings"):
         rec = store.get_source(source.name)
         if not (rec and rec.enabled):
             raise NotEnabled(f"source {source.name!r}: CDC is not enabled; settings apply to "
@@ -401,11 +418,8 @@ def resync_table(source: SourceConfig, table: str, *, state: StateArg = None) ->
                              "`cdcengine enable` first.")
         held = store.get_lease(source.name)
         daemon = held is not None and held.purpose == "daemon"
-        if daemon:
+        with _lease_unless_daemon(store, source.name, "resync"):
             request_resync(store, source.name, tc)
-        else:
-            with hold_lease(store, source.name, purpose="resync", ttl_s=LEASE_TTL_S, wait_s=5):
-                request_resync(store, source.name, tc)
     log.info("resync_requested", source=source.name, table=tc.name, daemon_running=daemon)
     return ResyncResult(source=source.name, table=tc.name, queued=True, daemon_running=daemon)
 
@@ -430,10 +444,12 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
         rec = store.get_source(source.name)
         target = _as_enabled(rec, source)
         adapter = adapter_for(source)
-        slot = adapter.slot_status(target)
-        pub = adapter.publication_status(target, install_id=store.install_id())
+        probe = adapter.probe_health(target, install_id=store.install_id())
+        slot, pub = probe.slot, probe.publication
         eff = _effective_settings(source, store)
         settings = {k: v for k, (v, _) in eff.items()}
+        lag = _lag_view(probe, int(settings["lag_warning_threshold_mb"]),  # type: ignore[call-overload]
+                        int(settings["lag_critical_threshold_mb"]))  # type: ignore[call-overload]
         records = {t.name: t for t in store.list_tables(source.name)} if rec else {}
         tables = []
         for tc in source.table_configs:
@@ -468,7 +484,18 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
             system_identifier=rec.system_identifier if rec else None,
             lease={"purpose": lease.purpose, "host": lease.host, "pid": lease.pid,
                    "since": lease.acquired_at.isoformat()} if lease else None,
+            lag=lag, temporary_slots=probe.temporary_slots,
         )
+
+
+def _lag_view(probe: HealthProbe, warning_mb: int, critical_mb: int) -> dict[str, object]:
+    t = effective_thresholds(warning_mb, critical_mb, probe.retention_cap_mb)
+    retained = probe.retained_wal_bytes
+    return {"retained_wal_bytes": retained, "lag_bytes": probe.slot.lag_bytes,
+            "warning_mb": t.warning_mb, "critical_mb": t.critical_mb,
+            "configured_critical_mb": t.configured_critical_mb,
+            "max_slot_wal_keep_size_mb": t.cap_mb, "lowered_by_cap": t.lowered_by_cap,
+            "level": str(level_of(retained, t)) if retained is not None else None}
 
 
 def _delta_status(source: SourceConfig, tc: TableConfig) -> dict[str, object]:
@@ -553,3 +580,55 @@ def verify(
     return VerifyResult(source=source.name, tables=tuple(
         verify_table(adapter, target, tc, confirmed_lsn=confirmed, wait_s=wait_s,
                      examples=examples) for tc in tcs))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobView:
+    """One recent run of a source (`cdcengine jobs`): LSNs as X/Y text, times in UTC."""
+
+    id: int
+    source: str
+    kind: str
+    status: str  # running | ok | failed | interrupted
+    started_at: datetime
+    ended_at: datetime | None
+    duration_s: float | None
+    batches: int
+    rows: dict[str, int]
+    first_lsn: str | None
+    last_lsn: str | None
+    error_reason: str | None
+    error_message: str | None
+    host: str
+    pid: int
+    recent_batches: tuple[dict[str, object], ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        for key in ("started_at", "ended_at"):
+            value = d[key]
+            d[key] = value.isoformat() if value is not None else None
+        return d
+
+
+def list_jobs(source: SourceConfig, *, state: StateArg = None, limit: int = 20,
+              batches: int = 5) -> list[JobView]:
+    """Recent runs of `source`, newest first, each with its `batches` newest batches; from the
+    state store's bounded run history (SPEC §3 `jobs`). Reads only; takes no lease."""
+    def lsn(value: int | None) -> str | None:
+        return format_lsn(value) if value is not None else None
+
+    with open_store(state) as store:
+        out = []
+        for r in store.list_runs(source.name, limit=limit):
+            recent = tuple({"at": b.at.isoformat(), "first_lsn": lsn(b.first_lsn),
+                            "last_lsn": lsn(b.last_lsn), "rows": dict(b.rows),
+                            "duration_s": b.duration_s}
+                           for b in (store.list_batches(r.id, limit=batches) if batches else ()))
+            out.append(JobView(
+                id=r.id, source=r.source, kind=r.kind, status=str(r.status),
+                started_at=r.started_at, ended_at=r.ended_at, duration_s=r.duration_s,
+                batches=r.batches, rows=dict(r.rows), first_lsn=lsn(r.first_lsn),
+                last_lsn=lsn(r.last_lsn), error_reason=r.error_reason,
+                error_message=r.error_message, host=r.host, pid=r.pid, recent_batches=recent))
+        return out

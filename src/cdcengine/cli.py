@@ -22,6 +22,7 @@ from cdcengine import api, daemon
 from cdcengine.adapter import Check, Severity, TableInfo
 from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
 from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
+from cdcengine.http import unreachable_status
 from cdcengine.logs import configure_logging
 from cdcengine.secrets import dsn_password, scrub
 from cdcengine.verify import format_key
@@ -108,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--examples", type=int, default=20, metavar="N",
                    help="example keys shown per kind of difference (20)")
     c.add_argument("--json", action="store_true")
+    c = cmd("sweep", "one pass of the lag policy over every source (for cron when no daemon "
+                     "runs); exit 1 unless every source could be checked")
+    c.add_argument("--prune", action="store_true",
+                   help="also drop the managed slot/publication of sources recorded as "
+                        "enabled that are no longer in the config")
+    c.add_argument("--json", action="store_true")
+    c = cmd("repair", "recreate a lost/dropped slot (and publication) and re-snapshot every "
+                      "table; refuses (exit 1) when nothing is broken")
+    c.add_argument("--source", metavar="S", required=True)
+    c.add_argument("--json", action="store_true")
+    c = cmd("resume", "clear a pause (after auth/permission was fixed) without re-snapshotting, "
+                      "after re-probing slot and publication")
+    c.add_argument("--source", metavar="S", required=True)
+    c.add_argument("--json", action="store_true")
+    c = cmd("jobs", "recent runs per source: start/end, rows and LSN range per table, errors")
+    c.add_argument("--source", metavar="S")
+    c.add_argument("--limit", type=int, default=10, metavar="N", help="runs per source (10)")
+    c.add_argument("--json", action="store_true")
     c = cmd("demo", "the embedded default: a throwaway PostgreSQL (or --dsn), sample tables and "
                     "a live workload, replicated into ./demo-lake with progress")
     c.add_argument("--dsn", metavar="URL",
@@ -137,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = logging.INFO if args.command == "run" else logging.WARNING
     configure_logging(fmt=str(cfg.engine.log_format),
                       level=logging.DEBUG if args.verbose else quiet, secrets=secrets)
-    handler: Callable[[argparse.Namespace, Config], int] = COMMANDS[args.command]
+    handler = _handler(args.command)
     try:
         return handler(args, cfg)
     except (ConfigError, UnknownSource) as exc:
@@ -354,6 +373,14 @@ def _show_status(_: SourceConfig, st: api.Status) -> None:
     p = st.publication
     print(f"  publication {p.name}: "
           + (f"{len(p.tables)} table(s)" if p.exists else "does not exist"))
+    if st.lag.get("level") is not None:
+        cap = (f", lowered to 80 % of max_slot_wal_keep_size {st.lag['max_slot_wal_keep_size_mb']}"
+               " MB" if st.lag.get("lowered_by_cap") else "")
+        print(f"  slot health: {st.lag['level']} — retained WAL "
+              f"{_mb(st.lag['retained_wal_bytes'])} (warning {st.lag['warning_mb']} MB, "  # type: ignore[arg-type]
+              f"critical {st.lag['critical_mb']} MB{cap})")
+    for t in st.temporary_slots:
+        print(f"  temporary slot {t.name}: retained WAL {_mb(t.retained_wal_bytes)}")
     se, o = st.settings, st.settings.origin
     print(f"  settings: auto_drop_slot={str(se.auto_drop_slot).lower()} "
           f"({o['auto_drop_slot']}), warning {se.lag_warning_threshold_mb} MB "
@@ -392,8 +419,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     return _per_source(
         args, _sources(cfg, args.source), lambda src: api.cdc_status(src, state=_state(cfg)),
         show=_show_status, to_json=lambda _, st: st.to_dict(), show_error=show_error,
-        error_json=lambda src, exc: {"name": src.name, "state": "unreachable",
-                                     "error": exc.to_dict()},
+        error_json=unreachable_status,  # the same document as the daemon's /status
     )
 
 
@@ -409,7 +435,8 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         signal.signal(sig, request_stop)
     result = daemon.run(cfg, sources, stop)
     for outcome in result.outcomes:
-        if outcome.error is not None:
+        # with JSON logs stderr stays JSON lines: `source_stopped` already said all of this
+        if outcome.error is not None and cfg.engine.log_format != "json":
             print(f"source {outcome.name}: stopped: {outcome.error.reason}: "
                   f"{outcome.error.message}\n  fix: {outcome.error.fix}", file=sys.stderr)
     return EXIT_OK if result.requested_stop and result.exit_code == 0 else result.exit_code
@@ -521,6 +548,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
     "verify": cmd_verify,
     "resync": cmd_resync,
 }
+# operator commands of slot health live in `cli_ops`, which uses this module's helpers: it is
+# imported when one of them runs
+OPS_COMMANDS = ("sweep", "repair", "resume", "jobs")
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace, Config], int]:
+    if command in OPS_COMMANDS:
+        from cdcengine import cli_ops
+        return getattr(cli_ops, f"cmd_{command}")  # type: ignore[no-any-return]
+    return COMMANDS[command]
 
 
 if __name__ == "__main__":

@@ -1,37 +1,35 @@
-"""`cdcengine run`: one pipeline per source, each on its own thread, until asked to stop.
+"""`cdcengine run`: one `SourceRunner` per source on its own thread, the slot monitor on its
+own timer, and the HTTP endpoints, until asked to stop.
 
-Per source: a retryable error (connection lost, slot briefly in use, destination hiccup)
-reconnects with exponential backoff and resumes from the last durable position (the Delta log
-and the slot say where); a non-retryable one ends that source (the pipeline has already marked
-it `broken` or `paused` where that applies) while the others keep running.
-Exit codes (SPEC §3): a requested stop exits 0 after the current Delta commit; an unrequested
-end with failed sources exits 1.
+Per source (see `cdcengine.runner`): retryable errors reconnect with backoff; a source another
+daemon holds is stood by for; a source marked broken or paused waits for `repair` / `resume`
+and then streams again by itself; other non-retryable failures end that source while the others
+keep running. The monitor (`cdcengine.monitor`) applies the lag policy to every source
+meanwhile, whatever its stream is doing.
+Exit codes (SPEC §3): a requested stop exits 0 after the current Delta commit unless a source is
+broken, paused or failed (1: a broken source never exits 0 as if all were well); the daemon ends
+by itself (1) only when every source has ended.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 
 from cdcengine.config import Config, SourceConfig
-from cdcengine.errors import CDCError, classify_error
-from cdcengine.pipeline import Pipeline
+from cdcengine.errors import CDCError
+from cdcengine.http import Endpoints, HttpServer
+from cdcengine.metrics import Metrics
+from cdcengine.monitor import SlotMonitor
+from cdcengine.runner import SourceOutcome, SourceRunner
 
 log = structlog.get_logger("cdcengine.daemon")
 
-BACKOFF_START_S = 1.0
-BACKOFF_MAX_S = 60.0
-
-
-@dataclass(slots=True)
-class SourceOutcome:
-    name: str
-    error: CDCError | None = None
-    restarts: int = 0
+__all__ = ["DaemonResult", "SourceOutcome", "run"]
 
 
 @dataclass(slots=True)
@@ -45,49 +43,58 @@ class DaemonResult:
         return 1 if failed else 0
 
 
-def run_source(source: SourceConfig, state: str, stop: threading.Event,
-               outcome: SourceOutcome) -> None:
-    backoff = BACKOFF_START_S
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            Pipeline(source, state=state).run(stop)
-            return
-        except Exception as exc:  # noqa: BLE001 - classified: retry or give up, never a crash
-            err = classify_error(exc)
-            if time.monotonic() - started > BACKOFF_MAX_S:
-                backoff = BACKOFF_START_S  # it ran well for a while: a fresh incident
-            if not err.retryable:
-                outcome.error = err
-                log.error("source_stopped", source=source.name, reason=str(err.reason),
-                          message=err.message)
-                return
-            outcome.restarts += 1
-            log.warning("source_reconnecting", source=source.name, reason=str(err.reason),
-                        message=err.message, backoff_s=backoff)
-            if stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+def run(cfg: Config, sources: Sequence[SourceConfig], stop: threading.Event, *,
+        metrics: Metrics | None = None) -> DaemonResult:
+    """Run until `stop` is set or every source has ended; see the module docstring.
 
-
-def run(cfg: Config, sources: Sequence[SourceConfig], stop: threading.Event) -> DaemonResult:
-    """Run until `stop` is set or every source has ended; see the module docstring."""
+    With `[engine] http_port` set, /health, /status and /metrics are served meanwhile; a port
+    that cannot be bound raises `ConfigError` before any source starts."""
     result = DaemonResult()
-    threads = []
-    for src in sources:
-        outcome = SourceOutcome(name=src.name)
-        result.outcomes.append(outcome)
-        t = threading.Thread(target=run_source, args=(src, cfg.engine.state, stop, outcome),
-                             name=f"source-{src.name}", daemon=True)
+    metrics = metrics or Metrics()
+    server = _serve(cfg, sources, metrics, result)
+    runners = {src.name: SourceRunner(src, cfg.engine.state, stop, metrics=metrics)
+               for src in sources}
+    result.outcomes.extend(r.outcome for r in runners.values())
+    threads = [threading.Thread(target=r.run, name=f"source-{name}", daemon=True)
+               for name, r in runners.items()]
+    for t in threads:
         t.start()
-        threads.append(t)
+    monitor = SlotMonitor(sources, cfg.engine.state, stop, runners=runners,
+                          metrics=metrics).start()
     log.info("daemon_started", sources=[s.name for s in sources])
     while any(t.is_alive() for t in threads) and not stop.wait(0.5):
         pass
     result.requested_stop = stop.is_set()
     stop.set()
+    for r in runners.values():
+        r.wake()
     for t in threads:
         t.join()
+    monitor.join()
+    for r in runners.values():  # a broken source never exits 0, however recent the marker
+        try:
+            r.note_marker()
+        except CDCError:
+            log.warning("state_store_unavailable", source=r.source.name)
+    if server is not None:
+        server.close()
     log.info("daemon_stopped", requested=result.requested_stop,
              failed=[o.name for o in result.outcomes if o.error is not None])
     return result
+
+
+def _serve(cfg: Config, sources: Sequence[SourceConfig], metrics: Metrics,
+           result: DaemonResult) -> HttpServer | None:
+    """The HTTP endpoints (SPEC §7), unless `http_port` is 0."""
+    if not cfg.engine.http_port:
+        return None
+
+    def stopped() -> dict[str, tuple[CDCError, datetime]]:
+        # a runner waiting for repair/resume is described by the store's marker, which /health
+        # reads itself (and sees cleared at once, before the runner notices)
+        return {o.name: (o.error, o.failed_at or datetime.now(UTC))
+                for o in result.outcomes if o.error is not None and o.waiting is None}
+
+    endpoints = Endpoints(sources=sources, state=cfg.engine.state, metrics=metrics,
+                          stopped=stopped)
+    return HttpServer(endpoints, port=cfg.engine.http_port).start()

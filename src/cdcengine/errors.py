@@ -39,6 +39,9 @@ class Reason(enum.StrEnum):
     PUBLICATION_MISSING = "publication_missing"
     PUBLICATION_EXISTS = "publication_exists"
     SOURCE_CHANGED = "source_changed"
+    AUTO_DROPPED_CRITICAL_LAG = "auto_dropped_critical_lag"
+    CRITICAL_LAG_SELF_MANAGED = "critical_lag_self_managed"
+    NOTHING_TO_REPAIR = "nothing_to_repair"
     # destination
     SCHEMA_INCOMPATIBLE = "schema_incompatible"
     DESTINATION_FAILED = "destination_failed"
@@ -150,6 +153,25 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The source database's identity changed (restored, failed over or recreated).",
         "Run `cdcengine repair` to re-snapshot from the new source.",
+    ),
+    Reason.AUTO_DROPPED_CRITICAL_LAG: ReasonPolicy(
+        False,
+        "The replication slot retained more WAL than the critical threshold, so the engine "
+        "dropped it (and its publication) before it could fill the database's disk.",
+        "Find why the stream fell behind (destination down, daemon stopped), then run "
+        "`cdcengine repair`, which recreates the slot and re-snapshots every table.",
+    ),
+    Reason.CRITICAL_LAG_SELF_MANAGED: ReasonPolicy(
+        False,
+        "The replication slot retains more WAL than the critical threshold; the source is "
+        "self-managed, so nothing was dropped.",
+        "Find why the stream fell behind; the state clears by itself once retained WAL is below "
+        "the warning threshold. Drop the slot yourself if the disk is at risk.",
+    ),
+    Reason.NOTHING_TO_REPAIR: ReasonPolicy(
+        False,
+        "Nothing is broken: the slot and the publication are in place.",
+        "No repair is needed; `cdcengine resync` re-snapshots a single table.",
     ),
     Reason.SCHEMA_INCOMPATIBLE: ReasonPolicy(
         False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 # Act before PostgreSQL invalidates the slot at max_slot_wal_keep_size.
@@ -33,3 +34,41 @@ def effective_thresholds(warning_mb: int, critical_mb: int, cap_mb: int | None) 
     effective = critical_mb if cap is None else min(critical_mb, int(cap * RETENTION_CAP_SAFETY))
     return Thresholds(warning_mb=warning_mb, critical_mb=max(effective, 0),
                       configured_critical_mb=critical_mb, cap_mb=cap)
+
+
+MB = 1024 * 1024
+
+
+class Level(enum.StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Action(enum.StrEnum):
+    """What one pass of the policy does to a source (SPEC §7)."""
+
+    NONE = "none"  # below warning: nothing to do (a warning/error state is lifted)
+    WARN = "warning"  # state `warning`, streaming continues
+    ERROR = "error"  # managed without auto_drop: state `error`, nothing dropped
+    AUTO_DROP = "auto_drop"  # managed + auto_drop: stop, drop slot and publication, broken
+    BROKEN_SELF_MANAGED = "broken_self_managed"  # broken but streaming, nothing dropped
+
+
+def level_of(retained_bytes: int, t: Thresholds) -> Level:
+    """Thresholds apply to retained WAL: restart_lsn is what keeps segments on disk."""
+    if retained_bytes >= t.critical_mb * MB:
+        return Level.CRITICAL
+    if retained_bytes >= t.warning_mb * MB:
+        return Level.WARNING
+    return Level.OK
+
+
+def decide(level: Level, *, managed: bool, auto_drop: bool) -> Action:
+    if level is Level.OK:
+        return Action.NONE
+    if level is Level.WARNING:
+        return Action.WARN
+    if not managed:
+        return Action.BROKEN_SELF_MANAGED
+    return Action.AUTO_DROP if auto_drop else Action.ERROR

@@ -39,13 +39,15 @@ from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, NotEnabled, Reason
 from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
+from cdcengine.metrics import Metrics
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
 from cdcengine.resync import is_requested, resync_table
+from cdcengine.runlog import RunLog
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.snapshots import snapshot_table
-from cdcengine.state.base import SourceState, StateStore, TableState, hold_lease
+from cdcengine.state.base import Lease, SourceState, StateStore, TableState, hold_lease
 from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
 
 log = structlog.get_logger("cdcengine.pipeline")
@@ -64,14 +66,20 @@ class RunStats(WriterStats):
 class Pipeline:
     def __init__(self, source: SourceConfig, *, state: StateArg = None,
                  adapter: SourceAdapter | None = None, spill_dir: Path | None = None,
-                 on_batch: Callable[[ChangeBatch, RunStats], None] | None = None) -> None:
+                 on_batch: Callable[[ChangeBatch, RunStats], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.source = source
         self._state = state
         self._adapter = adapter or adapter_for(source)
         self._spill_dir = spill_dir
         self._on_batch = on_batch
+        # the daemon passes its one `Metrics` (served on /metrics); alone, a private instance
+        self.metrics = metrics or Metrics()
         self.stats = RunStats()
         self._applied: Applied = {}
+        # set while this run holds the source's lease: the daemon's monitor acts for it then
+        self.holding = threading.Event()
+        self._runlog: RunLog
 
     def run(self, stop_event: threading.Event | None = None) -> RunStats:
         """Snapshot where needed, then stream until `stop_event` is set (or an error).
@@ -84,28 +92,42 @@ class Pipeline:
         src = self.source
         with open_store(self._state) as store, hold_lease(store, src.name, purpose="daemon",
                                                       ttl_s=LEASE_TTL_S, wait_s=0) as lease:
-            rec = store.get_source(src.name)
-            if not (rec and rec.enabled):
-                raise NotEnabled(f"source {src.name!r} is not enabled; run `cdcengine enable`")
-            if rec.broken is not None:
-                raise CDCError(f"source {src.name!r} is broken ({rec.broken.reason}): "
-                               f"{rec.broken.message}", reason=_reason(rec.broken.reason),
-                               retryable=False, fix="Run `cdcengine repair` for this source.")
+            self.holding.set()
+            self._runlog = RunLog(store, src.name, kind="stream", holder=lease.holder)
+            error: BaseException | None = None
             try:
-                self._check_identity(store, rec.system_identifier, rec.timeline)
-                sink = DeltaSink.for_source(src)
-                self._snapshot_pending(store, sink, stop)
-                renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
-                while not stop.is_set():
-                    self._resync_pending(store, sink, stop)
-                    # the stream session ends early when a resync is requested: it is
-                    # performed, then a new session replays from the slot's confirmed position
-                    if stop.is_set() or not self._stream(store, sink, stop, renew):
-                        break
-            except CDCError as exc:
-                self._record_failure(store, exc)
+                self._run_leased(store, lease, stop)
+            except BaseException as exc:
+                error = exc
                 raise
+            finally:
+                self._runlog.end(error)
+                self.holding.clear()
         return self.stats
+
+    def _run_leased(self, store: StateStore, lease: Lease, stop: threading.Event) -> None:
+        src = self.source
+        rec = store.get_source(src.name)
+        if not (rec and rec.enabled):
+            raise NotEnabled(f"source {src.name!r} is not enabled; run `cdcengine enable`")
+        if rec.broken is not None and rec.broken.reason != Reason.CRITICAL_LAG_SELF_MANAGED:
+            raise CDCError(f"source {src.name!r} is broken ({rec.broken.reason}): "
+                           f"{rec.broken.message}", reason=_reason(rec.broken.reason),
+                           retryable=False, fix="Run `cdcengine repair` for this source.")
+        try:
+            self._check_identity(store, rec.system_identifier, rec.timeline)
+            sink = DeltaSink.for_source(src)
+            self._snapshot_pending(store, sink, stop)
+            renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
+            while not stop.is_set():
+                self._resync_pending(store, sink, stop)
+                # the stream session ends early when a resync is requested: it is
+                # performed, then a new session replays from the slot's confirmed position
+                if stop.is_set() or not self._stream(store, sink, stop, renew):
+                    break
+        except CDCError as exc:
+            self._record_failure(store, exc)
+            raise
 
     # ---- identity -----------------------------------------------------------------------------
     def _check_identity(self, store: StateStore, sysid: str | None, timeline: int | None) -> None:
@@ -132,13 +154,15 @@ class Pipeline:
                 return
             store.upsert_table(src.name, tc.name, str(tc.mode))
             store.set_table_state(src.name, tc.name, TableState.SNAPSHOTTING)
-            store.set_source_state(src.name, SourceState.SNAPSHOTTING)
+            _set_state(store, src.name, SourceState.SNAPSHOTTING)
             started = time.monotonic()
             done = snapshot_table(self._adapter, src, tc, sink, store, stop=stop)
             if not done.finished:  # stopped: the finished chunks stay in Delta for the next run
                 return
             failpoints.hit("after_snapshot")
             self._load_applied(sink, tc)
+            self._runlog.snapshot(tc.name, rows=done.rows_copied, version=done.version,
+                                  duration_s=time.monotonic() - started)
             self.stats.snapshot_rows += done.rows_copied
             if done.masked:
                 log.warning("values_masked", source=src.name, table=tc.name, columns=done.masked)
@@ -158,10 +182,13 @@ class Pipeline:
         for tc in self._resync_requests(store):
             if stop.is_set():
                 return
-            store.set_source_state(self.source.name, SourceState.SNAPSHOTTING)
+            _set_state(store, self.source.name, SourceState.SNAPSHOTTING)
+            started = time.monotonic()
             done = resync_table(self._adapter, self.source, tc, sink, store, stop=stop)
             if not done.finished:
                 return
+            self._runlog.snapshot(tc.name, rows=done.rows, version=done.version,
+                                  duration_s=time.monotonic() - started)
             self._load_applied(sink, tc)
             self.stats.snapshot_rows += done.rows
 
@@ -195,9 +222,9 @@ class Pipeline:
                                  hard_deletes=src.hard_deletes, stats=self.stats,
                                  maintenance_interval_s=src.maintenance_interval_s,
                                  on_durable=self._durable_hook(),
-                                 defaults=self._defaults_fn()).start()
+                                 defaults=self._defaults_fn(), metrics=self.metrics).start()
             loop = _Loop(self, store, changes, batcher, progress, writer)
-            store.set_source_state(src.name, SourceState.STREAMING)
+            _set_state(store, src.name, SourceState.STREAMING)
             renewed = polled = time.monotonic()
             resync = False
             try:
@@ -240,11 +267,14 @@ class Pipeline:
         src = self.source
         return lambda ref, columns: ask(src, ref, columns)
 
-    def _durable_hook(self) -> Callable[[ChangeBatch, Durable], None] | None:
-        on_batch = self._on_batch
-        if on_batch is None:
-            return None
-        return lambda batch, _done: on_batch(batch, self.stats)
+    def _durable_hook(self) -> Callable[[ChangeBatch, Durable], None]:
+        on_batch, runlog = self._on_batch, self._runlog
+
+        def durable(batch: ChangeBatch, done: Durable) -> None:
+            runlog.durable(batch, done)
+            if on_batch is not None:
+                on_batch(batch, self.stats)
+        return durable
 
     def _record_stop(self, store: StateStore, stopped: StoppedTable) -> None:
         store.set_table_state(self.source.name, stopped.ref.qualified, TableState.STOPPED,
@@ -306,6 +336,7 @@ class _Loop:
             for stopped in done.stopped:
                 self.batcher.stop_table(stopped.ref)
                 self.pipeline._record_stop(self.store, stopped)
+        self.pipeline._runlog.flush()
         self.progress.buffer_state(open_transaction=self.batcher.in_transaction,
                                    pending_rows=self.batcher.pending_rows)
         self.progress.keepalive(self.changes.keepalive_lsn)
@@ -320,6 +351,16 @@ class _Loop:
     def keep_alive(self) -> None:
         """While the writer is busy: confirm what it finished and keep the walsender content."""
         self.settle()
+
+
+def _set_state(store: StateStore, source: str, state: SourceState) -> None:
+    """The pipeline's progress state, unless something more important is showing: a marker
+    (broken, paused) or the monitor's lag states, which only the monitor lifts."""
+    rec = store.get_source(source)
+    if rec is None or rec.broken or rec.paused \
+            or rec.state in (SourceState.WARNING, SourceState.ERROR):
+        return
+    store.set_source_state(source, state)
 
 
 def _reason(text: str) -> Reason:

@@ -11,6 +11,10 @@ version, read from its Delta log at start. A batch's rows at or below it are fil
 version), and what is left is committed with the batch's version as the transaction action.
 Upkeep (compaction, checkpoints, vacuum) runs here too, between writes, so it never races a
 write to the same table.
+
+Metrics (`cdcengine.metrics`) are recorded here because only the writer knows what really became
+durable: rows and bytes per table after the already-applied filter, each Delta commit's duration,
+and per batch the time from `submit` to durable and from its newest source commit to durable.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from cdcengine.adapter import ColumnDefault
 from cdcengine.batcher import ChangeBatch, StoppedTable
 from cdcengine.config import TableConfig
 from cdcengine.lsn import format_lsn
+from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
 from cdcengine.sink.base import SinkSchemaError, TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
@@ -73,8 +78,9 @@ class BatchWriter:
                  applied: Applied, hard_deletes: bool, stats: WriterStats | None = None,
                  maintenance_interval_s: float = 600.0, depth: int = 1,
                  on_durable: Callable[[ChangeBatch, Durable], None] | None = None,
-                 defaults: DefaultsFn | None = None) -> None:
+                 defaults: DefaultsFn | None = None, metrics: Metrics | None = None) -> None:
         self._sink = sink
+        self._metrics = metrics or Metrics()
         self._defaults = defaults
         self._source = source
         self._tables = dict(tables)
@@ -106,9 +112,10 @@ class BatchWriter:
         source connection alive there). Raises the writer's error, if it failed."""
         self.check()
         self._busy += 1
+        item = (batch, time.monotonic())  # when it was taken: the batch latency starts here
         while True:
             try:
-                self._queue.put(batch, timeout=0.5)
+                self._queue.put(item, timeout=0.5)
                 return
             except queue.Full:
                 self.check()
@@ -169,18 +176,20 @@ class BatchWriter:
             item = self._queue.get()
             if item is _STOP or self._aborting:
                 return
-            assert isinstance(item, ChangeBatch)
+            assert isinstance(item, tuple)
+            batch, taken = item
             try:
-                done = self._write(item)
+                done = self._write(batch, taken)
             except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
                 self._error = exc
                 return
             self._done.put(done)
             if self._on_durable is not None:
-                self._on_durable(item, done)
+                self._on_durable(batch, done)
 
-    def _write(self, batch: ChangeBatch) -> Durable:
+    def _write(self, batch: ChangeBatch, taken: float) -> Durable:
         started = time.monotonic()
+        metrics, newest_us = self._metrics, None
         written = 0
         touched: list[tuple[TableRef, TableKind]] = []
         tables = list(batch.tables.items())
@@ -200,6 +209,7 @@ class BatchWriter:
                               self._applied.get((ref, kind), 0))
                 if rows.num_rows == 0:
                     continue  # replayed after a restart: already in this Delta table
+                commit_started = time.monotonic()
                 try:
                     if kind is TableKind.APPEND:
                         # `both`: the consolidated table is written after this, so it
@@ -219,17 +229,24 @@ class BatchWriter:
                                                 message=exc.message, remedy="resync the table",
                                                 lsn=batch.version))
                     break
+                metrics.observe_commit(self._source, time.monotonic() - commit_started)
                 self._applied[(ref, kind)] = batch.version
                 touched.append((ref, kind))
                 if j == 0:
                     written += rows.num_rows
                     by_table = self.stats.rows_by_table
                     by_table[tc.name] = by_table.get(tc.name, 0) + rows.num_rows
+                    metrics.count_applied(self._source, tc.name, rows=rows.num_rows,
+                                          nbytes=rows.nbytes)
+                    newest_us = _newest(rows, newest_us)
                 if j < len(kinds) - 1:
                     failpoints.hit("between_kinds")
             if i < len(tables) - 1:
                 failpoints.hit("between_tables")
         failpoints.hit("after_commit")
+        metrics.observe_batch(
+            self._source, seconds=time.monotonic() - taken,
+            commit_to_delta_s=None if newest_us is None else time.time() - newest_us / 1e6)
         elapsed = time.monotonic() - started
         self.stats.batches += 1
         self.stats.transactions += batch.transactions
@@ -310,6 +327,18 @@ def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> p
         return table
     filled = pc.if_else(mask, fill, col)
     return table.set_column(table.schema.get_field_index(column), column, filled)
+
+
+def _newest(rows: pa.Table, newest_us: int | None) -> int | None:
+    """The later of `newest_us` and the rows' newest source commit time (µs since the epoch).
+
+    Read from the `_cdc_committed_at` column of the rows actually written, so rows replayed after
+    a restart (already in Delta) never count as a long commit-to-Delta delay."""
+    found = pc.max(rows["_cdc_committed_at"].cast(pa.int64())).as_py()
+    if found is None:
+        return newest_us
+    value = int(found)
+    return value if newest_us is None else max(value, newest_us)
 
 
 def _after(table: pa.Table, applied: int) -> pa.Table:

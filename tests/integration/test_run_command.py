@@ -69,7 +69,8 @@ def test_run_exits_1_for_a_source_that_is_not_enabled(db, tmp_path: Path) -> Non
     assert time.monotonic() - started < 30
 
 
-def test_a_slot_dropped_while_streaming_breaks_the_source(db, tmp_path: Path) -> None:
+def test_a_slot_dropped_while_streaming_breaks_the_source_and_the_daemon_waits(
+        db, tmp_path: Path) -> None:
     db.execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
     state = "sqlite:///" + str(tmp_path / "state.db")
     src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
@@ -95,6 +96,11 @@ def test_a_slot_dropped_while_streaming_breaks_the_source(db, tmp_path: Path) ->
                 db.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                            "WHERE slot_name = %s AND active_pid IS NOT NULL", [src.slot_name])
                 time.sleep(0.05)
+        # the daemon marks it broken and keeps running, waiting for `repair` (SPEC §7);
+        # asked to stop, it exits 1: a broken source never exits 0 as if all were well
+        wait_for(lambda: api.cdc_status(src, state=state).state == "broken", timeout=60)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:

@@ -1,0 +1,218 @@
+"""One source inside the daemon: its pipeline, reconnects, standby, and waiting for an operator.
+
+- A retryable error (connection lost, slot briefly in use, destination hiccup) reconnects with
+  exponential backoff and resumes from the last durable position.
+- Another process holding the source's lease (a second daemon sharing the config): this one
+  stands by and takes over when the lease is released or expires — never two streams at once.
+- A failure that left a `broken` or `paused` marker (slot lost, auth, permission …): the
+  runner waits, and streams again by itself once `repair` / `resume` cleared the marker.
+- Any other non-retryable failure (not enabled, invalid config) ends the runner.
+
+The monitor stops a runner's stream before an auto-drop (`halt`) and lets it go on (`release`)
+once the source is marked broken, so it cannot reconnect to a slot that is about to go.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+
+from cdcengine.api import open_store
+from cdcengine.config import SourceConfig
+from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error
+from cdcengine.pipeline import Pipeline
+from cdcengine.state.base import Marker, SourceRecord
+
+log = structlog.get_logger("cdcengine.daemon")
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 60.0
+MARKER_POLL_S = 2.0  # how often a runner waiting for repair/resume looks again
+STANDBY_POLL_S = 5.0  # how often a standby runner tries to take the lease
+
+
+class ErrorMetrics(Protocol):
+    def count_error(self, source: str, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class SourceOutcome:
+    name: str
+    error: CDCError | None = None  # the failure the source is in now (None: running fine)
+    failed_at: datetime | None = None  # when `error` stopped the source (for /health)
+    restarts: int = 0
+    waiting: str | None = None  # "repair" / "resume" while a marker asks for an operator
+
+
+class SourceRunner:
+    def __init__(self, source: SourceConfig, state: str, stop: threading.Event, *,
+                 metrics: object | None = None) -> None:
+        self.source, self.state, self.stop = source, state, stop
+        self.metrics = metrics
+        self.outcome = SourceOutcome(name=source.name)
+        self._lock = threading.Lock()
+        self._session = threading.Event()  # stops the current pipeline run
+        self._pipeline: Pipeline | None = None
+        self._halted = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._in_standby = False
+        # set while this daemon's monitor holds the source's lease for a pass
+        self.monitor_pass = threading.Event()
+
+    # ---- for the monitor ----------------------------------------------------------------------
+    def holds_lease(self) -> bool:
+        p = self._pipeline
+        return p is not None and p.holding.is_set()
+
+    def starting(self) -> bool:
+        """A pipeline run began and is about to take the lease."""
+        p = self._pipeline
+        return p is not None and not p.holding.is_set()
+
+    def halt(self, timeout_s: float = 120.0) -> bool:
+        """Stop the running pipeline (it finishes its Delta commit) and start none until
+        `release`; True when no pipeline runs any more."""
+        with self._lock:
+            self._halted.set()
+            self._session.set()
+        return self._idle.wait(timeout_s)
+
+    def release(self) -> None:
+        self._halted.clear()
+
+    def wake(self) -> None:
+        """The daemon stops: end the current pipeline run (after its commit)."""
+        with self._lock:
+            self._session.set()
+
+    # ---- the thread ---------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = BACKOFF_START_S
+        while not self.stop.is_set():
+            if self._halted.is_set() or self._wait_for_operator():
+                self.stop.wait(MARKER_POLL_S)
+                continue
+            started = time.monotonic()
+            try:
+                self._run_pipeline()
+                self._in_standby = False
+                if not self._halted.is_set():
+                    return  # a requested stop
+            except Exception as exc:  # classified: retry, wait or give up
+                err = classify_error(exc)
+                if isinstance(err, LeaseHeld):
+                    self._standby(err)
+                    continue
+                self._in_standby = False
+                self._count(err)
+                if time.monotonic() - started > BACKOFF_MAX_S:
+                    backoff = BACKOFF_START_S  # it ran well for a while: a fresh incident
+                if not err.retryable:
+                    self.outcome.error, self.outcome.failed_at = err, datetime.now(UTC)
+                    log.error("source_stopped", source=self.source.name,
+                              reason=str(err.reason), message=err.message, fix=err.fix)
+                    if not self._marked():
+                        return  # nothing an operator command would clear: give up
+                    continue
+                self.outcome.restarts += 1
+                unexpected = err.reason is Reason.UNKNOWN
+                log.warning("source_reconnecting", source=self.source.name,
+                            reason=str(err.reason), message=err.message, backoff_s=backoff,
+                            error_type=type(exc).__name__ if unexpected else None,
+                            exc_info=exc if unexpected else None)
+                if self.stop.wait(backoff):
+                    return
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _run_pipeline(self) -> None:
+        with self._lock:
+            if self.stop.is_set() or self._halted.is_set():
+                return
+            self._session = threading.Event()
+            pipeline = Pipeline(self.source, state=self.state, metrics=self.metrics)  # type: ignore[arg-type]
+            self._pipeline = pipeline
+            self._idle.clear()
+        try:
+            pipeline.run(self._session)
+        finally:
+            with self._lock:
+                self._pipeline = None
+                self._idle.set()
+
+    def _marked(self) -> bool:
+        with open_store(self.state) as store:
+            return needs_operator(store.get_source(self.source.name)) is not None
+
+    def note_marker(self) -> None:
+        """Record a marker set meanwhile (e.g. by the monitor) as this source's failure."""
+        with open_store(self.state) as store:
+            marker = needs_operator(store.get_source(self.source.name))
+        if marker is not None and self.outcome.error is None:
+            self.outcome.error = CDCError(marker.message, reason=_reason(marker.reason),
+                                          retryable=False)
+            self.outcome.failed_at = marker.at
+
+    def _wait_for_operator(self) -> bool:
+        """True while a broken/paused marker asks for repair/resume; clears the failure once
+        an operator lifted it, so the next pipeline run starts."""
+        try:
+            with open_store(self.state) as store:
+                rec = store.get_source(self.source.name)
+        except Exception as exc:  # noqa: BLE001 - the state store may be briefly unavailable
+            log.warning("state_store_unavailable", source=self.source.name,
+                        reason=str(classify_error(exc).reason))
+            return True
+        marker = needs_operator(rec)
+        if marker is None:
+            if self.outcome.waiting in ("repair", "resume"):
+                log.info("source_released", source=self.source.name, was=self.outcome.waiting)
+                self.outcome.error = self.outcome.failed_at = self.outcome.waiting = None
+            return False
+        waiting = "resume" if marker is (rec.paused if rec else None) else "repair"
+        if self.outcome.waiting != waiting:
+            self.outcome.waiting = waiting
+            if self.outcome.error is None or self.outcome.error.reason != marker.reason:
+                self.outcome.error = CDCError(marker.message, reason=_reason(marker.reason),
+                                              retryable=False)
+                self.outcome.failed_at = marker.at
+            log.warning("source_waiting", source=self.source.name, state=str(rec.state) if rec
+                        else None, reason=marker.reason, message=marker.message,
+                        fix=f"run `cdcengine {waiting} --source {self.source.name}`")
+        return True
+
+    def _standby(self, err: CDCError) -> None:
+        if self.monitor_pass.is_set():  # our own monitor, for a moment
+            self.stop.wait(0.2)
+            return
+        if not self._in_standby:
+            log.info("source_standby", source=self.source.name, message=err.message)
+            self._in_standby = True
+        self.stop.wait(STANDBY_POLL_S)
+
+    def _count(self, err: CDCError) -> None:
+        count = getattr(self.metrics, "count_error", None)
+        if count is not None:
+            count(self.source.name, str(err.reason))
+
+
+def needs_operator(rec: SourceRecord | None) -> Marker | None:
+    """The marker that stops streaming until `repair` / `resume`; a self-managed source over
+    its critical threshold is broken but keeps streaming (SPEC §7)."""
+    if not (rec and rec.enabled):
+        return None
+    if rec.broken is not None and rec.broken.reason != Reason.CRITICAL_LAG_SELF_MANAGED:
+        return rec.broken
+    return rec.paused
+
+
+def _reason(text: str) -> Reason:
+    try:
+        return Reason(text)
+    except ValueError:
+        return Reason.UNKNOWN
