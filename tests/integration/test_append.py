@@ -154,3 +154,48 @@ def test_key_change_keeps_unchanged_toast_in_the_change_log(db, tmp_path: Path) 
 def test_key_change_keeps_unchanged_toast_in_the_consolidated_table(db, tmp_path: Path) -> None:
     src, value = _key_change_with_unchanged_toast(db, tmp_path)
     assert live_rows(src, "kc")[20]["big"] == value
+
+
+def test_consolidated_table_switched_to_both_gets_its_change_log_from_a_snapshot(
+        db, tmp_path: Path) -> None:
+    """consolidated → both: the change log starts with R rows at its own snapshot point C and
+    records every change after C; the consolidated table keeps its history and progress."""
+    import dataclasses
+
+    db.execute("CREATE TABLE items (id int PRIMARY KEY, v text);"
+               "INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: len(live_rows(src, "items")) == 20)
+        db.execute("UPDATE items SET v = 'before' WHERE id = 1; DELETE FROM items WHERE id = 2")
+        wait_for(lambda: 2 not in live_rows(src, "items"))
+    sink = DeltaSink(src.destination, source=src.name)
+    ref = TableRef.parse("items")
+    consolidated_at = sink.applied_version(ref, "consolidated")
+    assert consolidated_at is not None and sink.applied_version(ref, "append") is None
+
+    both = dataclasses.replace(src, table_mode="both")  # type: ignore[arg-type]
+    db.execute("UPDATE items SET v = 'between' WHERE id = 3")  # while nothing runs
+    with Running(both, state):
+        wait_for(lambda: DeltaSink(src.destination, source=src.name
+                                   ).applied_version(ref, "append") is not None, timeout=60)
+        db.execute("UPDATE items SET v = 'after' WHERE id = 4; INSERT INTO items VALUES (99, 'n')")
+        wait_for(lambda: 99 in live_rows(src, "items") and len(change_log(src, "items")) >= 21)
+    rows = change_log(src, "items")
+    snap = [r for r in rows if r["_cdc_op"] == "R"]
+    assert sorted(r["id"] for r in snap) == sorted(set(range(1, 21)) - {2})
+    assert {r["id"]: r["v"] for r in snap}[3] == "between"  # the snapshot saw it
+    later = [(r["_cdc_op"], r["id"], r["v"]) for r in rows if r["_cdc_op"] != "R"]
+    assert later == [("U", 4, "after"), ("I", 99, "n")]
+    assert all(r["_cdc_lsn"] > snap[0]["_cdc_lsn"] for r in rows if r["_cdc_op"] != "R")
+    live = live_rows(src, "items")
+    assert live[3]["v"] == "between" and live[4]["v"] == "after" and live[1]["v"] == "before"
+    # replaying the change log gives the consolidated values (R rows carry C, not the
+    # position of each row's last change before the log existed)
+    now = DeltaSink(src.destination, source=src.name)
+    replayed = history.as_of(now.dataset(ref, "append"), ["id"],
+                             now.applied_version(ref, "consolidated") or 0)
+    assert {r["id"]: r["v"] for r in replayed.to_pylist()} == {
+        k: r["v"] for k, r in live_rows(src, "items").items()}
