@@ -273,6 +273,8 @@ def enable_cdc(
                 for name, mode in tables.items():
                     if name not in have:
                         store.upsert_table(source.name, name, mode)
+                for name in have - set(tables):  # left the config: no longer captured
+                    store.remove_table(source.name, name)
             else:
                 lsn = result.consistent_point
                 store.record_enabled(

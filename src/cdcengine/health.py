@@ -128,7 +128,7 @@ def check_source(
                         state=state, **base)  # type: ignore[arg-type]
 
 
-def resources_lost(store: StateStore, source: str, probe: HealthProbe
+def resources_lost(store: StateStore, source: SourceConfig, probe: HealthProbe
                    ) -> tuple[Reason, str] | None:
     """Why the source's changes are (or were) no longer captured, if they are not: slot gone
     or invalidated, publication gone or no longer covering a captured table."""
@@ -144,8 +144,11 @@ def resources_lost(store: StateStore, source: str, probe: HealthProbe
     if not pub.exists:
         return Reason.PUBLICATION_MISSING, (
             f"publication {pub.name!r} is gone; changes are no longer published")
-    captured = {t.name for t in store.list_tables(source)
-                if t.state in (TableState.STREAMING, TableState.SNAPSHOTTING)}
+    # a table that left the config (and so the managed publication) is no longer captured
+    configured = {tc.name for tc in source.table_configs}
+    captured = {t.name for t in store.list_tables(source.name)
+                if t.state in (TableState.STREAMING, TableState.SNAPSHOTTING)
+                and t.name in configured}
     missing = sorted(captured - set(pub.tables))
     if missing:
         return Reason.PUBLICATION_MISSING, (
@@ -171,7 +174,7 @@ class _Pass:
         broken = self.rec.broken
         if broken is not None and broken.reason in _SLOT_GONE:
             return "none", None, f"broken ({broken.reason}): run `cdcengine repair`", False
-        lost = resources_lost(self.store, self.name, self.probe)
+        lost = resources_lost(self.store, self.source, self.probe)
         if lost is not None:
             reason, message = lost
             if self.act and (broken is None or broken.reason != reason):

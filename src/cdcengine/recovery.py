@@ -91,7 +91,7 @@ def repair_cdc(source: SourceConfig, *, state: StateArg = None, slot_wait_s: flo
         was = rec.broken.reason if rec.broken else None
         if was is None:
             probe = adapter.probe_health(eff, install_id=install_id)
-            lost = resources_lost(store, source.name, probe)
+            lost = resources_lost(store, eff, probe)
             if lost is None:
                 raise CDCError(f"source {source.name!r} is not broken and its slot and "
                                "publication are in place: nothing to repair.",
@@ -150,7 +150,7 @@ def resume_cdc(source: SourceConfig, *, state: StateArg = None) -> ResumeResult:
         checks = adapter.check_prerequisites(eff, install_id=install_id, known_slot=True)
         _refuse_failed_checks(source, checks, "resume")
         probe = adapter.probe_health(eff, install_id=install_id)
-        lost = resources_lost(store, source.name, probe)
+        lost = resources_lost(store, eff, probe)
         if lost is not None:
             raise ReplicationResourceError(f"source {source.name!r}: {lost[1]}",
                                            reason=lost[0],

@@ -312,3 +312,25 @@ def test_probe_sees_the_engines_temporary_snapshot_slots(db, tmp_path: Path) -> 
         st = api.cdc_status(src, state=state)
         assert [t.name for t in st.temporary_slots] == [temp.name]
     assert adapter.probe_health(src).temporary_slots == ()
+
+
+def test_a_table_removed_from_the_config_is_not_a_lost_publication(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id int PRIMARY KEY, v text);"
+               "CREATE TABLE extra (id int PRIMARY KEY, v text);"
+               "INSERT INTO items VALUES (1, 'a'); INSERT INTO extra VALUES (1, 'x')")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items", "extra"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: set(live_rows(src, "extra")) == {1} and same_as_source(src))
+    fewer = dataclasses.replace(src, tables=("public.items",))
+    api.enable_cdc(fewer, state=state)  # the managed publication follows the config
+    assert api.cdc_status(fewer, state=state).publication.tables == ("public.items",)
+    r = sweep([fewer], state=state).reports[0]
+    assert r.action == "none" and r.state != "broken", r
+    db.execute("INSERT INTO items VALUES (2, 'b'); INSERT INTO extra VALUES (2, 'y')")
+    with Running(fewer, state):
+        wait_for(lambda: same_as_source(fewer))
+    assert set(live_rows(src, "extra")) == {1}  # its Delta table stays as it was, untouched
+    with open_state(state) as store:
+        assert [t.name for t in store.list_tables(src.name)] == ["public.items"]
