@@ -4,8 +4,10 @@ state through `cdcengine.history`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import pytest
 from cdc_util import query, source_for
 from test_pipeline import Running, live_rows, wait_for
 
@@ -89,7 +91,11 @@ def test_both_mode_deletes_and_unchanged_toast_carry_last_values(db, tmp_path: P
     replay_matches_consolidated(src, "public.e", ["id"])
 
 
-def test_replay_of_a_busy_change_log_equals_the_consolidated_table(db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pause_s", [0.0, 0.6], ids=["batched", "one_batch_per_transaction"])
+def test_replay_of_a_busy_change_log_equals_the_consolidated_table(db, tmp_path: Path,
+                                                                   pause_s: float) -> None:
+    """With a pause each transaction is its own batch: deletes then look their last values up
+    in a consolidated table whose MERGE-written files hold strings as string_view."""
     db.execute("CREATE TABLE o (tenant text, n int, amount numeric(12,2), note text,"
                " PRIMARY KEY (tenant, n));"
                "INSERT INTO o SELECT 't' || (i % 3), i, i * 1.25, 'snap' FROM "
@@ -106,13 +112,16 @@ def test_replay_of_a_busy_change_log_equals_the_consolidated_table(db, tmp_path:
 
     with Running(src, state):
         wait_for(lambda: count() == 30)
-        db.execute("UPDATE o SET amount = amount + 1 WHERE n % 2 = 0")
-        db.execute("DELETE FROM o WHERE n % 5 = 0")
-        db.execute("BEGIN; INSERT INTO o VALUES ('t0', 5, 0, 'back'); "
-                   "UPDATE o SET note = 'moved', n = n + 100 WHERE n = 7; COMMIT")
-        db.execute("TRUNCATE o")
-        db.execute("INSERT INTO o SELECT 'u', i, i, 'after' FROM generate_series(1, 5) i")
-        db.execute("UPDATE o SET note = NULL WHERE n = 3; DELETE FROM o WHERE n = 4")
+        for statement in (
+                "UPDATE o SET amount = amount + 1 WHERE n % 2 = 0",
+                "DELETE FROM o WHERE n % 5 = 0",
+                "BEGIN; INSERT INTO o VALUES ('t0', 5, 0, 'back'); "
+                "UPDATE o SET note = 'moved', n = n + 100 WHERE n = 7; COMMIT",
+                "TRUNCATE o",
+                "INSERT INTO o SELECT 'u', i, i, 'after' FROM generate_series(1, 5) i",
+                "UPDATE o SET note = NULL WHERE n = 3; DELETE FROM o WHERE n = 4"):
+            db.execute(statement)
+            time.sleep(pause_s)
         wait_for(lambda: count() == 4)
         rows = query(db.dsn, "SELECT count(*) FROM o")[0][0]
         assert rows == 4

@@ -426,11 +426,7 @@ class DeltaSink:
         if any(k not in target.names for k in keys):
             return None
         columns = [c for c in data_columns(batch) if c in target.names]
-        condition: pads.Expression = ~pads.field(DELETED)
-        for k in keys:
-            values = wanted.column(k).combine_chunks().cast(target.field(k).type)
-            condition = condition & pads.field(k).isin(values)
-        stored = dt.to_pyarrow_dataset().to_table(columns=[*columns, LSN], filter=condition)
+        stored = _scan_keys(dt.to_pyarrow_dataset(), target, wanted, keys, [*columns, LSN])
         if stored.num_rows == 0:
             return None
         # exact key match (the per-column filters over-approximate a composite key), and only
@@ -1676,3 +1672,28 @@ __all__ = [
     "quote_ident",
     "quote_text",
 ]
+
+
+def _scan_keys(dataset: pads.Dataset, target: pa.Schema, wanted: pa.Table, keys: list[str],
+               columns: list[str]) -> pa.Table:
+    """The live rows of `dataset` whose key columns take the values of `wanted` (a superset for
+    a composite key), with the key filter pushed down to the scan.
+
+    Files written by delta-rs' MERGE may store strings as `string_view`; pyarrow 26 has no
+    kernel comparing a `string` literal with `string_view` statistics, nor an `isin` across the
+    two, so when the plain filter fails the key columns are cast inside the filter expression
+    (rows are still filtered while scanning; only statistics pruning is lost).
+    """
+    live = ~pads.field(DELETED)
+    for cast in (False, True):
+        condition = live
+        for k in keys:
+            typ = target.field(k).type
+            field = pads.field(k).cast(typ) if cast else pads.field(k)
+            condition = condition & field.isin(wanted.column(k).combine_chunks().cast(typ))
+        try:
+            return dataset.to_table(columns=columns, filter=condition)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            if cast:
+                raise
+    raise AssertionError("unreachable")
