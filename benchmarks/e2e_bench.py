@@ -24,7 +24,9 @@ What it does:
    only -- data generation and pg_recvlogical run in other processes;
 6. prints rows, seconds, rows/s of both, the ratio, the peak RSS and PASS/MISS against the
    targets; `--json` prints the same as one JSON object. The walsender's CPU seconds are sampled
-   for both legs (the walsender is the baseline's limit: research §4b/§4c).
+   for both legs (the walsender is the baseline's limit: research §4b/§4c); for the engine also
+   the reading thread's own CPU seconds (`time.thread_time` of the thread that runs `run()`)
+   and its RSS every 20 ms (when the peak happened, and the peak so far at each batch).
 
 Fairness notes: both legs read a backlog written just before, so its WAL is in the OS page cache
 for both (warm; `--engine-first` swaps the order). The engine asks for pgoutput proto 2 with
@@ -192,7 +194,7 @@ def engine_child() -> int:
 
     def on_batch(batch: object, stats: RunStats) -> None:
         now = time.perf_counter()
-        batches.append((now, stats.rows))
+        batches.append((now, stats.rows, rss_peak[0]))
         marks.setdefault("first_batch", now)
         if stats.rows >= target and "done" not in marks:
             marks["done"] = now
@@ -203,6 +205,18 @@ def engine_child() -> int:
             marks["timed_out"] = time.perf_counter()
             stop.set()
 
+    rss_peak = [0.0, 0.0]  # MB, seconds after run() started
+
+    def rss_sampler() -> None:
+        """Resident set size every 20 ms, to tell when the peak happens (ru_maxrss does not)."""
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/statm") as statm:
+            while not stop.wait(0.02):
+                statm.seek(0)
+                rss = int(statm.read().split()[1]) * page_mb
+                if rss > rss_peak[0]:
+                    rss_peak[:] = [rss, time.perf_counter() - t0]
+
     pipeline = Pipeline(
         src, state=job["state"], spill_dir=Path(job["spill_dir"]), on_batch=on_batch
     )
@@ -211,6 +225,9 @@ def engine_child() -> int:
     cpu0 = time.process_time()
     profiles = _ThreadProfiles() if job["profile"] else None
     t0 = time.perf_counter()
+    if os.path.exists("/proc/self/statm"):
+        threading.Thread(target=rss_sampler, daemon=True).start()
+    reader_cpu0 = time.thread_time()  # run() reads the stream on this thread
     if profiles is not None:
         profiles.start()
     try:
@@ -220,6 +237,7 @@ def engine_child() -> int:
             profiles.stop()
     t_end = time.perf_counter()
     cpu = time.process_time() - cpu0
+    reader_cpu = time.thread_time() - reader_cpu0
     result = {
         "rows": stats.rows,
         "batches": stats.batches,
@@ -228,10 +246,12 @@ def engine_child() -> int:
         "first_batch_s": (marks["first_batch"] - t0) if "first_batch" in marks else None,
         "run_return_s": t_end - t0,
         "cpu_s": cpu,
+        "reader_cpu_s": reader_cpu,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "sampled_peak_rss": [round(rss_peak[0]), round(rss_peak[1], 2)],
         "rss_before_run_mb": rss_before_kb / 1024,
         "timed_out": "timed_out" in marks,
-        "batch_marks": [(round(t - t0, 3), n) for t, n in batches],
+        "batch_marks": [(round(t - t0, 3), n, round(peak)) for t, n, peak in batches],
     }
     Path(job["result"]).write_text(json.dumps(result))
     if profiles is not None:
@@ -537,6 +557,8 @@ def report(
                 "run_return_s",
                 "peak_rss_mb",
                 "rss_before_run_mb",
+                "reader_cpu_s",
+                "sampled_peak_rss",
                 "batch_marks",
             )
         },
@@ -581,7 +603,14 @@ def report(
         print(f"baseline runs: {[round(s, 2) for s in base.runs]} (median used)")
     print(
         f"engine: {res['batches']} batches, first batch durable after "
-        f"{res['first_batch_s']:.2f}s; RSS after imports {res['rss_before_run_mb']:.0f} MB"
+        f"{res['first_batch_s']:.2f}s; RSS after imports {res['rss_before_run_mb']:.0f} MB; "
+        f"reading thread CPU {res['reader_cpu_s']:.1f}s of {eng.client_cpu_s:.1f}s"
+    )
+    peak_mb, peak_at = res["sampled_peak_rss"]
+    print(
+        f"engine RSS sampled every 20 ms: peak {peak_mb} MB at {peak_at:.1f}s; batches "
+        "durable at (s, rows so far, peak RSS MB so far): "
+        + ", ".join(f"{t:.1f}/{n:,}/{mb}" for t, n, mb in res["batch_marks"])
     )
     print(
         f"ratio engine/baseline: {ratio:.2f}  (target >= {TARGET_RATIO})  "

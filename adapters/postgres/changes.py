@@ -4,11 +4,17 @@ It stacks the replication stream (socket, keepalives, standby status), the trans
 (only committed transactions leave it; streamed chunks spilled and replayed) and the type
 catalog (a converter per relation column, text → Arrow). The core sees engine-neutral events and
 converters; it never sees psycopg.
+
+The reading thread's hot path is here: frames come in bursts (`ReplicationStream.read_payloads`)
+and plain Inserts -- almost everything a bulk load sends -- bypass the per-message decoder: a
+run of them is handed on as one `packed.InsertRun` of raw messages, whose columns are split in
+bulk when the batch is converted (see `packed.py`).
 """
 
 from __future__ import annotations
 
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,13 +27,20 @@ from cdcengine.events import Event, Relation
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import to_arrow
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.packed import INSERT_HEADER, InsertRun
 from cdcengine_postgres.stream import ReplicationStream
 from cdcengine_postgres.transactions import TransactionAssembler
 from cdcengine_postgres.types import PgType, load_types
 
 DRAIN_FRAMES = 2000  # frames per `events` call at most, so the caller still gets control
 
-ColumnConverter = Callable[[Sequence[bytes | None]], tuple[pa.Array, int]]
+ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
+
+_RELID = struct.Struct(">I").unpack_from
+_INSERT = 0x49  # 'I'
+_NEW_TUPLE = 0x4E  # 'N'
+_STREAM_START = 0x53  # 'S'
+_STREAM_STOP = 0x45  # 'E'
 
 
 class PostgresChanges:
@@ -48,6 +61,7 @@ class PostgresChanges:
             start_lsn=start_lsn, proto_version=proto_version, secrets=source.secrets(),
             status_interval_s=status_interval_s, application_name=f"cdcengine:{source.name}")
         self._assembler = TransactionAssembler(self._spill)
+        self._in_block = False  # between Stream Start and Stream Stop
         self._types: dict[int, PgType] = {}
 
     def __enter__(self) -> PostgresChanges:
@@ -61,16 +75,40 @@ class PostgresChanges:
     def events(self, timeout_s: float) -> Iterator[Event]:
         """Events of whatever arrives within `timeout_s` (nothing when the stream is idle),
         then of every frame already buffered, up to `DRAIN_FRAMES`: the caller's per-read
-        bookkeeping runs once per drain, not once per row."""
-        read, feed = self._stream.read, self._assembler.feed
-        frame = read(timeout_s)
-        drained = 0
-        while frame is not None:
-            yield from feed(frame.payload)
-            drained += 1
-            if drained >= DRAIN_FRAMES:
-                return
-            frame = read(0)
+        bookkeeping runs once per drain, not once per row.
+
+        Consecutive plain Inserts into one relation (outside streamed blocks) come out as one
+        `InsertRun` of their raw messages, decoded later, column by column, for a whole batch
+        (`packed.py`); everything else goes through the transaction assembler one message at a
+        time. Per Insert this loop does one prefix comparison and one append.
+        """
+        payloads = self._stream.read_payloads(timeout_s, DRAIN_FRAMES)
+        if not payloads:
+            return
+        feed = self._assembler.feed
+        run: list[bytes] | None = None
+        prefix = b""  # 'I' relid 'N' of the current run
+        for payload in payloads:
+            if run is not None:
+                if payload.startswith(prefix):
+                    run.append(payload)
+                    continue
+                yield _run(prefix, run)
+                run = None
+            kind = payload[0]
+            if kind == _INSERT and not self._in_block and len(payload) >= INSERT_HEADER \
+                    and payload[5] == _NEW_TUPLE:
+                prefix = payload[:6]
+                run = [payload]
+                continue
+            yield from feed(payload)
+            # the assembler accepted it: follow its stream blocks (it raises on any misuse)
+            if kind == _STREAM_START:
+                self._in_block = True
+            elif kind == _STREAM_STOP:
+                self._in_block = False
+        if run is not None:
+            yield _run(prefix, run)
 
     def set_flush_lsn(self, lsn: int) -> None:
         self._stream.set_flush_lsn(lsn)
@@ -108,8 +146,12 @@ class PostgresChanges:
         self.close()
 
 
+def _run(prefix: bytes, payloads: list[bytes]) -> InsertRun:
+    return InsertRun(_RELID(prefix, 1)[0], payloads)
+
+
 def _converter(pgtype: PgType) -> ColumnConverter:
-    def convert(values: Sequence[bytes | None]) -> tuple[pa.Array, int]:
+    def convert(values: Sequence[bytes | None] | pa.Array) -> tuple[pa.Array, int]:
         done = to_arrow(values, pgtype)
         return done.array, done.masked
 

@@ -83,6 +83,7 @@ _XLOGDATA: Final = struct.Struct(">QQq")  # 'w' | dataStart | walEnd | sendTime,
 _KEEPALIVE: Final = struct.Struct(">QqB")  # 'k' | walEnd | sendTime | replyRequested
 _STATUS: Final = struct.Struct(">cQQQqB")  # 'r' | write | flush | apply | clock | replyNow
 _PAYLOAD_OFFSET: Final = 1 + _XLOGDATA.size  # 25
+_WAL_END: Final = struct.Struct(">Q").unpack_from  # XLogData's walEnd, at offset 9
 _W: Final = 0x77  # 'w'
 _K: Final = 0x6B  # 'k'
 
@@ -301,6 +302,8 @@ class ReplicationStream:
 
         self._received_lsn = 0  # write position: highest wal_end received
         self._keepalive_lsn = 0  # highest wal_end carried by a keepalive
+        self._deferred_keepalive = 0  # one met while draining: applied on the next read
+        self._pending_error: CDCError | None = None  # the stream ended during a drain
         self._flush_lsn = 0  # what the core said is durable
         self._next_status = 0.0  # time.monotonic() deadline of the next periodic status
         self._last_status_at: float | None = None
@@ -329,8 +332,9 @@ class ReplicationStream:
 
         The walsender has decoded all WAL up to it, and every transaction ending at or before it
         was sent *before* that keepalive, so it was already returned by `read()` (keepalives are
-        consumed in stream order, never ahead of an XLogData not yet returned). With no
-        transaction in flight the core may therefore confirm it (pitfall 6).
+        consumed in stream order, never ahead of an XLogData not yet returned; `read_payloads`
+        applies one met behind frames of its burst only on its next call, once the caller has
+        them). With no transaction in flight the core may therefore confirm it (pitfall 6).
         """
         return self._keepalive_lsn
 
@@ -509,8 +513,7 @@ class ReplicationStream:
         pgconn = self._pgconn
         if pgconn is None:
             raise RuntimeError(_NOT_RUNNING)
-        if self._ended:
-            raise self._ended_error()
+        self._before_read()
         with self._translator:
             try:
                 return self._read(pgconn, self._lock, time.monotonic, timeout_s)
@@ -574,6 +577,80 @@ class ReplicationStream:
                     raise RuntimeError(_NOT_RUNNING)
                 pgconn.consume_input()
 
+    def read_payloads(self, timeout_s: float, limit: int) -> list[bytes]:
+        """The payloads of up to `limit` XLogData frames: the first waited for like `read`
+        (empty list when none arrived within `timeout_s`), then every further frame already
+        received, without waiting. The reading thread's hot path: one lock and one call for a
+        whole burst of frames, and nothing but the payload kept per frame.
+
+        Keepalives met after the first frame are answered at once when the server asks, but
+        their position reaches `keepalive_lsn` only on the next call, so that it never runs
+        ahead of frames returned but not yet processed by the caller. A stream that ends after
+        some frames were collected returns them; the next call raises.
+        """
+        pgconn = self._pgconn
+        if pgconn is None:
+            raise RuntimeError(_NOT_RUNNING)
+        self._before_read()
+        with self._translator:
+            try:
+                first = self._read(pgconn, self._lock, time.monotonic, timeout_s)
+                if first is None:
+                    return []
+                out = [first.payload]
+                if limit > 1:
+                    self._drain(pgconn, out, limit)
+                return out
+            except psycopg.Error:
+                self._ended = True  # in COPY BOTH every driver error is fatal to the stream
+                raise
+
+    def _before_read(self) -> None:
+        """Raise for an ended stream (once with the cause a drain met); apply a keepalive
+        position a drain deferred: the caller has processed that drain's frames by now."""
+        if self._ended:
+            err, self._pending_error = self._pending_error, None
+            raise err or self._ended_error()
+        if self._deferred_keepalive > self._keepalive_lsn:
+            self._keepalive_lsn = self._deferred_keepalive
+
+    def _drain(self, pgconn: pq.abc.PGconn, out: list[bytes], limit: int) -> None:
+        """Append the payloads of frames libpq has (or the socket holds) to `out`."""
+        append = out.append
+        wal_end = _WAL_END
+        received = self._received_lsn
+        consumed = False
+        left = limit - len(out)
+        with self._lock:
+            if self._pgconn is None:
+                raise RuntimeError(_NOT_RUNNING)
+            try:
+                while left > 0:
+                    n, buf = pgconn.get_copy_data(1)
+                    if n > 0:
+                        kind = buf[0]
+                        if kind == _W:
+                            (end,) = wal_end(buf, 9)
+                            if end > received:
+                                received = end
+                            append(bytes(buf[_PAYLOAD_OFFSET:]))
+                            left -= 1
+                            consumed = False
+                        elif kind == _K:
+                            self._on_keepalive(pgconn, buf, defer=True)
+                        continue
+                    if n == -1:
+                        # the frames so far are returned; the next call raises the cause
+                        self._pending_error = self._stream_ended(pgconn)
+                        return
+                    if consumed:
+                        return
+                    pgconn.consume_input()  # one non-blocking look at the socket
+                    consumed = True
+            finally:
+                if received > self._received_lsn:
+                    self._received_lsn = received
+
     def messages(self, stop: threading.Event, *, poll_s: float = 0.5) -> Iterator[XLogData]:
         """Iterate over XLogData frames until `stop` is set (checked at least every `poll_s`)."""
         while not stop.is_set():
@@ -581,9 +658,12 @@ class ReplicationStream:
             if msg is not None:
                 yield msg
 
-    def _on_keepalive(self, pgconn: pq.abc.PGconn, buf: memoryview) -> None:
+    def _on_keepalive(self, pgconn: pq.abc.PGconn, buf: memoryview, *, defer: bool = False) -> None:
         wal_end, _, reply = _KEEPALIVE.unpack_from(buf, 1)
-        if wal_end > self._keepalive_lsn:
+        if defer:
+            if wal_end > self._deferred_keepalive:
+                self._deferred_keepalive = wal_end
+        elif wal_end > self._keepalive_lsn:
             self._keepalive_lsn = wal_end
         if wal_end > self._received_lsn:
             self._received_lsn = wal_end

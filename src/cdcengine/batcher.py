@@ -7,7 +7,9 @@ after each `Commit`, and `take()`s a batch between transactions. Guarantees:
 - `ChangeBatch.version` is the end LSN of the last transaction it includes: once the batch is
   durable, everything at or below it is applied;
 - the hot path keeps rows as the adapter's tuples of text `bytes` and converts each column once,
-  at `take()`, through the adapter's converters (no per-value Python conversion here);
+  at `take()`, through the adapter's converters (no per-value Python conversion here); runs of
+  inserts the adapter packed (`PackedInserts`) are kept packed, and their columns come from the
+  adapter's class as whole Arrow arrays, so a bulk insert costs no Python object per row;
 - a table's changed shape (ALTER TABLE) is carried: each row keeps the columns it was sent with
   and the batch reports the change (`SchemaChange`); a changed key stops that table with a
   stated reason instead of being mis-applied; other tables go on.
@@ -24,12 +26,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cdcengine.events import (
     UNCHANGED,
@@ -39,6 +43,7 @@ from cdcengine.events import (
     Event,
     Insert,
     Message,
+    PackedInserts,
     Relation,
     Row,
     Truncate,
@@ -46,8 +51,10 @@ from cdcengine.events import (
 )
 from cdcengine.names import TableRef
 
-ColumnConverter = Callable[[Sequence[bytes | None]], tuple[pa.Array, int]]
-"""Text values of one column (None = NULL) → (typed Arrow array, number of masked values)."""
+ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
+"""Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
+The values are a list of `bytes`, or an Arrow binary array (with nulls) when the rows include
+packed inserts (`PackedInserts`)."""
 
 ENGINE_SCHEMA = pa.schema([
     ("_cdc_op", pa.string()),
@@ -128,32 +135,45 @@ class _Relation:
 @dataclass(slots=True)
 class _Buffer:
     """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
-    a tail of text rows. Row positions count from the first part; `segments` give (rows so far,
-    end LSN, commit time) per committed transaction; `unchanged` is keyed by tail position."""
+    a tail of text rows and packed runs of inserts (`items`; a run holds `run.count` rows, so
+    `tail` counts rows, not items). Row positions count from the first part; `segments` give
+    (rows so far, end LSN, commit time) per committed transaction; `unchanged` is keyed by
+    tail row position."""
 
     rel: _Relation
     parts: list[pa.Table] = field(default_factory=list)
     converted: int = 0  # rows held in `parts`
     spilled: int = 0  # leading parts that live in (memory-mapped) spill files
-    rows: list[Row] = field(default_factory=list)
-    ops: list[str] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
+    items: list[Row | PackedInserts] = field(default_factory=list)
+    tail: int = 0  # rows in `items`
+    runs: int = 0  # items that are packed runs
+    ops: bytearray = field(default_factory=bytearray)  # one byte per row: b"I", b"U", ...
+    seqs: array[int] = field(default_factory=lambda: array("q"))
     unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
     segments: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
-        return self.converted + len(self.rows)
+        return self.converted + self.tail
+
+    def clear_tail(self) -> None:
+        self.items, self.ops, self.seqs, self.unchanged = [], bytearray(), array("q"), {}
+        self.tail = self.runs = 0
 
     def truncate(self, upto: int) -> None:
         """Keep the first `upto` rows (drop an aborted transaction's tail)."""
         if upto >= self.converted:
             keep = upto - self.converted
-            del self.rows[keep:], self.ops[keep:], self.seqs[keep:]
+            if self.runs:
+                self._cut_items(keep)
+            else:
+                del self.items[keep:]
+            self.tail = keep
+            del self.ops[keep:], self.seqs[keep:]
             for i in [i for i in self.unchanged if i >= keep]:
                 del self.unchanged[i]
             return
-        self.rows.clear(), self.ops.clear(), self.seqs.clear(), self.unchanged.clear()
+        self.clear_tail()
         kept: list[pa.Table] = []
         left = upto
         for part in self.parts:
@@ -163,6 +183,26 @@ class _Buffer:
             left -= kept[-1].num_rows
         self.parts, self.converted = kept, upto
         self.spilled = min(self.spilled, len(kept))
+
+    def _cut_items(self, keep: int) -> None:
+        """Keep the tail's first `keep` rows; a run cut in the middle becomes its rows."""
+        items: list[Row | PackedInserts] = []
+        rows = 0
+        for item in self.items:
+            if rows >= keep:
+                break
+            if isinstance(item, PackedInserts):
+                if rows + item.count <= keep:
+                    items.append(item)
+                    rows += item.count
+                else:
+                    items += item.rows()[: keep - rows]
+                    rows = keep
+            else:
+                items.append(item)
+                rows += 1
+        self.items = items
+        self.runs = sum(isinstance(item, PackedInserts) for item in items)
 
 
 class Batcher:
@@ -204,11 +244,13 @@ class Batcher:
     def add(self, event: Event) -> None:
         cls = type(event)
         if cls is Insert:
-            self._change(event.relid, "I", event.new)  # type: ignore[union-attr]
+            self._change(event.relid, _OP_I, event.new)  # type: ignore[union-attr]
+        elif isinstance(event, PackedInserts):
+            self._packed(event)
         elif cls is Update:
             self._update(event)  # type: ignore[arg-type]
         elif cls is Delete:
-            self._change(event.relid, "D", event.old)  # type: ignore[union-attr]
+            self._change(event.relid, _OP_D, event.old)  # type: ignore[union-attr, arg-type]
         elif isinstance(event, Begin):
             self._begin = event
             self._txn_no += 1
@@ -223,7 +265,7 @@ class Batcher:
             for relid in event.relids:
                 rel = self._relations.get(relid)
                 if rel is not None:
-                    self._change(relid, "T", (None,) * len(rel.relation.columns))
+                    self._change(relid, _OP_T, (None,) * len(rel.relation.columns))
         elif isinstance(event, Message):
             pass  # logical decoding messages carry no table data
 
@@ -308,20 +350,18 @@ class Batcher:
     def _update(self, ev: Update) -> None:
         rel = self._relations.get(ev.relid)
         if rel is None or ev.old is None or not rel.key_idx:
-            self._change(ev.relid, "U", ev.new, from_update=True)
+            self._change(ev.relid, _OP_U, ev.new, from_update=True)
             return
         old, new = ev.old, ev.new
         if any(old[i] != new[i] and new[i] is not UNCHANGED for i in rel.key_idx):
             # the key changed: a delete of the old key, then an insert of the new row
-            self._change(ev.relid, "D", old)
-            self._change(ev.relid, "I", new, from_update=True)
+            self._change(ev.relid, _OP_D, old)
+            self._change(ev.relid, _OP_I, new, from_update=True)
         else:
-            self._change(ev.relid, "U", new, from_update=True)
+            self._change(ev.relid, _OP_U, new, from_update=True)
 
-    def _change(self, relid: int, op: str, row: Row, *, from_update: bool = False) -> None:
-        rel = self._relations.get(relid)
-        if rel is None or rel.stopped:
-            return
+    def _buffer(self, rel: _Relation) -> _Buffer:
+        """The relation's table buffer of the current batch (created on first use)."""
         buf = rel.buf
         if rel.buf_batch != self._batch_no or buf is None:
             ref = rel.spec.ref
@@ -331,6 +371,41 @@ class Batcher:
                 buf.rel = rel
                 self._txn_start.setdefault(ref, buf.count)
             rel.buf, rel.buf_batch = buf, self._batch_no
+        return buf
+
+    def _packed(self, run: PackedInserts) -> None:
+        """A run of inserts, kept packed: per run, not per row, bookkeeping."""
+        rel = self._relations.get(run.relid)
+        if rel is None or rel.stopped or not run.count:
+            return
+        buf = rel.buf
+        if rel.buf_batch != self._batch_no or buf is None:
+            buf = self._buffer(rel)
+        if rel.seq_txn != self._txn_no:
+            rel.seq, rel.seq_txn = 0, self._txn_no
+        n, seq = run.count, rel.seq
+        rel.seq = seq + n
+        buf.items.append(run)
+        buf.tail += n
+        buf.runs += 1
+        buf.ops += _INSERT_OPS[:n] if n <= len(_INSERT_OPS) else b"I" * n
+        end = seq + n
+        buf.seqs += _SEQS[seq:end] if end <= len(_SEQS) else array("q", range(seq, end))
+        self._rows += n
+        self._bytes += ROW_OVERHEAD_BYTES * n + run.nbytes
+        if self._first_at is None:
+            self._first_at = self._clock()
+        if self._bytes >= self._max_bytes and self._begin is not None:
+            self._compact()
+
+    def _change(self, relid: int, op: int, row: Row, *, from_update: bool = False) -> None:
+        """One decoded row; `op` is the `_cdc_op` letter's byte (`_OP_I`, ...)."""
+        rel = self._relations.get(relid)
+        if rel is None or rel.stopped:
+            return
+        buf = rel.buf
+        if rel.buf_batch != self._batch_no or buf is None:
+            buf = self._buffer(rel)
         if rel.seq_txn != self._txn_no:
             rel.seq, rel.seq_txn = 0, self._txn_no
         seq = rel.seq
@@ -338,8 +413,9 @@ class Batcher:
         if from_update and UNCHANGED in row:  # only an update's new row can hold the marker
             names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
                           if v is UNCHANGED)
-            buf.unchanged[len(buf.rows)] = names
-        buf.rows.append(row)
+            buf.unchanged[buf.tail] = names
+        buf.items.append(row)
+        buf.tail += 1
         buf.ops.append(op)
         buf.seqs.append(seq)
         self._rows += 1
@@ -364,7 +440,7 @@ class Batcher:
     def _seal_tails(self) -> None:
         """Convert every buffer's text tail to an Arrow part (under the buffer's current shape)."""
         for buf in self._buffers.values():
-            if buf.rows:
+            if buf.tail:
                 self._seal(buf)
         self._bytes = 0
 
@@ -447,36 +523,59 @@ class Batcher:
 
     def _convert(self, buf: _Buffer) -> pa.Table:
         """The tail's text rows as one Arrow part (data columns, `_cdc_op`, `_cdc_seq`,
-        `_cdc_unchanged`); the tail is emptied."""
-        rel, n = buf.rel, len(buf.rows)
+        `_cdc_unchanged`); the tail is emptied (before converting: the rows are let go of as
+        soon as their text columns exist)."""
+        rel, n = buf.rel, buf.tail
         columns = rel.relation.columns
-        rows = buf.rows
-        if buf.unchanged:
-            rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
-                    for i, r in enumerate(rows)]
-        transposed = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+        transposed = self._tail_columns(buf, len(columns))
+        ops, seqs, unchanged = buf.ops, buf.seqs, buf.unchanged
+        buf.clear_tail()
         selected = rel.spec.columns
         arrays: list[pa.Array] = []
         names: list[str] = []
         for col, values, convert in zip(columns, transposed, rel.converters, strict=True):
             if selected is not None and col.name not in selected and col.name not in rel.key:
                 continue
-            array, bad = convert(values)
+            converted, bad = convert(values)
             if bad:
                 masked = self._masked
                 masked[(rel.spec.ref, col.name)] = masked.get((rel.spec.ref, col.name), 0) + bad
-            arrays.append(array)
+            arrays.append(converted)
             names.append(col.name)
-        unchanged = [list(buf.unchanged[i]) if i in buf.unchanged else None for i in range(n)] \
-            if buf.unchanged else pa.nulls(n, pa.list_(pa.string()))
-        arrays += [pa.array(buf.ops, pa.string()), pa.array(buf.seqs, pa.int64()),
-                   pa.array(unchanged, pa.list_(pa.string()))]
+        del transposed
+        marks = pa.array([list(unchanged[i]) if i in unchanged else None for i in range(n)],
+                         pa.list_(pa.string())) if unchanged \
+            else pa.nulls(n, pa.list_(pa.string()))
+        arrays += [_ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
+                                                          [None, pa.py_buffer(seqs)]), marks]
         names += ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
-        buf.rows, buf.ops, buf.seqs, buf.unchanged = [], [], [], {}
         return pa.Table.from_arrays(arrays, names=names)
 
+    @staticmethod
+    def _tail_columns(buf: _Buffer, ncols: int) -> Sequence[Sequence[bytes | None] | pa.Array]:
+        """The tail's values column by column: lists of `bytes` when it holds decoded rows
+        only, Arrow binary arrays when it holds packed runs (all runs' columns come from their
+        class in one call; decoded rows in between are put back in place by one `take`)."""
+        items = buf.items
+        if buf.runs:
+            runs = [item for item in items if isinstance(item, PackedInserts)]
+            cls = type(runs[0])
+            packed = cls.columns(runs, ncols) if all(type(r) is cls for r in runs) else None
+            if packed is not None:
+                if buf.runs == len(items):
+                    return packed
+                return _interleave(buf, packed)
+            # a row of another shape: every run row by row (they raise if malformed)
+            items = [row for item in items for row in
+                     (item.rows() if isinstance(item, PackedInserts) else (item,))]
+        rows: list[Row] = items  # type: ignore[assignment]
+        if buf.unchanged:
+            rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
+                    for i, r in enumerate(rows)]
+        return list(zip(*rows, strict=True)) if rows else [() for _ in range(ncols)]
+
     def _to_arrow(self, buf: _Buffer) -> pa.Table:
-        if buf.rows or not buf.parts:
+        if buf.tail or not buf.parts:
             self._seal(buf)
         if len(buf.parts) == 1:
             table = buf.parts[0]
@@ -487,23 +586,81 @@ class Batcher:
             engine = ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
             table = table.select([n for n in table.column_names if n not in engine] + engine)
         lsns, stamps = _expand(buf.segments, table.num_rows)
-        table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn",
-                                 pa.array(lsns, pa.int64()))
+        table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn", lsns)
         return table.add_column(table.schema.get_field_index("_cdc_unchanged"),
-                                "_cdc_committed_at",
-                                pa.array(stamps, pa.int64()).cast(pa.timestamp("us", tz="UTC")))
+                                "_cdc_committed_at", stamps.cast(pa.timestamp("us", tz="UTC")))
 
 
-def _expand(segments: list[tuple[int, int, int]], n: int) -> tuple[list[int], list[int]]:
-    """Per-row (end LSN, commit time) from per-transaction (rows so far, end LSN, ts) marks."""
+_OP_I, _OP_U, _OP_D, _OP_T = b"IUDT"
+# Prebuilt, sliced per run: a packed run's ops and `_cdc_seq` values cost no Python per row.
+_INSERT_OPS: Final = b"I" * 8192
+_SEQS: Final = array("q", range(1 << 16))
+_one_letter_offsets: pa.Buffer = pa.py_buffer(array("i", range(1 << 16)))
+
+
+def _ops_array(ops: bytearray) -> pa.Array:
+    """`_cdc_op`: a string array of the one-letter ops on their bytes (offsets 0, 1, 2, ...:
+    a shared prebuilt buffer, longer than needed is fine)."""
+    global _one_letter_offsets
+    n = len(ops)
+    if (n + 1) * 4 > _one_letter_offsets.size:
+        _one_letter_offsets = pa.py_buffer(array("i", range(2 * (n + 1))))
+    return pa.Array.from_buffers(pa.string(), n, [None, _one_letter_offsets,
+                                                  pa.py_buffer(bytes(ops))])
+
+
+def _interleave(buf: _Buffer, packed: list[pa.Array]) -> list[pa.Array]:
+    """Columns of a tail mixing packed runs (their columns: `packed`) and decoded rows, in
+    tail order: the decoded rows' values are appended after the runs' and one `take` per
+    column puts every row back in place."""
+    rows: list[Row] = []
+    order: list[int] = []
+    packed_at = 0
+    first_row = len(packed[0]) if packed else 0
+    position = 0
+    for item in buf.items:
+        if isinstance(item, PackedInserts):
+            order += range(packed_at, packed_at + item.count)
+            packed_at += item.count
+            position += item.count
+        else:
+            if position in buf.unchanged:
+                item = tuple(None if v is UNCHANGED else v for v in item)
+            order.append(first_row + len(rows))
+            rows.append(item)
+            position += 1
+    ncols = len(packed)
+    if any(len(r) != ncols for r in rows):
+        raise ValueError("rows of a table have different numbers of columns")
+    index = pa.array(order, pa.int64())
+    out: list[pa.Array] = []
+    for j, column in enumerate(packed):
+        decoded = pa.array([r[j] for r in rows], column.type)
+        out.append(pa.concat_arrays([column, decoded]).take(index))
+    return out
+
+
+def _expand(segments: list[tuple[int, int, int]], n: int) -> tuple[pa.Array, pa.Array]:
+    """Per-row (end LSN, commit time) from per-transaction (rows so far, end LSN, ts) marks,
+    run-length decoded by Arrow."""
+    ends: list[int] = []
     lsns: list[int] = []
     stamps: list[int] = []
     start = 0
     for upto, lsn, ts in segments:
-        count = upto - start
-        lsns += [lsn] * count
-        stamps += [ts] * count
+        if upto > start:
+            ends.append(upto)
+            lsns.append(lsn)
+            stamps.append(ts)
         start = upto
     if start != n:
         raise RuntimeError("rows without a committed transaction in a batch")
-    return lsns, stamps
+    if not ends:
+        return pa.array([], pa.int64()), pa.array([], pa.int64())
+    run_ends = pa.array(ends, pa.int64())
+
+    def decode(values: list[int]) -> pa.Array:
+        encoded = pa.RunEndEncodedArray.from_arrays(run_ends, pa.array(values, pa.int64()))
+        return pc.run_end_decode(encoded)
+
+    return decode(lsns), decode(stamps)

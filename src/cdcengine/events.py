@@ -11,12 +11,21 @@ Contract (the adapter guarantees it, the core relies on it):
   never NULL: the sink must keep the stored value.
 - LSNs are ints. `Commit.end_lsn` is the transaction's position: everything at or below it is
   applied once that transaction is durable.
+- Consecutive inserts into one relation may arrive packed, as one `PackedInserts` (a subclass
+  the adapter defines), instead of one `Insert` each: same rows, same order, same meaning. The
+  core keeps such a run as it is and asks the adapter's class for the rows' text columns only
+  when it converts them (`PackedInserts.columns`: whole columns at once, no Python object per
+  value), which is what makes bulk inserts cheap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @final
@@ -122,5 +131,35 @@ class Message:
     content: bytes
 
 
+class PackedInserts:
+    """`count` consecutive inserts into relation `relid`, in the adapter's packed form.
+
+    Equivalent to `count` `Insert` events in order (within one transaction). The core never
+    looks inside: it keeps runs as they are and, when it converts a table's rows, hands every
+    run of one class to that class's `columns`, which returns the text columns of all their rows
+    at once; `rows` gives the same rows as `Row` tuples for the cases that need them one by one.
+    `nbytes` is the packed size, for the core's memory budget.
+    """
+
+    __slots__ = ("count", "nbytes", "relid")
+
+    relid: int
+    count: int
+    nbytes: int
+
+    def rows(self) -> list[Row]:
+        """The run's rows as `Insert.new` would carry them (decoding errors raise)."""
+        raise NotImplementedError
+
+    @classmethod
+    def columns(cls, runs: Sequence[PackedInserts], ncols: int) -> list[pa.Array] | None:
+        """The rows of `runs` (all of this class, in order) as `ncols` Arrow binary columns of
+        text values (null for SQL NULL), or None when any row has another number of columns or
+        a value that is not plain text (then the caller goes through `rows`)."""
+        raise NotImplementedError
+
+
 Change = Insert | Update | Delete | Truncate
-Event = Relation | Begin | Commit | Insert | Update | Delete | Truncate | Message
+Event = (
+    Relation | Begin | Commit | Insert | PackedInserts | Update | Delete | Truncate | Message
+)
