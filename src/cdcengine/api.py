@@ -11,7 +11,7 @@ raises `LeaseHeld` (retryable) naming the holder.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -65,7 +65,7 @@ def open_store(state: StateArg) -> Iterator[StateStore]:
         yield state
 
 
-def _with_overrides(source: SourceConfig, store: StateStore) -> SourceConfig:
+def with_overrides(source: SourceConfig, store: StateStore) -> SourceConfig:
     """The source with its `settings` overrides applied (they win over the file)."""
     overrides = {k: v.value for k, v in store.get_settings(source.name).items()
                  if k in SETTINGS_KEYS}
@@ -77,7 +77,7 @@ def _known_slot(rec: SourceRecord | None, source: SourceConfig) -> bool:
     return bool(rec and rec.enabled and rec.slot_name == source.slot_name)
 
 
-def _as_enabled(rec: SourceRecord | None, source: SourceConfig) -> SourceConfig:
+def as_enabled(rec: SourceRecord | None, source: SourceConfig) -> SourceConfig:
     """Slot, publication and mode are immutable while enabled: the recorded ones win."""
     if not (rec and rec.enabled and rec.slot_name and rec.publication_name
             and rec.management_mode):
@@ -214,7 +214,7 @@ def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list
     with open_store(state) as store:
         rec = store.get_source(source.name)
         return adapter_for(source).check_prerequisites(
-            _as_enabled(rec, _with_overrides(source, store)), install_id=store.install_id(),
+            as_enabled(rec, with_overrides(source, store)), install_id=store.install_id(),
             known_slot=_known_slot(rec, source))
 
 
@@ -252,13 +252,7 @@ def enable_cdc(
         install_id = store.install_id()
         known = _known_slot(rec, source)
         checks = adapter.check_prerequisites(source, install_id=install_id, known_slot=known)
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            names = ", ".join(sorted({c.name + (f" ({c.table})" if c.table else "")
-                                      for c in failed}))
-            raise PrerequisitesFailed(
-                f"source {source.name!r}: {len(failed)} prerequisite check(s) failed: {names}. "
-                "Nothing was changed.", checks=list(checks))
+        refuse_failed_checks(source, checks)
         if rec and rec.enabled and not adapter.slot_status(source).exists:
             raise ReplicationResourceError(
                 f"source {source.name!r} is enabled but its replication slot "
@@ -298,6 +292,20 @@ def enable_cdc(
             consistent_point=result.consistent_point, tables=tuple(tables), checks=tuple(checks))
 
 
+def refuse_failed_checks(source: SourceConfig, checks: Sequence[Check], *,
+                         action: str | None = None,
+                         ignore: frozenset[str] = frozenset()) -> None:
+    """`PrerequisitesFailed` (carrying every check) when a check not in `ignore` failed."""
+    failed = [c for c in checks if not c.ok and c.name not in ignore]
+    if failed:
+        names = ", ".join(sorted({c.name + (f" ({c.table})" if c.table else "")
+                                  for c in failed}))
+        refused = f"{action} refused: " if action else ""
+        raise PrerequisitesFailed(
+            f"source {source.name!r}: {refused}{len(failed)} prerequisite check(s) failed: "
+            f"{names}. Nothing was changed.", checks=list(checks))
+
+
 def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float = 10.0
                 ) -> DisableResult:
     """Drop what the engine owns for this source and record it disabled. Idempotent.
@@ -310,7 +318,7 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
     with open_store(state) as store, hold_lease(store, source.name, purpose="disable",
                                             ttl_s=LEASE_TTL_S + wait_s, wait_s=0):
         rec = store.get_source(source.name)
-        target = _as_enabled(rec, source)
+        target = as_enabled(rec, source)
         td = adapter_for(source).teardown(target, install_id=store.install_id(),
                                           known_slot=_known_slot(rec, target), wait_s=wait_s)
         was_enabled = bool(rec and rec.enabled)
@@ -444,7 +452,7 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
     """
     with open_store(state) as store:
         rec = store.get_source(source.name)
-        target = _as_enabled(rec, source)
+        target = as_enabled(rec, source)
         adapter = adapter_for(source)
         probe = adapter.probe_health(target, install_id=store.install_id())
         slot, pub = probe.slot, probe.publication
@@ -570,7 +578,7 @@ def verify(
     tcs = tables_to_verify(source, table)
     with open_store(state) as store:
         rec = store.get_source(source.name)
-        target = _as_enabled(rec, source)
+        target = as_enabled(rec, source)
     adapter = adapter_for(source)
 
     def confirmed() -> int | None:

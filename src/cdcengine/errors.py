@@ -319,6 +319,14 @@ class UnknownSource(CDCError):
     default_reason = Reason.UNKNOWN_SOURCE
 
 
+def reason_of(text: str) -> Reason:
+    """A stored reason code as a `Reason`; a code this version does not know is `unknown`."""
+    try:
+        return Reason(text)
+    except ValueError:
+        return Reason.UNKNOWN
+
+
 def iter_chain(exc: BaseException) -> Iterator[BaseException]:
     """The exception, then its causes and contexts, each once (cycle-safe)."""
     seen: set[int] = set()

@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from cdcengine.adapter import HealthProbe, SourceAdapter
+from cdcengine.api import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, Reason, classify_error
 from cdcengine.lag import MB, Action, Level, Thresholds, decide, effective_thresholds, level_of
@@ -97,14 +98,12 @@ def check_source(
     `stop_stream` stops this process's own stream of the source (finishing its commit) before an
     auto-drop, so it does not simply reconnect to a slot that is about to go.
     """
-    from cdcengine.api import _as_enabled, _with_overrides  # api imports this module's users
-
     rec = store.get_source(source.name)
     if not (rec and rec.enabled):
         return HealthReport(source=source.name, checked=False, action="none",
                             state=str(rec.state if rec else SourceState.DISABLED),
                             message="CDC is not enabled")
-    eff = _as_enabled(rec, _with_overrides(source, store))
+    eff = as_enabled(rec, with_overrides(source, store))
     adapter = adapter or adapter_for(source)
     probe = adapter.probe_health(eff, install_id=store.install_id())
     t = thresholds_for(eff, probe.retention_cap_mb)
@@ -306,18 +305,16 @@ def sweep_source(source: SourceConfig, store: StateStore, *,
         return replace(report, message=f"{report.message} (read only: {held.message})")
 
 
-def sweep(configs: Sequence[SourceConfig], *, state: object = None, prune: bool = False,
+def sweep(configs: Sequence[SourceConfig], *, state: StateArg = None, prune: bool = False,
           metrics: SlotMetrics | None = None) -> SweepResult:
     """`cdcengine sweep`: one pass of the lag policy over every configured source (for cron
     when no daemon runs). Per-source failures are reported and do not stop the sweep.
 
     `prune` also drops the managed slot and publication of sources this state store recorded
     as enabled that are no longer configured (see `prune_removed`)."""
-    from cdcengine.api import open_store
-
     reports: list[HealthReport] = []
     failed: list[str] = []
-    with open_store(state) as store:  # type: ignore[arg-type]
+    with open_store(state) as store:
         for src in configs:
             try:
                 reports.append(sweep_source(src, store, metrics=metrics))

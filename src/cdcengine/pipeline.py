@@ -36,7 +36,7 @@ from cdcengine.api import StateArg, open_store
 from cdcengine.batcher import Batcher, ChangeBatch, StoppedTable
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
-from cdcengine.errors import CDCError, NotEnabled, Reason
+from cdcengine.errors import CDCError, NotEnabled, Reason, reason_of
 from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
@@ -112,7 +112,7 @@ class Pipeline:
             raise NotEnabled(f"source {src.name!r} is not enabled; run `cdcengine enable`")
         if rec.broken is not None and rec.broken.reason != Reason.CRITICAL_LAG_SELF_MANAGED:
             raise CDCError(f"source {src.name!r} is broken ({rec.broken.reason}): "
-                           f"{rec.broken.message}", reason=_reason(rec.broken.reason),
+                           f"{rec.broken.message}", reason=reason_of(rec.broken.reason),
                            retryable=False, fix="Run `cdcengine repair` for this source.")
         try:
             self._check_identity(store, rec.system_identifier, rec.timeline)
@@ -361,10 +361,3 @@ def _set_state(store: StateStore, source: str, state: SourceState) -> None:
             or rec.state in (SourceState.WARNING, SourceState.ERROR):
         return
     store.set_source_state(source, state)
-
-
-def _reason(text: str) -> Reason:
-    try:
-        return Reason(text)
-    except ValueError:
-        return Reason.UNKNOWN

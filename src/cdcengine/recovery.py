@@ -14,18 +14,22 @@ the pause; streaming continues from the slot, no re-snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import structlog
 
-from cdcengine.adapter import Check
-from cdcengine.api import LEASE_TTL_S, StateArg, _as_enabled, _with_overrides, open_store
+from cdcengine.api import (
+    LEASE_TTL_S,
+    StateArg,
+    as_enabled,
+    open_store,
+    refuse_failed_checks,
+    with_overrides,
+)
 from cdcengine.config import SourceConfig
 from cdcengine.errors import (
     CDCError,
     NotEnabled,
-    PrerequisitesFailed,
     Reason,
     ReplicationResourceError,
 )
@@ -67,16 +71,6 @@ def _enabled(store: StateStore, source: SourceConfig) -> SourceRecord:
     return rec
 
 
-def _refuse_failed_checks(source: SourceConfig, checks: Sequence[Check], what: str, *,
-                          ignore: frozenset[str] = frozenset()) -> None:
-    failed = [c for c in checks if not c.ok and c.name not in ignore]
-    if failed:
-        names = ", ".join(sorted({c.name + (f" ({c.table})" if c.table else "") for c in failed}))
-        raise PrerequisitesFailed(f"source {source.name!r}: {what} refused: {len(failed)} "
-                                  f"prerequisite check(s) failed: {names}. Nothing was changed.",
-                                  checks=list(checks))
-
-
 def repair_cdc(source: SourceConfig, *, state: StateArg = None, slot_wait_s: float = 30.0,
                drop_wait_s: float = 10.0) -> RepairResult:
     """Recreate what was lost and re-snapshot every table (see the module doc). Refuses
@@ -85,7 +79,7 @@ def repair_cdc(source: SourceConfig, *, state: StateArg = None, slot_wait_s: flo
     with open_store(state) as store, hold_lease(store, source.name, purpose="repair",
                                             ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
         rec = _enabled(store, source)
-        eff = _as_enabled(rec, _with_overrides(source, store))
+        eff = as_enabled(rec, with_overrides(source, store))
         adapter = adapter_for(source)
         install_id = store.install_id()
         was = rec.broken.reason if rec.broken else None
@@ -99,7 +93,7 @@ def repair_cdc(source: SourceConfig, *, state: StateArg = None, slot_wait_s: flo
             was = str(lost[0])
         checks = adapter.check_prerequisites(eff, install_id=install_id, known_slot=True)
         # the slot is what repair replaces: its own check may fail (lost, in the way)
-        _refuse_failed_checks(source, checks, "repair", ignore=frozenset({"slot"}))
+        refuse_failed_checks(source, checks, action="repair", ignore=frozenset({"slot"}))
         # The old slot (if any is left) describes a position the Delta tables cannot trust.
         adapter.teardown(eff, install_id=install_id, known_slot=True, wait_s=drop_wait_s)
         result = adapter.provision(eff, install_id=install_id, known_slot=False,
@@ -144,11 +138,11 @@ def resume_cdc(source: SourceConfig, *, state: StateArg = None) -> ResumeResult:
             raise CDCError(f"source {source.name!r} is not paused: nothing to resume.",
                            reason=Reason.NOTHING_TO_REPAIR, retryable=False,
                            fix="Nothing to do; `cdcengine status` shows the source's state.")
-        eff = _as_enabled(rec, _with_overrides(source, store))
+        eff = as_enabled(rec, with_overrides(source, store))
         adapter = adapter_for(source)
         install_id = store.install_id()
         checks = adapter.check_prerequisites(eff, install_id=install_id, known_slot=True)
-        _refuse_failed_checks(source, checks, "resume")
+        refuse_failed_checks(source, checks, action="resume")
         probe = adapter.probe_health(eff, install_id=install_id)
         lost = resources_lost(store, eff, probe)
         if lost is not None:

@@ -24,7 +24,7 @@ import structlog
 
 from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
-from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error
+from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error, reason_of
 from cdcengine.pipeline import Pipeline
 from cdcengine.state.base import Marker, SourceRecord
 
@@ -145,16 +145,18 @@ class SourceRunner:
                 self._pipeline = None
                 self._idle.set()
 
-    def _marked(self) -> bool:
+    def _record(self) -> SourceRecord | None:
         with open_store(self.state) as store:
-            return needs_operator(store.get_source(self.source.name)) is not None
+            return store.get_source(self.source.name)
+
+    def _marked(self) -> bool:
+        return needs_operator(self._record()) is not None
 
     def note_marker(self) -> None:
         """Record a marker set meanwhile (e.g. by the monitor) as this source's failure."""
-        with open_store(self.state) as store:
-            marker = needs_operator(store.get_source(self.source.name))
+        marker = needs_operator(self._record())
         if marker is not None and self.outcome.error is None:
-            self.outcome.error = CDCError(marker.message, reason=_reason(marker.reason),
+            self.outcome.error = CDCError(marker.message, reason=reason_of(marker.reason),
                                           retryable=False)
             self.outcome.failed_at = marker.at
 
@@ -162,8 +164,7 @@ class SourceRunner:
         """True while a broken/paused marker asks for repair/resume; clears the failure once
         an operator lifted it, so the next pipeline run starts."""
         try:
-            with open_store(self.state) as store:
-                rec = store.get_source(self.source.name)
+            rec = self._record()
         except Exception as exc:  # noqa: BLE001 - the state store may be briefly unavailable
             log.warning("state_store_unavailable", source=self.source.name,
                         reason=str(classify_error(exc).reason))
@@ -178,7 +179,7 @@ class SourceRunner:
         if self.outcome.waiting != waiting:
             self.outcome.waiting = waiting
             if self.outcome.error is None or self.outcome.error.reason != marker.reason:
-                self.outcome.error = CDCError(marker.message, reason=_reason(marker.reason),
+                self.outcome.error = CDCError(marker.message, reason=reason_of(marker.reason),
                                               retryable=False)
                 self.outcome.failed_at = marker.at
             log.warning("source_waiting", source=self.source.name, state=str(rec.state) if rec
@@ -209,10 +210,3 @@ def needs_operator(rec: SourceRecord | None) -> Marker | None:
     if rec.broken is not None and rec.broken.reason != Reason.CRITICAL_LAG_SELF_MANAGED:
         return rec.broken
     return rec.paused
-
-
-def _reason(text: str) -> Reason:
-    try:
-        return Reason(text)
-    except ValueError:
-        return Reason.UNKNOWN
