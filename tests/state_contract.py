@@ -29,6 +29,7 @@ import pytest
 import cdcengine.state
 from cdcengine.errors import LeaseHeld, Reason, StateStoreError
 from cdcengine.state import SourceState, StateStore, TableState
+from cdcengine.state.base import TableOptions
 
 SRC = Path(cdcengine.state.__file__).resolve().parents[2]
 
@@ -201,6 +202,19 @@ def test_unknown_source_is_refused(
 
 
 # tables ---------------------------------------------------------------------------------------
+
+
+def test_table_options_are_kept_until_replaced(store: StateStore) -> None:
+    enable(store, **{"public.orders": "consolidated"})
+    assert store.list_tables("shop")[0].columns is None
+    opts = TableOptions(columns=("id", "total"), primary_key=("id",))
+    rec = store.upsert_table("shop", "public.orders", "both", options=opts)
+    assert (rec.mode, rec.columns, rec.primary_key) == ("both", ("id", "total"), ("id",))
+    # a mode-only upsert (the pipeline's, a resync request) keeps what enable registered
+    rec = store.upsert_table("shop", "public.orders", "append")
+    assert (rec.mode, rec.columns, rec.primary_key) == ("append", ("id", "total"), ("id",))
+    rec = store.upsert_table("shop", "public.orders", "append", options=TableOptions())
+    assert (rec.columns, rec.primary_key) == (None, None)
 
 
 def test_table_lifecycle(store: StateStore) -> None:

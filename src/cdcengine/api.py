@@ -36,7 +36,14 @@ from cdcengine.registry import adapter_for
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.state import open_state
-from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState, hold_lease
+from cdcengine.state.base import (
+    SourceRecord,
+    SourceState,
+    StateStore,
+    TableOptions,
+    TableState,
+    hold_lease,
+)
 from cdcengine.verify import DEFAULT_EXAMPLES as DEFAULT_VERIFY_EXAMPLES
 from cdcengine.verify import DEFAULT_WAIT_S as DEFAULT_VERIFY_WAIT_S
 from cdcengine.verify import Comparison as Comparison  # re-exported: verify's results
@@ -237,8 +244,7 @@ def enable_cdc(
     re-snapshots; recreating the slot silently would leave a gap). It never removes tables from
     Delta, never drops anything it did not create, and on failure undoes exactly what it created.
     """
-    with open_store(state) as store, hold_lease(store, source.name, purpose="enable",
-                                            ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
+    with open_store(state) as store, _enable_lease(store, source.name, slot_wait_s):
         rec = store.get_source(source.name)
         if rec and rec.enabled:
             for key in ("slot_name", "publication_name", "management_mode"):
@@ -263,10 +269,9 @@ def enable_cdc(
         tables = {tc.name: str(tc.mode) for tc in source.table_configs}
         try:
             if rec and rec.enabled:
+                # a daemon streaming this source picks these changes up (a table added, removed
+                # or switched to another mode) at its next check, see `cdcengine.tablesets`
                 have = {t.name for t in store.list_tables(source.name)}
-                for name, mode in tables.items():
-                    if name not in have:
-                        store.upsert_table(source.name, name, mode)
                 for name in have - set(tables):  # left the config: no longer captured
                     store.remove_table(source.name, name)
             else:
@@ -277,6 +282,9 @@ def enable_cdc(
                     consistent_point=parse_lsn(lsn) if lsn else None,
                     system_identifier=result.identity.system_identifier,
                     timeline=result.identity.timeline, tables=tables)
+            for tc in source.table_configs:
+                store.upsert_table(source.name, tc.name, str(tc.mode), options=TableOptions(
+                    columns=tc.columns, primary_key=tc.primary_key))
         except BaseException:
             adapter.undo_provision(source, result)
             raise
@@ -334,7 +342,22 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
 
 
 @contextmanager
-def _lease_unless_daemon(store: StateStore, source: str, purpose: str) -> Iterator[None]:
+def _enable_lease(store: StateStore, source: str, slot_wait_s: float) -> Iterator[None]:
+    """`enable` holds the lease, except on an enabled source a daemon streams: then it only
+    adopts the slot, brings the publication in line and registers the tables, which the daemon
+    reads at its next check."""
+    rec = store.get_source(source)
+    if rec is not None and rec.enabled:
+        with _lease_unless_daemon(store, source, "enable", wait_s=0):
+            yield
+        return
+    with hold_lease(store, source, purpose="enable", ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
+        yield
+
+
+@contextmanager
+def _lease_unless_daemon(store: StateStore, source: str, purpose: str, *,
+                         wait_s: float = 5) -> Iterator[None]:
     """The source's lease for a change a running daemon also accepts queued in the state store
     (it reads settings and resync requests there): with a daemon holding the lease, the change
     is written without it and the daemon applies it at its next check."""
@@ -342,7 +365,7 @@ def _lease_unless_daemon(store: StateStore, source: str, purpose: str) -> Iterat
     if held is not None and held.purpose == "daemon":
         yield
         return
-    with hold_lease(store, source, purpose=purpose, ttl_s=LEASE_TTL_S, wait_s=5):
+    with hold_lease(store, source, purpose=purpose, ttl_s=LEASE_TTL_S, wait_s=wait_s):
         yield
 
 

@@ -17,8 +17,8 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -302,6 +302,18 @@ class SourceConfig:
                        if len(str(v)) >= 4 and str(v).lower() not in ("true", "false")
                        and not str(v).isdigit())
         return tuple(out)
+
+    def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:
+        """This source capturing exactly `tables` (each with its own mode and options)."""
+        overrides: dict[str, dict[str, object]] = {}
+        for tc in tables:
+            o: dict[str, object] = {"mode": str(tc.mode)}
+            if tc.columns is not None:
+                o["columns"] = list(tc.columns)
+            if tc.primary_key is not None:
+                o["primary_key"] = list(tc.primary_key)
+            overrides[tc.name] = o
+        return replace(self, tables=tuple(tc.name for tc in tables), table=overrides)
 
     @property
     def masked_dsn(self) -> str:

@@ -40,6 +40,7 @@ from cdcengine.errors import CDCError, NotEnabled, Reason, reason_of
 from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
+from cdcengine.names import TableRef
 from cdcengine.progress import Progress
 from cdcengine.registry import adapter_for
 from cdcengine.resync import is_requested, resync_table
@@ -48,6 +49,7 @@ from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.snapshots import snapshot_table
 from cdcengine.state.base import Lease, SourceState, StateStore, TableState, hold_lease
+from cdcengine.tablesets import Registrations, registered_changes, registrations
 from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
 
 log = structlog.get_logger("cdcengine.pipeline")
@@ -80,6 +82,7 @@ class Pipeline:
         # set while this run holds the source's lease: the daemon's monitor acts for it then
         self.holding = threading.Event()
         self._runlog: RunLog
+        self._seen: Registrations = {}  # the table registrations at the last look
 
     def run(self, stop_event: threading.Event | None = None) -> RunStats:
         """Snapshot where needed, then stream until `stop_event` is set (or an error).
@@ -117,13 +120,25 @@ class Pipeline:
         try:
             self._check_identity(store, rec.system_identifier, rec.timeline)
             sink = DeltaSink.for_source(src)
-            self._snapshot_pending(store, sink, stop)
+            self._seen = registrations(store.list_tables(src.name))
             renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
             while not stop.is_set():
-                self._resync_pending(store, sink, stop)
-                # the stream session ends early when a resync is requested: it is
-                # performed, then a new session replays from the slot's confirmed position
-                if stop.is_set() or not self._stream(store, sink, stop, renew):
+                self._take_registrations(store)
+                job = self._backfill(store, sink, stop)
+                if stop.is_set():
+                    break
+                # a session ends early when work for some table comes up (a resync request, a
+                # table added by `enable`) or when the backfill beside it finished: the next
+                # session replays from the slot's confirmed position
+                try:
+                    again = self._stream(store, sink, stop, renew, job)
+                except BaseException:
+                    if job is not None:
+                        job.cancel()
+                    raise
+                if job is not None:
+                    self._backfilled(sink, job)
+                if not again:
                     break
         except CDCError as exc:
             self._record_failure(store, exc)
@@ -141,56 +156,103 @@ class Pipeline:
                 "over or recreated, so applied positions no longer describe it.",
                 reason=Reason.SOURCE_CHANGED)
 
-    # ---- snapshots ----------------------------------------------------------------------------
-    def _snapshot_pending(self, store: StateStore, sink: DeltaSink, stop: threading.Event) -> None:
+    # ---- table set, snapshots and resyncs ----------------------------------------------------
+    def _take_registrations(self, store: StateStore) -> bool:
+        """Apply what `enable` registered since the last look (see `cdcengine.tablesets`)."""
+        now = registrations(store.list_tables(self.source.name))
+        change = registered_changes(self.source, self._seen, now)
+        self._seen = now
+        if not change:
+            return False
+        self.source = change.source
+        for name in change.removed:
+            ref = TableRef.parse(name)
+            self._applied = {k: v for k, v in self._applied.items() if k[0] != ref}
+        log.info("tables_changed", source=self.source.name, added=list(change.added),
+                 removed=list(change.removed), mode_changed=list(change.remoded))
+        return True
+
+    def _pending(self, store: StateStore, sink: DeltaSink) -> list[TableConfig]:
+        """Tables to (re-)snapshot: never loaded in some table kind, or a queued `resync`."""
+        records = {t.name: t for t in store.list_tables(self.source.name)}
+        def wanted(tc: TableConfig) -> bool:
+            rec = records.get(tc.name)
+            if rec is not None and is_requested(rec):
+                return True
+            stopped = rec is not None and rec.state is TableState.STOPPED
+            return not stopped and not self._load_applied(sink, tc)
+        return [tc for tc in self.source.table_configs if wanted(tc)]
+
+    def _work_waiting(self, store: StateStore) -> bool:
+        """Between transactions of a session: is there a table to (re-)snapshot or a change of
+        the table set to apply? (Read from the state store: requests come from other
+        processes.)"""
+        records = store.list_tables(self.source.name)
+        return any(is_requested(t) for t in records) \
+            or bool(registered_changes(self.source, self._seen, registrations(records)))
+
+    def _backfill(self, store: StateStore, sink: DeltaSink,
+                  stop: threading.Event) -> _Backfill | None:
+        """Snapshot or resync the tables that need it: here and now when no other table
+        streams yet (the first sync), else on a `_Backfill` thread beside the stream."""
+        pending = self._pending(store, sink)
+        if not pending:
+            return None
+        busy = {tc.ref for tc in pending}
+        if any(ref not in busy for ref in self._live()):
+            return _Backfill(self, store, pending).start()
+        _set_state(store, self.source.name, SourceState.SNAPSHOTTING)
+        for tc in pending:
+            if stop.is_set() or self._backfill_one(store, sink, tc, stop) is None:
+                return None
+            self._load_applied(sink, tc)
+        return None
+
+    def _backfill_one(self, store: StateStore, sink: DeltaSink, tc: TableConfig,
+                      stop: threading.Event) -> int | None:
+        """Load one table's snapshot, or swap in its re-snapshot; returns the rows loaded, None
+        when stopped first (what is committed stays for the next run). Thread-safe: it touches
+        no state of the running stream."""
         src = self.source
-        stopped = {t.name for t in store.list_tables(src.name) if t.state is TableState.STOPPED}
-        for tc in src.table_configs:
-            if tc.name in stopped:
-                continue
-            if self._load_applied(sink, tc):
-                continue
-            if stop.is_set():
-                return
+        started = time.monotonic()
+        rec = next((t for t in store.list_tables(src.name) if t.name == tc.name), None)
+        if rec is not None and is_requested(rec):
+            again = resync_table(self._adapter, src, tc, sink, store, stop=stop)
+            if not again.finished:
+                return None
+            rows, version = again.rows, again.version
+        else:
             store.upsert_table(src.name, tc.name, str(tc.mode))
             store.set_table_state(src.name, tc.name, TableState.SNAPSHOTTING)
-            _set_state(store, src.name, SourceState.SNAPSHOTTING)
-            started = time.monotonic()
             done = snapshot_table(self._adapter, src, tc, sink, store, stop=stop)
             if not done.finished:  # stopped: the finished chunks stay in Delta for the next run
-                return
+                return None
             failpoints.hit("after_snapshot")
-            self._load_applied(sink, tc)
-            self._runlog.snapshot(tc.name, rows=done.rows_copied, version=done.version,
-                                  duration_s=time.monotonic() - started)
-            self.stats.snapshot_rows += done.rows_copied
             if done.masked:
                 log.warning("values_masked", source=src.name, table=tc.name, columns=done.masked)
             store.set_table_state(src.name, tc.name, TableState.STREAMING)
+            rows, version = done.rows_copied, done.version
             log.info("table_snapshotted", source=src.name, table=tc.name, rows=done.rows_copied,
                      rows_total=done.rows_total, chunks=done.chunks_total,
                      chunks_copied=done.chunks_copied, resumed=done.resumed,
                      lsn=format_lsn(done.version or 0),
                      duration_ms=round((time.monotonic() - started) * 1000))
+        self._runlog.snapshot(tc.name, rows=rows, version=version,
+                              duration_s=time.monotonic() - started)
+        self.stats.snapshot_rows += rows
+        return rows
 
-    def _resync_requests(self, store: StateStore) -> list[TableConfig]:
-        wanted = {t.name for t in store.list_tables(self.source.name) if is_requested(t)}
-        return [tc for tc in self.source.table_configs if tc.name in wanted]
-
-    def _resync_pending(self, store: StateStore, sink: DeltaSink, stop: threading.Event) -> None:
-        """Perform queued `resync` requests (SPEC §3, §8), with no stream session open."""
-        for tc in self._resync_requests(store):
-            if stop.is_set():
-                return
-            _set_state(store, self.source.name, SourceState.SNAPSHOTTING)
-            started = time.monotonic()
-            done = resync_table(self._adapter, self.source, tc, sink, store, stop=stop)
-            if not done.finished:
-                return
-            self._runlog.snapshot(tc.name, rows=done.rows, version=done.version,
-                                  duration_s=time.monotonic() - started)
+    def _backfilled(self, sink: DeltaSink, job: _Backfill) -> None:
+        """After a backfill thread: the loaded tables stream from their new versions on."""
+        job.join()
+        for tc in job.loaded:
             self._load_applied(sink, tc)
-            self.stats.snapshot_rows += done.rows
+        if job.error is not None:
+            raise job.error
+
+    def _live(self) -> list[TableRef]:
+        return [tc.ref for tc in self.source.table_configs
+                if all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))]
 
     def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:
         """Read each Delta table's applied version; True when every kind of the table has one."""
@@ -204,12 +266,16 @@ class Pipeline:
 
     # ---- streaming ----------------------------------------------------------------------------
     def _stream(self, store: StateStore, sink: DeltaSink, stop: threading.Event,
-                renew: Callable[[], object]) -> bool:
-        """Stream until `stop` (False) or until a resync is requested (True: the session
-        ended cleanly between transactions, everything complete committed)."""
+                renew: Callable[[], object], job: _Backfill | None) -> bool:
+        """Stream until `stop` (False), or (True: the session ended cleanly between
+        transactions, everything complete committed) until `job` finished, or, without a job,
+        until work for a table comes up. While `job` runs its tables are left out and nothing
+        is confirmed to the server (`Progress.held`)."""
         src = self.source
+        skip = set() if job is None else job.refs
         live = {tc.ref: tc for tc in src.table_configs
-                if all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
+                if tc.ref not in skip
+                and all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
         specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
@@ -217,7 +283,7 @@ class Pipeline:
             batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
                               max_bytes=src.max_batch_mb * 1024 * 1024,
                               flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
-            progress = Progress()
+            progress = Progress(held=job is not None)
             writer = BatchWriter(sink, source=src.name, tables=live, applied=self._applied,
                                  hard_deletes=src.hard_deletes, stats=self.stats,
                                  maintenance_interval_s=src.maintenance_interval_s,
@@ -226,10 +292,10 @@ class Pipeline:
             loop = _Loop(self, store, changes, batcher, progress, writer)
             _set_state(store, src.name, SourceState.STREAMING)
             renewed = polled = time.monotonic()
-            resync = False
+            again = False
             try:
                 add = batcher.add
-                while not stop.is_set() and not resync:
+                while not stop.is_set() and not again:
                     for event in changes.events(READ_TIMEOUT_S):
                         add(event)
                         # batches close only between transactions: look only after commits
@@ -243,10 +309,13 @@ class Pipeline:
                     if time.monotonic() - renewed > LEASE_TTL_S / 3:
                         renew()
                         renewed = time.monotonic()
-                    if time.monotonic() - polled > RESYNC_POLL_S:
+                    if batcher.in_transaction:
+                        continue
+                    if job is not None:
+                        again = job.done.is_set()
+                    elif time.monotonic() - polled > RESYNC_POLL_S:
                         polled = time.monotonic()
-                        resync = not batcher.in_transaction \
-                            and bool(self._resync_requests(store))
+                        again = self._work_waiting(store)
                 # a requested stop: commit what is complete, confirm what is durable, leave
                 if not batcher.in_transaction and batcher.version is not None:
                     loop.submit()
@@ -257,7 +326,7 @@ class Pipeline:
             loop.settle()
             changes.send_status()
             writer.check()
-        return resync
+        return again
 
     def _defaults_fn(self) -> DefaultsFn | None:
         """The adapter's answer to "what do old rows hold in an added column" (SPEC §6)."""
@@ -340,8 +409,8 @@ class _Loop:
         self.progress.buffer_state(open_transaction=self.batcher.in_transaction,
                                    pending_rows=self.batcher.pending_rows)
         self.progress.keepalive(self.changes.keepalive_lsn)
-        self.changes.set_flush_lsn(self.progress.flush_lsn)
-        self.pipeline.stats.flush_lsn = self.progress.flush_lsn
+        self.changes.set_flush_lsn(self.progress.confirmable)
+        self.pipeline.stats.flush_lsn = self.progress.confirmable
         if self.progress.flush_lsn > confirmed \
                 or time.monotonic() - self._status_at > self.STATUS_EVERY_S:
             self.changes.send_status()
@@ -351,6 +420,68 @@ class _Loop:
     def keep_alive(self) -> None:
         """While the writer is busy: confirm what it finished and keep the walsender content."""
         self.settle()
+
+
+class _Backfill:
+    """Snapshots and resyncs of some tables on their own thread while the others stream.
+
+    It writes only its own tables' Delta tables (through its own `DeltaSink`) and their state
+    records; the stream leaves those tables out and confirms nothing meanwhile, so when the
+    backfill is done the next session replays their changes from before each snapshot's
+    consistent point. A table that cannot be loaded for a lasting reason (it was dropped, no
+    SELECT permission) is stopped with that reason, the others go on; a passing failure (a lost
+    connection) ends the backfill and is raised by the stream's thread.
+    """
+
+    def __init__(self, pipeline: Pipeline, store: StateStore, tables: list[TableConfig]) -> None:
+        self._pipeline, self._store, self.tables = pipeline, store, tables
+        self.refs = {tc.ref for tc in tables}
+        self.loaded: list[TableConfig] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._sink = DeltaSink.for_source(pipeline.source)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"backfill-{pipeline.source.name}")
+
+    def start(self) -> _Backfill:
+        log.info("backfill_started", source=self._pipeline.source.name,
+                 tables=[tc.name for tc in self.tables])
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Stop after the chunks being copied (they stay committed for the next run); wait."""
+        self._stop.set()
+        self._thread.join()
+
+    def join(self) -> None:
+        if not self.done.is_set():
+            self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        pipeline, store = self._pipeline, self._store
+        try:
+            for tc in self.tables:
+                if self._stop.is_set():
+                    return
+                try:
+                    rows = pipeline._backfill_one(store, self._sink, tc, self._stop)
+                except CDCError as exc:
+                    if exc.retryable:
+                        raise
+                    pipeline._record_stop(store, StoppedTable(
+                        ref=tc.ref, reason=str(exc.reason), message=exc.message,
+                        remedy=exc.fix or "fix the cause, then resync the table", lsn=0))
+                    continue
+                if rows is None:
+                    return
+                self.loaded.append(tc)
+        except BaseException as exc:  # noqa: BLE001 - raised by the stream's thread
+            self.error = exc
+        finally:
+            self.done.set()
 
 
 def _set_state(store: StateStore, source: str, state: SourceState) -> None:

@@ -7,7 +7,11 @@ The pipeline reports what it receives and what becomes durable; `flush_lsn` answ
   server's keepalive position is confirmed: the walsender reports there everything it has
   already decoded, including transactions that touched no published table, so an idle or
   quiet source never holds WAL back;
-- the flush LSN never moves backwards.
+- the flush LSN never moves backwards;
+- while `held` (a table's snapshot runs beside the stream), nothing is confirmed at all: the
+  slot stays where the session started, at or before the snapshot's consistent point, so the
+  next session replays the new table's changes after that point (the other tables skip what
+  they already applied).
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ class Progress:
     in_flight: int = 0  # batches handed to the writer and not yet durable
     open_transaction: bool = False
     pending_rows: int = 0
+    held: bool = False
+
+    @property
+    def confirmable(self) -> int:
+        """The position to report to the server as flushed (0: nothing claimed)."""
+        return 0 if self.held else self.flush_lsn
 
     def received(self, end_lsn: int) -> None:
         self.received_lsn = max(self.received_lsn, end_lsn)

@@ -38,7 +38,9 @@ STAGING = "_cdcengine_staging"
 
 
 def is_requested(rec: TableRecord) -> bool:
-    return rec.state is TableState.PENDING and rec.reason == RESYNC_REASON
+    """Queued, or begun and not finished (a crash mid-resync performs it again)."""
+    return rec.state in (TableState.PENDING, TableState.SNAPSHOTTING) \
+        and rec.reason == RESYNC_REASON
 
 
 def request_resync(store: StateStore, source: str, table: TableConfig) -> TableRecord:
@@ -74,7 +76,7 @@ def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfi
     staging_root = f"{source.destination.rstrip('/')}/{STAGING}/{table.ref.qualified}"
     staged_sink = DeltaSink.for_source(source, destination=staging_root)
     _remove(staging_root)
-    store.set_table_state(source.name, table.name, TableState.SNAPSHOTTING)
+    store.set_table_state(source.name, table.name, TableState.SNAPSHOTTING, reason=RESYNC_REASON)
     done = snapshot_table(adapter, source, table, staged_sink, store, stop=stop)
     if not done.finished or done.version is None:
         _remove(staging_root)

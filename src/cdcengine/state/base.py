@@ -86,6 +86,17 @@ class TableRecord:
     reason: str | None
     remedy: str | None
     updated_at: datetime
+    # as `enable` registered them (None: every column / the table's own key, or not recorded)
+    columns: tuple[str, ...] | None = None
+    primary_key: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableOptions:
+    """A table's options as `enable` registers them with its record."""
+
+    columns: tuple[str, ...] | None = None
+    primary_key: tuple[str, ...] | None = None
 
 
 class ChunkState(enum.StrEnum):
@@ -244,7 +255,8 @@ class StateStore(Protocol):
 
     # tables
     def list_tables(self, source: str) -> list[TableRecord]: ...
-    def upsert_table(self, source: str, table: str, mode: str) -> TableRecord: ...
+    def upsert_table(self, source: str, table: str, mode: str, *,
+                     options: TableOptions | None = None) -> TableRecord: ...
     def set_table_state(
         self,
         source: str,

@@ -157,6 +157,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX run_batches_by_run ON run_batches (run_id, seq)",
         ),
     ),
+    Migration(
+        version=4,
+        description="table options as `enable` registered them (columns, declared key)",
+        # JSON text, NULL: registered before version 4 (the config file is then the only
+        # source of a table's options). A running pipeline builds a table `enable` added while
+        # it streams from these.
+        statements=("ALTER TABLE source_tables ADD COLUMN options TEXT",),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -7,6 +7,7 @@ converters serves SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from cdcengine.state.base import (
     SnapshotProgress,
     SourceRecord,
     SourceState,
+    TableOptions,
     TableRecord,
     TableState,
 )
@@ -97,7 +99,21 @@ def table_record(row: Row) -> TableRecord:
         reason=row["reason"],
         remedy=row["remedy"],
         updated_at=dt(row["updated_at"]),
+        **_options(row["options"]),
     )
+
+
+def options_text(options: TableOptions) -> str:
+    return json.dumps({"columns": None if options.columns is None else list(options.columns),
+                       "primary_key": None if options.primary_key is None
+                       else list(options.primary_key)})
+
+
+def _options(text: str | None) -> dict[str, tuple[str, ...] | None]:
+    if not text:
+        return {}
+    raw = json.loads(text)
+    return {k: None if raw.get(k) is None else tuple(raw[k]) for k in ("columns", "primary_key")}
 
 
 def chunk_record(row: Row) -> SnapshotChunkRecord:

@@ -32,6 +32,7 @@ from cdcengine.state.base import (
     SnapshotProgress,
     SourceRecord,
     SourceState,
+    TableOptions,
     TableRecord,
     TableState,
     hold_lease,
@@ -44,6 +45,7 @@ from cdcengine.state.records import (
     chunk_record,
     dt,
     lease_record,
+    options_text,
     progress_record,
     refuse,
     source_record,
@@ -293,16 +295,20 @@ class SQLStateStore(DialectStore[C]):
         )
         return [table_record(row) for row in rows]
 
-    def upsert_table(self, source: str, table: str, mode: str) -> TableRecord:
-        """The table is recorded with `mode`; a new one starts pending, a known one keeps its
-        state (a mode change alone does not re-snapshot)."""
+    def upsert_table(self, source: str, table: str, mode: str, *,
+                     options: TableOptions | None = None) -> TableRecord:
+        """The table is recorded with `mode` (and `options`, when given; else they stay); a new
+        one starts pending, a known one keeps its state (a mode change alone does not
+        re-snapshot)."""
+        text = None if options is None else options_text(options)
         with self._write() as tx:
             self._get(tx, source)
             tx.run(
-                "INSERT INTO source_tables (source, name, mode, state, updated_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, name) DO UPDATE"
-                " SET mode = excluded.mode, updated_at = excluded.updated_at",
-                (source, table, mode, TableState.PENDING, self._clock()),
+                "INSERT INTO source_tables (source, name, mode, state, updated_at, options)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, name) DO UPDATE"
+                " SET mode = excluded.mode, updated_at = excluded.updated_at,"
+                " options = COALESCE(excluded.options, source_tables.options)",
+                (source, table, mode, TableState.PENDING, self._clock(), text),
             )
             return self._get_table(tx, source, table)
 

@@ -1,0 +1,211 @@
+"""A table added to a running source, a resync and a mode change are snapshotted beside the
+stream (SPEC §8): the other tables keep streaming meanwhile, and the result is exact."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from cdc_util import query, source_for, start_daemon, store
+from test_append import replay_matches_consolidated
+from test_pipeline import Running, wait_for
+from test_snapshot_chunks import Writer, _events, delta_rows, seed, source_rows
+
+from cdcengine import api, history
+from cdcengine.config import SourceConfig
+from cdcengine.lsn import parse_lsn
+from cdcengine.names import TableRef
+from cdcengine.sink.delta import DeltaSink
+from cdcengine.state.base import TableState
+
+
+@contextlib.contextmanager
+def open_transaction(dsn: str) -> Iterator[None]:
+    """A transaction holding an xid: creating a snapshot slot waits until it ends, so a table
+    snapshot started meanwhile is stuck at its very start (the stream is not)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT txid_current()")
+        yield
+        conn.rollback()
+
+
+def state_of(tmp_path: Path, src: SourceConfig, table: str) -> TableState | None:
+    found = {t.name: t.state for t in store(tmp_path).list_tables(src.name)}
+    return found.get(table)
+
+
+def confirmed_flush(dsn: str, slot: str) -> int:
+    return parse_lsn(query(dsn, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots"
+                                " WHERE slot_name = %s", [slot])[0][0])
+
+
+def streams_meanwhile(db, src: SourceConfig, table: str, first_id: int) -> None:
+    """Rows written to `table` now reach its Delta table (while something else waits)."""
+    db.execute(f"INSERT INTO {table} SELECT i, 0, 'meanwhile' "
+               f"FROM generate_series({first_id}, {first_id + 99}) i")
+    wait_for(lambda: all(i in delta_rows(src, table) for i in (first_id, first_id + 99)),
+             timeout=30)
+
+
+def test_a_table_added_while_streaming_loads_beside_the_stream(db, tmp_path: Path) -> None:
+    seed(db, "o", 1000)
+    seed(db, "n", 20_000)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.o"], flush_interval_ms=100,
+                     snapshot_chunk_rows=4000)
+    api.enable_cdc(src, state=state)
+    wider = src.with_tables([*src.table_configs, dataclasses.replace(
+        src.table_configs[0], ref=TableRef("public", "n"))])
+    with Running(src, state):
+        wait_for(lambda: len(delta_rows(src, "o")) == 1000)
+        with Writer(db.dsn, "n", first_id=100_000, top=20_000, seed=3), \
+                open_transaction(db.dsn):
+            # `enable` on a running source: the publication and the registration now have n
+            res = api.enable_cdc(wider, state=state)
+            assert res.already_enabled and "public.n" in res.tables
+            wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING)
+            # n's snapshot is stuck at its start; the stream is not, and it confirms nothing
+            held_at = confirmed_flush(db.dsn, src.slot_name)
+            streams_meanwhile(db, src, "o", 10_000)
+            streams_meanwhile(db, src, "o", 20_000)
+            assert state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING
+            assert DeltaSink.for_source(src).applied_version(TableRef("public", "n"),
+                                                             "consolidated") is None
+            assert confirmed_flush(db.dsn, src.slot_name) == held_at
+        wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.STREAMING,
+                 timeout=60)
+        streams_meanwhile(db, src, "n", 300_000)
+        streams_meanwhile(db, src, "o", 30_000)
+        # the slot moves again once the snapshot is in
+        wait_for(lambda: confirmed_flush(db.dsn, src.slot_name) > held_at)
+        wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
+        assert delta_rows(src, "o") == source_rows(db.dsn, "o")
+
+
+def test_resync_under_load_keeps_the_other_tables_streaming(db, tmp_path: Path) -> None:
+    seed(db, "r", 8000)
+    seed(db, "o", 100)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.r", "public.o"], table_mode="both",
+                     flush_interval_ms=100, snapshot_chunk_rows=2000)
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: len(delta_rows(src, "r")) == 8000 and len(delta_rows(src, "o")) == 100)
+        with Writer(db.dsn, "r", first_id=50_000, top=8000, seed=5), open_transaction(db.dsn):
+            res = api.resync_table(src, "public.r", state=state)
+            assert res.queued and res.daemon_running
+            wait_for(lambda: state_of(tmp_path, src, "public.r") is TableState.SNAPSHOTTING)
+            streams_meanwhile(db, src, "o", 1000)
+            assert state_of(tmp_path, src, "public.r") is TableState.SNAPSHOTTING
+        wait_for(lambda: state_of(tmp_path, src, "public.r") is TableState.STREAMING,
+                 timeout=60)
+        streams_meanwhile(db, src, "r", 200_000)
+        wait_for(lambda: delta_rows(src, "r") == source_rows(db.dsn, "r"), timeout=60)
+        assert delta_rows(src, "o") == source_rows(db.dsn, "o")
+    replay_matches_consolidated(src, "public.r", ["id"])
+    log = DeltaSink.for_source(src).read_table(TableRef("public", "r"), "append")
+    assert "R" in set(log.column("_cdc_op").to_pylist())
+
+
+def test_mode_switch_and_removal_while_streaming(db, tmp_path: Path) -> None:
+    """`enable` with `a` switched to both and `b` removed, on a running source: a's change log
+    is backfilled from a snapshot beside the stream, b stops being written, c streams on."""
+    for t in ("a", "b", "c"):
+        seed(db, t, 2000)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.a", "public.b", "public.c"],
+                     flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    a, _, c = src.table_configs
+    changed = src.with_tables([dataclasses.replace(a, mode="both"), c])  # type: ignore[arg-type]
+    with Running(src, state):
+        wait_for(lambda: all(len(delta_rows(src, t)) == 2000 for t in ("a", "b", "c")))
+        with Writer(db.dsn, "a", first_id=10_000, top=2000, seed=9), open_transaction(db.dsn):
+            api.enable_cdc(changed, state=state)
+            wait_for(lambda: state_of(tmp_path, src, "public.a") is TableState.SNAPSHOTTING)
+            assert state_of(tmp_path, src, "public.b") is None  # no longer registered
+            streams_meanwhile(db, src, "c", 5000)
+            db.execute("INSERT INTO b VALUES (9999, 0, 'after removal')")
+        wait_for(lambda: state_of(tmp_path, src, "public.a") is TableState.STREAMING,
+                 timeout=60)
+        streams_meanwhile(db, src, "a", 100_000)
+        wait_for(lambda: delta_rows(src, "a") == source_rows(db.dsn, "a"), timeout=60)
+        streams_meanwhile(db, src, "c", 6000)
+    assert 9999 not in delta_rows(src, "b")  # b's Delta table stays as it was
+    assert len(delta_rows(src, "b")) == 2000
+    assert query(db.dsn, "SELECT count(*) FROM pg_publication_tables WHERE pubname = %s"
+                         " AND tablename = 'b'", [src.publication_name])[0][0] == 0
+    # the change log starts at its own snapshot point (R rows stamped C): replaying it gives
+    # the consolidated table's values
+    sink = DeltaSink.for_source(src)
+    ref = TableRef("public", "a")
+    replayed = history.as_of(sink.dataset(ref, "append"), ["id"],
+                             sink.applied_version(ref, "consolidated") or 0)
+    assert {r["id"]: (r["id"], r["v"], r["note"]) for r in replayed.to_pylist()} \
+        == delta_rows(src, "a")
+
+
+def _config(tmp_path: Path, src: SourceConfig, state: str, tables: list[str]) -> Path:
+    cfg = tmp_path / "cdcengine.toml"
+    listed = ", ".join(f'"{t}"' for t in tables)
+    cfg.write_text(
+        f'[engine]\nstate = "{state}"\nhttp_port = 0\nlog_format = "json"\n'
+        f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
+        f'tables = [{listed}]\ndestination = "{src.destination}"\n'
+        'table_mode = "both"\nflush_interval_ms = 100\n'
+        'snapshot_chunk_rows = 6000\nsnapshot_workers = 2\n')
+    return cfg
+
+
+@pytest.mark.slow
+def test_kill_9_mid_background_snapshot_resumes_it(db, tmp_path: Path) -> None:
+    """The daemon dies while a table added to it is half copied (others streaming); the next
+    daemon resumes that snapshot from its finished chunks, and everything ends exact."""
+    n = 60_000
+    seed(db, "o", 500)
+    seed(db, "big", n)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.o"], table_mode="both")
+    api.enable_cdc(src, state=state)
+    cfg = _config(tmp_path, src, state, ["public.o"])
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    # o's own snapshot is one chunk: the 4th committed chunk is big's 3rd
+    crashing = start_daemon(cfg, first_log, "snapshot_chunk_committed:4")
+    try:
+        wait_for(lambda: len(delta_rows(src, "o")) == 500, timeout=60)
+        with Writer(db.dsn, "big", first_id=n, top=n, seed=13), \
+                Writer(db.dsn, "o", first_id=100_000, top=500, seed=14):
+            cfg = _config(tmp_path, src, state, ["public.o", "public.big"])
+            api.enable_cdc(src.with_tables([*src.table_configs, dataclasses.replace(
+                src.table_configs[0], ref=TableRef("public", "big"))]), state=state)
+            crashing.wait(timeout=120)
+            assert crashing.returncode == -signal.SIGKILL, first_log.read_text()[-3000:]
+            daemon = start_daemon(cfg, second_log)
+            try:
+                wait_for(lambda: bool(_events(second_log, "table_snapshotted")), timeout=120)
+                streams_meanwhile(db, src, "o", 200_000)
+            except BaseException:
+                daemon.kill()
+                raise
+        try:
+            wait_for(lambda: delta_rows(src, "big") == source_rows(db.dsn, "big")
+                     and delta_rows(src, "o") == source_rows(db.dsn, "o"), timeout=120)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    finally:
+        if crashing.poll() is None:
+            crashing.kill()
+    assert daemon.returncode == 0, second_log.read_text()[-3000:]
+    (resumed,) = _events(second_log, "snapshot_resumed")
+    assert 0 < resumed["chunks_remaining"] < resumed["chunks"]
+    (done,) = _events(second_log, "table_snapshotted")
+    assert done["resumed"] is True and 0 < done["rows"] < n
+    assert _events(second_log, "backfill_started")  # beside the stream, not before it
+    for table in ("public.big", "public.o"):
+        replay_matches_consolidated(src, table, ["id"])
