@@ -111,6 +111,11 @@ class EnableResult:
     consistent_point: str | None
     tables: tuple[str, ...]
     checks: tuple[Check, ...] = ()
+    # on an enabled source: the table list's changes (a table whose mode changed is `changed`)
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    daemon_running: bool = False  # a running daemon takes the changes up while it streams
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -244,7 +249,7 @@ def enable_cdc(
     re-snapshots; recreating the slot silently would leave a gap). It never removes tables from
     Delta, never drops anything it did not create, and on failure undoes exactly what it created.
     """
-    with open_store(state) as store, _enable_lease(store, source.name, slot_wait_s):
+    with open_store(state) as store, _enable_lease(store, source.name, slot_wait_s) as leased:
         rec = store.get_source(source.name)
         if rec and rec.enabled:
             for key in ("slot_name", "publication_name", "management_mode"):
@@ -267,12 +272,13 @@ def enable_cdc(
         result = adapter.provision(source, install_id=install_id, known_slot=known,
                                    slot_wait_s=slot_wait_s)
         tables = {tc.name: str(tc.mode) for tc in source.table_configs}
+        have = {t.name: t.mode for t in store.list_tables(source.name)} \
+            if rec and rec.enabled else {}
         try:
             if rec and rec.enabled:
                 # a daemon streaming this source picks these changes up (a table added, removed
                 # or switched to another mode) at its next check, see `cdcengine.tablesets`
-                have = {t.name for t in store.list_tables(source.name)}
-                for name in have - set(tables):  # left the config: no longer captured
+                for name in set(have) - set(tables):  # left the config: no longer captured
                     store.remove_table(source.name, name)
             else:
                 lsn = result.consistent_point
@@ -297,7 +303,11 @@ def enable_cdc(
             publication_name=source.publication_name, slot_created=result.slot_created,
             slot_adopted=result.slot_adopted, publication_created=result.publication_created,
             publication_adopted=result.publication_adopted,
-            consistent_point=result.consistent_point, tables=tuple(tables), checks=tuple(checks))
+            consistent_point=result.consistent_point, tables=tuple(tables), checks=tuple(checks),
+            added=tuple(n for n in tables if have and n not in have),
+            removed=tuple(sorted(set(have) - set(tables))),
+            changed=tuple(n for n, m in tables.items() if n in have and have[n] != m),
+            daemon_running=not leased)
 
 
 def refuse_failed_checks(source: SourceConfig, checks: Sequence[Check], *,
@@ -342,31 +352,31 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
 
 
 @contextmanager
-def _enable_lease(store: StateStore, source: str, slot_wait_s: float) -> Iterator[None]:
-    """`enable` holds the lease, except on an enabled source a daemon streams: then it only
-    adopts the slot, brings the publication in line and registers the tables, which the daemon
-    reads at its next check."""
+def _enable_lease(store: StateStore, source: str, slot_wait_s: float) -> Iterator[bool]:
+    """`enable` holds the lease (True), except on an enabled source a daemon streams (False):
+    then it only adopts the slot, brings the publication in line and registers the tables,
+    which the daemon reads at its next check."""
     rec = store.get_source(source)
     if rec is not None and rec.enabled:
-        with _lease_unless_daemon(store, source, "enable", wait_s=0):
-            yield
+        with _lease_unless_daemon(store, source, "enable", wait_s=0) as leased:
+            yield leased
         return
     with hold_lease(store, source, purpose="enable", ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
-        yield
+        yield True
 
 
 @contextmanager
 def _lease_unless_daemon(store: StateStore, source: str, purpose: str, *,
-                         wait_s: float = 5) -> Iterator[None]:
+                         wait_s: float = 5) -> Iterator[bool]:
     """The source's lease for a change a running daemon also accepts queued in the state store
     (it reads settings and resync requests there): with a daemon holding the lease, the change
-    is written without it and the daemon applies it at its next check."""
+    is written without it (False) and the daemon applies it at its next check."""
     held = store.get_lease(source)
     if held is not None and held.purpose == "daemon":
-        yield
+        yield False
         return
     with hold_lease(store, source, purpose=purpose, ttl_s=LEASE_TTL_S, wait_s=wait_s):
-        yield
+        yield True
 
 
 def _effective_settings(source: SourceConfig, store: StateStore) -> dict[str, tuple[object, str]]:
@@ -438,8 +448,8 @@ class ResyncResult:
 def resync_table(source: SourceConfig, table: str, *, state: StateArg = None) -> ResyncResult:
     """Queue a re-snapshot of one table (SPEC §3 `resync`): the table becomes `pending` with a
     resync request in the state store. A running daemon (which holds the source's lease)
-    performs it within seconds while the other tables keep their progress; without a daemon
-    the next `run` does it before streaming. The swap into Delta is one commit per Delta table.
+    performs it within seconds, beside the stream: the other tables keep streaming meanwhile;
+    without a daemon the next `run` does it. The swap into Delta is one commit per Delta table.
     """
     from cdcengine.resync import request_resync  # pipeline-side module: imported lazily
 

@@ -304,6 +304,14 @@ def cmd_enable(args: argparse.Namespace, cfg: Config) -> int:
         if res.already_enabled:
             print(f"source {src.name}: already enabled (slot {res.slot_name}, publication "
                   f"{res.publication_name})")
+            for what, names in (("added", res.added), ("removed", res.removed),
+                                ("mode changed", res.changed)):
+                if names:
+                    print(f"  tables {what}: {', '.join(names)}")
+            if (res.added or res.removed or res.changed) and res.daemon_running:
+                print("  the running daemon applies this within seconds; added tables (and "
+                      "change logs of tables now in `both`) are snapshotted while the others "
+                      "keep streaming")
             return
         slot = "adopted" if res.slot_adopted else f"created at {res.consistent_point}"
         pub = ("created" if res.publication_created else

@@ -5,18 +5,23 @@ Order of work in `run`:
 2. the source's identity (system identifier, timeline) must be the one recorded at enable,
    else the source is `broken` (`source_changed`) — never silently "already applied";
 3. each table without an applied version in Delta is snapshotted (temporary slot, version = its
-   consistent point C);
+   consistent point C): here and now while no table streams yet (the first sync);
 4. the change stream runs from the slot's confirmed position: the batcher closes batches on
    transaction boundaries, the `BatchWriter` (its own thread) commits each table's rows above
    that Delta table's applied version (read back from its log) in one commit carrying the
-   batch's version, and only then does the flush LSN sent to the server move (`Progress`).
+   batch's version, and only then does the flush LSN sent to the server move (`Progress`);
+5. work for some tables while others stream (a table `enable` added, a `resync`, a change log
+   for a table switched to `both`) runs on a `_Backfill` thread beside a stream session that
+   leaves those tables out and confirms nothing; when it is done the session ends between
+   transactions and the next one replays from the unconfirmed position, so the backfilled
+   tables get their changes after their own C and the others skip what they applied.
 A crash at any point leaves Delta and the slot consistent: the slot is never confirmed past what
 is durable, and what is durable is never applied twice (`failpoints` names the moments the
 tests kill the process at).
 
-The reading thread alone touches the replication connection and the state store; while a Delta
-commit runs it goes on reading (one batch queued at most: the back-pressure) and keeps the
-walsender answered.
+The reading thread alone touches the replication connection; while a Delta commit runs it goes
+on reading (one batch queued at most: the back-pressure) and keeps the walsender answered. The
+state store is shared by the reading, writer and backfill threads (its calls are serialised).
 """
 
 from __future__ import annotations

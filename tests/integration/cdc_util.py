@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,18 @@ def start_daemon(cfg: Path, log: Path, failpoint: str | None = None) -> subproce
     return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
                             cwd=cfg.parent, env=env, stdout=log.open("a"),
                             stderr=subprocess.STDOUT, text=True)
+
+
+def daemon_config(tmp_path: Path, src: SourceConfig, state: str, tables: Sequence[str], *,
+                  json_logs: bool = False, **keys: str | int) -> Path:
+    """`cdcengine.toml` for a daemon process running `src` on `tables` with `keys` set."""
+    cfg = tmp_path / "cdcengine.toml"
+    listed = ", ".join(f'"{t}"' for t in tables)
+    text = f'[engine]\nstate = "{state}"\nhttp_port = 0\n'
+    if json_logs:
+        text += 'log_format = "json"\n'
+    text += (f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
+             f'tables = [{listed}]\ndestination = "{src.destination}"\n')
+    text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    cfg.write_text(text)
+    return cfg

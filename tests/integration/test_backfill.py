@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cdc_util import query, source_for, start_daemon, store
+from cdc_util import daemon_config, query, source_for, start_daemon, store
 from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
 from test_snapshot_chunks import Writer, _events, delta_rows, seed, source_rows
@@ -67,7 +67,7 @@ def test_a_table_added_while_streaming_loads_beside_the_stream(db, tmp_path: Pat
                 open_transaction(db.dsn):
             # `enable` on a running source: the publication and the registration now have n
             res = api.enable_cdc(wider, state=state)
-            assert res.already_enabled and "public.n" in res.tables
+            assert res.already_enabled and res.daemon_running and res.added == ("public.n",)
             wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING)
             # n's snapshot is stuck at its start; the stream is not, and it confirms nothing
             held_at = confirmed_flush(db.dsn, src.slot_name)
@@ -126,7 +126,8 @@ def test_mode_switch_and_removal_while_streaming(db, tmp_path: Path) -> None:
     with Running(src, state):
         wait_for(lambda: all(len(delta_rows(src, t)) == 2000 for t in ("a", "b", "c")))
         with Writer(db.dsn, "a", first_id=10_000, top=2000, seed=9), open_transaction(db.dsn):
-            api.enable_cdc(changed, state=state)
+            res = api.enable_cdc(changed, state=state)
+            assert (res.removed, res.changed, res.added) == (("public.b",), ("public.a",), ())
             wait_for(lambda: state_of(tmp_path, src, "public.a") is TableState.SNAPSHOTTING)
             assert state_of(tmp_path, src, "public.b") is None  # no longer registered
             streams_meanwhile(db, src, "c", 5000)
@@ -150,16 +151,8 @@ def test_mode_switch_and_removal_while_streaming(db, tmp_path: Path) -> None:
         == delta_rows(src, "a")
 
 
-def _config(tmp_path: Path, src: SourceConfig, state: str, tables: list[str]) -> Path:
-    cfg = tmp_path / "cdcengine.toml"
-    listed = ", ".join(f'"{t}"' for t in tables)
-    cfg.write_text(
-        f'[engine]\nstate = "{state}"\nhttp_port = 0\nlog_format = "json"\n'
-        f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
-        f'tables = [{listed}]\ndestination = "{src.destination}"\n'
-        'table_mode = "both"\nflush_interval_ms = 100\n'
-        'snapshot_chunk_rows = 6000\nsnapshot_workers = 2\n')
-    return cfg
+SETTINGS: dict[str, str | int] = {"table_mode": "both", "flush_interval_ms": 100,
+                                  "snapshot_chunk_rows": 6000, "snapshot_workers": 2}
 
 
 @pytest.mark.slow
@@ -172,7 +165,7 @@ def test_kill_9_mid_background_snapshot_resumes_it(db, tmp_path: Path) -> None:
     state = "sqlite:///" + str(tmp_path / "state.db")
     src = source_for(db.dsn, tmp_path, ["public.o"], table_mode="both")
     api.enable_cdc(src, state=state)
-    cfg = _config(tmp_path, src, state, ["public.o"])
+    cfg = daemon_config(tmp_path, src, state, ["public.o"], json_logs=True, **SETTINGS)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     # o's own snapshot is one chunk: the 4th committed chunk is big's 3rd
     crashing = start_daemon(cfg, first_log, "snapshot_chunk_committed:4")
@@ -180,7 +173,8 @@ def test_kill_9_mid_background_snapshot_resumes_it(db, tmp_path: Path) -> None:
         wait_for(lambda: len(delta_rows(src, "o")) == 500, timeout=60)
         with Writer(db.dsn, "big", first_id=n, top=n, seed=13), \
                 Writer(db.dsn, "o", first_id=100_000, top=500, seed=14):
-            cfg = _config(tmp_path, src, state, ["public.o", "public.big"])
+            cfg = daemon_config(tmp_path, src, state, ["public.o", "public.big"],
+                                json_logs=True, **SETTINGS)
             api.enable_cdc(src.with_tables([*src.table_configs, dataclasses.replace(
                 src.table_configs[0], ref=TableRef("public", "big"))]), state=state)
             crashing.wait(timeout=120)

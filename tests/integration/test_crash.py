@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, query, source_for, start_daemon
+from cdc_util import TransactionLoop, daemon_config, query, source_for, start_daemon
 from test_pipeline import wait_for
 
 from cdcengine import api
@@ -29,16 +29,10 @@ TABLES = ("acct", "ledger")
 
 
 def write_config(tmp_path: Path, src: SourceConfig, state: str) -> Path:
-    cfg = tmp_path / "cdcengine.toml"
-    tables = ", ".join(f'"public.{t}"' for t in TABLES)
-    cfg.write_text(
-        f'[engine]\nstate = "{state}"\nhttp_port = 0\n'
-        f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
-        f'tables = [{tables}]\ndestination = "{src.destination}"\n'
-        'table_mode = "both"\nflush_interval_ms = 50\nmax_batch_rows = 400\n'
-        # compacted often: a backlog of tiny commits must not make every merge slower
-        'maintenance_interval_s = 3\n')
-    return cfg
+    # compacted often: a backlog of tiny commits must not make every merge slower
+    return daemon_config(tmp_path, src, state, [f"public.{t}" for t in TABLES],
+                         table_mode="both", flush_interval_ms=50, max_batch_rows=400,
+                         maintenance_interval_s=3)
 
 
 class Workload(TransactionLoop):

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, query, source_for, start_daemon, store
+from cdc_util import TransactionLoop, daemon_config, query, source_for, start_daemon, store
 from test_pipeline import Running, wait_for
 
 from cdcengine import api
@@ -256,14 +256,9 @@ def test_partitioned_table_is_copied_per_leaf_into_the_roots_table(db, tmp_path:
 
 # ---- kill -9 mid-snapshot ------------------------------------------------------------------------
 def _config(tmp_path: Path, src: SourceConfig, state: str) -> Path:
-    cfg = tmp_path / "cdcengine.toml"
-    cfg.write_text(
-        f'[engine]\nstate = "{state}"\nhttp_port = 0\nlog_format = "json"\n'
-        f'[[source]]\nname = "{src.name}"\ndsn = "{src.dsn}"\n'
-        f'tables = ["public.kill"]\ndestination = "{src.destination}"\n'
-        'table_mode = "both"\nflush_interval_ms = 100\n'
-        'snapshot_chunk_rows = 8000\nsnapshot_workers = 2\n')
-    return cfg
+    return daemon_config(tmp_path, src, state, ["public.kill"], json_logs=True,
+                         table_mode="both", flush_interval_ms=100, snapshot_chunk_rows=8000,
+                         snapshot_workers=2)
 
 
 def _events(log: Path, name: str) -> list[dict[str, Any]]:

@@ -45,3 +45,14 @@ def test_never_backwards_and_in_flight_blocks_keepalive() -> None:
     p.batch_started()
     p.batch_durable(200)  # an older version never moves it back
     assert p.flush_lsn == 500
+
+
+def test_held_progress_claims_nothing_however_far_it_gets() -> None:
+    p = Progress(held=True)
+    p.received(100)
+    p.batch_started()
+    p.batch_durable(100)
+    p.keepalive(500)
+    assert p.flush_lsn == 500  # what is durable is still tracked
+    assert p.confirmable == 0  # but the server is told nothing: the slot stays put
+    assert Progress(flush_lsn=7).confirmable == 7
