@@ -61,7 +61,7 @@ log = structlog.get_logger("cdcengine.pipeline")
 
 LEASE_TTL_S = 60.0
 READ_TIMEOUT_S = 0.5
-RESYNC_POLL_S = 2.0  # how often a streaming run looks for queued `resync` requests
+WORK_POLL_S = 2.0  # how often a session looks for `resync` requests and table-set changes
 
 
 @dataclass(slots=True)
@@ -162,20 +162,19 @@ class Pipeline:
                 reason=Reason.SOURCE_CHANGED)
 
     # ---- table set, snapshots and resyncs ----------------------------------------------------
-    def _take_registrations(self, store: StateStore) -> bool:
+    def _take_registrations(self, store: StateStore) -> None:
         """Apply what `enable` registered since the last look (see `cdcengine.tablesets`)."""
         now = registrations(store.list_tables(self.source.name))
         change = registered_changes(self.source, self._seen, now)
         self._seen = now
         if not change:
-            return False
+            return
         self.source = change.source
         for name in change.removed:
             ref = TableRef.parse(name)
             self._applied = {k: v for k, v in self._applied.items() if k[0] != ref}
         log.info("tables_changed", source=self.source.name, added=list(change.added),
                  removed=list(change.removed), mode_changed=list(change.remoded))
-        return True
 
     def _pending(self, store: StateStore, sink: DeltaSink) -> list[TableConfig]:
         """Tables to (re-)snapshot: never loaded in some table kind, or a queued `resync`."""
@@ -203,8 +202,7 @@ class Pipeline:
         pending = self._pending(store, sink)
         if not pending:
             return None
-        busy = {tc.ref for tc in pending}
-        if any(ref not in busy for ref in self._live()):
+        if self._live(skip={tc.ref for tc in pending}):
             return _Backfill(self, store, pending).start()
         _set_state(store, self.source.name, SourceState.SNAPSHOTTING)
         for tc in pending:
@@ -255,9 +253,10 @@ class Pipeline:
         if job.error is not None:
             raise job.error
 
-    def _live(self) -> list[TableRef]:
-        return [tc.ref for tc in self.source.table_configs
-                if all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))]
+    def _live(self, skip: set[TableRef]) -> dict[TableRef, TableConfig]:
+        """The tables a session streams: every Delta table of theirs loaded, not in `skip`."""
+        return {tc.ref: tc for tc in self.source.table_configs if tc.ref not in skip
+                and all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
 
     def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:
         """Read each Delta table's applied version; True when every kind of the table has one."""
@@ -277,10 +276,7 @@ class Pipeline:
         until work for a table comes up. While `job` runs its tables are left out and nothing
         is confirmed to the server (`Progress.held`)."""
         src = self.source
-        skip = set() if job is None else job.refs
-        live = {tc.ref: tc for tc in src.table_configs
-                if tc.ref not in skip
-                and all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
+        live = self._live(skip=set() if job is None else job.refs)
         specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
@@ -318,7 +314,7 @@ class Pipeline:
                         continue
                     if job is not None:
                         again = job.done.is_set()
-                    elif time.monotonic() - polled > RESYNC_POLL_S:
+                    elif time.monotonic() - polled > WORK_POLL_S:
                         polled = time.monotonic()
                         again = self._work_waiting(store)
                 # a requested stop: commit what is complete, confirm what is durable, leave
@@ -415,7 +411,8 @@ class _Loop:
                                    pending_rows=self.batcher.pending_rows)
         self.progress.keepalive(self.changes.keepalive_lsn)
         self.changes.set_flush_lsn(self.progress.confirmable)
-        self.pipeline.stats.flush_lsn = self.progress.confirmable
+        if self.progress.confirmable:  # held: the last position confirmed stays the figure
+            self.pipeline.stats.flush_lsn = self.progress.confirmable
         if self.progress.flush_lsn > confirmed \
                 or time.monotonic() - self._status_at > self.STATUS_EVERY_S:
             self.changes.send_status()
