@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from cdc_util import daemon_config, query, source_for, start_daemon, store
+from cli_util import run_cli
 from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
 from test_snapshot_chunks import Writer, _events, delta_rows, seed, source_rows
@@ -203,3 +204,28 @@ def test_kill_9_mid_background_snapshot_resumes_it(db, tmp_path: Path) -> None:
     assert _events(second_log, "backfill_started")  # beside the stream, not before it
     for table in ("public.big", "public.o"):
         replay_matches_consolidated(src, table, ["id"])
+
+
+def test_cli_enable_adds_a_table_to_a_running_daemon(db, tmp_path: Path) -> None:
+    """The user's way: edit `tables`, run `cdcengine enable` while `cdcengine run` runs."""
+    seed(db, "o", 300)
+    seed(db, "n", 700)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.o"])
+    cfg = daemon_config(tmp_path, src, state, ["public.o"], flush_interval_ms=100)
+    assert run_cli(cfg, "enable").returncode == 0
+    daemon = start_daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: len(delta_rows(src, "o")) == 300, timeout=60)
+        cfg = daemon_config(tmp_path, src, state, ["public.o", "public.n"],
+                            flush_interval_ms=100)
+        enable = run_cli(cfg, "enable")
+        assert enable.returncode == 0, enable
+        assert "tables added: public.n" in enable.stdout, enable
+        assert "running daemon" in enable.stdout, enable
+        wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
+        streams_meanwhile(db, src, "n", 10_000)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert daemon.returncode == 0
