@@ -75,7 +75,9 @@ _SOURCE_KEYS: dict[str, str] = {
     "maintenance_interval_s": "int", "vacuum_retention_hours": "int",
     "snapshot_chunk_rows": "int", "snapshot_workers": "int",
 }
-_ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "log_format": "str"}
+_HTTP_HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
+_ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "http_host": "str",
+                                "log_format": "str"}
 _TABLE_KEYS = ("mode", "columns", "primary_key")
 SETTINGS_KEYS = ("auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb")
 
@@ -352,6 +354,8 @@ def _column_list(value: object, key: str, fail: _Fail) -> tuple[str, ...] | None
 class EngineConfig:
     state: str = DEFAULT_STATE_URL
     http_port: int = 9790
+    # loopback by default: /status names databases and tables; "0.0.0.0" in a container
+    http_host: str = "127.0.0.1"
     log_format: LogFormat = LogFormat.CONSOLE
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     origin: str = field(default="EngineConfig()", repr=False, compare=False)
@@ -369,6 +373,10 @@ class EngineConfig:
         port = self.http_port
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise fail("http_port", f"must be an integer 0-65535, 0 = off (got {port!r})")
+        host = self.http_host
+        if not isinstance(host, str) or not _HTTP_HOST.match(host):
+            raise fail("http_host", "must be an address or host name to listen on, such as "
+                       f"127.0.0.1, 0.0.0.0 or ::1 (got {host!r})")
         try:
             object.__setattr__(self, "log_format", LogFormat(self.log_format))
         except ValueError:
@@ -377,6 +385,7 @@ class EngineConfig:
 
     def __repr__(self) -> str:  # a postgresql:// state URL may carry a password
         return (f"EngineConfig(state={mask_dsn(self.state)!r}, http_port={self.http_port!r}, "
+                f"http_host={self.http_host!r}, "
                 f"log_format={self.log_format!r})")
 
 

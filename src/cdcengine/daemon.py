@@ -97,4 +97,4 @@ def _serve(cfg: Config, sources: Sequence[SourceConfig], metrics: Metrics,
 
     endpoints = Endpoints(sources=sources, state=cfg.engine.state, metrics=metrics,
                           stopped=stopped)
-    return HttpServer(endpoints, port=cfg.engine.http_port).start()
+    return HttpServer(endpoints, port=cfg.engine.http_port, host=cfg.engine.http_host).start()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -121,8 +122,9 @@ class HttpServer:
 
     def __init__(self, endpoints: Endpoints, *, port: int, host: str = DEFAULT_HOST) -> None:
         self.endpoints = endpoints
+        server = _Server6 if ":" in host else _Server  # an IPv6 address such as ::1 or ::
         try:
-            self._server = _Server((host, port), _handler(endpoints))
+            self._server = server((host, port), _handler(endpoints))
         except OSError as exc:
             raise _bind_error(host, port, exc) from None
         self.host, self.port = self._server.server_address[:2]
@@ -149,6 +151,10 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
         # the default prints a traceback to stderr, which would break JSON log lines
         log.warning("http_request_failed", exc_info=True)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def _handler(endpoints: Endpoints) -> type[BaseHTTPRequestHandler]:
@@ -199,8 +205,9 @@ def _handler(endpoints: Endpoints) -> type[BaseHTTPRequestHandler]:
 def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
     why = ("it is already in use" if exc.errno == errno.EADDRINUSE
            else exc.strerror or str(exc))
-    fix = ("choose a free port for `http_port` in [engine] (or CDCENGINE__ENGINE__HTTP_PORT), "
-           "or set it to 0 to turn /health, /status and /metrics off")
+    fix = ("choose a free port for `http_port` in [engine] (or CDCENGINE__ENGINE__HTTP_PORT) "
+           "and an address of this machine for `http_host`, or set http_port to 0 to turn "
+           "/health, /status and /metrics off")
     # the CLI prints only the message of a configuration error: it carries the fix too
     return ConfigError(f"[engine] http_port = {port}: cannot listen on {host}:{port}: {why}; "
                        f"{fix}", fix=fix[0].upper() + fix[1:] + ".")

@@ -370,7 +370,7 @@ def test_malformed_toml_does_not_echo_the_line(write: Callable[..., Path]) -> No
 
 @pytest.mark.parametrize(("text", "needles"), [
     ('colour = "red"\n', ["top-level", "'colour'", "[engine]", "[[source]]"]),
-    ("[engine]\nport = 1\n", ["[engine]", "'port'", "state, http_port, log_format"]),
+    ("[engine]\nport = 1\n", ["[engine]", "'port'", "state, http_port, http_host, log_format"]),
     ('engine = "x"\n', ["[engine] must be a table"]),
     ('[source]\nname = "shop"\n', ["[[source]]"]),
     (MINIMAL + "lag_warning_mb = 1\n", ["source 'shop'", "'lag_warning_mb'", "allowed",
@@ -626,6 +626,10 @@ def test_enum_values_accept_enum_members_and_strings() -> None:
 def test_engine_config_refusals() -> None:
     with pytest.raises(ConfigError, match=r"key 'state': must be a sqlite"):
         EngineConfig(state="mysql://u@h/db")
+    with pytest.raises(ConfigError, match=r"key 'http_host': must be an address"):
+        EngineConfig(http_host="0.0.0.0; rm")
+    assert EngineConfig(http_host="0.0.0.0").http_host == "0.0.0.0"
+    assert EngineConfig().http_host == "127.0.0.1"
     with pytest.raises(ConfigError, match=r"key 'http_port': must be an integer 0-65535"):
         EngineConfig(http_port=65536)
     with pytest.raises(ConfigError, match=r"key 'http_port'"):
@@ -680,7 +684,7 @@ def test_engine_config_refusals() -> None:
     ({"CDCENGINE__ENGINE__LOG_FORMAT": "xml"},
      ["CDCENGINE__ENGINE__LOG_FORMAT", "key 'log_format'", "console | json"]),
     ({"CDCENGINE__ENGINE__NOPE": "1"},
-     ["CDCENGINE__ENGINE__NOPE", "unknown [engine] key 'nope'", "state, http_port, log_format"]),
+     ["CDCENGINE__ENGINE__NOPE", "unknown [engine] key 'nope'", "state, http_port, http_host, log_format"]),
     ({"CDCENGINE__SHOP": "1"}, ["CDCENGINE__SHOP", "CDCENGINE__<SOURCE>__<KEY>"]),
     ({"CDCENGINE____DSN": "1"}, ["CDCENGINE____DSN", "CDCENGINE__<SOURCE>__<KEY>"]),
     ({"CDCENGINE__CRM__DSN": DSN}, ["environment", "source 'crm'", "key 'tables'",

@@ -187,3 +187,19 @@ def test_close_stops_serving(endpoints: Endpoints) -> None:
     with pytest.raises(ConnectionRefusedError), \
             socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_http_host_chooses_the_listening_address(endpoints: Endpoints) -> None:
+    srv = HttpServer(endpoints, port=0, host="0.0.0.0").start()  # every interface
+    try:
+        assert srv.host == "0.0.0.0"
+        assert get(srv, "/health")[0] == 200
+    finally:
+        srv.close()
+
+
+def test_an_address_not_on_this_machine_is_a_config_error(endpoints: Endpoints) -> None:
+    with pytest.raises(ConfigError) as info:
+        HttpServer(endpoints, port=0, host="192.0.2.1")  # TEST-NET-1: never local
+    assert "cannot listen on 192.0.2.1" in info.value.message
+    assert "http_host" in (info.value.fix or "")
