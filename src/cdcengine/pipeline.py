@@ -126,6 +126,11 @@ class Pipeline:
             self._check_identity(store, rec.system_identifier, rec.timeline)
             sink = DeltaSink.for_source(src)
             self._seen = registrations(store.list_tables(src.name))
+            unlisted = sorted(set(self._seen) - {tc.name for tc in src.table_configs})
+            if unlisted:
+                log.warning("tables_not_in_config", source=src.name, tables=unlisted,
+                            fix="add them to `tables`, or run `cdcengine enable` with this "
+                                "config to stop capturing them")
             renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
             while not stop.is_set():
                 self._take_registrations(store)

@@ -142,6 +142,8 @@ class SourceRunner:
             pipeline.run(self._session)
         finally:
             with self._lock:
+                # tables `enable` added or removed while it ran: the next run starts with them
+                self.source = pipeline.source
                 self._pipeline = None
                 self._idle.set()
 

@@ -225,6 +225,14 @@ def test_cli_enable_adds_a_table_to_a_running_daemon(db, tmp_path: Path) -> None
         assert "running daemon" in enable.stdout, enable
         wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
         streams_meanwhile(db, src, "n", 10_000)
+        # a lost connection: the daemon reconnects, and the added table stays captured
+        (pid,) = query(db.dsn, "SELECT active_pid FROM pg_replication_slots"
+                               " WHERE slot_name = %s", [src.slot_name])[0]
+        query(db.dsn, "SELECT pg_terminate_backend(%s)", [pid])
+        wait_for(lambda: query(db.dsn, "SELECT active_pid FROM pg_replication_slots WHERE "
+                                       "slot_name = %s", [src.slot_name])[0][0] not in (None, pid),
+                 timeout=60)
+        streams_meanwhile(db, src, "n", 20_000)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
