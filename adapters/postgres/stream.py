@@ -59,7 +59,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Final, NamedTuple, Self
+from typing import Final, NamedTuple, Self, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -103,6 +103,7 @@ _POLLERR: Final = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
 
 _new_tuple = tuple.__new__
 _NOT_RUNNING: Final = "the replication stream is not running (not started, or closed)"
+_T = TypeVar("_T")
 
 
 class XLogData(NamedTuple):
@@ -510,16 +511,8 @@ class ReplicationStream:
         Raises `CDCError` on any failure; a stream the server ended is `connection_failed`
         (retryable) unless the server's final error says something more specific.
         """
-        pgconn = self._pgconn
-        if pgconn is None:
-            raise RuntimeError(_NOT_RUNNING)
-        self._before_read()
-        with self._translator:
-            try:
-                return self._read(pgconn, self._lock, time.monotonic, timeout_s)
-            except psycopg.Error:
-                self._ended = True  # in COPY BOTH every driver error is fatal to the stream
-                raise
+        return self._reading(lambda pgconn: self._read(pgconn, self._lock, time.monotonic,
+                                                       timeout_s))
 
     def _read(
         self,
@@ -588,21 +581,29 @@ class ReplicationStream:
         ahead of frames returned but not yet processed by the caller. A stream that ends after
         some frames were collected returns them; the next call raises.
         """
+        def burst(pgconn: pq.abc.PGconn) -> list[bytes]:
+            first = self._read(pgconn, self._lock, time.monotonic, timeout_s)
+            if first is None:
+                return []
+            out = [first.payload]
+            if limit > 1:
+                self._drain(pgconn, out, limit)
+            return out
+
+        return self._reading(burst)
+
+    def _reading(self, step: Callable[[pq.abc.PGconn], _T]) -> _T:
+        """Run one read `step` on the live connection, errors translated; any driver error
+        ends the stream (in COPY BOTH every one is fatal)."""
         pgconn = self._pgconn
         if pgconn is None:
             raise RuntimeError(_NOT_RUNNING)
         self._before_read()
         with self._translator:
             try:
-                first = self._read(pgconn, self._lock, time.monotonic, timeout_s)
-                if first is None:
-                    return []
-                out = [first.payload]
-                if limit > 1:
-                    self._drain(pgconn, out, limit)
-                return out
+                return step(pgconn)
             except psycopg.Error:
-                self._ended = True  # in COPY BOTH every driver error is fatal to the stream
+                self._ended = True
                 raise
 
     def _before_read(self) -> None:

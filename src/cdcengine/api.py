@@ -241,15 +241,16 @@ def enable_cdc(
     """Provision CDC for a source: re-run the checks, then publication (managed) and slot.
 
     Safe to call repeatedly: on an enabled source it adopts what exists, brings the managed
-    publication's table list in line with the config, registers the tables (added, removed,
-    mode changed: `added` / `removed` / `changed`), and returns `already_enabled=True` — also
-    while a daemon streams the source (`daemon_running`): that daemon snapshots added tables
-    beside its stream and stops writing removed ones within seconds. It refuses (changing nothing) when any check fails
-    (`PrerequisitesFailed` with `.checks`), when slot name, publication name or mode differ from
-    what was enabled (`immutable_setting`), when a slot or publication of that name is not
-    provably this install's, and when an enabled source lost its slot (that needs `repair`, which
-    re-snapshots; recreating the slot silently would leave a gap). It never removes tables from
-    Delta, never drops anything it did not create, and on failure undoes exactly what it created.
+    publication's table list in line with the config, registers the tables (added, removed, mode
+    changed: `added` / `removed` / `changed`), and returns `already_enabled=True` — also while a
+    daemon streams the source (`daemon_running`): that daemon snapshots added tables beside its
+    stream and stops writing removed ones within seconds. It refuses (changing nothing) when any
+    check fails (`PrerequisitesFailed` with `.checks`), when slot name, publication name or mode
+    differ from what was enabled (`immutable_setting`), when a slot or publication of that name
+    is not provably this install's, and when an enabled source lost its slot (that needs
+    `repair`, which re-snapshots; recreating the slot silently would leave a gap). It never
+    removes tables from Delta, never drops anything it did not create, and on failure undoes
+    exactly what it created.
     """
     with open_store(state) as store, _enable_lease(store, source.name, slot_wait_s) as leased:
         rec = store.get_source(source.name)
