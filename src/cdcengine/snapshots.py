@@ -154,6 +154,29 @@ def remaining_chunks(
     return out
 
 
+def partial_chunks(
+    plan: SnapshotPlan, finished: Mapping[TableKind, Mapping[str, int]]
+) -> dict[tuple[TableKind, int], dict[str, ChunkRange]]:
+    """Chunks committed to some of the Delta tables but not to all (the process died between
+    a chunk's commits), grouped by (Delta table lacking them, point they were copied under)."""
+    out: dict[tuple[TableKind, int], dict[str, ChunkRange]] = {}
+    for chunk in plan.chunks:
+        name = plan.name(chunk)
+        points = {done[name] for done in finished.values() if name in done}
+        if not points:
+            continue
+        point = min(points)
+        for kind, done in finished.items():
+            if name not in done:
+                out.setdefault((kind, point), {})[name] = chunk
+    return out
+
+
+def seq_range(chunk: ChunkRange) -> tuple[int, int]:
+    """The `_cdc_seq` range [lo, hi) of a chunk's append `R` rows."""
+    return chunk.id << SEQ_BITS, (chunk.id + 1) << SEQ_BITS
+
+
 @dataclass(slots=True)
 class Meter:
     """Rows, rows/s and ETA of one snapshot run (`clock`: monotonic seconds)."""
@@ -287,6 +310,14 @@ def _resume(
         if confirmed is not None and min(points) < confirmed:
             return None, {}, (f"the slot is confirmed at {format_lsn(confirmed)}, past the "
                               f"earliest finished chunk ({format_lsn(min(points))})")
+    for (into, point), chunks in partial_chunks(plan, finished).items():
+        rows = sink.mirror_snapshot_chunks(
+            table.ref, into, chunks={name: seq_range(c) for name, c in chunks.items()},
+            version=point, key=plan.layout.key)
+        finished[into].update(dict.fromkeys(chunks, point))
+        log.info("snapshot_chunks_mirrored", source=source.name, table=table.name,
+                 into=str(into), chunks=sorted(c.id for c in chunks.values()), rows=rows,
+                 lsn=format_lsn(point))
     return plan, finished, why
 
 
@@ -425,7 +456,7 @@ class _ChunkRun:
             try:
                 rows = self.sink.write_snapshot_chunk(
                     self.table.ref, kinds, pieces(), chunk=self.plan.name(chunk),
-                    seq_base=chunk.id << SEQ_BITS, version=self.point,
+                    seq_base=seq_range(chunk)[0], version=self.point,
                     committed_at_us=int(time.time() * 1_000_000))
             except BaseException as exc:  # noqa: BLE001 - handed to the coordinating thread
                 abort.set()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 from cdcengine.adapter import ChunkRange, SnapshotLayout
 from cdcengine.sink.base import TableKind
 from cdcengine.snapshots import (
     Meter,
     SnapshotPlan,
     chunk_name,
+    partial_chunks,
     ranges_from_points,
     remaining_chunks,
     resumable_plan,
+    seq_range,
     split_points,
 )
 
@@ -73,6 +77,23 @@ def test_remaining_chunks_name_the_tables_that_lack_them() -> None:
     todo = remaining_chunks(p, finished)
     assert [(c.id, kinds) for c, kinds in todo] == [(1, (A,)), (2, (C, A)), (3, (C, A))]
     assert remaining_chunks(p, {C: {p.name(c): 1 for c in p.chunks}}) == []
+
+
+def test_partial_chunks_are_those_in_some_tables_only_grouped_by_point() -> None:
+    p = plan(4)
+    n = [p.name(c) for c in p.chunks]
+    finished = {C: {n[0]: 5, n[1]: 5, n[3]: 9}, A: {n[0]: 5, n[2]: 5}}
+    assert partial_chunks(p, finished) == {
+        (A, 5): {n[1]: p.chunks[1]}, (C, 5): {n[2]: p.chunks[2]}, (A, 9): {n[3]: p.chunks[3]}}
+    assert partial_chunks(p, {C: {n[0]: 5}}) == {}  # one table: nothing to mirror
+    assert partial_chunks(p, {C: {}, A: {}}) == {}
+
+
+def test_seq_ranges_of_chunks_do_not_overlap() -> None:
+    p = plan(3)
+    ranges = [seq_range(c) for c in p.chunks]
+    assert ranges[0] == (0, 1 << 32)
+    assert all(hi == lo2 for (_, hi), (lo2, _) in itertools.pairwise(ranges))
 
 
 def test_meter_rate_and_eta() -> None:

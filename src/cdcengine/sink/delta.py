@@ -656,6 +656,70 @@ class DeltaSink:
                                  f"({type(exc).__name__})") from exc
         return counted[0]
 
+    def mirror_snapshot_chunks(
+        self,
+        ref: TableRef,
+        into: TableKind | str,
+        *,
+        chunks: Mapping[str, tuple[int, int]],
+        version: int,
+        key: Sequence[str],
+    ) -> int:
+        """Give `into` the snapshot chunks the table's other Delta table (a `both` table)
+        holds at `version` and `into` lacks — the process died between a chunk's two commits —
+        copied from that other table, in ONE commit carrying all their txns. Copying them from
+        the source again would stamp them with a later point than the other table's rows, and
+        the change log's `R` rows must carry the consolidated rows' `_cdc_lsn` (SPEC §5).
+
+        `chunks`: chunk name -> its append rows' `_cdc_seq` range [lo, hi). Only a snapshot in
+        progress is mirrored: until it finishes, the rows at `version` of both tables are
+        exactly its chunks' rows. Returns the rows written."""
+        into = TableKind(into)
+        keys = list(key)
+        if not chunks or not keys:
+            raise ValueError("mirroring snapshot chunks needs chunks and a key")
+        path = self._writable_path(ref, into)
+        with self._delta_errors(path, ref, into):
+            at = pads.field(LSN) == version
+            if into is TableKind.CONSOLIDATED:
+                ranges = [(pads.field(SEQ) >= lo) & (pads.field(SEQ) < hi)
+                          for lo, hi in chunks.values()]
+                picked = ranges[0]
+                for r in ranges[1:]:
+                    picked = picked | r
+                rows = self.dataset(ref, TableKind.APPEND).to_table(
+                    filter=at & (pads.field(OP) == "R") & picked)
+                n = rows.num_rows
+                rows = rows.drop_columns([SEQ, OP, UNCHANGED]) \
+                    .append_column(DELETED, pa.repeat(pa.scalar(False), n)) \
+                    .append_column(DELETED_AT, pa.nulls(n, TIMESTAMP_UTC))
+            else:
+                # the consolidated rows at `version` the change log has no R row for
+                seen = self.dataset(ref, TableKind.APPEND).to_table(
+                    columns=keys, filter=at & (pads.field(OP) == "R"))
+                consolidated = self.dataset(ref, TableKind.CONSOLIDATED)
+                parts = [pa.Table.from_batches([b]).join(seen, keys, join_type="left anti")
+                         for b in consolidated.to_batches(filter=at) if b.num_rows]
+                rows = pa.concat_tables(parts) if parts else consolidated.schema.empty_table()
+                n = rows.num_rows
+                base = min(lo for lo, _ in chunks.values())
+                rows = rows.drop_columns([DELETED, DELETED_AT]) \
+                    .append_column(SEQ, pa.array(range(base, base + n), pa.int64())) \
+                    .append_column(OP, pa.repeat(pa.scalar("R"), n)) \
+                    .append_column(UNCHANGED, pa.nulls(n, UNCHANGED_TYPE))
+            dt = self._load(path)
+            if dt is None:
+                raise SinkWriteError(f"{ref}: the snapshot's {into} table is missing")
+            target = _arrow_schema(dt)
+            write_deltalake(dt, _to_target(_conform(rows, target, ref), target), mode="append",
+                            commit_properties=CommitProperties(
+                                app_transactions=[
+                                    Transaction(self.snapshot_app_id(ref, into, name), version)
+                                    for name in chunks],
+                                custom_metadata={"cdcengine.snapshot": "mirror"}))
+        self._tables.pop(path, None)
+        return n
+
     def finish_snapshot(self, ref: TableRef, kind: TableKind | str, *, version: int) -> None:
         """Mark the table loaded: an empty commit carrying its app id at `version` (the
         earliest finished chunk's point, from where the stream replays its changes)."""
