@@ -27,6 +27,35 @@ from pgutil import MakeCluster, PgServer, ScratchDatabase, open_test_server
 from cdcengine_postgres.cluster import ClusterError, TempCluster, find_bindir
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    """A failure pytest cannot format still fails only its test: after a signal (the
+    pytest-timeout alarm) CPython 3.11 can leave a traceback entry without a line number,
+    and pytest then crashes formatting it, ending the whole run with an INTERNALERROR instead
+    of reporting a timeout. A plain list of the frames (and the captured output, where the
+    timeout's thread dump is) stands in for pytest's own rendering."""
+    try:
+        return (yield)
+    except TypeError:
+        if call.excinfo is None:
+            raise
+        frames, tb = [], call.excinfo.tb
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            frames.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+            tb = tb.tb_next
+        text = "\n".join(["Traceback (most recent call last):", *frames,
+                          call.excinfo.exconly()])
+        sections = [(f"Captured {key} {when}", content)
+                    for when, key, content in item._report_sections]
+        return pytest.TestReport(  # type: ignore[return-value]
+            item.nodeid, item.location, dict.fromkeys(item.keywords, 1), "failed", text,
+            call.when, sections, duration=call.duration, start=call.start, stop=call.stop,
+            user_properties=item.user_properties)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:
     """A test that runs the CLI in-process configures structlog globally (its secrets, its

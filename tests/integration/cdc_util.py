@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,16 @@ def daemon_config(tmp_path: Path, src: SourceConfig, state: str, tables: Sequenc
     text += "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
     cfg.write_text(text)
     return cfg
+
+
+@contextlib.contextmanager
+def logs_on_failure(*logs: Path, tail: int = 4000) -> Iterator[None]:
+    """On a failure inside the block (a timeout included), the end of each daemon log is
+    attached to the exception, so a run that fails elsewhere says what the daemons did."""
+    try:
+        yield
+    except BaseException as exc:
+        for log in logs:
+            text = log.read_text(errors="replace")[-tail:] if log.exists() else "(no log)"
+            exc.add_note(f"--- {log.name} (end) ---\n{text}")
+        raise

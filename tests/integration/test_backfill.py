@@ -11,7 +11,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cdc_util import daemon_config, query, source_for, start_daemon, store
+from cdc_util import (
+    daemon_config,
+    logs_on_failure,
+    query,
+    source_for,
+    start_daemon,
+    store,
+)
 from cli_util import run_cli
 from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
@@ -170,38 +177,36 @@ def test_kill_9_mid_background_snapshot_resumes_it(db, tmp_path: Path) -> None:
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     # o's own snapshot is one chunk: the 4th committed chunk is big's 3rd
     crashing = start_daemon(cfg, first_log, "snapshot_chunk_committed:4")
-    try:
-        wait_for(lambda: len(delta_rows(src, "o")) == 500, timeout=60)
-        with Writer(db.dsn, "big", first_id=n, top=n, seed=13), \
-                Writer(db.dsn, "o", first_id=100_000, top=500, seed=14):
-            cfg = daemon_config(tmp_path, src, state, ["public.o", "public.big"],
-                                json_logs=True, **SETTINGS)
-            api.enable_cdc(src.with_tables([*src.table_configs, dataclasses.replace(
-                src.table_configs[0], ref=TableRef("public", "big"))]), state=state)
-            crashing.wait(timeout=120)
-            assert crashing.returncode == -signal.SIGKILL, first_log.read_text()[-3000:]
-            daemon = start_daemon(cfg, second_log)
-            try:
-                wait_for(lambda: bool(_events(second_log, "table_snapshotted")), timeout=120)
-                streams_meanwhile(db, src, "o", 200_000)
-            except BaseException:
-                daemon.kill()
-                raise
+    daemon = None
+    # the waits add up to less than the test timeout: a stuck daemon fails with its logs
+    with logs_on_failure(first_log, second_log):
         try:
+            wait_for(lambda: len(delta_rows(src, "o")) == 500, timeout=45)
+            with Writer(db.dsn, "big", first_id=n, top=n, seed=13), \
+                    Writer(db.dsn, "o", first_id=100_000, top=500, seed=14):
+                cfg = daemon_config(tmp_path, src, state, ["public.o", "public.big"],
+                                    json_logs=True, **SETTINGS)
+                api.enable_cdc(src.with_tables([*src.table_configs, dataclasses.replace(
+                    src.table_configs[0], ref=TableRef("public", "big"))]), state=state)
+                crashing.wait(timeout=60)
+                assert crashing.returncode == -signal.SIGKILL
+                daemon = start_daemon(cfg, second_log)
+                wait_for(lambda: bool(_events(second_log, "table_snapshotted")), timeout=60)
+                streams_meanwhile(db, src, "o", 200_000)
             wait_for(lambda: delta_rows(src, "big") == source_rows(db.dsn, "big")
-                     and delta_rows(src, "o") == source_rows(db.dsn, "o"), timeout=120)
-        finally:
+                     and delta_rows(src, "o") == source_rows(db.dsn, "o"), timeout=60)
             daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
-    finally:
-        if crashing.poll() is None:
-            crashing.kill()
-    assert daemon.returncode == 0, second_log.read_text()[-3000:]
-    (resumed,) = _events(second_log, "snapshot_resumed")
-    assert 0 < resumed["chunks_remaining"] < resumed["chunks"]
-    (done,) = _events(second_log, "table_snapshotted")
-    assert done["resumed"] is True and 0 < done["rows"] < n
-    assert _events(second_log, "backfill_started")  # beside the stream, not before it
+            daemon.wait(timeout=30)
+        finally:
+            for process in (crashing, daemon):
+                if process is not None and process.poll() is None:
+                    process.kill()
+        assert daemon.returncode == 0
+        (resumed,) = _events(second_log, "snapshot_resumed")
+        assert 0 < resumed["chunks_remaining"] < resumed["chunks"]
+        (done,) = _events(second_log, "table_snapshotted")
+        assert done["resumed"] is True and 0 < done["rows"] < n
+        assert _events(second_log, "backfill_started")  # beside the stream, not before it
     for table in ("public.big", "public.o"):
         replay_matches_consolidated(src, table, ["id"])
 
