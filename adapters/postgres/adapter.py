@@ -29,6 +29,7 @@ from cdcengine_postgres.snapshot import TableSnapshot
 from cdcengine_postgres.verify import VerifyRead
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Sequence
     from pathlib import Path
 
@@ -88,8 +89,9 @@ class PostgresAdapter:
     def identify(self, source: SourceConfig) -> SourceIdentity:
         return provision.identify(source)
 
-    def snapshot(self, source: SourceConfig, table: TableConfig) -> TableSnapshot:
-        return TableSnapshot(source, table)
+    def snapshot(self, source: SourceConfig, table: TableConfig, *,
+                 stop: threading.Event | None = None) -> TableSnapshot:
+        return TableSnapshot(source, table, stop=stop)
 
     def verify_reader(self, source: SourceConfig, table: TableConfig) -> VerifyRead:
         return VerifyRead(source, table)

@@ -106,8 +106,8 @@ class Blocker:
                 f"{age}, query started {self.query_start})")
 
 
-def _blockers(conn: psycopg.Connection, waiting_pid: int) -> list[Blocker]:
-    """Backends the slot creation waits for: pg_blocking_pids() of the waiting backend.
+def blocking_backends(conn: psycopg.Connection, waiting_pid: int) -> list[Blocker]:
+    """Backends a slot creation waits for: pg_blocking_pids() of the waiting backend.
 
     Logical slot creation waits (XactLockTableWait) for every transaction that holds an xid, in
     any database; pg_blocking_pids names exactly those. The query text is not shown, because it
@@ -157,7 +157,7 @@ def create_slot(
         blockers: list[Blocker] = []
         if worker.is_alive():
             with connect() as watcher:
-                blockers = _blockers(watcher, pid)
+                blockers = blocking_backends(watcher, pid)
                 conn.cancel_safe()
             worker.join(30)
         if result.get("lsn"):

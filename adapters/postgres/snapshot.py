@@ -6,6 +6,11 @@ copies the table with `COPY (SELECT …) TO STDOUT` (text format), yielding type
 bounded size. The table's version is the temporary slot's consistent point C: the stream (from the
 persistent slot) must apply only this table's changes that commit after C.
 
+Creating the slot waits until every transaction holding an xid (in any database of the server)
+has ended: a transaction left open elsewhere holds the snapshot up. While it waits, the blocking
+backends are logged every `WAIT_REPORT_S` (`snapshot_waiting_for_transactions`), and a stop
+cancels the creation (which leaves no slot behind).
+
 Why a temporary slot per snapshot: it exports a snapshot consistent with an exact LSN, and it
 disappears by itself with its connection, so a crash leaves nothing behind. The exported snapshot
 lives only while the exporting connection stays idle in its transaction, which is why that
@@ -31,15 +36,17 @@ import contextlib
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import psycopg
 import pyarrow as pa
+import structlog
 from psycopg import sql
 
-from cdcengine.adapter import ChunkRange, SnapshotLayout
+from cdcengine.adapter import ChunkRange, SnapshotLayout, SnapshotStopped
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import parse_lsn
@@ -49,12 +56,15 @@ from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.slots import temp_slot_name
+from cdcengine_postgres.slots import blocking_backends, temp_slot_name
+
+log = structlog.get_logger("cdcengine.postgres.snapshot")
 
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024  # text bytes per Arrow piece at most: bounded memory
 DEFAULT_PIECE_ROWS = 100_000  # rows per Arrow piece at most
 SAMPLE_VALUES_PER_CHUNK = 50  # key sample size per planned chunk when there is no histogram
 MAX_SAMPLE = 100_000
+WAIT_REPORT_S = 10.0  # how often a snapshot held up by running transactions says so
 _ORDERED_CATEGORIES = frozenset({"N", "S", "D"})  # numeric, string, date/time (pg_type)
 _END = object()
 
@@ -70,8 +80,9 @@ class TableSnapshot:
 
     def __init__(self, source: SourceConfig, table: TableConfig, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 piece_rows: int = DEFAULT_PIECE_ROWS) -> None:
-        self.source, self.table = source, table
+                 piece_rows: int = DEFAULT_PIECE_ROWS,
+                 stop: threading.Event | None = None) -> None:
+        self.source, self.table, self._stop = source, table, stop
         self.chunk_bytes, self.piece_rows = chunk_bytes, piece_rows
         self.consistent_point = 0
         self.columns: tuple[ColumnFacts, ...] = ()
@@ -91,13 +102,7 @@ class TableSnapshot:
         secrets = self.source.secrets()
         try:
             self._rconn = connect(self.source.dsn, replication=True, secrets=secrets)
-            slot = temp_slot_name(self.source.slot_name, "snapshot")
-            with translate_errors(secrets=secrets, context="creating the snapshot slot"):
-                # simple query protocol only on a replication connection; the name is [a-z0-9_]
-                row = self._rconn.execute(
-                    f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput "
-                    "(SNAPSHOT 'export')").fetchone()
-            assert row is not None
+            row = self._create_slot(temp_slot_name(self.source.slot_name, "snapshot"))
             self.consistent_point, self._snapshot_name = parse_lsn(row[1]), row[2]
             self._conn = self._import_snapshot()
             with translate_errors(secrets=secrets, context="reading the catalog"):
@@ -116,6 +121,58 @@ class TableSnapshot:
             self.close()
             raise
         return self
+
+    def _create_slot(self, slot: str) -> tuple[Any, ...]:
+        """The temporary slot exporting the snapshot: its creation runs on a worker thread
+        while this one reports what holds it up and watches for a stop."""
+        rconn, secrets = self._rconn, self.source.secrets()
+        assert rconn is not None
+        pid = rconn.info.backend_pid
+        result: dict[str, Any] = {}
+
+        def create() -> None:
+            try:
+                with translate_errors(secrets=secrets, context="creating the snapshot slot"):
+                    # simple query protocol only on a replication connection; name: [a-z0-9_]
+                    result["row"] = rconn.execute(
+                        f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput "
+                        "(SNAPSHOT 'export')").fetchone()
+            except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+                result["error"] = exc
+
+        worker = threading.Thread(target=create, name=f"create-{slot}", daemon=True)
+        worker.start()
+        started = time.monotonic()
+        report_at = started + WAIT_REPORT_S
+        while worker.is_alive():
+            worker.join(0.2)
+            if not worker.is_alive():
+                break
+            if self._stop is not None and self._stop.is_set():
+                rconn.cancel_safe()
+                worker.join(30)
+                raise SnapshotStopped(f"the snapshot of {self.table.name} was stopped while "
+                                      "waiting for running transactions")
+            if time.monotonic() >= report_at:
+                report_at += WAIT_REPORT_S
+                self._report_wait(pid, time.monotonic() - started)
+        if "error" in result:
+            raise result["error"]
+        row = result.get("row")
+        assert row is not None
+        return tuple(row)
+
+    def _report_wait(self, pid: int, waited_s: float) -> None:
+        try:
+            with connect(self.source.dsn, autocommit=True, secrets=self.source.secrets()) as c:
+                blockers = [b.describe() for b in blocking_backends(c, pid)]
+        except (psycopg.Error, CDCError) as exc:  # the report is best effort
+            blockers = [f"(not readable: {type(exc).__name__})"]
+        log.warning("snapshot_waiting_for_transactions", source=self.source.name,
+                    table=self.table.name, waited_s=round(waited_s), blockers=blockers,
+                    fix="a snapshot starts once the transactions running when it began have "
+                        "ended: let these commit or roll back (or end them with "
+                        "pg_terminate_backend(pid))")
 
     def _import_snapshot(self) -> psycopg.Connection[Any]:
         secrets = self.source.secrets()

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Iterator, Sequence
     from pathlib import Path
 
@@ -221,6 +222,10 @@ class SnapshotLayout:
         return self.chunk_key is not None
 
 
+class SnapshotStopped(Exception):
+    """A snapshot session was stopped before it reached its consistent point."""
+
+
 class SnapshotSession(Protocol):
     """One table's consistent copy (a context manager). After entering: `consistent_point`
     (int LSN C: the stream applies this table's changes after C only), `key`, and `chunks()`
@@ -356,11 +361,14 @@ class SourceAdapter(Protocol):
 
     def identify(self, source: SourceConfig) -> SourceIdentity: ...
 
-    def snapshot(self, source: SourceConfig, table: TableConfig) -> SnapshotSession:
+    def snapshot(self, source: SourceConfig, table: TableConfig, *,
+                 stop: threading.Event | None = None) -> SnapshotSession:
         """A consistent copy of one table under a snapshot exported by a temporary slot.
 
         The exporting connection stays open (and idle) until the session is left, so workers
-        opened by `open_workers` import exactly the same snapshot."""
+        opened by `open_workers` import exactly the same snapshot. Entering waits until the
+        transactions running at that moment have ended (reported while it lasts); `stop` set
+        meanwhile cancels the wait and entering raises `SnapshotStopped`."""
         ...
 
     def verify_reader(self, source: SourceConfig, table: TableConfig) -> VerifyReader:

@@ -27,6 +27,7 @@ store (display only: the Delta log stays the truth) and to `snapshot_progress` l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -40,7 +41,13 @@ import pyarrow as pa
 import structlog
 
 from cdcengine import failpoints
-from cdcengine.adapter import ChunkRange, SnapshotLayout, SnapshotSession, SourceAdapter
+from cdcengine.adapter import (
+    ChunkRange,
+    SnapshotLayout,
+    SnapshotSession,
+    SnapshotStopped,
+    SourceAdapter,
+)
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import format_lsn, parse_lsn
@@ -242,7 +249,11 @@ def snapshot_table(
         return SnapshotOutcome(finished=True, version=sink.resume_version(ref, table.mode))
     workers = workers or source.snapshot_workers
     chunk_rows = chunk_rows or source.snapshot_chunk_rows
-    with adapter.snapshot(source, table) as snap:
+    with contextlib.ExitStack() as session:
+        try:
+            snap = session.enter_context(adapter.snapshot(source, table, stop=stop))
+        except SnapshotStopped:  # stopped while running transactions held its start up
+            return SnapshotOutcome(finished=False)
         point = snap.consistent_point
         layout = snap.layout()
         plan, finished, why = _resume(adapter, source, sink, table, kinds, layout)

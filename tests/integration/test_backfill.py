@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+import structlog.testing
 from cdc_util import (
     daemon_config,
     logs_on_failure,
@@ -25,11 +28,15 @@ from test_pipeline import Running, wait_for
 from test_snapshot_chunks import Writer, _events, delta_rows, seed, source_rows
 
 from cdcengine import api, history
+from cdcengine.adapter import SnapshotStopped
 from cdcengine.config import SourceConfig
 from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
+from cdcengine.registry import adapter_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.state.base import TableState
+from cdcengine_postgres import snapshot as pg_snapshot
+from cdcengine_postgres.slots import temp_slot_name
 
 
 @contextlib.contextmanager
@@ -93,6 +100,73 @@ def test_a_table_added_while_streaming_loads_beside_the_stream(db, tmp_path: Pat
         wait_for(lambda: confirmed_flush(db.dsn, src.slot_name) > held_at)
         wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
         assert delta_rows(src, "o") == source_rows(db.dsn, "o")
+
+
+def test_a_snapshot_held_up_by_a_transaction_names_it_and_stops_on_request(
+    db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction left open (in any database) holds a snapshot's start up: the engine says
+    which backend it waits for, a stop ends the wait, and no temporary slot is left behind."""
+    seed(db, "w", 10)
+    src = source_for(db.dsn, tmp_path, ["public.w"])
+    monkeypatch.setattr(pg_snapshot, "WAIT_REPORT_S", 0.5)
+    adapter, table = adapter_for(src), src.table_configs[0]
+    stop = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def enter() -> None:
+        try:
+            with adapter.snapshot(src, table, stop=stop):
+                outcome["entered"] = True
+        except SnapshotStopped as exc:
+            outcome["stopped"] = exc
+
+    with psycopg.connect(db.dsn) as holder, structlog.testing.capture_logs() as logs:
+        holder.execute("SELECT txid_current()")
+        waiting = threading.Thread(target=enter)
+        waiting.start()
+        wait_for(lambda: any(e["event"] == "snapshot_waiting_for_transactions" for e in logs),
+                 timeout=20)
+        stop.set()
+        waiting.join(10)
+        assert not waiting.is_alive() and set(outcome) == {"stopped"}
+        report = next(e for e in logs if e["event"] == "snapshot_waiting_for_transactions")
+        assert report["table"] == "public.w" and report["waited_s"] >= 0
+        assert any(f"pid {holder.info.backend_pid} " in b for b in report["blockers"]), report
+        holder.rollback()
+    assert query(db.dsn, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                 [temp_slot_name(src.slot_name, "snapshot")])[0][0] == 0
+    with adapter.snapshot(src, table) as snap:  # nothing in the way: it starts at once
+        assert snap.consistent_point > 0
+
+
+def test_a_daemon_stops_promptly_while_a_snapshot_waits_for_a_transaction(
+    db, tmp_path: Path
+) -> None:
+    seed(db, "o", 100)
+    seed(db, "n", 100)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.o"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    wider = src.with_tables([*src.table_configs, dataclasses.replace(
+        src.table_configs[0], ref=TableRef("public", "n"))])
+    running = Running(src, state)
+    with running:
+        wait_for(lambda: len(delta_rows(src, "o")) == 100)
+        blocker = open_transaction(db.dsn)
+        blocker.__enter__()
+        api.enable_cdc(wider, state=state)
+        wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING)
+        stopping = time.monotonic()
+    try:
+        # the held-up snapshot did not keep the daemon from stopping, and left no slot
+        assert time.monotonic() - stopping < 15
+        assert query(db.dsn, "SELECT count(*) FROM pg_replication_slots WHERE temporary"
+                     )[0][0] == 0
+    finally:
+        blocker.__exit__(None, None, None)
+    with Running(wider, state):  # the transaction is over: the next daemon loads n
+        wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
 
 
 def test_resync_under_load_keeps_the_other_tables_streaming(db, tmp_path: Path) -> None:
