@@ -18,7 +18,9 @@ history. This module derives from it, with DuckDB SQL over the Arrow data:
   end LSN <= `lsn`): the data columns of each live version with
   `valid_from_lsn <= lsn < valid_to_lsn` (or open), plus `_cdc_lsn` and `_cdc_committed_at` of
   the change that produced it; at the latest LSN this is exactly the consolidated table's live
-  rows (its data columns, `_cdc_lsn`, `_cdc_committed_at`).
+  rows (its data columns, `_cdc_lsn`, `_cdc_committed_at`). It is complete from the latest `R`
+  row's LSN on: a resumed snapshot reads its remaining chunks at a later point than the first
+  ones, and before that point the unchanged rows of those chunks are not in the log yet.
 
 An unchanged-TOAST column the engine could not resolve (still listed in `_cdc_unchanged`) and
 a delete's unknown values (a null non-key column of a 'D') take the key's previous value in the
