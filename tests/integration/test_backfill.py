@@ -162,7 +162,7 @@ def test_a_daemon_stops_promptly_while_a_snapshot_waits_for_a_transaction(
         # the held-up snapshot did not keep the daemon from stopping, and left no slot
         assert time.monotonic() - stopping < 15
         assert query(db.dsn, "SELECT count(*) FROM pg_replication_slots WHERE temporary"
-                     )[0][0] == 0
+                             " AND database = current_database()")[0][0] == 0
     finally:
         blocker.__exit__(None, None, None)
     with Running(wider, state):  # the transaction is over: the next daemon loads n
