@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -19,6 +19,8 @@ from cdcengine.adapter import SlotInfo
 from cdcengine.errors import PermissionDenied, Reason, ReplicationResourceError, SlotCreationBlocked
 
 log = structlog.get_logger("cdcengine.postgres.slots")
+
+T = TypeVar("T")
 
 SLOTS_SELECT = (
     "SELECT s.slot_name, s.plugin, s.slot_type, s.database, s.temporary, s.active,"
@@ -124,59 +126,82 @@ def blocking_backends(conn: psycopg.Connection, waiting_pid: int) -> list[Blocke
                     xact_age_s=r[5], query_start=r[6]) for r in rows]
 
 
+class WaitAbandoned(Exception):
+    """`run_watched` cancelled its command because `keep_waiting` said so."""
+
+
+def run_watched(conn: psycopg.Connection, command: Callable[[], T], *,
+                keep_waiting: Callable[[float], bool], poll_s: float = 0.2) -> T:
+    """Run `command` (a statement on `conn` that may wait for other transactions, such as a
+    logical slot creation) on a worker thread, asking `keep_waiting(seconds waited)` every
+    `poll_s` while it runs. When that says no, the statement is cancelled and `WaitAbandoned`
+    raised (unless it finished meanwhile); the command's own errors are raised as they are."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = command()
+        except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="watched-command", daemon=True)
+    started = time.monotonic()
+    worker.start()
+    while True:
+        worker.join(poll_s)
+        if not worker.is_alive():
+            break
+        if not keep_waiting(time.monotonic() - started):
+            conn.cancel_safe()
+            worker.join(30)
+            if "value" not in result:
+                raise WaitAbandoned from result.get("error")
+            break
+    if "error" in result:
+        raise result["error"]
+    return result["value"]  # type: ignore[no-any-return]
+
+
 def create_slot(
     connect: Callable[[], psycopg.Connection], name: str, *, wait_s: float
 ) -> str:
     """Create the pgoutput slot and return its consistent point (X/Y).
 
-    Creation runs on its own connection in a worker thread while this thread watches it. When
-    it has not finished after `wait_s` (a running transaction holds it up), the blocking
-    backends are read, the creation is cancelled, and `SlotCreationBlocked` names them. A
-    cancelled creation leaves no slot behind (the slot is ephemeral until it is ready).
+    When the creation has not finished after `wait_s` (a running transaction holds it up), the
+    blocking backends are read, the creation is cancelled, and `SlotCreationBlocked` names
+    them. A cancelled creation leaves no slot behind (the slot is ephemeral until it is ready).
     Must not run inside a transaction that wrote (PostgreSQL forbids it): the connection is
     autocommit.
     """
-    result: dict[str, object] = {}
     conn = connect()
     pid = conn.info.backend_pid
+    blockers: list[Blocker] = []
 
-    def work() -> None:
-        try:
-            row = conn.execute(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
-                [name],
-            ).fetchone()
-            result["lsn"] = row[0] if row else None
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-            result["error"] = exc
+    def keep_waiting(waited_s: float) -> bool:
+        if waited_s < wait_s:
+            return True
+        with connect() as watcher:
+            blockers.extend(blocking_backends(watcher, pid))
+        return False
 
-    worker = threading.Thread(target=work, name=f"create-slot-{name}", daemon=True)
     try:
-        worker.start()
-        worker.join(wait_s)
-        blockers: list[Blocker] = []
-        if worker.is_alive():
-            with connect() as watcher:
-                blockers = blocking_backends(watcher, pid)
-                conn.cancel_safe()
-            worker.join(30)
-        if result.get("lsn"):
-            return str(result["lsn"])
-        err = result.get("error")
-        if blockers or isinstance(err, psycopg.errors.QueryCanceled):
-            listed = "; ".join(b.describe() for b in blockers) or "none found any more"
-            raise SlotCreationBlocked(
-                f"Creating replication slot {name!r} waited more than {wait_s:.0f}s for running "
-                f"transactions to finish. Blocking backends: {listed}.",
-                fix="Let these transactions commit or roll back (or end them with "
-                    "pg_terminate_backend(pid)), then run `cdcengine enable` again.",
-            ) from (err if isinstance(err, BaseException) else None)
-        if isinstance(err, BaseException):
-            raise err
-        raise ReplicationResourceError(f"Creating replication slot {name!r} returned nothing.",
-                                       reason=Reason.UNKNOWN)
+        row = run_watched(conn, lambda: conn.execute(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')",
+            [name]).fetchone(), keep_waiting=keep_waiting)
+    except (WaitAbandoned, psycopg.errors.QueryCanceled) as exc:
+        listed = "; ".join(b.describe() for b in blockers) or "none found any more"
+        raise SlotCreationBlocked(
+            f"Creating replication slot {name!r} waited more than {wait_s:.0f}s for running "
+            f"transactions to finish. Blocking backends: {listed}.",
+            fix="Let these transactions commit or roll back (or end them with "
+                "pg_terminate_backend(pid)), then run `cdcengine enable` again.",
+        ) from exc
     finally:
         conn.close()
+    if row and row[0]:
+        return str(row[0])
+    raise ReplicationResourceError(f"Creating replication slot {name!r} returned nothing.",
+                                   reason=Reason.UNKNOWN)
 
 
 def drop_slot(conn: psycopg.Connection, name: str, *, wait_s: float) -> tuple[bool, list[int]]:

@@ -36,7 +36,6 @@ import contextlib
 import math
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -56,7 +55,12 @@ from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.slots import blocking_backends, temp_slot_name
+from cdcengine_postgres.slots import (
+    WaitAbandoned,
+    blocking_backends,
+    run_watched,
+    temp_slot_name,
+)
 
 log = structlog.get_logger("cdcengine.postgres.snapshot")
 
@@ -123,42 +127,32 @@ class TableSnapshot:
         return self
 
     def _create_slot(self, slot: str) -> tuple[Any, ...]:
-        """The temporary slot exporting the snapshot: its creation runs on a worker thread
-        while this one reports what holds it up and watches for a stop."""
+        """The temporary slot exporting the snapshot; while its creation waits, what holds it
+        up is reported every `WAIT_REPORT_S` and a stop cancels it."""
         rconn, secrets = self._rconn, self.source.secrets()
         assert rconn is not None
         pid = rconn.info.backend_pid
-        result: dict[str, Any] = {}
+        report_at = [WAIT_REPORT_S]
 
-        def create() -> None:
-            try:
-                with translate_errors(secrets=secrets, context="creating the snapshot slot"):
-                    # simple query protocol only on a replication connection; name: [a-z0-9_]
-                    result["row"] = rconn.execute(
-                        f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput "
-                        "(SNAPSHOT 'export')").fetchone()
-            except BaseException as exc:  # noqa: BLE001 - raised by the calling thread
-                result["error"] = exc
+        def create() -> Any:
+            with translate_errors(secrets=secrets, context="creating the snapshot slot"):
+                # simple query protocol only on a replication connection; name: [a-z0-9_]
+                return rconn.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL "
+                                     "pgoutput (SNAPSHOT 'export')").fetchone()
 
-        worker = threading.Thread(target=create, name=f"create-{slot}", daemon=True)
-        worker.start()
-        started = time.monotonic()
-        report_at = started + WAIT_REPORT_S
-        while worker.is_alive():
-            worker.join(0.2)
-            if not worker.is_alive():
-                break
+        def keep_waiting(waited_s: float) -> bool:
             if self._stop is not None and self._stop.is_set():
-                rconn.cancel_safe()
-                worker.join(30)
-                raise SnapshotStopped(f"the snapshot of {self.table.name} was stopped while "
-                                      "waiting for running transactions")
-            if time.monotonic() >= report_at:
-                report_at += WAIT_REPORT_S
-                self._report_wait(pid, time.monotonic() - started)
-        if "error" in result:
-            raise result["error"]
-        row = result.get("row")
+                return False
+            if waited_s >= report_at[0]:
+                report_at[0] += WAIT_REPORT_S
+                self._report_wait(pid, waited_s)
+            return True
+
+        try:
+            row = run_watched(rconn, create, keep_waiting=keep_waiting)
+        except WaitAbandoned as exc:
+            raise SnapshotStopped(f"the snapshot of {self.table.name} was stopped while "
+                                  "waiting for running transactions") from exc
         assert row is not None
         return tuple(row)
 

@@ -150,21 +150,17 @@ def test_a_daemon_stops_promptly_while_a_snapshot_waits_for_a_transaction(
     api.enable_cdc(src, state=state)
     wider = src.with_tables([*src.table_configs, dataclasses.replace(
         src.table_configs[0], ref=TableRef("public", "n"))])
-    running = Running(src, state)
-    with running:
-        wait_for(lambda: len(delta_rows(src, "o")) == 100)
-        blocker = open_transaction(db.dsn)
-        blocker.__enter__()
-        api.enable_cdc(wider, state=state)
-        wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING)
-        stopping = time.monotonic()
-    try:
+    with contextlib.ExitStack() as held:
+        with Running(src, state):
+            wait_for(lambda: len(delta_rows(src, "o")) == 100)
+            held.enter_context(open_transaction(db.dsn))  # open until after the stop
+            api.enable_cdc(wider, state=state)
+            wait_for(lambda: state_of(tmp_path, src, "public.n") is TableState.SNAPSHOTTING)
+            stopping = time.monotonic()
         # the held-up snapshot did not keep the daemon from stopping, and left no slot
         assert time.monotonic() - stopping < 15
         assert query(db.dsn, "SELECT count(*) FROM pg_replication_slots WHERE temporary"
                              " AND database = current_database()")[0][0] == 0
-    finally:
-        blocker.__exit__(None, None, None)
     with Running(wider, state):  # the transaction is over: the next daemon loads n
         wait_for(lambda: delta_rows(src, "n") == source_rows(db.dsn, "n"), timeout=60)
 
