@@ -74,8 +74,13 @@ class Pipeline:
     def __init__(self, source: SourceConfig, *, state: StateArg = None,
                  adapter: SourceAdapter | None = None, spill_dir: Path | None = None,
                  on_batch: Callable[[ChangeBatch, RunStats], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, resume_lsn: int = 0) -> None:
         self.source = source
+        # The highest flush position this process told the server (a reconnect within the
+        # daemon passes the last run's): every change session starts there explicitly, not at
+        # whatever the slot says (0/0). The server starts at the later of the two; ours is
+        # never ahead of what is durable in Delta.
+        self.confirmed_lsn = resume_lsn
         self._state = state
         self._adapter = adapter or adapter_for(source)
         self._spill_dir = spill_dir
@@ -88,6 +93,16 @@ class Pipeline:
         self.holding = threading.Event()
         self._runlog: RunLog
         self._seen: Registrations = {}  # the table registrations at the last look
+        # when the last change session started streaming (monotonic), for `good_session`
+        self._streaming_since: float | None = None
+
+    def good_session(self, min_s: float) -> bool:
+        """Did this run stream well: a change session that made a batch durable, or stayed up
+        `min_s`? (The daemon then starts a reconnect's backoff afresh.)"""
+        since = self._streaming_since
+        if since is None:
+            return False
+        return self.stats.batches > 0 or time.monotonic() - since >= min_s
 
     def run(self, stop_event: threading.Event | None = None) -> RunStats:
         """Snapshot where needed, then stream until `stop_event` is set (or an error).
@@ -285,7 +300,8 @@ class Pipeline:
         specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
-        with self._adapter.changes(src, spill_dir=spill) as changes:
+        start = self.confirmed_lsn
+        with self._adapter.changes(src, spill_dir=spill, start_lsn=start) as changes:
             batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
                               max_bytes=src.max_batch_mb * 1024 * 1024,
                               flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
@@ -297,6 +313,9 @@ class Pipeline:
                                  defaults=self._defaults_fn(), metrics=self.metrics).start()
             loop = _Loop(self, store, changes, batcher, progress, writer)
             _set_state(store, src.name, SourceState.STREAMING)
+            self._streaming_since = time.monotonic()
+            log.info("stream_started", source=src.name, start_lsn=format_lsn(start),
+                     tables=sorted(ref.qualified for ref in live), held=job is not None)
             renewed = polled = time.monotonic()
             again = False
             try:
@@ -406,18 +425,21 @@ class _Loop:
     def settle(self) -> None:
         """Move the flush LSN over what became durable; tell the server promptly."""
         confirmed = self.progress.flush_lsn
-        for done in self.writer.durable():
-            self.progress.batch_durable(done.version)
-            for stopped in done.stopped:
+        done = self.writer.durable()
+        for batch in done:
+            for stopped in batch.stopped:
                 self.batcher.stop_table(stopped.ref)
                 self.pipeline._record_stop(self.store, stopped)
         self.pipeline._runlog.flush()
-        self.progress.buffer_state(open_transaction=self.batcher.in_transaction,
-                                   pending_rows=self.batcher.pending_rows)
-        self.progress.keepalive(self.changes.keepalive_lsn)
-        self.changes.set_flush_lsn(self.progress.confirmable)
-        if self.progress.confirmable:  # held: the last position confirmed stays the figure
-            self.pipeline.stats.flush_lsn = self.progress.confirmable
+        # the buffer is read after the durable batches were collected: one consistent step
+        confirmable = self.progress.settle(
+            durable=[batch.version for batch in done],
+            open_transaction=self.batcher.in_transaction,
+            pending_rows=self.batcher.pending_rows, keepalive_lsn=self.changes.keepalive_lsn)
+        self.changes.set_flush_lsn(confirmable)
+        if confirmable:  # held: the last position confirmed stays the figure
+            self.pipeline.stats.flush_lsn = confirmable
+            self.pipeline.confirmed_lsn = max(self.pipeline.confirmed_lsn, confirmable)
         if self.progress.flush_lsn > confirmed \
                 or time.monotonic() - self._status_at > self.STATUS_EVERY_S:
             self.changes.send_status()

@@ -32,6 +32,9 @@ log = structlog.get_logger("cdcengine.daemon")
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 60.0
+#: A session that streamed this long (or made a batch durable) was a good one: the next
+#: failure is a fresh incident and its backoff starts from `BACKOFF_START_S` again.
+GOOD_SESSION_S = 10.0
 MARKER_POLL_S = 2.0  # how often a runner waiting for repair/resume looks again
 STANDBY_POLL_S = 5.0  # how often a standby runner tries to take the lease
 
@@ -62,6 +65,8 @@ class SourceRunner:
         self._idle = threading.Event()
         self._idle.set()
         self._in_standby = False
+        self._last_session_good = False
+        self._resume_lsn = 0  # the flush position the last run confirmed (see Pipeline)
         # set while this daemon's monitor holds the source's lease for a pass
         self.monitor_pass = threading.Event()
 
@@ -98,7 +103,6 @@ class SourceRunner:
             if self._halted.is_set() or self._wait_for_operator():
                 self.stop.wait(MARKER_POLL_S)
                 continue
-            started = time.monotonic()
             try:
                 self._run_pipeline()
                 self._in_standby = False
@@ -111,9 +115,11 @@ class SourceRunner:
                     continue
                 self._in_standby = False
                 self._count(err)
-                if time.monotonic() - started > BACKOFF_MAX_S:
-                    backoff = BACKOFF_START_S  # it ran well for a while: a fresh incident
+                if self._last_session_good:
+                    backoff = BACKOFF_START_S  # it streamed well: a fresh incident
                 if not err.retryable:
+                    # an operator's repair may re-create the slot: start where it says
+                    self._resume_lsn = 0
                     self.outcome.error, self.outcome.failed_at = err, datetime.now(UTC)
                     log.error("source_stopped", source=self.source.name,
                               reason=str(err.reason), message=err.message, fix=err.fix)
@@ -135,12 +141,15 @@ class SourceRunner:
             if self.stop.is_set() or self._halted.is_set():
                 return
             self._session = threading.Event()
-            pipeline = Pipeline(self.source, state=self.state, metrics=self.metrics)  # type: ignore[arg-type]
+            pipeline = Pipeline(self.source, state=self.state, metrics=self.metrics,  # type: ignore[arg-type]
+                                resume_lsn=self._resume_lsn)
             self._pipeline = pipeline
             self._idle.clear()
         try:
             pipeline.run(self._session)
         finally:
+            self._last_session_good = pipeline.good_session(GOOD_SESSION_S)
+            self._resume_lsn = pipeline.confirmed_lsn
             with self._lock:
                 # tables `enable` added or removed while it ran: the next run starts with them
                 self.source = pipeline.source
