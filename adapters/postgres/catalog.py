@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING, Any
 from psycopg.rows import tuple_row
 
 from cdcengine.names import TableRef
+from cdcengine.sink.fold import key_type_supported
 
-from .types import PgType, load_types
+from .types import PgType, arrow_type, load_types
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["ColumnFacts", "TableFacts", "load_table_facts"]
+__all__ = ["ColumnFacts", "TableFacts", "effective_key", "load_table_facts",
+           "unkeyable_columns"]
 
 # Relation kinds the facts cover: tables and partitioned tables (capturable), and views,
 # materialized views and foreign tables (listed by discovery as not capturable).
@@ -347,3 +349,19 @@ class _Index:
     replident: bool
     usable_unique: bool  # unique, valid, immediate, not partial, no expression
     key: tuple[int, ...]  # key attnums (INCLUDE columns left out)
+
+
+def effective_key(f: TableFacts, declared: Sequence[str] | None) -> tuple[str, ...]:
+    """The columns rows are keyed on: the declared `primary_key`, else the primary key, else
+    the replica identity index's columns; empty when there is none."""
+    if declared:
+        return tuple(declared)
+    if f.primary_key:
+        return f.primary_key
+    return f.identity_columns if f.replica_identity == "index" else ()
+
+
+def unkeyable_columns(f: TableFacts, key: Sequence[str]) -> list[ColumnFacts]:
+    """The key columns whose type rows cannot be keyed on (arrays: see `key_type_supported`)."""
+    cols = (f.column(name) for name in key)
+    return [c for c in cols if c is not None and not key_type_supported(arrow_type(c.pg_type))]

@@ -13,10 +13,11 @@ bulk when the batch is converted (see `packed.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,6 +42,16 @@ _INSERT = 0x49  # 'I'
 _NEW_TUPLE = 0x4E  # 'N'
 _STREAM_START = 0x53  # 'S'
 _STREAM_STOP = 0x45  # 'E'
+_RELATION = 0x52  # 'R'
+_STREAM_COMMIT = 0x63  # 'c': replays a streamed transaction, its Relation messages included
+
+# The primary key of a relation, in key order (pg_index.indkey order).
+_PRIMARY_KEY_SQL = (
+    "SELECT a.attname FROM pg_index i"
+    " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, pos)"
+    " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.pos"
+)
 
 
 class PostgresChanges:
@@ -63,6 +74,7 @@ class PostgresChanges:
         self._assembler = TransactionAssembler(self._spill)
         self._in_block = False  # between Stream Start and Stream Stop
         self._types: dict[int, PgType] = {}
+        self._primary_keys: dict[int, tuple[str, ...]] = {}  # relid -> key, for FULL tables
 
     def __enter__(self) -> PostgresChanges:
         try:
@@ -101,7 +113,10 @@ class PostgresChanges:
                 prefix = payload[:6]
                 run = [payload]
                 continue
-            yield from feed(payload)
+            if kind == _RELATION or kind == _STREAM_COMMIT:
+                yield from self._keyed(feed(payload))
+            else:
+                yield from feed(payload)
             # the assembler accepted it: follow its stream blocks (it raises on any misuse)
             if kind == _STREAM_START:
                 self._in_block = True
@@ -109,6 +124,31 @@ class PostgresChanges:
                 self._in_block = False
         if run is not None:
             yield _run(prefix, run)
+
+    def _keyed(self, events: Iterable[Event]) -> Iterator[Event]:
+        """Relations keyed on what identifies a row. Under REPLICA IDENTITY FULL pgoutput flags
+        every column as part of the identity, which is no key at all: an update of any column
+        would look like a new row, and NULLs would make rows unmatchable. Such a relation is
+        keyed on the table's primary key instead (when it has one; the old rows FULL sends are
+        complete, so they still carry it). Looked up once per relation and session."""
+        for event in events:
+            if type(event) is Relation and event.replica_identity == "full":
+                key = self._primary_key(event.relid)
+                if key:
+                    columns = tuple(dataclasses.replace(c, key=c.name in key)
+                                    for c in event.columns)
+                    event = dataclasses.replace(event, columns=columns)
+            yield event
+
+    def _primary_key(self, relid: int) -> tuple[str, ...]:
+        key = self._primary_keys.get(relid)
+        if key is None:
+            secrets = self.source.secrets()
+            with connect(self.source.dsn, secrets=secrets) as conn, \
+                    translate_errors(secrets=secrets, context="reading the primary key"):
+                rows = conn.execute(_PRIMARY_KEY_SQL, [relid]).fetchall()
+            key = self._primary_keys[relid] = tuple(r[0] for r in rows)
+        return key
 
     def set_flush_lsn(self, lsn: int) -> None:
         self._stream.set_flush_lsn(lsn)

@@ -31,7 +31,13 @@ from psycopg.rows import tuple_row
 from cdcengine.adapter import ColumnInfo, TableInfo
 from cdcengine.names import TableRef, case_collisions, is_engine_column
 
-from .catalog import ColumnFacts, TableFacts, load_table_facts
+from .catalog import (
+    ColumnFacts,
+    TableFacts,
+    effective_key,
+    load_table_facts,
+    unkeyable_columns,
+)
 from .types import arrow_type, delta_type_name, needs_timestamp_ntz
 
 if TYPE_CHECKING:
@@ -132,14 +138,7 @@ def table_info(
     declared = config.primary_key if config is not None else None
 
     # The key rows are merged on: a declared key, else the primary key, else the identity index.
-    if declared:
-        key: tuple[str, ...] = declared
-    elif f.primary_key:
-        key = f.primary_key
-    elif f.replica_identity == "index":
-        key = f.identity_columns
-    else:
-        key = ()
+    key = effective_key(f, declared)
     # `columns` selects what is captured; the key columns always are (SPEC §2).
     selected = (
         set(config.columns) | set(key)
@@ -174,6 +173,14 @@ def table_info(
     if capturable_kind:
         reasons.extend(_persistence_reasons(f, table_sql))
         reasons.extend(_column_reasons(f, config, selected))
+        unkeyable = unkeyable_columns(f, key)
+        if unkeyable:
+            listed = ", ".join(f"{c.name} ({c.type_text})" for c in unkeyable)
+            reasons.append(
+                f"keyed on {listed}, an array: rows cannot be matched on array values; key "
+                f"the table on scalar columns (e.g. add a bigint identity column with a unique "
+                f"index as replica identity and declare primary_key = [\"that column\"])"
+            )
         identity_reasons, identity_notes = _identity(f, declared, table_sql, conn)
         reasons.extend(identity_reasons)
         notes.extend(identity_notes)

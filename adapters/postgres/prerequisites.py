@@ -22,7 +22,12 @@ from cdcengine.adapter import Check, Severity
 from cdcengine.config import ManagementMode, SourceConfig, TableConfig
 from cdcengine.lag import effective_thresholds
 from cdcengine.names import TableRef, case_collisions, is_engine_column
-from cdcengine_postgres.catalog import TableFacts, load_table_facts
+from cdcengine_postgres.catalog import (
+    TableFacts,
+    effective_key,
+    load_table_facts,
+    unkeyable_columns,
+)
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import postgres_error
 from cdcengine_postgres.health import retention_cap_mb
@@ -423,6 +428,7 @@ def _key_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:
             add("primary_key", ERR, f"{name} has no primary key and no usable replica "
                 "identity.", hint)
 
+    out.extend(_key_type_checks(ctx, tc, f))
     if no_identity:
         add("replica_identity", ERR, f"{name} has no replica identity: once published, UPDATE "
             "and DELETE on it would fail for the application.",
@@ -434,6 +440,23 @@ def _key_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:
     else:
         out.extend(_published_table_checks(ctx, tc, f))
     return out
+
+
+def _key_type_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:
+    """Key columns the engine can group, look up and merge rows on (not arrays)."""
+    bad = unkeyable_columns(f, effective_key(f, tc.primary_key))
+    if not bad:
+        return []
+    q = ctx.q(tc.ref)
+    listed = ", ".join(f"{c.name} ({c.type_text})" for c in bad)
+    return [Check(
+        name="key_type", severity=ERR, table=tc.name,
+        message=f"{tc.name}: rows are keyed on {listed}, an array: rows cannot be matched on "
+                "array values (grouped, looked up, merged), so changes could not be applied.",
+        fix=(f"Key the table on scalar columns: ALTER TABLE {q} ADD COLUMN row_id bigint "
+             f"GENERATED ALWAYS AS IDENTITY; CREATE UNIQUE INDEX ON {q} (row_id); ALTER TABLE "
+             f"{q} REPLICA IDENTITY USING INDEX <that index>; then declare primary_key = "
+             f'["row_id"] under [source.table."{tc.name}"] — or leave the table out of tables.'))]
 
 
 def _published_table_checks(ctx: _Ctx, tc: TableConfig, f: TableFacts) -> list[Check]:

@@ -349,10 +349,16 @@ class Batcher:
 
     def _update(self, ev: Update) -> None:
         rel = self._relations.get(ev.relid)
-        if rel is None or ev.old is None or not rel.key_idx:
-            self._change(ev.relid, _OP_U, ev.new, from_update=True)
-            return
         old, new = ev.old, ev.new
+        if old is not None and not ev.old_is_key and UNCHANGED in new:
+            # REPLICA IDENTITY FULL sends the whole old row, TOASTed values included: an
+            # unchanged value is right there, no need to look it up in the Delta table. (A
+            # TOASTed value is never NULL: a None there means the old row lacks it after all.)
+            new = tuple(o if n is UNCHANGED and o is not None and o is not UNCHANGED else n
+                        for n, o in zip(new, old, strict=False))
+        if rel is None or old is None or not rel.key_idx:
+            self._change(ev.relid, _OP_U, new, from_update=True)
+            return
         if any(old[i] != new[i] and new[i] is not UNCHANGED for i in rel.key_idx):
             # the key changed: a delete of the old key, then an insert of the new row
             self._change(ev.relid, _OP_D, old)

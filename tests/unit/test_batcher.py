@@ -300,3 +300,19 @@ def test_a_key_change_keeps_the_unchanged_toast_mark_on_its_insert() -> None:
     assert t["_cdc_op"].to_pylist() == ["D", "I"]
     assert t["_cdc_unchanged"].to_pylist() == [None, ["big"]]
     assert t["big"].to_pylist() == [None, None]  # a placeholder, never the marker object
+
+
+def test_replica_identity_full_fills_unchanged_toast_from_the_whole_old_row() -> None:
+    """Under FULL the old row ('O') is complete, TOASTed values included: an update of another
+    column is a plain 'U' carrying the old TOASTed value, nothing left to resolve."""
+    b = make()
+    b.add(rel(cols=("id", "note", "big")))
+    txn(b, 1, 10, Update(relid=1, old=(b"1", b"old", b"x" * 9000),
+                         new=(b"1", b"new", UNCHANGED)))
+    batch = b.take()
+    assert batch is not None
+    t = batch.tables[ORDERS]
+    assert t["_cdc_op"].to_pylist() == ["U"]
+    assert t["big"].to_pylist() == ["x" * 9000]
+    assert t["note"].to_pylist() == ["new"]
+    assert "_cdc_unchanged" not in t.column_names or t["_cdc_unchanged"].to_pylist() == [None]

@@ -254,6 +254,15 @@ def append_lookup_keys(batch: pa.Table, key: Sequence[str]) -> pa.Table:
 # --- internals ---------------------------------------------------------------------------
 
 
+def key_type_supported(t: pa.DataType) -> bool:
+    """Can rows be keyed on a column of Arrow type `t`? Rows of a batch are grouped by key
+    (Arrow hash kernels), looked up by key in the stored table and matched by key in the Delta
+    MERGE; nested values (lists: PostgreSQL arrays; structs, maps) support none of that, so a
+    key holding one must be refused before any row is captured (the prerequisite checks use
+    this), never accepted and then stopped at the first change."""
+    return not pa.types.is_nested(t)
+
+
 def _check(batch: pa.Table, key: Sequence[str], *, require_key: bool) -> list[str]:
     keys = list(key)
     if require_key and not keys:
