@@ -113,7 +113,7 @@ class PostgresChanges:
                 prefix = payload[:6]
                 run = [payload]
                 continue
-            if kind == _RELATION or kind == _STREAM_COMMIT:
+            if kind in (_RELATION, _STREAM_COMMIT):
                 yield from self._keyed(feed(payload))
             else:
                 yield from feed(payload)
