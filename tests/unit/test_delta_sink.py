@@ -819,3 +819,20 @@ def test_truncate_in_the_change_log_is_one_t_row(sink: DeltaSink) -> None:
 def test_which_type_changes_are_widenings(stored: pa.DataType, incoming: pa.DataType,
                                           ok: bool) -> None:
     assert widens(stored, incoming) is ok
+
+
+def test_rows_with_several_null_key_columns_merge(sink: DeltaSink) -> None:
+    """A key of several nullable columns (REPLICA IDENTITY FULL with a declared key): rows with
+    two null key columns merge and match again (the null-safe terms once parsed as one boolean
+    expression, a planning error that failed the MERGE on every retry)."""
+    key = ["id", "v", "big"]
+    sink.write_consolidated(REF, changes([{"id": 1, "v": "a", "big": "b", "_cdc_op": "I"}], 10),
+                            key=key, version=10, hard_deletes=False)
+    sink.write_consolidated(REF, changes([{"id": 2, "v": None, "big": None, "_cdc_op": "I"},
+                                          {"id": 3, "v": None, "big": None, "_cdc_op": "I"}], 20),
+                            key=key, version=20, hard_deletes=False)
+    sink.write_consolidated(REF, changes([{"id": 2, "v": None, "big": None, "_cdc_op": "D"}], 30),
+                            key=key, version=30, hard_deletes=False)
+    rows = sorted(sink.read_table(REF, "consolidated").to_pylist(), key=lambda r: r["id"])
+    assert [(r["id"], r["v"], r["big"], r["_cdc_deleted"]) for r in rows] == [
+        (1, "a", "b", False), (2, None, None, True), (3, None, None, False)]

@@ -1672,7 +1672,10 @@ def _merge_predicate(source: pa.Table, keys: list[str], *, prune: bool = True) -
     for k in keys:
         q = quote_ident(k)
         if source.column(k).null_count:
-            terms.append(f"{t}.{q} IS NOT DISTINCT FROM {s}.{q}")
+            # parenthesised: DataFusion's parser reads `a IS NOT DISTINCT FROM b AND c IS NOT
+            # DISTINCT FROM d` as `a IS NOT DISTINCT FROM (b AND c) ...`, a planning error that
+            # failed every MERGE of a row with two null key columns
+            terms.append(f"({t}.{q} IS NOT DISTINCT FROM {s}.{q})")
         else:
             terms.append(f"{t}.{q} = {s}.{q}")
     if prune and len(keys) == 1 and source.num_rows:
