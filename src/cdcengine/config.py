@@ -24,7 +24,7 @@ from typing import Protocol
 
 from cdcengine.errors import ConfigError, UnknownSource
 from cdcengine.names import NameError_, TableRef, case_collisions, is_engine_column
-from cdcengine.secrets import dsn_password, mask_dsn, scrub
+from cdcengine.secrets import dsn_password, mask_dsn, option_secrets, scrub
 
 DEFAULT_CONFIG_PATH = "cdcengine.toml"
 DEFAULT_STATE_URL = "sqlite:///.cdcengine/state.db"
@@ -299,10 +299,7 @@ class SourceConfig:
                 out.append(pw)
         opts = self.destination_options
         if isinstance(opts, Mapping):
-            # flags and numbers (aws_conditional_put = "etag" stays, "true"/"30" are not secret)
-            out.extend(str(v) for v in opts.values()
-                       if len(str(v)) >= 4 and str(v).lower() not in ("true", "false")
-                       and not str(v).isdigit())
+            out.extend(option_secrets(opts))
         return tuple(out)
 
     def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:

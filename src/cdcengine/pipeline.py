@@ -93,6 +93,7 @@ class Pipeline:
         self.holding = threading.Event()
         self._runlog: RunLog
         self._seen: Registrations = {}  # the table registrations at the last look
+        self._stopped_refs: set[TableRef] = set()  # tables recorded as stopped
         # when the last change session started streaming (monotonic), for `good_session`
         self._streaming_since: float | None = None
 
@@ -149,6 +150,8 @@ class Pipeline:
             renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
             while not stop.is_set():
                 self._take_registrations(store)
+                self._stopped_refs = {TableRef.parse(t.name) for t in store.list_tables(src.name)
+                                      if t.state is TableState.STOPPED}
                 job = self._backfill(store, sink, stop)
                 if stop.is_set():
                     break
@@ -274,8 +277,11 @@ class Pipeline:
             raise job.error
 
     def _live(self, skip: set[TableRef]) -> dict[TableRef, TableConfig]:
-        """The tables a session streams: every Delta table of theirs loaded, not in `skip`."""
-        return {tc.ref: tc for tc in self.source.table_configs if tc.ref not in skip
+        """The tables a session streams: every Delta table of theirs loaded, not in `skip`, not
+        stopped (a stopped table stays out until a resync reloads it: streaming it again from
+        a later position would leave a gap nobody sees)."""
+        return {tc.ref: tc for tc in self.source.table_configs
+                if tc.ref not in skip and tc.ref not in self._stopped_refs
                 and all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
 
     def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:

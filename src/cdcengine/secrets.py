@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 MASK = "***"
 
@@ -79,6 +79,14 @@ def secret_variants(secret: str) -> set[str]:
         if ch == "%" and len(secret) - i >= 3:
             out.add(secret[i:])
     return {s for s in out if len(s) >= 3 or s == secret}
+
+
+def option_secrets(options: Mapping[str, object] | None) -> list[str]:
+    """The values of storage options that may be secret, for `scrub`: flags and numbers
+    (aws_conditional_put = "etag" stays, "true"/"30" are not secret) are left out."""
+    return [str(v) for v in (options or {}).values()
+            if len(str(v)) >= 4 and str(v).lower() not in ("true", "false")
+            and not str(v).isdigit()]
 
 
 def mask_dsn(dsn: str) -> str:

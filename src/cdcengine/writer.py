@@ -36,13 +36,19 @@ from cdcengine.config import TableConfig
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
-from cdcengine.sink.base import SinkSchemaError, TableKind, kinds_for
+from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.fold import data_columns
 
 log = structlog.get_logger("cdcengine.writer")
 
 Applied = dict[tuple[TableRef, TableKind], int]
+
+#: Pauses between in-place retries of one Delta table's commit before its failure is judged:
+#: a passing hiccup clears within them, a failure that stays is the table's or the destination's.
+TABLE_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
+#: The stop reason of a table whose rows the destination keeps refusing.
+TABLE_WRITE_FAILED = "table_write_failed"
 DefaultsFn = Callable[[TableRef, Sequence[str]], Mapping[str, ColumnDefault]]
 """What rows existing before an ADD COLUMN hold in it (`SourceAdapter.added_column_defaults`)."""
 
@@ -96,6 +102,7 @@ class BatchWriter:
         self._busy = 0  # batches submitted and not yet durable
         self._stopped: set[TableRef] = set()
         self._aborting = False
+        self._abort_wait = threading.Event()  # cuts a retry pause short on abort
         self._thread = threading.Thread(target=self._loop, name=f"writer-{source}", daemon=True)
 
     # ---- reader side ----------------------------------------------------------------------
@@ -162,6 +169,7 @@ class BatchWriter:
         moved on (a restart would replay those batches, cut differently). Never touches the
         source connection."""
         self._aborting = True
+        self._abort_wait.set()
         while True:
             try:
                 self._queue.get_nowait()
@@ -210,24 +218,11 @@ class BatchWriter:
                 if rows.num_rows == 0:
                     continue  # replayed after a restart: already in this Delta table
                 commit_started = time.monotonic()
-                try:
-                    if kind is TableKind.APPEND:
-                        # `both`: the consolidated table is written after this, so it
-                        # still holds the values as of before the batch
-                        self._sink.write_append(
-                            ref, rows, version=batch.version, key=batch.keys[ref],
-                            fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
-                    else:
-                        self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
-                                                      version=batch.version,
-                                                      hard_deletes=self._hard_deletes)
-                except SinkSchemaError as exc:
-                    # this table cannot take its changes (an incompatible type change): it
-                    # stops here, the others go on
+                refused = self._commit(ref, kind, rows, batch, kinds)
+                if refused is not None:
+                    # this table cannot take its changes: it stops here, the others go on
                     self._stopped.add(ref)
-                    stopped.append(StoppedTable(ref=ref, reason=str(exc.reason),
-                                                message=exc.message, remedy="resync the table",
-                                                lsn=batch.version))
+                    stopped.append(refused)
                     break
                 metrics.observe_commit(self._source, time.monotonic() - commit_started)
                 self._applied[(ref, kind)] = batch.version
@@ -260,6 +255,51 @@ class BatchWriter:
                  duration_ms=done.duration_ms)
         self._upkeep(touched)
         return done
+
+    def _commit(self, ref: TableRef, kind: TableKind, rows: pa.Table, batch: ChangeBatch,
+                kinds: Sequence[TableKind]) -> StoppedTable | None:
+        """Commit one Delta table's rows of the batch; a StoppedTable when the table must stop.
+
+        A schema the sink refuses stops the table at once. A failure that looks like the
+        table's own (`SinkWriteError.table_specific`: its rows or its statement refused) is
+        retried in place a few times (`TABLE_RETRY_PAUSES_S`), then stops the table alone, so
+        one table's deterministic failure never stalls the others; a failure of the destination
+        itself (storage, network, a conflict) is raised after the same retries and the source
+        retries it with backoff."""
+        pauses = iter(TABLE_RETRY_PAUSES_S)
+        while True:
+            try:
+                if kind is TableKind.APPEND:
+                    # `both`: the consolidated table is written after this, so it still holds
+                    # the values as of before the batch
+                    self._sink.write_append(
+                        ref, rows, version=batch.version, key=batch.keys[ref],
+                        fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
+                else:
+                    self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
+                                                  version=batch.version,
+                                                  hard_deletes=self._hard_deletes)
+                return None
+            except SinkSchemaError as exc:
+                return StoppedTable(ref=ref, reason=str(exc.reason), message=exc.message,
+                                    remedy="resync the table", lsn=batch.version)
+            except SinkWriteError as exc:
+                pause = next(pauses, None)
+                if pause is None or self._aborting:
+                    if not exc.table_specific or self._aborting:
+                        raise
+                    return StoppedTable(
+                        ref=ref, reason=TABLE_WRITE_FAILED,
+                        message=f"{exc.message}, {len(TABLE_RETRY_PAUSES_S) + 1} times: "
+                                f"{exc.detail}",
+                        remedy=f"fix what the destination refuses in the Delta {kind} table "
+                               f"of {ref.qualified} (see the message), then `cdcengine resync "
+                               f"--source {self._source} --table {ref.qualified}`",
+                        lsn=batch.version)
+                log.warning("table_write_retry", source=self._source, table=ref.qualified,
+                            kind=str(kind), table_specific=exc.table_specific,
+                            message=exc.message, detail=exc.detail, retry_in_s=pause)
+                self._abort_wait.wait(pause)
 
     def _added_columns(self, batch: ChangeBatch, ref: TableRef, tc: TableConfig,
                        table: pa.Table) -> tuple[pa.Table, StoppedTable | None]:

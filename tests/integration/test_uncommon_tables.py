@@ -152,3 +152,47 @@ def test_an_array_typed_key_is_refused_at_check_and_enable_with_the_fix(
         wait_for(lambda: sorted((tuple(r["a"]), r["b"]) for r in
                                 live(src, "public.t", ["row_id"]).values())
                  == [((3,), "y"), ((4,), "z")], timeout=60)
+
+
+def test_a_table_whose_rows_the_destination_refuses_stops_alone(db: Any, tmp_path: Path) -> None:
+    """One table's deterministic failure (its consolidated Delta table carries a CHECK
+    constraint the new rows violate) stops that table with its reason and remedy after a few
+    retries; the other table streams on and the slot advances past the refused transaction.
+    After the constraint is lifted, a resync loads the table exactly. (Before: the MERGE failed,
+    the source retried forever and every table of the source stalled.)"""
+    from deltalake import DeltaTable
+
+    db.execute("CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY);"
+               "INSERT INTO a VALUES (1, 1)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["a", "b"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    sink = DeltaSink(src.destination, source=src.name)
+    path = sink.path(TableRef.parse("a"), "consolidated")
+    with Running(src, state) as running:
+        wait_for(lambda: len(live(src, "public.a", ["id"])) == 1)
+        DeltaTable(path).alter.add_constraint({"n_positive": "n > 0"})
+        db.execute("INSERT INTO a VALUES (2, -1); INSERT INTO b VALUES (1)")
+        wait_for(lambda: _table_states(src, state).get("public.a") == str(TableState.STOPPED),
+                 timeout=60)
+        db.execute("INSERT INTO b VALUES (2); INSERT INTO a VALUES (3, 3)")
+        wait_for(lambda: set(live(src, "public.b", ["id"])) == {(1,), (2,)}, timeout=60)
+        assert running.error is None
+        # the slot moved past the refused transaction: the others are not held back by it
+        lsn = query(db.dsn, "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM "
+                            "pg_replication_slots WHERE slot_name = %s", [src.slot_name])[0][0]
+        assert lsn < 64 * 1024
+    with api.open_store(state) as store:
+        rec = next(t for t in store.list_tables(src.name) if t.name == "public.a")
+    assert rec.reason is not None and rec.reason.startswith("table_write_failed")
+    assert "failed validation check" in rec.reason  # the destination's own words
+    assert rec.remedy is not None and "cdcengine resync" in rec.remedy
+    assert set(live(src, "public.a", ["id"])) == {(1,)}  # nothing half-applied
+    # lift the constraint, resync: the table is exact again, and streams on
+    DeltaTable(path).alter.drop_constraint("n_positive")
+    api.resync_table(src, "public.a", state=state)
+    with Running(src, state):
+        wait_for(lambda: _in_sync(src, db, "public.a", ["id", "n"], ["id"]), timeout=60)
+        db.execute("UPDATE a SET n = 5 WHERE id = 1")
+        wait_for(lambda: _in_sync(src, db, "public.a", ["id", "n"], ["id"]), timeout=60)
+    assert _table_states(src, state)["public.a"] == str(TableState.STREAMING)

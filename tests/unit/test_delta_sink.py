@@ -12,11 +12,12 @@ import duckdb
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from cdcengine.config import TableMode
 from cdcengine.names import TableRef
 from cdcengine.sink import CommitResult, Sink, SinkSchemaError, SinkWriteError, TableKind, TableSpec
-from cdcengine.sink.delta import DeltaMaintenance, DeltaSink, widens
+from cdcengine.sink.delta import DeltaMaintenance, DeltaSink, _table_specific, widens
 
 REF = TableRef("public", "orders")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -836,3 +837,24 @@ def test_rows_with_several_null_key_columns_merge(sink: DeltaSink) -> None:
     rows = sorted(sink.read_table(REF, "consolidated").to_pylist(), key=lambda r: r["id"])
     assert [(r["id"], r["v"], r["big"], r["_cdc_deleted"]) for r in rows] == [
         (1, "a", "b", False), (2, None, None, True), (3, None, None, False)]
+
+
+@pytest.mark.parametrize(("exc", "own"), [
+    (OSError(28, "No space left on device"), False),
+    (PermissionError(13, "Permission denied"), False),
+    (DeltaError("Generic DeltaTable error: Object at location /x/_delta_log/5.json not found"),
+     False),
+    (DeltaError("Failed to read delta log object: Generic LocalFileSystem error: Unable to "
+                "open file /x: Read-only file system (os error 30)"), False),
+    (DeltaError("Generic S3 error: Error performing put request: SlowDown"), False),
+    (CommitFailedError("Transaction failed: version 7 already exists"), False),
+    (DeltaError("Generic DeltaTable error: External error: Invalid data found: 1 rows failed "
+                "validation check."), True),
+    (DeltaError("Generic DeltaTable error: type_coercion\ncaused by\nError during planning: "
+                "Cannot infer common argument type"), True),
+])
+def test_a_failure_of_the_destination_never_counts_as_the_tables_own(
+        exc: BaseException, own: bool) -> None:
+    """Only a table's own failure may stop that table (after retries); storage, network and
+    commit conflicts are the destination's: the source retries them and no table stops."""
+    assert _table_specific(exc) is own

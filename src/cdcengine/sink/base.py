@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -178,9 +178,22 @@ class SinkWriteError(CDCError):
 
     Retryable: retry the same `write` with the same batch and version; the applied-version check
     makes that safe. The original exception is chained as `__cause__`.
+
+    `table_specific`: the failure looks like this table's own (the engine refused the table's
+    data or statement: a planning or execution error, a constraint the rows violate), not the
+    destination's (I/O, object store, network, a commit conflict). A table-specific failure
+    that persists through a few retries stops that table alone (the writer decides); the
+    destination's failures are retried by the source with backoff. `detail` is the first line
+    of the destination's message, secrets scrubbed, for the table's stop reason.
     """
 
     default_reason = Reason.DESTINATION_FAILED
+
+    def __init__(self, message: str | None = None, *, table_specific: bool = False,
+                 detail: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.table_specific = table_specific
+        self.detail = detail
 
 
 class Sink(Protocol):

@@ -32,6 +32,7 @@ table that no reader can open (no protocol upgrade), `alter.add_columns` upgrade
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,11 +45,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import structlog
 from deltalake import CommitProperties, DeltaTable, Field, Transaction, write_deltalake
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from cdcengine.config import SourceConfig, TableMode
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef, is_engine_column
+from cdcengine.secrets import option_secrets, scrub
 from cdcengine.sink.base import (
     CommitResult,
     MaintenanceResult,
@@ -1006,7 +1008,9 @@ class DeltaSink:
         except (DeltaError, OSError) as exc:
             self._tables.pop(path, None)
             raise SinkWriteError(
-                f"Delta {kind} table of {ref} failed ({type(exc).__name__})"
+                f"Delta {kind} table of {ref} failed ({type(exc).__name__})",
+                table_specific=_table_specific(exc),
+                detail=_first_line(exc, self._storage_options),
             ) from exc
         except pa.ArrowException as exc:
             self._tables.pop(path, None)
@@ -1662,6 +1666,29 @@ def _after_last_truncate(batch: pa.Table) -> tuple[pa.Table, _Truncate | None]:
     at = batch.column(COMMITTED_AT)[last].cast(pa.int64()).as_py()
     lsn = batch.column(LSN)[last].as_py()
     return batch.slice(last + 1), _Truncate(lsn=lsn, committed_at_us=at)
+
+
+# Words of a failure of the destination itself (storage, network, a concurrent commit), not of
+# one table's data: such a failure is retried by the source, never stops a table.
+_DESTINATION_FAILURE = re.compile(
+    r"object.?store|i/?o error|\bio\b|no space|disk|quota|permission|denied|read-only|"
+    r"readonly|connect|timed? ?out|timeout|network|dns|http|s3|gcs|azure|throttl|slow ?down|"
+    r"too many|broken pipe|reset by peer|not found|no such file|version \d+ already exists|"
+    r"conflict|concurrent|transaction",
+    re.IGNORECASE)
+
+
+def _first_line(exc: BaseException, options: Mapping[str, str] | None) -> str:
+    """The first line of a destination's message, credentials scrubbed, at most 300 chars."""
+    lines = str(exc).strip().splitlines()
+    return scrub(lines[0][:300], option_secrets(options)) if lines else ""
+
+
+def _table_specific(exc: BaseException) -> bool:
+    """Does a Delta failure look like the table's own (its data or statement refused)?"""
+    if isinstance(exc, (OSError, CommitFailedError)):
+        return False
+    return not _DESTINATION_FAILURE.search(str(exc))
 
 
 def _merge_predicate(source: pa.Table, keys: list[str], *, prune: bool = True) -> str:
