@@ -133,9 +133,15 @@ _AUTH = (
     "no pg_hba.conf entry",
     "pg_hba.conf rejects",
 )
-# A pg_hba.conf rejection that is about encryption, not identity: PG 14+ appends ", no encryption"
-# (older servers ", SSL off") when only `hostssl` lines would match.
-_HBA_SSL = ("no encryption", "ssl off")
+# What a pg_hba.conf rejection says about the attempt (PG 14+: ", SSL encryption" / ", GSS
+# encryption" / ", no encryption"; older servers ", SSL on" / ", SSL off"). It is appended to
+# *every* rejection, so it says which attempt was refused, never that SSL would have been let in.
+_HBA_WITH_SSL = ("ssl encryption", "ssl on")
+_HBA_WITHOUT_SSL = ("no encryption", "ssl off")
+_NO_SERVER_SSL = "server does not support ssl"
+_HBA_FIX = ("Add a line for this client address, user and database to the server's pg_hba.conf "
+            "(`host` accepts connections with and without SSL, `hostssl` only with SSL) and "
+            "reload it (SELECT pg_reload_conf()).")
 _SSL = (
     "ssl is required",
     "server does not support ssl",
@@ -251,7 +257,7 @@ def _classify_server(exc: psycopg.Error, state: str) -> Reason | None:
     if state == "3D000":
         return Reason.DATABASE_MISSING
     if state.startswith("28"):  # 28000 invalid_authorization_specification, 28P01 invalid_password
-        return Reason.SSL_REQUIRED if _has(primary, _HBA_SSL) else Reason.AUTH_FAILED
+        return Reason.AUTH_FAILED
     if state in _CONNECTION_STATES or (state.startswith("08") and state != "08P01"):
         return Reason.CONNECTION_FAILED
     return None
@@ -278,8 +284,6 @@ def _classify_client(exc: psycopg.Error) -> Reason | None:
         return Reason.DATABASE_MISSING
     if 'role "' in text and "does not exist" in text:
         return Reason.AUTH_FAILED
-    if "no pg_hba.conf entry" in text and _has(text, _HBA_SSL):
-        return Reason.SSL_REQUIRED
     if _has(text, _AUTH):
         return Reason.AUTH_FAILED
     if _has(text, _SSL):
@@ -325,11 +329,37 @@ def _safe_context(context: str | None, secrets: Iterable[str]) -> str | None:
     return scrub(context, secrets)[:MAX_MESSAGE_CHARS]
 
 
-def _make(reason: Reason, context: str | None) -> CDCError:
-    message = POLICY[reason].message
+def _make(reason: Reason, context: str | None, exc: BaseException | None = None) -> CDCError:
+    message, fix = _specific(reason, exc) or (POLICY[reason].message, None)
     if context:
         message = _truncate(f"{context}: {message}")
-    return error_class_for(reason)(message, reason=reason)
+    return error_class_for(reason)(message, reason=reason, fix=fix)
+
+
+def _specific(reason: Reason, exc: BaseException | None) -> tuple[str, str] | None:
+    """A message and fix more exact than the reason's, where the server's words allow: a
+    pg_hba.conf rejection names the attempts refused, and "the server does not support SSL"
+    needs the opposite fix of "SSL is required". (Static texts: no driver text is shown.)"""
+    if exc is None:
+        return None
+    text = str(exc).lower()
+    if reason is Reason.AUTH_FAILED and "no pg_hba.conf entry" in text:
+        with_ssl, without = _has(text, _HBA_WITH_SSL), _has(text, _HBA_WITHOUT_SSL)
+        if with_ssl and without:
+            tried = " (tried with and without SSL)"
+        elif with_ssl:
+            tried = " for a connection with SSL"
+        elif without:
+            tried = " for a connection without SSL"
+        else:
+            tried = ""
+        return (f"The server's pg_hba.conf has no entry for this client address, user and "
+                f"database{tried}.", _HBA_FIX)
+    if reason is Reason.SSL_REQUIRED and _NO_SERVER_SSL in text:
+        return ("The dsn requires SSL (sslmode=require or stronger), but the server does not "
+                "support SSL.", "Turn SSL on at the server (ssl = on with a certificate and "
+                "key), or, on a trusted network only, connect with sslmode=prefer.")
+    return None
 
 
 def _truncate(text: str) -> str:
@@ -338,7 +368,7 @@ def _truncate(text: str) -> str:
     return text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
-def _find(exc: BaseException) -> CDCError | Reason | None:
+def _find(exc: BaseException) -> CDCError | tuple[Reason, psycopg.Error] | None:
     """The first `CDCError` or recognised psycopg exception in the chain, outermost first."""
     for cur in iter_chain(exc):
         if isinstance(cur, CDCError):
@@ -346,7 +376,7 @@ def _find(exc: BaseException) -> CDCError | Reason | None:
         if isinstance(cur, psycopg.Error):
             reason = _classify_one(cur)
             if reason is not None:
-                return reason
+                return reason, cur
     return None
 
 
@@ -361,7 +391,7 @@ def classify_postgres_error(exc: BaseException) -> CDCError | None:
     found = _find(exc)
     if found is None or isinstance(found, CDCError):
         return found
-    return _make(found, None)
+    return _make(found[0], None, found[1])
 
 
 def postgres_error(
@@ -382,7 +412,7 @@ def postgres_error(
     if isinstance(found, CDCError):
         return found
     if found is not None:
-        return _make(found, ctx)
+        return _make(found[0], ctx, found[1])
     sqlstate = getattr(exc, "sqlstate", None)
     summary = type(exc).__name__ + (f" {sqlstate}" if isinstance(sqlstate, str) else "")
     prefix = ctx or POLICY[Reason.UNKNOWN].message.rstrip(".")

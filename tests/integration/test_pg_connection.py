@@ -275,3 +275,28 @@ def test_load_types_ignores_unknown_oids(db: ScratchDatabase) -> None:
 def test_quote_ident() -> None:
     assert quote_ident("cdc") == '"cdc"'
     assert quote_ident('we"ird') == '"we""ird"'
+
+
+@pytest.mark.slow
+def test_no_pg_hba_entry_is_an_access_problem_not_ssl(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A server whose pg_hba.conf has no line for the client: PostgreSQL 14+ says "..., no
+    encryption", which once made the engine advise adding sslmode=require (issue 13). The
+    answer names pg_hba.conf; with sslmode=require against this server (no SSL) it says that
+    the server does not support SSL instead of advising the sslmode that is already there."""
+    cluster = make_cluster()
+    (cluster.data_dir / "pg_hba.conf").write_text("local all all trust\n")
+    cluster.stop()
+    cluster.start()
+    dsn = cluster.dsn("postgres")
+    with pytest.raises(SourceUnreachable) as info:
+        connect(dsn)
+    err = info.value
+    assert err.reason is Reason.AUTH_FAILED
+    assert "pg_hba.conf" in err.message and "without SSL" in err.message
+    assert "pg_hba.conf" in err.fix and "sslmode" not in err.fix
+    assert cluster.password not in " ".join(_all_texts(err))
+    with pytest.raises(SourceUnreachable) as info:
+        connect(_with_param(dsn, "sslmode", "require"))
+    assert info.value.reason is Reason.SSL_REQUIRED
+    assert "does not support SSL" in info.value.message
+    assert "Add sslmode=require" not in info.value.fix

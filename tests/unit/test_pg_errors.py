@@ -124,7 +124,7 @@ MATRIX: list[tuple[str, BaseException, Reason]] = [
         pge.InvalidAuthorizationSpecification(
             'no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", no encryption'
         ),
-        Reason.SSL_REQUIRED,
+        Reason.AUTH_FAILED,
     ),
     (
         "admin_shutdown",
@@ -191,7 +191,7 @@ MATRIX: list[tuple[str, BaseException, Reason]] = [
             CONN + 'FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", '
             "SSL off"
         ),
-        Reason.SSL_REQUIRED,
+        Reason.AUTH_FAILED,
     ),
     (
         "hba_no_encryption",
@@ -199,7 +199,7 @@ MATRIX: list[tuple[str, BaseException, Reason]] = [
             CONN + 'FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", '
             "no encryption"
         ),
-        Reason.SSL_REQUIRED,
+        Reason.AUTH_FAILED,
     ),
     (
         "server_no_ssl",
@@ -338,7 +338,12 @@ def test_classification_matrix(exc: BaseException, reason: Reason) -> None:
     assert err is not None
     assert err.reason is reason
     assert err.retryable is POLICY[reason].retryable
-    assert err.message == POLICY[reason].message
+    # static text: the reason's, or for pg_hba and no-SSL-server rejections a more exact one
+    text = str(exc).lower()
+    if "pg_hba.conf" in text or "does not support ssl" in text:
+        assert "pg_hba.conf" in err.message or "does not support SSL" in err.message
+    else:
+        assert err.message == POLICY[reason].message
     assert isinstance(err, error_class_for(reason))
 
 
@@ -604,3 +609,30 @@ def test_psycopg_name_resolution_failure_is_host_unreachable() -> None:
     err = classify_postgres_error(exc)
     assert err is not None
     assert err.reason is Reason.HOST_UNREACHABLE
+
+
+@pytest.mark.parametrize(("text", "tried"), [
+    ('no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", no encryption',
+     "without SSL"),
+    ('no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", SSL encryption',
+     "with SSL"),
+    ('no pg_hba.conf entry for host "10.0.0.1", user "cdc", database "shop", SSL encryption\n'
+     'connection to server failed: FATAL:  no pg_hba.conf entry for host "10.0.0.1", user '
+     '"cdc", database "shop", no encryption', "with and without SSL"),
+])
+def test_a_missing_pg_hba_entry_is_not_an_ssl_problem(text: str, tried: str) -> None:
+    """PG 14+ appends the attempt's encryption to *every* rejection: ", no encryption" says
+    which attempt was refused, not that SSL would help (issue 13)."""
+    err = classify_postgres_error(psycopg.OperationalError(CONN + "FATAL:  " + text))
+    assert err is not None and err.reason is Reason.AUTH_FAILED
+    assert "pg_hba.conf" in err.message and tried in err.message
+    assert "pg_hba.conf" in err.fix and "sslmode" not in err.fix
+    assert "10.0.0.1" not in err.message  # static text only
+
+
+def test_sslmode_require_against_a_server_without_ssl_says_so() -> None:
+    err = classify_postgres_error(psycopg.OperationalError(
+        CONN + "server does not support SSL, but SSL was required"))
+    assert err is not None and err.reason is Reason.SSL_REQUIRED
+    assert "does not support SSL" in err.message
+    assert "Add sslmode=require" not in err.fix and "ssl = on" in err.fix
