@@ -24,7 +24,14 @@ from typing import Protocol
 
 from cdcengine.errors import ConfigError, UnknownSource
 from cdcengine.names import NameError_, TableRef, case_collisions, is_engine_column
-from cdcengine.secrets import dsn_password, mask_dsn, option_secrets, scrub
+from cdcengine.secrets import (
+    UNPARSEABLE_DSN,
+    display_dsn,
+    dsn_password,
+    mask_dsn,
+    option_secrets,
+    scrub,
+)
 
 DEFAULT_CONFIG_PATH = "cdcengine.toml"
 DEFAULT_STATE_URL = "sqlite:///.cdcengine/state.db"
@@ -153,6 +160,11 @@ class SourceConfig:
         if not isinstance(self.dsn, str) or not self.dsn.strip():
             raise fail("dsn", "must be a non-empty connection string such as "
                        "postgresql://user:password@host:5432/dbname")
+        if display_dsn(self.dsn) == UNPARSEABLE_DSN:
+            # not shown: a mistyped dsn may hold the password where no password belongs
+            raise fail("dsn", "is not a connection string (not shown: it may hold a password): "
+                       "write postgresql://user:password@host:5432/dbname (is the '@' before "
+                       "the host missing?) or key=value pairs such as host=… dbname=…")
         tables = self.tables
         if isinstance(tables, str) or not isinstance(tables, list | tuple) or not tables:
             raise fail("tables", 'must be a non-empty list of table names like ["public.orders"]')
@@ -316,7 +328,7 @@ class SourceConfig:
 
     @property
     def masked_dsn(self) -> str:
-        return mask_dsn(self.dsn)
+        return display_dsn(self.dsn)
 
     def setting_origin(self, key: str) -> str:
         """Where a tuning key's file/default value came from: 'default', a file or env var."""

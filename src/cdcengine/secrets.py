@@ -89,6 +89,37 @@ def option_secrets(options: Mapping[str, object] | None) -> list[str]:
             and not str(v).isdigit()]
 
 
+# libpq's key/value form: `key = value` pairs, values bare or single-quoted (with \' escapes)
+_KV_DSN = re.compile(r"\s*(?:[A-Za-z_][A-Za-z0-9_]*\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']+)\s*)+")
+_URL_DSN = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# the hosts of a URL without userinfo: host[:port] or [v6][:port], comma-separated
+_URL_HOSTS = re.compile(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[^:,@\[\]/?#]*)(?::\d{0,5})?)"
+                        r"(?:,(?:\[[0-9A-Fa-f:.]+\]|[^:,@\[\]/?#]*)(?::\d{0,5})?)*")
+UNPARSEABLE_DSN = "*** (not a parseable dsn: hidden whole)"
+
+
+def display_dsn(dsn: str) -> str:
+    """A dsn fit to print in `check`, `status` and logs: its password masked, and a dsn that is
+    not parseable as one masked whole. A mistyped dsn may hold the password where no password
+    belongs (`postgresql://u:pw127.0.0.1/db`, the `@` forgotten, reads as host `u`, port
+    `pw127…`), or be nothing but the password (`dsn = "pw"`): printing it "with the password
+    masked" would print the password. Never raises."""
+    if not isinstance(dsn, str):
+        return UNPARSEABLE_DSN
+    text = dsn.strip()
+    if not text:
+        return ""
+    if _URL_DSN.match(text):
+        rest = text[_URL_DSN.match(text).end():]  # type: ignore[union-attr]
+        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        if "@" not in netloc and not _URL_HOSTS.fullmatch(netloc):
+            return UNPARSEABLE_DSN
+        return mask_dsn(text)
+    if _KV_DSN.fullmatch(text):
+        return mask_dsn(text)
+    return UNPARSEABLE_DSN
+
+
 def mask_dsn(dsn: str) -> str:
     """A dsn fit to print: the password replaced by `***`. Never raises."""
     masked = dsn

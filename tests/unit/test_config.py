@@ -791,3 +791,14 @@ def test_env_dsn_secret_never_in_messages(write: Callable[..., Path]) -> None:
     msg = load_refused(write(MINIMAL), env)
     assert "zzword" not in msg
     assert "CDCENGINE__SHOP__SLOT_NAME" in msg
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:pw-Secret127.0.0.1:5432/db", "pw-Secret"])
+def test_a_dsn_that_is_not_one_is_refused_without_being_shown(dsn: str) -> None:
+    """A mistyped dsn (the '@' forgotten) or a bare password: refused at config with how to
+    write one, and never echoed (issue 13: `check` printed it as the source's header)."""
+    with pytest.raises(ConfigError) as info:
+        source(dsn=dsn)
+    text = str(info.value) + repr(info.value) + info.value.message
+    assert "pw-Secret" not in text
+    assert "dsn" in info.value.message and "@" in info.value.message

@@ -6,7 +6,15 @@ import urllib.parse
 
 import pytest
 
-from cdcengine.secrets import MASK, dsn_password, mask_dsn, scrub, secret_variants
+from cdcengine.secrets import (
+    MASK,
+    UNPARSEABLE_DSN,
+    display_dsn,
+    dsn_password,
+    mask_dsn,
+    scrub,
+    secret_variants,
+)
 
 # ---- mask_dsn --------------------------------------------------------------------------------
 
@@ -165,3 +173,29 @@ def test_secret_variants() -> None:
     # short fragments would mask unrelated text; the secret itself is always kept
     assert secret_variants("ab") >= {"ab"}
     assert "%z" not in secret_variants("xy%z")
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://u:pw127.0.0.1:5432/db",  # the '@' forgotten: "pw127.0.0.1" reads as a port
+    "pw",  # nothing but the password
+    "host=h Secret-pw",  # a bare word among the pairs
+    "postgres://u:pw/db",
+])
+def test_a_dsn_that_does_not_parse_is_hidden_whole(dsn: str) -> None:
+    shown = display_dsn(dsn)
+    assert shown == UNPARSEABLE_DSN
+    assert "pw" not in shown.replace("parseable", "")
+
+
+@pytest.mark.parametrize(("dsn", "shown"), [
+    ("postgresql://u:secret@h:5432/db", "postgresql://u:***@h:5432/db"),
+    ("postgresql://h1:5432,h2:5433/db?sslmode=require",
+     "postgresql://h1:5432,h2:5433/db?sslmode=require"),
+    ("postgresql://[::1]:5432/db", "postgresql://[::1]:5432/db"),
+    ("postgresql:///db?host=/tmp", "postgresql:///db?host=/tmp"),
+    ("host=h port=5432 user=u password=secret dbname=d",
+     "host=h port=5432 user=u password=*** dbname=d"),
+    ("host = h password = 'a b'", "host = h password = ***"),
+])
+def test_a_parseable_dsn_is_shown_with_its_password_masked(dsn: str, shown: str) -> None:
+    assert display_dsn(dsn) == shown
