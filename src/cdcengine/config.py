@@ -164,7 +164,8 @@ class SourceConfig:
             # not shown: a mistyped dsn may hold the password where no password belongs
             raise fail("dsn", "is not a connection string (not shown: it may hold a password): "
                        "write postgresql://user:password@host:5432/dbname (is the '@' before "
-                       "the host missing?) or key=value pairs such as host=… dbname=…")
+                       "the host missing? percent-encode / ? # @ : in a password, e.g. / as "
+                       "%2F) or key=value pairs such as host=… dbname=…")
         tables = self.tables
         if isinstance(tables, str) or not isinstance(tables, list | tuple) or not tables:
             raise fail("tables", 'must be a non-empty list of table names like ["public.orders"]')

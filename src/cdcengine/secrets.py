@@ -111,8 +111,10 @@ def display_dsn(dsn: str) -> str:
         return ""
     if _URL_DSN.match(text):
         rest = text[_URL_DSN.match(text).end():]  # type: ignore[union-attr]
-        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-        if "@" not in netloc and not _URL_HOSTS.fullmatch(netloc):
+        # libpq looks for the user's '@' up to the first '/': a raw '?' or '#' in a password is
+        # still inside it; without one, what precedes '/' or '?' must be host[:port] list
+        authority = rest.split("/", 1)[0]
+        if "@" not in authority and not _URL_HOSTS.fullmatch(authority.split("?", 1)[0]):
             return UNPARSEABLE_DSN
         return mask_dsn(text)
     if _KV_DSN.fullmatch(text):
