@@ -19,7 +19,13 @@ from datetime import datetime
 import structlog
 
 from cdcengine.adapter import Check, HealthProbe, PublicationInfo, SlotInfo, TableInfo
-from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig, TableConfig
+from cdcengine.config import (
+    DEFAULT_STATE_URL,
+    MAX_THRESHOLD_MB,
+    SETTINGS_KEYS,
+    SourceConfig,
+    TableConfig,
+)
 from cdcengine.errors import (
     CDCError,
     ConfigError,
@@ -417,6 +423,9 @@ def update_cdc_settings(
             raise ConfigError(f"settings: {key} must be an integer (got {value!r})")
         elif value < 1:
             raise ConfigError(f"settings: {key} must be >= 1 (got {value})")
+        elif value > MAX_THRESHOLD_MB:
+            raise ConfigError(f"settings: {key} must be at most {MAX_THRESHOLD_MB} (1 PiB; got "
+                              f"{value})")
     with open_store(state) as store, _lease_unless_daemon(store, source.name, "settings"):
         rec = store.get_source(source.name)
         if not (rec and rec.enabled):

@@ -87,6 +87,9 @@ _ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "http_host":
                                 "log_format": "str"}
 _TABLE_KEYS = ("mode", "columns", "primary_key")
 SETTINGS_KEYS = ("auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb")
+#: The largest lag threshold (1 PiB of retained WAL, in MB): beyond it a threshold means "never"
+#: and would overflow the byte arithmetic and the state store's 64-bit integers.
+MAX_THRESHOLD_MB = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +215,10 @@ class SourceConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise fail(key, f"must be an integer >= 1 (got {value!r})")
+        for key in ("lag_warning_threshold_mb", "lag_critical_threshold_mb"):
+            if getattr(self, key) > MAX_THRESHOLD_MB:
+                raise fail(key, f"must be at most {MAX_THRESHOLD_MB} (1 PiB; got "
+                                f"{getattr(self, key)})")
         for key in ("maintenance_interval_s", "vacuum_retention_hours"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -83,6 +83,8 @@ class Untouchable:
     # one bad key spoils the call, even beside good ones
     ({"auto_drop_slot": False, "lag_warning_threshold_mb": 0}, ["lag_warning_threshold_mb"]),
     ({"auto_drop_slot": False, "slot_name": "x"}, ["'slot_name'"]),
+    ({"lag_critical_threshold_mb": 99999999999999999999999}, ["at most", "1 PiB"]),
+    ({"lag_warning_threshold_mb": 9223372036854775807}, ["at most"]),
 ])
 def test_invalid_input_refused_before_the_store(
     changes: dict[str, object], needles: list[str]
@@ -272,3 +274,10 @@ def test_state_given_as_url(tmp_path: Path) -> None:
     assert result.changed == ("lag_warning_threshold_mb",)
     with open_state(url) as s:
         assert overrides(s) == {"lag_warning_threshold_mb": 7}
+
+
+@pytest.mark.parametrize("key", ["lag_warning_threshold_mb", "lag_critical_threshold_mb"])
+def test_a_threshold_beyond_any_disk_is_refused_at_config(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_source(**{key: 9223372036854775807})
+    assert key in info.value.message and "at most" in info.value.message
