@@ -605,4 +605,30 @@ def load_config(
         if isinstance(raw.get("tables"), list):
             raw["tables"] = tuple(raw["tables"])
         sources.append(SourceConfig(provenance=prov, origin=origin, **raw))  # type: ignore[arg-type]
+    check_sources_apart(sources, label)
     return Config(engine=engine, sources=tuple(sources), path=cfg_path_opt)
+
+
+def check_sources_apart(sources: Sequence[SourceConfig], label: str = "config") -> None:
+    """Sources of one install never share a slot, a publication or a Delta table: two streams
+    on one slot steal each other's changes, and two writers of one Delta table fight over its
+    commits (each one's progress is its own transaction id) -- refused here, before anything
+    runs, rather than failing later with a commit conflict or "this install did not create it"."""
+    owners: dict[tuple[str, str], str] = {}
+    for src in sources:
+        claims = [("slot_name", src.slot_name), ("publication_name", src.publication_name)]
+        for tc in src.table_configs:
+            if tc.mode.writes_consolidated:
+                claims.append(("Delta table", src.destination.rstrip("/")
+                               + tc.ref.delta_path("")))
+            if tc.mode.writes_append:
+                claims.append(("Delta table", src.destination.rstrip("/")
+                               + tc.ref.delta_path("", append=True)))
+        for what, value in claims:
+            key = (what, value.lower() if what == "Delta table" else value)
+            other = owners.setdefault(key, src.name)
+            if other != src.name:
+                fix = ("give one of them its own destination (or leave the table out of one)"
+                       if what == "Delta table" else f"set a distinct {what} for one of them")
+                raise ConfigError(f"{label}: sources {other!r} and {src.name!r} share the "
+                                  f"{what} {value}: {fix}")

@@ -802,3 +802,32 @@ def test_a_dsn_that_is_not_one_is_refused_without_being_shown(dsn: str) -> None:
     text = str(info.value) + repr(info.value) + info.value.message
     assert "pw-Secret" not in text
     assert "dsn" in info.value.message and "@" in info.value.message
+
+
+@pytest.mark.parametrize(("second", "needle"), [
+    ('slot_name = "shared_slot"', "slot_name shared_slot"),
+    ('publication_name = "shared_pub"', "publication_name shared_pub"),
+    ('destination = "./lake"', "Delta table"),
+])
+def test_two_sources_never_share_a_slot_a_publication_or_a_delta_table(
+        write: Callable[..., Path], second: str, needle: str) -> None:
+    first = {"slot_name": 'slot_name = "shared_slot"',
+             "publication_name": 'publication_name = "shared_pub"',
+             "destination": ""}[second.split(" ")[0]]
+    text = textwrap.dedent(f"""
+        [[source]]
+        name = "a"
+        dsn = "postgresql://u:pw@h1/db"
+        tables = ["public.orders"]
+        destination = "./lake"
+        {first}
+        [[source]]
+        name = "b"
+        dsn = "postgresql://u:pw@h2/db"
+        tables = ["public.orders"]
+        {second if second.startswith("destination") else 'destination = "./other"'}
+        {"" if second.startswith("destination") else second}
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(text), environ={})
+    assert needle in info.value.message and "'a'" in info.value.message
