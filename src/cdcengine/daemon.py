@@ -39,7 +39,12 @@ class DaemonResult:
 
     @property
     def exit_code(self) -> int:
-        failed = any(o.error is not None for o in self.outcomes)
+        """1 when a source failed; a requested stop while a source waits for `resume` (paused:
+        credentials or a privilege to fix, nothing lost) is a normal end, 0 (SPEC §3). A broken
+        source never ends 0."""
+        failed = any(o.error is not None
+                     and not (self.requested_stop and o.waiting == "resume")
+                     for o in self.outcomes)
         return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cdc_util import source_for
 from test_pipeline import live_rows, wait_for
 
@@ -112,3 +113,37 @@ def test_a_slot_dropped_while_streaming_breaks_the_source_and_the_daemon_waits(
     assert status.state == "broken"
     assert status.broken is not None and status.broken.reason == "slot_missing"
     assert "repair" in (status.broken.message + err)
+
+
+def test_a_requested_stop_while_a_source_is_paused_exits_0(db, tmp_path: Path) -> None:
+    """The source's password changed under the daemon: it is paused (auth_failed), waits for
+    `resume`, loses nothing; SIGTERM then is a normal end (SPEC §3: exit 0), not a failure."""
+    if db.server.host.startswith("/"):
+        pytest.skip("the test server is reached over a unix socket; its auth method is unknown")
+    db.execute("CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'a')")
+    role, dsn = db.create_role(password="Before-Pw-1", superuser=True)
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(dsn, tmp_path, ["items"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    cfg = write_config(tmp_path, src, state)
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+                            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: set(live_rows(src, "items")) == {1}, timeout=60)
+        db.execute(f'ALTER ROLE "{role}" PASSWORD \'After-Pw-2\'')
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                   [role])
+
+        def paused() -> bool:
+            with api.open_store(state) as store:
+                rec = store.get_source(src.name)
+            return rec is not None and rec.paused is not None
+
+        wait_for(paused, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert "auth_failed" in err
+    assert proc.returncode == 0, err[-3000:]
+    assert "Before-Pw-1" not in err + out
