@@ -634,7 +634,7 @@ def verify(
 
     return VerifyResult(source=source.name, tables=tuple(
         verify_table(adapter, target, tc, confirmed_lsn=confirmed, wait_s=wait_s,
-                     examples=examples) for tc in tcs))
+                     examples=examples, enabled=bool(rec and rec.enabled)) for tc in tcs))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -450,9 +450,11 @@ def verify_table(
     wait_s: float = DEFAULT_WAIT_S,
     examples: int = DEFAULT_EXAMPLES,
     poll_s: float = 0.5,
+    enabled: bool = True,
 ) -> TableVerify:
     """Verify one table (see the module docstring). Raises a `CDCError` when the source cannot
-    be read; a destination that cannot be read raises too (the caller reports it)."""
+    be read; a destination that cannot be read raises too (the caller reports it). `enabled`:
+    whether CDC was ever enabled for the source (the fix for a missing Delta table differs)."""
     from deltalake import DeltaTable
 
     from cdcengine.sink.base import TableKind
@@ -476,6 +478,11 @@ def verify_table(
             return None
         return DeltaTable(path, storage_options=storage)
 
+    if load() is None and not enabled:
+        return done(status=NO_DELTA_TABLE,
+                    fix=f"cdcengine enable --source {source.name}, then cdcengine run",
+                    message=f"no Delta {kind} table at {path}: CDC was never enabled for "
+                            f"source {source.name}, so nothing has been captured")
     if load() is None:
         return done(status=NO_DELTA_TABLE, fix=f"cdcengine run --source {source.name}",
                     message=f"no Delta {kind} table yet at {path}: the table's snapshot has "

@@ -212,3 +212,13 @@ def test_cli_exit_codes_and_output(db, pg_server, tmp_path: Path) -> None:
     assert unreachable.returncode == 1, unreachable
     assert "connection_failed" in unreachable.output
     assert_no_secret([ok, bad, stale, usage, unreachable], [password, pg_server.password])
+
+
+def test_verify_of_a_never_enabled_source_says_to_enable_it(db, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["items"])
+    result = api.verify(src, state=state)
+    (table,) = result.tables
+    assert table.status == "no_delta_table"
+    assert "cdcengine enable" in table.fix and "never enabled" in table.message
