@@ -355,6 +355,12 @@ def _specific(reason: Reason, exc: BaseException | None) -> tuple[str, str] | No
             tried = ""
         return (f"The server's pg_hba.conf has no entry for this client address, user and "
                 f"database{tried}.", _HBA_FIX)
+    if reason is Reason.PREREQUISITES_FAILED and "replication slots are in use" in text:
+        return ("All replication slots are in use (max_replication_slots): the engine needs one "
+                "for the source and one temporary slot per table snapshot running at once.",
+                "Drop slots nobody uses (SELECT slot_name FROM pg_replication_slots WHERE NOT "
+                "active), or raise max_replication_slots (a server restart); `cdcengine check` "
+                "counts the free slots.")
     if reason is Reason.SSL_REQUIRED and _NO_SERVER_SSL in text:
         return ("The dsn requires SSL (sslmode=require or stronger), but the server does not "
                 "support SSL.", "Turn SSL on at the server (ssl = on with a certificate and "

@@ -216,3 +216,30 @@ def test_an_unchanged_toasted_array_under_the_default_identity(db: Any, tmp_path
     updates = [r for r in _log(src, "public.t") if r["_cdc_op"] == "U"]
     assert [r["n"] for r in updates] == [20, 30]
     assert all(len(r["tags"]) == 500 for r in updates)
+
+
+@pytest.mark.slow
+def test_run_time_failures_name_the_table_and_the_fix(make_cluster: Any, tmp_path: Path) -> None:
+    """Slots exhausted when a snapshot's temporary slot is created: the error names the table,
+    says the slots are in use and how to free one (before: "Some prerequisite checks failed.")."""
+    import psycopg
+
+    from cdcengine.errors import CDCError, Reason
+    from cdcengine.pipeline import Pipeline
+
+    cluster = make_cluster({"max_replication_slots": 3})
+    dsn = cluster.dsn("postgres")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(dsn, tmp_path, ["items"])
+    api.enable_cdc(src, state=state)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # another tool takes the rest
+        for name in ("other_a", "other_b"):
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [name])
+    with pytest.raises(CDCError) as info:
+        Pipeline(src, state=state).run()
+    err = info.value
+    assert err.reason is Reason.PREREQUISITES_FAILED
+    assert "public.items" in err.message and "replication slots are in use" in err.message
+    assert "max_replication_slots" in err.fix and "pg_replication_slots" in err.fix
