@@ -87,6 +87,7 @@ class TableSnapshot:
                  piece_rows: int = DEFAULT_PIECE_ROWS,
                  stop: threading.Event | None = None) -> None:
         self.source, self.table, self._stop = source, table, stop
+        self._what = f"snapshot of {table.name}"  # names the table in every error
         self.chunk_bytes, self.piece_rows = chunk_bytes, piece_rows
         self.consistent_point = 0
         self.columns: tuple[ColumnFacts, ...] = ()
@@ -109,7 +110,7 @@ class TableSnapshot:
             row = self._create_slot(temp_slot_name(self.source.slot_name, "snapshot"))
             self.consistent_point, self._snapshot_name = parse_lsn(row[1]), row[2]
             self._conn = self._import_snapshot()
-            with translate_errors(secrets=secrets, context=f"snapshot of {self.table.name}: reading the catalog"):
+            with translate_errors(secrets=secrets, context=f"{self._what}: reading the catalog"):
                 facts = load_table_facts(self._conn, [self.table.ref]).get(self.table.ref)
             if facts is None:
                 raise CDCError(f"table {self.table.name} does not exist (any more)",
@@ -135,7 +136,7 @@ class TableSnapshot:
         report_at = [WAIT_REPORT_S]
 
         def create() -> Any:
-            with translate_errors(secrets=secrets, context=f"snapshot of {self.table.name}: creating its temporary slot"):
+            with translate_errors(secrets=secrets, context=f"{self._what}: creating its slot"):
                 # simple query protocol only on a replication connection; name: [a-z0-9_]
                 return rconn.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL "
                                      "pgoutput (SNAPSHOT 'export')").fetchone()
@@ -174,7 +175,7 @@ class TableSnapshot:
         try:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
-            with translate_errors(secrets=secrets, context=f"snapshot of {self.table.name}: importing it"):
+            with translate_errors(secrets=secrets, context=f"{self._what}: importing it"):
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
                     sql.Literal(self._snapshot_name)))
         except BaseException:
@@ -203,7 +204,8 @@ class TableSnapshot:
 
     def _orderable(self, col: ColumnFacts) -> bool:
         assert self._conn is not None
-        with translate_errors(secrets=self.source.secrets(), context=f"snapshot of {self.table.name}: reading the key type"):
+        with translate_errors(secrets=self.source.secrets(),
+                              context=f"{self._what}: reading the key type"):
             row = self._conn.execute("SELECT typcategory, typname FROM pg_type WHERE oid = %s",
                                      [col.type_oid]).fetchone()
         return row is not None and (row[0] in _ORDERED_CATEGORIES or row[1] == "uuid")
@@ -212,7 +214,7 @@ class TableSnapshot:
         """Key-range chunks of about `chunk_rows` rows, per leaf, numbered from 0."""
         layout = self.layout()
         out: list[ChunkRange] = []
-        with translate_errors(secrets=self.source.secrets(), context=f"snapshot of {self.table.name}: planning it"):
+        with translate_errors(secrets=self.source.secrets(), context=f"{self._what}: planning"):
             for leaf in layout.leaves:
                 ref = TableRef.parse(leaf)
                 estimate = self._estimate_rows(ref)
