@@ -20,10 +20,22 @@ def retention_cap_mb(conn: psycopg.Connection) -> int | None:
     return cap if cap is not None and cap >= 0 else None
 
 
+def gone_tables(conn: psycopg.Connection, source: SourceConfig) -> tuple[str, ...]:
+    """The configured tables that no longer exist under their name (dropped or renamed)."""
+    refs = [tc.ref for tc in source.table_configs]
+    rows = conn.execute(
+        "SELECT s, t FROM unnest(%s::text[], %s::text[]) AS u(s, t)"
+        " WHERE to_regclass(format('%%I.%%I', s, t)) IS NULL",
+        [[r.schema for r in refs], [r.name for r in refs]]).fetchall()
+    gone = {(s, t) for s, t in rows}
+    return tuple(r.qualified for r in refs if (r.schema, r.name) in gone)
+
+
 def probe(conn: psycopg.Connection, source: SourceConfig, *, install_id: str | None
           ) -> HealthProbe:
     info = publication_info(read_publication(conn, source.publication_name),
                             install_id=install_id, source=source.name)
     return HealthProbe(slot=read_slot(conn, source.slot_name).info,
                        temporary_slots=tuple(read_temp_slots(conn, source.slot_name)),
-                       publication=info, retention_cap_mb=retention_cap_mb(conn))
+                       publication=info, retention_cap_mb=retention_cap_mb(conn),
+                       gone_tables=gone_tables(conn, source))

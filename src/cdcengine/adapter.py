@@ -137,6 +137,9 @@ class HealthProbe:
     temporary_slots: tuple[SlotInfo, ...] = ()  # the engine's snapshot/verify slots right now
     publication: PublicationInfo
     retention_cap_mb: int | None = None  # max_slot_wal_keep_size; None when unlimited
+    # configured tables that no longer exist under their name (dropped or renamed): they stop
+    # alone, they do not break the source
+    gone_tables: tuple[str, ...] = ()
 
     @property
     def retained_wal_bytes(self) -> int | None:

@@ -148,12 +148,15 @@ def resources_lost(store: StateStore, source: SourceConfig, probe: HealthProbe
     captured = {t.name for t in store.list_tables(source.name)
                 if t.state in (TableState.STREAMING, TableState.SNAPSHOTTING)
                 and t.name in configured}
-    missing = sorted(captured - set(pub.tables))
+    missing = sorted(captured - set(pub.tables) - set(probe.gone_tables))
     if missing:
         return Reason.PUBLICATION_MISSING, (
             f"publication {pub.name!r} no longer covers {', '.join(missing)}; their "
             "changes are no longer published")
     return None
+
+
+TABLE_GONE = "table_gone"  # a captured table no longer exists at the source
 
 
 class _Pass:
@@ -173,6 +176,8 @@ class _Pass:
         broken = self.rec.broken
         if broken is not None and broken.reason in _SLOT_GONE:
             return "none", None, f"broken ({broken.reason}): run `cdcengine repair`", False
+        if self.act:
+            self._stop_gone_tables()
         lost = resources_lost(self.store, self.source, self.probe)
         if lost is not None:
             reason, message = lost
@@ -192,6 +197,23 @@ class _Pass:
             return str(action), str(level), message, False
         dropped = self._apply(action, message)
         return str(action), str(level), message, dropped
+
+    def _stop_gone_tables(self) -> None:
+        """A captured table dropped (or renamed) at the source stops alone with why and what to
+        do; its Delta tables keep their last state, the other tables stream on."""
+        gone = set(self.probe.gone_tables)
+        for rec in self.store.list_tables(self.name):
+            if rec.name not in gone or rec.state is TableState.STOPPED:
+                continue
+            self.store.set_table_state(
+                self.name, rec.name, TableState.STOPPED,
+                reason=f"{TABLE_GONE}: no table named {rec.name} exists at the source any "
+                       "more (dropped or renamed); its Delta tables keep their last state",
+                remedy=f"remove {rec.name} from tables and run `cdcengine enable`, or "
+                       f"recreate it and run `cdcengine resync --source {self.name} --table "
+                       f"{rec.name}`")
+            log.warning("table_stopped", source=self.name, table=rec.name, reason=TABLE_GONE,
+                        message="the table no longer exists at the source")
 
     # ---- lag ----------------------------------------------------------------------------------
     def _describe(self, level: Level, retained: int) -> str:

@@ -243,3 +243,50 @@ def test_run_time_failures_name_the_table_and_the_fix(make_cluster: Any, tmp_pat
     assert err.reason is Reason.PREREQUISITES_FAILED
     assert "public.items" in err.message and "replication slots are in use" in err.message
     assert "max_replication_slots" in err.fix and "pg_replication_slots" in err.fix
+
+
+@pytest.mark.slow
+def test_a_table_dropped_while_streaming_stops_alone(db: Any, tmp_path: Path) -> None:
+    """DROP TABLE at the source while the daemon streams: that table stops with why and what
+    to do, its Delta table keeps its last state, the other table streams on and the source is
+    not broken; `enable` with the table removed from the config takes it out cleanly. (Before:
+    the whole source went broken with publication_missing, and only `repair` cleared it.)"""
+    from cdc_util import daemon_config, logs_on_failure, start_daemon
+
+    db.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);"
+               "INSERT INTO a VALUES (1); INSERT INTO b VALUES (1)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["a", "b"], flush_interval_ms=100, lag_check_interval_s=1)
+    api.enable_cdc(src, state=state)
+    cfg = daemon_config(tmp_path, src, state, ["a", "b"], flush_interval_ms=100,
+                        lag_check_interval_s=1)
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(cfg, log)
+    try:
+        with logs_on_failure(log):
+            wait_for(lambda: len(live(src, "public.a", ["id"])) == 1
+                     and len(live(src, "public.b", ["id"])) == 1, timeout=60)
+            db.execute("DROP TABLE a")
+            wait_for(lambda: _table_states(src, state).get("public.a") == str(TableState.STOPPED),
+                     timeout=60)
+            db.execute("INSERT INTO b VALUES (2)")
+            wait_for(lambda: len(live(src, "public.b", ["id"])) == 2, timeout=60)
+            with api.open_store(state) as store:
+                rec = store.get_source(src.name)
+                table = next(t for t in store.list_tables(src.name) if t.name == "public.a")
+            assert rec is not None and rec.broken is None
+            assert table.reason is not None and table.reason.startswith("table_gone")
+            assert table.remedy is not None and "cdcengine enable" in table.remedy
+            assert len(live(src, "public.a", ["id"])) == 1  # the last state stays
+            # the user takes the table out of the config and runs enable
+            smaller = source_for(db.dsn, tmp_path, ["b"], flush_interval_ms=100)
+            api.enable_cdc(smaller, state=state)
+            assert "public.a" not in _table_states(src, state)
+            db.execute("INSERT INTO b VALUES (3)")
+            wait_for(lambda: len(live(src, "public.b", ["id"])) == 3, timeout=60)
+            with api.open_store(state) as store:
+                rec = store.get_source(src.name)
+            assert rec is not None and rec.broken is None
+    finally:
+        daemon.kill()
+        daemon.wait(30)
