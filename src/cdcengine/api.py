@@ -41,6 +41,7 @@ from cdcengine.names import TableRef
 from cdcengine.registry import adapter_for
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.sink.destination import check_destination
 from cdcengine.state import open_state
 from cdcengine.state.base import (
     SourceRecord,
@@ -231,9 +232,10 @@ def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list
     """Every prerequisite check, all reported (SPEC §3 `check`). Raises only when unreachable."""
     with open_store(state) as store:
         rec = store.get_source(source.name)
-        return adapter_for(source).check_prerequisites(
+        checks = adapter_for(source).check_prerequisites(
             as_enabled(rec, with_overrides(source, store)), install_id=store.install_id(),
             known_slot=_known_slot(rec, source))
+    return [*checks, *check_destination(source.name, source.destination)]
 
 
 def discover_tables(source: SourceConfig) -> list[TableInfo]:

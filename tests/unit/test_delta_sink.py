@@ -858,3 +858,15 @@ def test_a_failure_of_the_destination_never_counts_as_the_tables_own(
     """Only a table's own failure may stop that table (after retries); storage, network and
     commit conflicts are the destination's: the source retries them and no table stops."""
     assert _table_specific(exc) is own
+
+
+def test_a_table_folder_holding_other_files_is_never_turned_into_a_delta_table(
+        tmp_path: Path) -> None:
+    sink = DeltaSink(str(tmp_path / "dest"), source="src1")
+    folder = Path(sink.path(REF, "consolidated"))
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SinkSchemaError, match="not a Delta table"):
+        sink.write_consolidated(REF, changes([{"_cdc_op": "I", "id": 1}], 10), key=["id"],
+                                version=10)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

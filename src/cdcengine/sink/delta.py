@@ -61,6 +61,7 @@ from cdcengine.sink.base import (
     WriteResult,
     kinds_for,
 )
+from cdcengine.sink.destination import local_path
 from cdcengine.sink.fold import (
     COMMITTED_AT,
     HAS_VALUES,
@@ -1093,6 +1094,14 @@ class DeltaSink:
             "delta.checkpointInterval": str(self.maintenance.checkpoint_interval),
         }
         _check_storable(schema, ref)
+        local = local_path(path)
+        if local is not None and local.is_dir() and any(
+                p.name != "_delta_log" for p in local.iterdir()):
+            # never turn a folder of someone's files into a Delta table
+            raise SinkSchemaError(
+                f"{path} already holds files that are not a Delta table; the engine does not "
+                "write its tables into other files (point destination at an empty directory)",
+                table=ref.qualified)
         dt = DeltaTable.create(
             path,
             schema,
