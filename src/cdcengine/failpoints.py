@@ -1,8 +1,14 @@
-"""Named crash points, for proving exactly-once under `kill -9` at the moments that matter.
+"""Named failure points, for proving exactly-once under `kill -9` and for making a hang happen
+at the moments that matter.
 
 `CDCENGINE_FAILPOINT=name` (or `name:n`, the n-th time it is reached; several comma-separated)
 makes the process SIGKILL itself at that point: no `finally`, no flush, no status update — the
 same as a power cut or the OOM killer. Unset (always, outside tests), `hit` is one dict lookup.
+
+`name=hang` (or `name:n=hang`) blocks the thread that reaches the point instead, like a
+deltalake call or a COPY that never returns: until the file named by
+`CDCENGINE_FAILPOINT_RELEASE` exists (the test creates it to let the work go on), or for ever
+when that variable is unset. The watchdog tests use it (`cdcengine.watchdog`).
 
 Points (in the order a batch meets them):
 - `batch_taken`: a batch was cut, nothing of it written;
@@ -19,15 +25,22 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "CDCENGINE_FAILPOINT"
+RELEASE_ENV = "CDCENGINE_FAILPOINT_RELEASE"
+KILL, HANG = "kill", "hang"
 
 
-def _parse(spec: str) -> dict[str, int]:
-    points: dict[str, int] = {}
+def _parse(spec: str) -> dict[str, tuple[int, str]]:
+    points: dict[str, tuple[int, str]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, nth = part.partition(":")
-        points[name] = int(nth) if nth else 1
+        point, _, action = part.partition("=")
+        name, _, nth = point.partition(":")
+        action = action.strip() or KILL
+        if action not in (KILL, HANG):
+            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} (kill | hang)")
+        points[name.strip()] = (int(nth) if nth else 1, action)
     return points
 
 
@@ -35,12 +48,24 @@ _armed = _parse(os.environ.get(ENV, ""))
 
 
 def hit(name: str) -> None:
-    """Die here if `name` is armed and this is its n-th arrival."""
+    """Die (or hang) here if `name` is armed and this is its n-th arrival."""
     if not _armed or name not in _armed:
         return
-    _armed[name] -= 1
-    if _armed[name] <= 0:
+    left, action = _armed[name]
+    _armed[name] = (left - 1, action)
+    if left - 1 > 0:
+        return
+    if action == HANG:
+        del _armed[name]  # one thread hangs; the point is spent
+        _hang()
+    else:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang() -> None:
+    release = os.environ.get(RELEASE_ENV)
+    while not (release and os.path.exists(release)):
+        time.sleep(0.1)
 
 
 def arm(spec: str) -> None:
