@@ -571,3 +571,61 @@ __all__ = [  # what the implementations' test modules import: the tests and thei
     "store",
     *sorted(name for name in globals() if name.startswith("test_")),
 ]
+
+
+# stalls (the daemon watchdog's record) --------------------------------------------------------
+
+
+def _stall(pid: int | None = None, **kw: object) -> object:
+    from datetime import datetime
+
+    from cdcengine.state.base import Stall, StuckWork, ThreadInfo
+
+    fields: dict[str, object] = dict(
+        since=datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC),
+        at=datetime(2026, 1, 1, 12, 5, 0, tzinfo=UTC),
+        message="nothing became durable for 300 s",
+        work=(StuckWork(lane="stream", what="1 batch(es) at the Delta writer", waited_s=300.0),),
+        threads=(ThreadInfo(name="writer-shop", doing="_write (writer.py:1)",
+                            stack=("a.py:1 in run", "writer.py:1 in _write")),),
+        host=socket.gethostname(), pid=os.getpid() if pid is None else pid)
+    fields.update(kw)
+    return Stall(**fields)  # type: ignore[arg-type]
+
+
+def test_a_stall_is_shown_over_the_stored_state_and_cleared(store: StateStore) -> None:
+    from cdcengine.state.base import live_stall, shown_state
+
+    enable(store)
+    store.set_source_state("shop", SourceState.STREAMING)
+    stall = _stall()
+    rec = store.set_stalled("shop", stall)  # type: ignore[arg-type]
+    assert rec.stalled == stall  # every field survives the round trip
+    assert rec.state is SourceState.STREAMING  # the stored state is left alone
+    assert shown_state(rec) is SourceState.STALLED and live_stall(rec) == stall
+    # the lag policy may still move the stored state; the stall stays shown over it
+    rec = store.set_source_state("shop", SourceState.WARNING)
+    assert rec.stalled == stall and shown_state(rec) is SourceState.STALLED
+    rec = store.clear_stalled("shop")
+    assert rec is not None and rec.stalled is None
+    assert shown_state(rec) is SourceState.WARNING
+    assert store.clear_stalled("shop") == rec  # idempotent
+    assert store.clear_stalled("nobody") is None
+
+
+def test_a_stall_never_hides_a_broken_source_nor_outlives_its_daemon(store: StateStore) -> None:
+    from cdcengine.state.base import live_stall, shown_state
+
+    enable(store)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    rec = store.set_stalled("shop", _stall(pid=int(gone.stdout)))  # type: ignore[arg-type]
+    assert rec.stalled is not None  # recorded, but its daemon is gone: not shown
+    assert live_stall(rec) is None and shown_state(rec) is SourceState.SNAPSHOTTING
+    rec = store.set_stalled("shop", _stall())  # type: ignore[arg-type]
+    assert shown_state(rec) is SourceState.STALLED
+    rec = store.set_broken("shop", "slot_missing", "the slot is gone")
+    assert shown_state(rec) is SourceState.BROKEN and live_stall(rec) is None
+    # enable and disable start clean
+    store.record_disabled("shop")
+    assert store.get_source("shop").stalled is None  # type: ignore[union-attr]
