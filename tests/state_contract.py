@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +29,7 @@ import pytest
 import cdcengine.state
 from cdcengine.errors import LeaseHeld, Reason, StateStoreError
 from cdcengine.state import SourceState, StateStore, TableState
-from cdcengine.state.base import TableOptions
+from cdcengine.state.base import Stall, StuckWork, TableOptions, ThreadInfo, live_stall, shown_state
 
 SRC = Path(cdcengine.state.__file__).resolve().parents[2]
 
@@ -560,27 +560,10 @@ def test_a_dead_holder_on_another_host_is_not_taken_over_early(
         )
 
 
-__all__ = [  # what the implementations' test modules import: the tests and their fixtures
-    "Child",
-    "FakeClock",
-    "OpenStore",
-    "Spawn",
-    "clock",
-    "enable",
-    "spawn",
-    "store",
-    *sorted(name for name in globals() if name.startswith("test_")),
-]
-
-
 # stalls (the daemon watchdog's record) --------------------------------------------------------
 
 
-def _stall(pid: int | None = None, **kw: object) -> object:
-    from datetime import datetime
-
-    from cdcengine.state.base import Stall, StuckWork, ThreadInfo
-
+def _stall(pid: int | None = None, **kw: object) -> Stall:
     fields: dict[str, object] = dict(
         since=datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC),
         at=datetime(2026, 1, 1, 12, 5, 0, tzinfo=UTC),
@@ -594,12 +577,10 @@ def _stall(pid: int | None = None, **kw: object) -> object:
 
 
 def test_a_stall_is_shown_over_the_stored_state_and_cleared(store: StateStore) -> None:
-    from cdcengine.state.base import live_stall, shown_state
-
     enable(store)
     store.set_source_state("shop", SourceState.STREAMING)
     stall = _stall()
-    rec = store.set_stalled("shop", stall)  # type: ignore[arg-type]
+    rec = store.set_stalled("shop", stall)
     assert rec.stalled == stall  # every field survives the round trip
     assert rec.state is SourceState.STREAMING  # the stored state is left alone
     assert shown_state(rec) is SourceState.STALLED and live_stall(rec) == stall
@@ -614,18 +595,29 @@ def test_a_stall_is_shown_over_the_stored_state_and_cleared(store: StateStore) -
 
 
 def test_a_stall_never_hides_a_broken_source_nor_outlives_its_daemon(store: StateStore) -> None:
-    from cdcengine.state.base import live_stall, shown_state
-
     enable(store)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    rec = store.set_stalled("shop", _stall(pid=int(gone.stdout)))  # type: ignore[arg-type]
+    rec = store.set_stalled("shop", _stall(pid=int(gone.stdout)))
     assert rec.stalled is not None  # recorded, but its daemon is gone: not shown
     assert live_stall(rec) is None and shown_state(rec) is SourceState.SNAPSHOTTING
-    rec = store.set_stalled("shop", _stall())  # type: ignore[arg-type]
+    rec = store.set_stalled("shop", _stall())
     assert shown_state(rec) is SourceState.STALLED
     rec = store.set_broken("shop", "slot_missing", "the slot is gone")
     assert shown_state(rec) is SourceState.BROKEN and live_stall(rec) is None
     # enable and disable start clean
     store.record_disabled("shop")
     assert store.get_source("shop").stalled is None  # type: ignore[union-attr]
+
+
+__all__ = [  # what the implementations' test modules import: the tests and their fixtures
+    "Child",
+    "FakeClock",
+    "OpenStore",
+    "Spawn",
+    "clock",
+    "enable",
+    "spawn",
+    "store",
+    *sorted(name for name in globals() if name.startswith("test_")),
+]
