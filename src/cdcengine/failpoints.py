@@ -8,7 +8,9 @@ same as a power cut or the OOM killer. Unset (always, outside tests), `hit` is o
 `name=hang` (or `name:n=hang`) blocks the thread that reaches the point instead, like a
 deltalake call or a COPY that never returns: until the file named by
 `CDCENGINE_FAILPOINT_RELEASE` exists (the test creates it to let the work go on), or for ever
-when that variable is unset. The watchdog tests use it (`cdcengine.watchdog`).
+when that variable is unset. `name=fail` raises `FailpointError` there, at every arrival from
+the n-th on until that file exists: a failure that repeats on every retry. The watchdog tests use
+both (`cdcengine.watchdog`).
 
 Points (in the order a batch meets them):
 - `batch_taken`: a batch was cut, nothing of it written;
@@ -29,7 +31,11 @@ import time
 
 ENV = "CDCENGINE_FAILPOINT"
 RELEASE_ENV = "CDCENGINE_FAILPOINT_RELEASE"
-KILL, HANG = "kill", "hang"
+KILL, HANG, FAIL = "kill", "hang", "fail"
+
+
+class FailpointError(RuntimeError):
+    """Raised by a `fail` failpoint."""
 
 
 def _parse(spec: str) -> dict[str, tuple[int, str]]:
@@ -38,8 +44,8 @@ def _parse(spec: str) -> dict[str, tuple[int, str]]:
         point, _, action = part.partition("=")
         name, _, nth = point.partition(":")
         action = action.strip() or KILL
-        if action not in (KILL, HANG):
-            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} (kill | hang)")
+        if action not in (KILL, HANG, FAIL):
+            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} (kill | hang | fail)")
         points[name.strip()] = (int(nth) if nth else 1, action)
     return points
 
@@ -55,16 +61,24 @@ def hit(name: str) -> None:
     _armed[name] = (left - 1, action)
     if left - 1 > 0:
         return
-    if action == HANG:
+    if action == FAIL:
+        if not _released():
+            raise FailpointError(f"failpoint {name}")
+        del _armed[name]
+    elif action == HANG:
         del _armed[name]  # one thread hangs; the point is spent
         _hang()
     else:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _hang() -> None:
+def _released() -> bool:
     release = os.environ.get(RELEASE_ENV)
-    while not (release and os.path.exists(release)):
+    return bool(release and os.path.exists(release))
+
+
+def _hang() -> None:
+    while not _released():
         time.sleep(0.1)
 
 
