@@ -428,6 +428,7 @@ class _Loop:
         batch = self.batcher.take()
         if batch is None:
             return
+        self.pipeline.activity.stream.pending = True  # taken: pending, before anything can fail
         failpoints.hit("batch_taken")
         self.pipeline._stopped(self.store, batch)
         self.progress.batch_started()

@@ -129,6 +129,8 @@ class SourceRunner:
                         return  # nothing an operator command would clear: give up
                     continue
                 self.outcome.restarts += 1
+                # what it had pending is still to do: the watchdog keeps counting across retries
+                self.activity.interrupted(str(err.reason))
                 unexpected = err.reason is Reason.UNKNOWN
                 log.warning("source_reconnecting", source=self.source.name,
                             reason=str(err.reason), message=err.message, backoff_s=backoff,

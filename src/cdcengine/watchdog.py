@@ -10,6 +10,10 @@ one watchdog thread per daemon judges every source each tick:
 - **progress**: something became durable — a Delta commit of the writer, a batch confirmed, a
   snapshot chunk committed or snapshot rows copied (read from the store's snapshot progress,
   which the snapshot reports every couple of seconds);
+- work a failed run left undone stays pending across the reconnect (`Activity.interrupted`):
+  a source that fails and retries on the same changes again and again, making nothing durable,
+  is stalled too. It stops counting once something becomes durable, or once the new run has
+  reported nothing pending for a whole timeout (then there was nothing left to redo);
 - a lane (the stream, the snapshot) pending with no progress for the source's `stall_timeout_s`
   is **stuck**, and the source is **stalled** while any lane is. An idle source (nothing
   received) is never stalled, however long it waits; a long commit or snapshot that keeps
@@ -40,7 +44,7 @@ import structlog
 
 from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
-from cdcengine.errors import classify_error
+from cdcengine.errors import Reason, classify_error
 from cdcengine.state.base import Stall, StateStore, StuckWork, ThreadInfo
 
 log = structlog.get_logger("cdcengine.watchdog")
@@ -56,23 +60,27 @@ class Lane:
     stores (atomic under the GIL: the stream reports every loop turn, so no lock), read by the
     watchdog. `moves` only ever grows: the watchdog compares it between ticks."""
 
-    __slots__ = ("detail", "moves", "name", "pending")
+    __slots__ = ("detail", "moves", "name", "pending", "undone")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.pending = False
         self.moves = 0
         self.detail: Mapping[str, object] = {}
+        # a failed run left this lane's work undone (the reason): pending until it is redone
+        self.undone: str | None = None
 
     def report(self, *, pending: bool, moved: bool = False, **detail: object) -> None:
         if moved:
             self.moves += 1
+            self.undone = None
         self.pending = pending
         self.detail = detail
 
     def moved(self) -> None:
         """Something of this lane became durable."""
         self.moves += 1
+        self.undone = None
 
 
 class Activity:
@@ -91,19 +99,35 @@ class Activity:
         finally:
             self.snapshot.report(pending=False, moved=True)
 
+    def interrupted(self, reason: str) -> None:
+        """A run failed and will be retried: what the stream had pending is still to do.
+
+        Not for a lost connection to the source: reconnecting is healthy (SPEC §7) and the
+        changes wait safely in the slot; the next session's own pending work counts as usual.
+        A failure that repeats on the same changes (a destination refusing them) is carried."""
+        if self.stream.pending and reason not in _RECONNECTING:
+            self.stream.undone = reason
+
     def lanes(self) -> tuple[Lane, ...]:
         return (self.stream, self.snapshot)
+
+
+_RECONNECTING = frozenset({str(Reason.CONNECTION_FAILED), str(Reason.HOST_UNREACHABLE),
+                           str(Reason.SLOT_IN_USE), str(Reason.LEASE_HELD)})
 
 
 # ---- the pure judgement ----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One lane at one tick: pending or not, and a mark that changes when progress is made."""
+    """One lane at one tick: pending or not, and a mark that changes when progress is made.
+    `carried`: pending only because a failed run left work undone (the lane itself reports
+    nothing pending now)."""
 
     lane: str
     pending: bool
     mark: object
     what: str = ""
+    carried: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +136,15 @@ class Verdict:
     changed: bool  # it became stalled, or stopped being stalled, at this tick
     since: float | None  # monotonic: the start of the oldest stuck stretch
     stuck: tuple[tuple[Reading, float], ...] = ()  # the stuck lanes and how long each waited
+    # lanes whose carried work is dropped: quiet for a whole timeout, nothing was left to redo
+    settled: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
 class _Clock:
     since: float | None = None  # the current stretch of "pending, no progress" began
     mark: object = None
+    quiet_since: float | None = None  # carried work only, the lane itself idle, since
 
 
 @dataclass(slots=True)
@@ -133,9 +160,18 @@ class StallJudge:
 
     def step(self, now: float, readings: Sequence[Reading]) -> Verdict:
         stuck: list[tuple[Reading, float]] = []
+        settled: list[str] = []
         since: float | None = None
         for r in readings:
             clock = self._clocks.setdefault(r.lane, _Clock())
+            if r.pending and r.carried:
+                if clock.quiet_since is None:
+                    clock.quiet_since = now
+                if now - clock.quiet_since >= self.timeout_s:
+                    settled.append(r.lane)
+                    r = Reading(lane=r.lane, pending=False, mark=r.mark, what=r.what)
+            else:
+                clock.quiet_since = None
             if not r.pending:
                 clock.since, clock.mark = None, r.mark
                 continue
@@ -147,7 +183,7 @@ class StallJudge:
                 since = clock.since if since is None else min(since, clock.since)
         was, self.stalled = self.stalled, bool(stuck)
         return Verdict(stalled=self.stalled, changed=was != self.stalled, since=since,
-                       stuck=tuple(stuck))
+                       stuck=tuple(stuck), settled=tuple(settled))
 
 
 # ---- thread pictures -------------------------------------------------------------------------
@@ -246,6 +282,9 @@ class Watchdog:
         now = self._clock()
         verdict = w.judge.step(now, readings)
         name = w.source.name
+        for lane in w.activity.lanes():
+            if lane.name in verdict.settled:
+                lane.undone = None
         if verdict.stalled and (verdict.changed or now - w.recorded >= REFRESH_S):
             self._record(store, w, verdict, now, first=verdict.changed)
         elif verdict.changed:
@@ -267,8 +306,12 @@ class Watchdog:
             if progress is not None:
                 mark = (lane.moves, progress.attempt, progress.rows_done, progress.chunks_done,
                         progress.finished)
-        return Reading(lane=lane.name, pending=lane.pending, mark=mark, what=_what(lane.name,
-                                                                                   detail))
+        undone = lane.undone
+        if undone is not None:
+            detail["retrying"] = undone
+        return Reading(lane=lane.name, pending=lane.pending or undone is not None, mark=mark,
+                       what=_what(lane.name, detail),
+                       carried=undone is not None and not lane.pending)
 
     def _record(self, store: StateStore, w: _Watched, verdict: Verdict, now: float, *,
                 first: bool) -> None:
@@ -319,6 +362,8 @@ def _what(lane: str, detail: Mapping[str, object]) -> str:
         parts.append(f"{rows} row(s) buffered")
     if detail.get("open_transaction"):
         parts.append("a source transaction being received")
+    if detail.get("retrying"):
+        parts.append(f"the run making them durable failed ({detail['retrying']}) and is retried")
     return ", ".join(parts) or "changes pending"
 
 

@@ -133,3 +133,71 @@ def test_a_hung_delta_write_is_reported_stalled_and_clears_when_it_resumes(
     assert daemon.returncode == 0, log.read_text()[-3000:]
     # a clean stop leaves no stall behind
     assert api.cdc_status(src, state=state).stalled is None
+
+
+def test_a_hung_snapshot_is_reported_stalled_and_clears_when_it_resumes(
+        db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, state = setup(db, tmp_path)
+    port = free_port()
+    cfg = _config(tmp_path, state, src, port)
+    log = tmp_path / "daemon.log"
+    release = tmp_path / "release-the-snapshot"
+    monkeypatch.setenv(RELEASE_ENV, str(release))
+    # the snapshot's coordinating thread hangs once its chunk is committed: no more progress
+    daemon = start_daemon(cfg, log, failpoint="snapshot_chunk_committed=hang")
+    try:
+        with logs_on_failure(log):
+            wait_for(lambda: api.cdc_status(src, state=state).state == "stalled", timeout=60)
+            st = api.cdc_status(src, state=state)
+            assert st.stalled is not None
+            assert [w["lane"] for w in st.stalled.work] == ["snapshot"], st.stalled
+            assert "snapshot of public.items running" in st.stalled.message
+            reading = {t["name"]: t for t in st.stalled.threads}[f"source-{src.name}"]
+            assert reading["doing"].startswith("_hang (failpoints.py:"), reading
+            assert any("in snapshot_table" in f for f in reading["stack"]), reading  # type: ignore[union-attr]
+            code, body = get(port, "/health")
+            assert code == 503 and body["problems"][0]["state"] == "stalled", body  # type: ignore[index]
+            assert [e["source"] for e in _events(log, "source_stalled")] == [src.name]
+
+            release.touch()
+            wait_for(lambda: same_as_source(src), timeout=60)
+            wait_for(lambda: api.cdc_status(src, state=state).state == "streaming", timeout=30)
+            assert get(port, "/health")[0] == 200
+            wait_for(lambda: bool(_events(log, "source_unstalled")), timeout=10)
+    finally:
+        release.touch()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert daemon.returncode == 0, log.read_text()[-3000:]
+
+
+def test_a_failure_repeating_on_every_retry_is_reported_stalled(
+        db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same changes fail on every reconnect (like a MERGE the destination refuses): each run
+    is short and the source is mostly in backoff, yet nothing becomes durable — stalled."""
+    src, state = setup(db, tmp_path)
+    port = free_port()
+    cfg = _config(tmp_path, state, src, port)
+    log = tmp_path / "daemon.log"
+    release = tmp_path / "stop-failing"
+    monkeypatch.setenv(RELEASE_ENV, str(release))
+    daemon = start_daemon(cfg, log, failpoint="batch_taken=fail")
+    try:
+        with logs_on_failure(log):
+            wait_for(lambda: api.cdc_status(src, state=state).state == "streaming", timeout=60)
+            db.execute("INSERT INTO items VALUES (1000, 'refused')")
+            wait_for(lambda: api.cdc_status(src, state=state).state == "stalled", timeout=30)
+            st = api.cdc_status(src, state=state)
+            assert st.stalled is not None and "is retried" in st.stalled.message, st.stalled
+            assert len(_events(log, "source_reconnecting")) >= 1
+            assert get(port, "/health")[0] == 503
+
+            release.touch()
+            wait_for(lambda: 1000 in live_rows(src, "items"), timeout=60)
+            wait_for(lambda: api.cdc_status(src, state=state).state == "streaming", timeout=30)
+            assert get(port, "/health")[0] == 200
+    finally:
+        release.touch()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    assert daemon.returncode == 0, log.read_text()[-3000:]

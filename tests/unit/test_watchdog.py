@@ -80,6 +80,30 @@ def test_one_stuck_lane_stalls_the_source_while_the_other_progresses() -> None:
     assert v.stalled and [r.lane for r, _ in v.stuck] == ["snapshot"]
 
 
+def carried(mark: object = 0) -> Reading:
+    return Reading(lane="stream", pending=True, mark=mark, carried=True)
+
+
+def test_work_a_failed_run_left_undone_keeps_counting_across_retries() -> None:
+    judge = StallJudge(timeout_s=10)
+    # each retry: a moment of nothing received, then the same changes again, then a failure
+    t = 0.0
+    while t < 9:
+        assert not judge.step(t, [carried()]).stalled
+        assert not judge.step(t + 0.5, [busy()]).stalled
+        t += 3
+    v = judge.step(10.0, [carried()])
+    assert v.stalled and v.since == 0.0 and not v.settled
+
+
+def test_carried_work_is_dropped_after_a_whole_quiet_timeout() -> None:
+    judge = StallJudge(timeout_s=10)
+    for t in range(0, 10):
+        assert not judge.step(float(t), [carried()]).stalled
+    v = judge.step(10.0, [carried()])  # quiet for a whole timeout: nothing was left to redo
+    assert not v.stalled and v.settled == ("stream",)
+
+
 # ---- what the pipeline reports ---------------------------------------------------------------
 def test_activity_lanes() -> None:
     act = Activity()
@@ -93,6 +117,21 @@ def test_activity_lanes() -> None:
     act.stream.moved()
     act.stream.report(pending=True, moved=True)
     assert act.stream.moves == before + 2
+
+
+def test_a_failed_run_carries_pending_work_unless_it_lost_the_source() -> None:
+    act = Activity()
+    act.interrupted("destination_failed")
+    assert act.stream.undone is None  # nothing was pending
+    act.stream.report(pending=True, batches_in_flight=1)
+    act.interrupted("connection_failed")  # reconnecting is healthy: the slot keeps them
+    assert act.stream.undone is None
+    act.interrupted("destination_failed")
+    assert act.stream.undone == "destination_failed"
+    act.stream.report(pending=False)
+    assert act.stream.undone == "destination_failed"  # a fresh session with nothing yet
+    act.stream.moved()  # the redone work became durable
+    assert act.stream.undone is None
 
 
 def test_source_thread_names() -> None:
@@ -237,6 +276,21 @@ def test_hang_failpoint_blocks_until_released(tmp_path: Path,
     failpoints.hit("somewhere")  # spent
     with pytest.raises(ValueError, match="unknown action"):
         failpoints.arm("x=explode")
+
+
+def test_fail_failpoint_raises_every_time_until_released(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    release = tmp_path / "release"
+    monkeypatch.setenv(failpoints.RELEASE_ENV, str(release))
+    monkeypatch.setattr(failpoints, "_armed", {})
+    failpoints.arm("there=fail")
+    for _ in range(3):
+        with pytest.raises(failpoints.FailpointError):
+            failpoints.hit("there")
+    release.touch()
+    failpoints.hit("there")
+    release.unlink()
+    failpoints.hit("there")  # spent once released
 
 
 def test_stall_timeout_key(tmp_path: Path) -> None:
