@@ -19,6 +19,12 @@ one watchdog thread per daemon judges every source each tick:
   received) is never stalled, however long it waits; a long commit or snapshot that keeps
   committing is not either. One blocking call longer than the timeout is a stall.
 
+Last resort: a thread blocked in native code while holding the GIL (issue 12's deltalake
+deadlock) stops every Python thread, this one included. The daemon's watchdog therefore also
+keeps CPython's `faulthandler` timer re-armed on every tick (`LastResort`); when the watchdog
+cannot run for `last_resort_s`, faulthandler's own C thread (no GIL needed) writes every
+thread's stack to stderr.
+
 A stall is recorded in the state store (`StateStore.set_stalled`, beside the state, so an
 out-of-process `cdcengine status` and the daemon's `/health` both see it), logged once as
 `source_stalled` with the stack of every thread, and shown by the gauge
@@ -28,6 +34,7 @@ resumes or the lane has nothing pending any more. The judgement itself (`StallJu
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -217,6 +224,31 @@ def source_thread(source: str, name: str, *, snapshotting: bool) -> bool:
     return snapshotting and name.startswith("snapshot-worker-")
 
 
+class LastResort:
+    """`faulthandler.dump_traceback_later`, re-armed by `beat()`: if nothing beats for
+    `after_s` (the GIL is held by a blocked native call, or the watchdog itself hangs), every
+    thread's Python stack goes to stderr, written without the GIL. Process-wide (faulthandler
+    has one such timer), so only the daemon arms it."""
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._on = False
+
+    def beat(self) -> None:
+        try:
+            # faulthandler writes to a file descriptor: the real stderr, not a replacement
+            faulthandler.dump_traceback_later(self.after_s, repeat=False, exit=False,
+                                              file=sys.__stderr__ or sys.stderr)
+            self._on = True
+        except (AttributeError, OSError, ValueError, RuntimeError):
+            self._on = False  # no usable stderr (an embedding host): the watchdog still works
+
+    def cancel(self) -> None:
+        if self._on:
+            faulthandler.cancel_dump_traceback_later()
+            self._on = False
+
+
 # ---- the thread ------------------------------------------------------------------------------
 class StallMetrics(Protocol):
     def set_stalled(self, source: str, stalled: bool) -> None: ...
@@ -236,8 +268,10 @@ class Watchdog:
 
     def __init__(self, sources: Sequence[SourceConfig], state: str, stop: threading.Event, *,
                  activities: Mapping[str, Activity], metrics: StallMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 last_resort_s: float | None = None) -> None:
         self.state, self.stop, self.metrics, self._clock = state, stop, metrics, clock
+        self._last_resort = LastResort(last_resort_s) if last_resort_s else None
         self._watched = [_Watched(s, activities[s.name], StallJudge(s.stall_timeout_s))
                          for s in sources if s.name in activities]
         shortest = min((s.stall_timeout_s for s in sources), default=MAX_TICK_S)
@@ -255,17 +289,28 @@ class Watchdog:
             self._thread.join(timeout)
 
     def run(self) -> None:
-        # a stall recorded by an earlier daemon (killed while stalled) is not this one's
-        self.clear_all()
-        while not self.stop.wait(self.tick_s):
-            try:
-                with open_store(self.state) as store:
-                    while not self.stop.is_set():
-                        for w in self._watched:
-                            self.check(store, w)
-                        self.stop.wait(self.tick_s)
-            except Exception as exc:  # noqa: BLE001 - the watchdog must outlive a store outage
-                log.warning("watchdog_store_failed", reason=str(classify_error(exc).reason))
+        try:
+            self._beat()
+            # a stall recorded by an earlier daemon (killed while stalled) is not this one's
+            self.clear_all()
+            while not self.stop.wait(self.tick_s):
+                self._beat()
+                try:
+                    with open_store(self.state) as store:
+                        while not self.stop.is_set():
+                            self._beat()
+                            for w in self._watched:
+                                self.check(store, w)
+                            self.stop.wait(self.tick_s)
+                except Exception as exc:  # noqa: BLE001 - it must outlive a store outage
+                    log.warning("watchdog_store_failed", reason=str(classify_error(exc).reason))
+        finally:
+            if self._last_resort is not None:
+                self._last_resort.cancel()
+
+    def _beat(self) -> None:
+        if self._last_resort is not None:
+            self._last_resort.beat()
 
     def clear_all(self) -> None:
         """No source of this daemon is stalled (at start, and after a clean stop)."""
@@ -371,5 +416,5 @@ def _dump(t: ThreadInfo) -> dict[str, object]:
     return {"name": t.name, "doing": t.doing, "stack": list(t.stack)}
 
 
-__all__ = ["Activity", "Lane", "Reading", "StallJudge", "Verdict", "Watchdog", "source_thread",
-           "thread_stacks"]
+__all__ = ["Activity", "Lane", "LastResort", "Reading", "StallJudge", "Verdict", "Watchdog",
+           "source_thread", "thread_stacks"]

@@ -5,6 +5,9 @@ thread pictures it takes, the `hang` failpoint the integration test drives it wi
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -162,6 +165,36 @@ def test_thread_stacks_say_where_each_thread_waits() -> None:
     finally:
         release.set()
         t.join()
+
+
+def test_last_resort_dumps_every_stack_when_the_gil_is_held() -> None:
+    """A native call blocking with the GIL held (ctypes.PyDLL keeps it) stops every Python
+    thread, the watchdog's too: faulthandler's timer, re-armed by the watchdog's beats, still
+    writes the stacks."""
+    code = textwrap.dedent("""
+        import ctypes, threading, time
+        from cdcengine.watchdog import LastResort
+        resort = LastResort(0.5)
+        stop = threading.Event()
+        def watchdog():
+            while not stop.is_set():
+                resort.beat()
+                time.sleep(0.05)
+        threading.Thread(target=watchdog, name="watchdog", daemon=True).start()
+        time.sleep(1.0)  # the beats keep it quiet meanwhile
+        print("QUIET", flush=True)
+        def blocked_holding_the_gil():
+            ctypes.PyDLL(None).sleep(2)
+        blocked_holding_the_gil()
+        stop.set()
+        resort.cancel()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert proc.stdout.strip() == "QUIET"
+    # one dump, taken while the call blocked (none while the beats came)
+    assert proc.stderr.count("Timeout (0:00:00.5") == 1, proc.stderr
+    assert "blocked_holding_the_gil" in proc.stderr and "in watchdog" in proc.stderr, proc.stderr
 
 
 # ---- the watchdog against a real state store -------------------------------------------------
