@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +29,15 @@ import pytest
 import cdcengine.state
 from cdcengine.errors import LeaseHeld, Reason, StateStoreError
 from cdcengine.state import SourceState, StateStore, TableState
-from cdcengine.state.base import Stall, StuckWork, TableOptions, ThreadInfo, live_stall, shown_state
+from cdcengine.state.base import (
+    STALL_REFRESH_S,
+    Stall,
+    StuckWork,
+    TableOptions,
+    ThreadInfo,
+    live_stall,
+    shown_state,
+)
 
 SRC = Path(cdcengine.state.__file__).resolve().parents[2]
 
@@ -601,6 +609,13 @@ def test_a_stall_never_hides_a_broken_source_nor_outlives_its_daemon(store: Stat
     rec = store.set_stalled("shop", _stall(pid=int(gone.stdout)))
     assert rec.stalled is not None  # recorded, but its daemon is gone: not shown
     assert live_stall(rec) is None and shown_state(rec) is SourceState.SNAPSHOTTING
+    # a daemon on another host renews its record while the stall lasts; an old one is stale
+    now = datetime.now(UTC)
+    rec = store.set_stalled("shop", _stall(host="elsewhere.example", pid=1, at=now))
+    assert shown_state(rec) is SourceState.STALLED
+    rec = store.set_stalled("shop", _stall(host="elsewhere.example", pid=1,
+                                           at=now - timedelta(seconds=STALL_REFRESH_S * 4)))
+    assert shown_state(rec) is SourceState.SNAPSHOTTING
     rec = store.set_stalled("shop", _stall())
     assert shown_state(rec) is SourceState.STALLED
     rec = store.set_broken("shop", "slot_missing", "the slot is gone")

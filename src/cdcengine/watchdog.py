@@ -52,12 +52,20 @@ import structlog
 from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
 from cdcengine.errors import Reason, classify_error
-from cdcengine.state.base import Stall, StateStore, StuckWork, ThreadInfo
+from cdcengine.state.base import (
+    STALL_REFRESH_S,
+    Stall,
+    StateStore,
+    StuckWork,
+    ThreadInfo,
+    live_stall,
+)
 
 log = structlog.get_logger("cdcengine.watchdog")
 
 MAX_TICK_S = 5.0
-REFRESH_S = 30.0  # how often a lasting stall's thread picture is renewed in the store
+REFRESH_S = STALL_REFRESH_S  # a lasting stall's record (and thread picture) is renewed
+HOST = socket.gethostname()
 STACK_DEPTH = 16  # frames per thread kept in the store (the log gets every frame)
 
 
@@ -291,7 +299,7 @@ class Watchdog:
     def run(self) -> None:
         try:
             self._beat()
-            # a stall recorded by an earlier daemon (killed while stalled) is not this one's
+            # a stall recorded by an earlier daemon of this host that is gone is not ours
             self.clear_all()
             while not self.stop.wait(self.tick_s):
                 self._beat()
@@ -313,11 +321,18 @@ class Watchdog:
             self._last_resort.beat()
 
     def clear_all(self) -> None:
-        """No source of this daemon is stalled (at start, and after a clean stop)."""
+        """No source of this daemon is stalled (at start, and after a clean stop). A stall
+        another live daemon recorded stays: with a shared state store a standby daemon's start
+        must not hide the active one's stall."""
         try:
             with open_store(self.state) as store:
                 for w in self._watched:
-                    store.clear_stalled(w.source.name)
+                    rec = store.get_source(w.source.name)
+                    stall = rec.stalled if rec is not None else None
+                    own = stall is not None and stall.pid == os.getpid() and stall.host == HOST
+                    if stall is not None and (own or live_stall(rec) is None):
+                        store.clear_stalled(w.source.name)
+                    w.stall = None
                     self._gauge(w.source.name, False)
         except Exception as exc:  # noqa: BLE001 - display state only; the next tick retries
             log.warning("watchdog_store_failed", reason=str(classify_error(exc).reason))
@@ -374,7 +389,7 @@ class Watchdog:
                    + "; ".join(f"{x.lane}: {x.what}" for x in work))
         w.stall = Stall(since=w.stall.since if w.stall else since, at=datetime.now(UTC),
                         message=message, work=work, threads=tuple(own),
-                        host=socket.gethostname(), pid=os.getpid())
+                        host=HOST, pid=os.getpid())
         w.recorded = now
         store.set_stalled(name, w.stall)
         self._gauge(name, True)

@@ -258,6 +258,35 @@ def test_watchdog_records_logs_and_clears_a_stall(tmp_path: Path) -> None:
             "source_stalled", "source_unstalled"]
 
 
+def test_a_starting_daemon_clears_only_stalls_no_live_daemon_holds(tmp_path: Path) -> None:
+    import dataclasses
+    import os
+
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    with open_state(state) as store:
+        store.record_enabled("shop", management_mode="managed", slot_name="s",
+                             publication_name="p", consistent_point=1, system_identifier="1",
+                             timeline=1, tables={"public.orders": "consolidated"})
+    dog = Watchdog([_source(tmp_path)], state, threading.Event(), activities={"shop": Activity()})
+    act = Activity()
+    act.stream.report(pending=True, batches_in_flight=1)
+    recorder = Watchdog([_source(tmp_path, stall_timeout_s=1)], state, threading.Event(),
+                        activities={"shop": act}, clock=Clock())
+    with open_state(state) as store:
+        recorder.check(store, recorder._watched[0])
+        recorder._clock.now += 1  # type: ignore[attr-defined]
+        assert recorder.check(store, recorder._watched[0]).stalled
+        ours = store.get_source("shop").stalled  # type: ignore[union-attr]
+        assert ours is not None and ours.pid == os.getpid()
+        # a standby daemon (another live process on this host) starting: the stall stays
+        store.set_stalled("shop", dataclasses.replace(ours, pid=os.getppid()))
+        dog.clear_all()
+        assert store.get_source("shop").stalled is not None  # type: ignore[union-attr]
+        store.set_stalled("shop", ours)  # recorded by this process: cleared
+        dog.clear_all()
+        assert store.get_source("shop").stalled is None  # type: ignore[union-attr]
+
+
 def test_a_progressing_snapshot_is_not_stalled_a_hung_one_is(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 

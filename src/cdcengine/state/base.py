@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Protocol
 
@@ -119,15 +119,24 @@ class SourceRecord:
     stalled: Stall | None = None
 
 
+STALL_REFRESH_S = 30.0
+"""How often a daemon renews the stall it recorded (`Stall.at`)."""
+
+
 def live_stall(rec: SourceRecord | None) -> Stall | None:
-    """The record's stall, unless the daemon that recorded it is gone (a daemon killed while
-    stalled cannot clear it; the next one clears it at start) or the source needs an operator
-    anyway (broken, paused) or is disabled."""
+    """The record's stall, unless the daemon that recorded it is gone, or the source needs an
+    operator anyway (broken, paused) or is disabled.
+
+    A daemon killed while stalled cannot clear its record: on this host its pid tells that it
+    is gone; a daemon on another host renews the record every `STALL_REFRESH_S` while the stall
+    lasts, so one not renewed for three times that is taken as gone."""
     if rec is None or rec.stalled is None or rec.state in _NOT_STALLABLE:
         return None
-    if holder_gone(rec.stalled.host, rec.stalled.pid):
-        return None
-    return rec.stalled
+    stall = rec.stalled
+    if stall.host == socket.gethostname():
+        return None if holder_gone(stall.host, stall.pid) else stall
+    age = datetime.now(UTC) - stall.at
+    return stall if age.total_seconds() <= 3 * STALL_REFRESH_S else None
 
 
 def shown_state(rec: SourceRecord | None) -> SourceState:
