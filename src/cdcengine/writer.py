@@ -91,7 +91,7 @@ class BatchWriter:
         self._maintenance_s = maintenance_interval_s
         self._maintained: dict[tuple[TableRef, TableKind], float] = {}
         self._on_durable = on_durable
-        self._on_commit = on_commit  # after each Delta commit: progress, for the watchdog
+        self._on_commit = on_commit  # after each Delta commit (upkeep too): for the watchdog
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._done: queue.SimpleQueue[Durable] = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -319,6 +319,8 @@ class BatchWriter:
             if now - last >= self._maintenance_s:
                 self._sink.maintain(ref, kind)
                 self._maintained[(ref, kind)] = time.monotonic()
+                if self._on_commit is not None:  # upkeep commits too: still moving
+                    self._on_commit()
 
 
 def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:
