@@ -308,7 +308,7 @@ class Watchdog:
                         while not self.stop.is_set():
                             self._beat()
                             for w in self._watched:
-                                self.check(store, w)
+                                self._check_one(store, w)
                             self.stop.wait(self.tick_s)
                 except Exception as exc:  # noqa: BLE001 - it must outlive a store outage
                     log.warning("watchdog_store_failed", reason=str(classify_error(exc).reason))
@@ -337,6 +337,14 @@ class Watchdog:
         except Exception as exc:  # noqa: BLE001 - display state only; the next tick retries
             log.warning("watchdog_store_failed", reason=str(classify_error(exc).reason))
 
+    def _check_one(self, store: StateStore, w: _Watched) -> None:
+        try:
+            self.check(store, w)
+        except Exception as exc:  # noqa: BLE001 - one source's failure never blinds the others
+            err = classify_error(exc)
+            log.warning("watchdog_check_failed", source=w.source.name, reason=str(err.reason),
+                        message=err.message)
+
     def check(self, store: StateStore, w: _Watched) -> Verdict:
         readings = [self._reading(store, w.source.name, lane) for lane in w.activity.lanes()]
         now = self._clock()
@@ -345,15 +353,16 @@ class Watchdog:
         for lane in w.activity.lanes():
             if lane.name in verdict.settled:
                 lane.undone = None
-        if verdict.stalled and (verdict.changed or now - w.recorded >= REFRESH_S):
-            self._record(store, w, verdict, now, first=verdict.changed)
-        elif verdict.changed:
-            stalled_for = (datetime.now(UTC) - w.stall.since).total_seconds() if w.stall else None
-            w.stall = None
+        if verdict.stalled:
+            if verdict.changed or now - w.recorded >= REFRESH_S:
+                self._record(store, w, verdict, now, first=verdict.changed)
+        elif w.stall is not None:  # progress again (or the store still holds our old record)
+            if verdict.changed:
+                stalled_for = (datetime.now(UTC) - w.stall.since).total_seconds()
+                self._gauge(name, False)
+                log.info("source_unstalled", source=name, stalled_s=round(stalled_for, 1))
             store.clear_stalled(name)
-            self._gauge(name, False)
-            log.info("source_unstalled", source=name,
-                     stalled_s=None if stalled_for is None else round(stalled_for, 1))
+            w.stall = None
         return verdict
 
     def _reading(self, store: StateStore, source: str, lane: Lane) -> Reading:
@@ -391,7 +400,6 @@ class Watchdog:
                         message=message, work=work, threads=tuple(own),
                         host=HOST, pid=os.getpid())
         w.recorded = now
-        store.set_stalled(name, w.stall)
         self._gauge(name, True)
         if first:
             # the whole picture, once: a deadlock may involve another source's threads
@@ -404,6 +412,8 @@ class Watchdog:
                       other_threads=[_dump(t) for t in everyone if not belongs(t.name)],
                       fix="the stacks show where each thread waits; restarting the daemon "
                           "resumes from the last durable position")
+        # logged first: the store may be what hangs, and a hang is never silent
+        store.set_stalled(name, w.stall)
 
     def _gauge(self, source: str, stalled: bool) -> None:
         if self.metrics is not None:

@@ -258,6 +258,34 @@ def test_watchdog_records_logs_and_clears_a_stall(tmp_path: Path) -> None:
             "source_stalled", "source_unstalled"]
 
 
+def test_a_stall_the_store_refuses_is_still_logged_and_blinds_no_other_source(
+        tmp_path: Path) -> None:
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    other = SourceConfig(name="other", dsn="postgresql://cdc@db/other", tables=["orders"],
+                         destination=str(tmp_path / "lake2"), stall_timeout_s=5)
+    with open_state(state) as store:
+        for name in ("shop", "other"):
+            store.record_enabled(name, management_mode="managed", slot_name=f"s_{name}",
+                                 publication_name=f"p_{name}", consistent_point=1,
+                                 system_identifier="1", timeline=1,
+                                 tables={"public.orders": "consolidated"})
+        store.record_disabled("shop")  # set_stalled refuses a source that is not enabled
+    acts = {"shop": Activity(), "other": Activity()}
+    for act in acts.values():
+        act.stream.report(pending=True, batches_in_flight=1)
+    clock = Clock()
+    dog = Watchdog([_source(tmp_path, stall_timeout_s=5), other], state, threading.Event(),
+                   activities=acts, clock=clock)
+    with open_state(state) as store, capture_logs() as logs:
+        for _ in range(2):
+            for w in dog._watched:
+                dog._check_one(store, w)
+            clock.now += 5
+        assert [e["source"] for e in logs if e["event"] == "source_stalled"] == ["shop", "other"]
+        assert [e["source"] for e in logs if e["event"] == "watchdog_check_failed"] == ["shop"]
+        assert shown_state(store.get_source("other")) is SourceState.STALLED
+
+
 def test_a_starting_daemon_clears_only_stalls_no_live_daemon_holds(tmp_path: Path) -> None:
     import dataclasses
     import os
