@@ -354,7 +354,9 @@ class Watchdog:
             if lane.name in verdict.settled:
                 lane.undone = None
         if verdict.stalled:
-            if verdict.changed or now - w.recorded >= REFRESH_S:
+            # renewed at least every REFRESH_S (other hosts read an old record as stale), and
+            # with a short timeout as often, so the thread picture stays current
+            if verdict.changed or now - w.recorded >= min(REFRESH_S, w.judge.timeout_s):
                 self._record(store, w, verdict, now, first=verdict.changed)
         elif w.stall is not None:  # progress again (or the store still holds our old record)
             if verdict.changed:

@@ -55,6 +55,13 @@ def _events(log: Path, name: str) -> list[dict[str, object]]:
     return out
 
 
+def _doing(src: SourceConfig, state: str, thread: str) -> str:
+    """What `thread` does in the source's current stall ('' when not stalled)."""
+    stalled = api.cdc_status(src, state=state).stalled
+    found = [t for t in stalled.threads if t["name"] == thread] if stalled else []
+    return str(found[0]["doing"]) if found else ""
+
+
 def test_a_hung_delta_write_is_reported_stalled_and_clears_when_it_resumes(
         db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, state = setup(db, tmp_path)
@@ -78,9 +85,11 @@ def test_a_hung_delta_write_is_reported_stalled_and_clears_when_it_resumes(
             assert f"{gauge} 0.0" in _metrics(port)
             assert not _events(log, "source_stalled")
 
-            # the first streamed batch: the writer commits it, then hangs
+            # the first streamed batch: the writer commits it, then hangs (a slow commit on a
+            # busy machine may be reported on its own first: wait for the hang's picture)
             db.execute("INSERT INTO items VALUES (1000, 'hung')")
-            wait_for(lambda: api.cdc_status(src, state=state).state == "stalled", timeout=30)
+            wait_for(lambda: _doing(src, state, f"writer-{src.name}").startswith("_hang"),
+                     timeout=30)
 
             shown = run_cli(cfg, "status", "--json")
             assert shown.returncode == 0, shown
@@ -109,7 +118,7 @@ def test_a_hung_delta_write_is_reported_stalled_and_clears_when_it_resumes(
             assert (f'cdcengine_source_state{{source="{src.name}",state="stalled"}} 1.0'
                     in metrics)
 
-            [dump] = _events(log, "source_stalled")
+            dump = _events(log, "source_stalled")[-1]
             assert dump["source"] == src.name and dump["level"] == "error", dump
             own = {t["name"]: t for t in dump["threads"]}  # type: ignore[attr-defined]
             assert any("failpoints.py" in f for f in own[f"writer-{src.name}"]["stack"]), own
@@ -147,7 +156,8 @@ def test_a_hung_snapshot_is_reported_stalled_and_clears_when_it_resumes(
     daemon = start_daemon(cfg, log, failpoint="snapshot_chunk_committed=hang")
     try:
         with logs_on_failure(log):
-            wait_for(lambda: api.cdc_status(src, state=state).state == "stalled", timeout=60)
+            wait_for(lambda: _doing(src, state, f"source-{src.name}").startswith("_hang"),
+                     timeout=60)
             st = api.cdc_status(src, state=state)
             assert st.stalled is not None
             assert [w["lane"] for w in st.stalled.work] == ["snapshot"], st.stalled
@@ -157,7 +167,7 @@ def test_a_hung_snapshot_is_reported_stalled_and_clears_when_it_resumes(
             assert any("in snapshot_table" in f for f in reading["stack"]), reading  # type: ignore[union-attr]
             code, body = get(port, "/health")
             assert code == 503 and body["problems"][0]["state"] == "stalled", body  # type: ignore[index]
-            assert [e["source"] for e in _events(log, "source_stalled")] == [src.name]
+            assert {e["source"] for e in _events(log, "source_stalled")} == {src.name}
 
             release.touch()
             wait_for(lambda: same_as_source(src), timeout=60)
@@ -186,9 +196,10 @@ def test_a_failure_repeating_on_every_retry_is_reported_stalled(
         with logs_on_failure(log):
             wait_for(lambda: api.cdc_status(src, state=state).state == "streaming", timeout=60)
             db.execute("INSERT INTO items VALUES (1000, 'refused')")
-            wait_for(lambda: api.cdc_status(src, state=state).state == "stalled", timeout=30)
-            st = api.cdc_status(src, state=state)
-            assert st.stalled is not None and "is retried" in st.stalled.message, st.stalled
+            def retried() -> bool:
+                st = api.cdc_status(src, state=state)
+                return st.state == "stalled" and "is retried" in str(st.stalled.message)  # type: ignore[union-attr]
+            wait_for(retried, timeout=30)
             assert len(_events(log, "source_reconnecting")) >= 1
             assert get(port, "/health")[0] == 503
 
