@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +29,15 @@ import pytest
 import cdcengine.state
 from cdcengine.errors import LeaseHeld, Reason, StateStoreError
 from cdcengine.state import SourceState, StateStore, TableState
-from cdcengine.state.base import TableOptions
+from cdcengine.state.base import (
+    STALL_REFRESH_S,
+    Stall,
+    StuckWork,
+    TableOptions,
+    ThreadInfo,
+    live_stall,
+    shown_state,
+)
 
 SRC = Path(cdcengine.state.__file__).resolve().parents[2]
 
@@ -558,6 +566,63 @@ def test_a_dead_holder_on_another_host_is_not_taken_over_early(
         assert s.acquire_lease("shop", holder="parent", purpose="daemon", ttl_s=30).pid == (
             os.getpid()
         )
+
+
+# stalls (the daemon watchdog's record) --------------------------------------------------------
+
+
+def _stall(pid: int | None = None, **kw: object) -> Stall:
+    fields: dict[str, object] = dict(
+        since=datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC),
+        at=datetime(2026, 1, 1, 12, 5, 0, tzinfo=UTC),
+        message="nothing became durable for 300 s",
+        work=(StuckWork(lane="stream", what="1 batch(es) at the Delta writer", waited_s=300.0),),
+        threads=(ThreadInfo(name="writer-shop", doing="_write (writer.py:1)",
+                            stack=("a.py:1 in run", "writer.py:1 in _write")),),
+        host=socket.gethostname(), pid=os.getpid() if pid is None else pid)
+    fields.update(kw)
+    return Stall(**fields)  # type: ignore[arg-type]
+
+
+def test_a_stall_is_shown_over_the_stored_state_and_cleared(store: StateStore) -> None:
+    enable(store)
+    store.set_source_state("shop", SourceState.STREAMING)
+    stall = _stall()
+    rec = store.set_stalled("shop", stall)
+    assert rec.stalled == stall  # every field survives the round trip
+    assert rec.state is SourceState.STREAMING  # the stored state is left alone
+    assert shown_state(rec) is SourceState.STALLED and live_stall(rec) == stall
+    # the lag policy may still move the stored state; the stall stays shown over it
+    rec = store.set_source_state("shop", SourceState.WARNING)
+    assert rec.stalled == stall and shown_state(rec) is SourceState.STALLED
+    rec = store.clear_stalled("shop")
+    assert rec is not None and rec.stalled is None
+    assert shown_state(rec) is SourceState.WARNING
+    assert store.clear_stalled("shop") == rec  # idempotent
+    assert store.clear_stalled("nobody") is None
+
+
+def test_a_stall_never_hides_a_broken_source_nor_outlives_its_daemon(store: StateStore) -> None:
+    enable(store)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    rec = store.set_stalled("shop", _stall(pid=int(gone.stdout)))
+    assert rec.stalled is not None  # recorded, but its daemon is gone: not shown
+    assert live_stall(rec) is None and shown_state(rec) is SourceState.SNAPSHOTTING
+    # a daemon on another host renews its record while the stall lasts; an old one is stale
+    now = datetime.now(UTC)
+    rec = store.set_stalled("shop", _stall(host="elsewhere.example", pid=1, at=now))
+    assert shown_state(rec) is SourceState.STALLED
+    rec = store.set_stalled("shop", _stall(host="elsewhere.example", pid=1,
+                                           at=now - timedelta(seconds=STALL_REFRESH_S * 4)))
+    assert shown_state(rec) is SourceState.SNAPSHOTTING
+    rec = store.set_stalled("shop", _stall())
+    assert shown_state(rec) is SourceState.STALLED
+    rec = store.set_broken("shop", "slot_missing", "the slot is gone")
+    assert shown_state(rec) is SourceState.BROKEN and live_stall(rec) is None
+    # enable and disable start clean
+    store.record_disabled("shop")
+    assert store.get_source("shop").stalled is None  # type: ignore[union-attr]
 
 
 __all__ = [  # what the implementations' test modules import: the tests and their fixtures

@@ -45,11 +45,13 @@ from cdcengine.sink.destination import check_destination
 from cdcengine.state import open_state
 from cdcengine.state.base import (
     SourceRecord,
-    SourceState,
+    Stall,
     StateStore,
     TableOptions,
     TableState,
     hold_lease,
+    live_stall,
+    shown_state,
 )
 from cdcengine.verify import DEFAULT_EXAMPLES as DEFAULT_VERIFY_EXAMPLES
 from cdcengine.verify import DEFAULT_WAIT_S as DEFAULT_VERIFY_WAIT_S
@@ -163,6 +165,30 @@ class MarkerView:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StallView:
+    """A running daemon's watchdog finds the source unable to make progress (see
+    `cdcengine.watchdog`): since when, why, and what each of its threads is doing."""
+
+    since: str
+    at: str  # when the watchdog found it, or last renewed the thread picture
+    seconds: float  # stalled for, as of `at`
+    message: str
+    work: tuple[dict[str, object], ...]  # lane (stream | snapshot), what, waited_s
+    threads: tuple[dict[str, object], ...]  # name, doing, stack (outermost call first)
+    host: str
+    pid: int
+
+    @classmethod
+    def of(cls, stall: Stall) -> StallView:
+        return cls(since=stall.since.isoformat(), at=stall.at.isoformat(),
+                   seconds=round((stall.at - stall.since).total_seconds(), 1),
+                   message=stall.message, host=stall.host, pid=stall.pid,
+                   work=tuple(dataclasses.asdict(w) for w in stall.work),
+                   threads=tuple({"name": t.name, "doing": t.doing, "stack": list(t.stack)}
+                                 for t in stall.threads))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TableStatus:
     name: str
     mode: str
@@ -220,6 +246,8 @@ class Status:
     lag: dict[str, object] = field(default_factory=dict)
     temporary_slots: tuple[SlotInfo, ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
+    # set while `state` is `stalled` (a running daemon's watchdog recorded it)
+    stalled: StallView | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -521,7 +549,7 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
         lease = store.get_lease(source.name)
         return Status(
             name=source.name,
-            state=str(rec.state if rec else SourceState.DISABLED),
+            state=str(shown_state(rec)),
             enabled=bool(rec and rec.enabled),
             management_mode=str(target.management_mode),
             dsn=source.masked_dsn,
@@ -542,6 +570,7 @@ def cdc_status(source: SourceConfig, *, state: StateArg = None) -> Status:
             lease={"purpose": lease.purpose, "host": lease.host, "pid": lease.pid,
                    "since": lease.acquired_at.isoformat()} if lease else None,
             lag=lag, temporary_slots=probe.temporary_slots,
+            stalled=StallView.of(stall) if (stall := live_stall(rec)) is not None else None,
         )
 
 

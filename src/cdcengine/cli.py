@@ -370,6 +370,10 @@ def _show_status(_: SourceConfig, st: api.Status) -> None:
     for label, m in (("broken", st.broken), ("paused", st.paused)):
         if m is not None:
             print(f"  {label}: {m.reason} — {m.message} (since {m.at})")
+    if st.stalled is not None:
+        print(f"  stalled since {st.stalled.since}: {st.stalled.message}")
+        for t in st.stalled.threads:
+            print(f"    thread {t['name']}: {t['doing']}")
     s = st.slot
     if s.exists:
         held = f"active pid {s.active_pid}" if s.active else "inactive"

@@ -80,7 +80,7 @@ _SOURCE_KEYS: dict[str, str] = {
     "lag_critical_threshold_mb": "int", "lag_check_interval_s": "int",
     "flush_interval_ms": "int", "max_batch_rows": "int", "max_batch_mb": "int", "table": "dict",
     "maintenance_interval_s": "int", "vacuum_retention_hours": "int",
-    "snapshot_chunk_rows": "int", "snapshot_workers": "int",
+    "snapshot_chunk_rows": "int", "snapshot_workers": "int", "stall_timeout_s": "int",
 }
 _HTTP_HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 _ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "http_host": "str",
@@ -140,6 +140,8 @@ class SourceConfig:
     vacuum_retention_hours: int = 168  # files unreferenced this long are deleted; 0: no vacuum
     snapshot_chunk_rows: int = 100_000  # rows per snapshot chunk (key ranges, planned)
     snapshot_workers: int = 2  # parallel snapshot copies, each on its own connection
+    # the daemon's watchdog: changes pending and nothing durable this long → `stalled`
+    stall_timeout_s: int = 300
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -211,7 +213,8 @@ class SourceConfig:
                 raise fail(key, f"must be true or false (got {getattr(self, key)!r})")
         for key in ("lag_warning_threshold_mb", "lag_critical_threshold_mb",
                     "lag_check_interval_s", "flush_interval_ms", "max_batch_rows",
-                    "max_batch_mb", "snapshot_chunk_rows", "snapshot_workers"):
+                    "max_batch_mb", "snapshot_chunk_rows", "snapshot_workers",
+                    "stall_timeout_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise fail(key, f"must be an integer >= 1 (got {value!r})")

@@ -26,6 +26,7 @@ from cdcengine.http import Endpoints, HttpServer
 from cdcengine.metrics import Metrics
 from cdcengine.monitor import SlotMonitor
 from cdcengine.runner import SourceOutcome, SourceRunner
+from cdcengine.watchdog import Watchdog
 
 log = structlog.get_logger("cdcengine.daemon")
 
@@ -66,6 +67,14 @@ def run(cfg: Config, sources: Sequence[SourceConfig], stop: threading.Event, *,
         t.start()
     monitor = SlotMonitor(sources, cfg.engine.state, stop, runners=runners,
                           metrics=metrics).start()
+    # its own stop: it keeps watching while the runners finish (a hung commit hangs the stop)
+    watchdog_stop = threading.Event()
+    # faulthandler's dump if even the watchdog cannot run (the GIL held by a blocked call):
+    # well after the slowest source's stall would have been reported
+    last_resort_s = max(60.0, 2.0 * max((s.stall_timeout_s for s in sources), default=0))
+    watchdog = Watchdog(sources, cfg.engine.state, watchdog_stop, metrics=metrics,
+                        activities={name: r.activity for name, r in runners.items()},
+                        last_resort_s=last_resort_s).start()
     log.info("daemon_started", sources=[s.name for s in sources])
     while any(t.is_alive() for t in threads) and not stop.wait(0.5):
         pass
@@ -76,6 +85,9 @@ def run(cfg: Config, sources: Sequence[SourceConfig], stop: threading.Event, *,
     for t in threads:
         t.join()
     monitor.join()
+    watchdog_stop.set()
+    watchdog.join()
+    watchdog.clear_all()  # every pipeline ended: none of them is stalled any more
     for r in runners.values():  # a broken source never exits 0, however recent the marker
         try:
             r.note_marker()

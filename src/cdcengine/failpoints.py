@@ -1,8 +1,16 @@
-"""Named crash points, for proving exactly-once under `kill -9` at the moments that matter.
+"""Named failure points, for proving exactly-once under `kill -9` and for making a hang happen
+at the moments that matter.
 
 `CDCENGINE_FAILPOINT=name` (or `name:n`, the n-th time it is reached; several comma-separated)
 makes the process SIGKILL itself at that point: no `finally`, no flush, no status update — the
 same as a power cut or the OOM killer. Unset (always, outside tests), `hit` is one dict lookup.
+
+`name=hang` (or `name:n=hang`) blocks the thread that reaches the point instead, like a
+deltalake call or a COPY that never returns: until the file named by
+`CDCENGINE_FAILPOINT_RELEASE` exists (the test creates it to let the work go on), or for ever
+when that variable is unset. `name=fail` raises `FailpointError` there, at every arrival from
+the n-th on until that file exists: a failure that repeats on every retry. The watchdog tests use
+both (`cdcengine.watchdog`).
 
 Points (in the order a batch meets them):
 - `batch_taken`: a batch was cut, nothing of it written;
@@ -19,15 +27,26 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "CDCENGINE_FAILPOINT"
+RELEASE_ENV = "CDCENGINE_FAILPOINT_RELEASE"
+KILL, HANG, FAIL = "kill", "hang", "fail"
 
 
-def _parse(spec: str) -> dict[str, int]:
-    points: dict[str, int] = {}
+class FailpointError(RuntimeError):
+    """Raised by a `fail` failpoint."""
+
+
+def _parse(spec: str) -> dict[str, tuple[int, str]]:
+    points: dict[str, tuple[int, str]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, nth = part.partition(":")
-        points[name] = int(nth) if nth else 1
+        point, _, action = part.partition("=")
+        name, _, nth = point.partition(":")
+        action = action.strip() or KILL
+        if action not in (KILL, HANG, FAIL):
+            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} (kill | hang | fail)")
+        points[name.strip()] = (int(nth) if nth else 1, action)
     return points
 
 
@@ -35,12 +54,32 @@ _armed = _parse(os.environ.get(ENV, ""))
 
 
 def hit(name: str) -> None:
-    """Die here if `name` is armed and this is its n-th arrival."""
+    """Die (or hang) here if `name` is armed and this is its n-th arrival."""
     if not _armed or name not in _armed:
         return
-    _armed[name] -= 1
-    if _armed[name] <= 0:
+    left, action = _armed[name]
+    _armed[name] = (left - 1, action)
+    if left - 1 > 0:
+        return
+    if action == FAIL:
+        if not _released():
+            raise FailpointError(f"failpoint {name}")
+        del _armed[name]
+    elif action == HANG:
+        del _armed[name]  # one thread hangs; the point is spent
+        _hang()
+    else:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _released() -> bool:
+    release = os.environ.get(RELEASE_ENV)
+    return bool(release and os.path.exists(release))
+
+
+def _hang() -> None:
+    while not _released():
+        time.sleep(0.1)
 
 
 def arm(spec: str) -> None:

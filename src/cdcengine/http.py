@@ -1,12 +1,13 @@
 """The daemon's HTTP endpoints (SPEC §7): `/health`, `/status`, `/metrics`.
 
 - `GET /health`: 200 `{"status": "ok", "sources": {name: state}}` while no configured source is
-  `broken` or `paused` in the state store (snapshotting, streaming, warning, error, reconnecting
-  are all healthy: they need no operator), else 503 with `"status": "unhealthy"` and a
-  `problems` list (`source`, `state`, `reason`, `message`, `at`). A source whose runner the
-  daemon gave up on (a non-retryable error that is neither broken nor paused, e.g. not enabled)
-  replicates nothing either, so it is a problem too. The state store is the truth, read on
-  every request: a `repair` or `resume` by the CLI shows at once.
+  `broken`, `paused` or `stalled` in the state store (snapshotting, streaming, warning, error,
+  reconnecting are all healthy: they need no operator), else 503 with `"status": "unhealthy"`
+  and a `problems` list (`source`, `state`, `reason`, `message`, `at`; a stalled source's also
+  `since`, `work` and `threads`: what each of its threads is doing, see `cdcengine.watchdog`).
+  A source whose runner the daemon gave up on (a non-retryable error that is neither broken
+  nor paused, e.g. not enabled) replicates nothing either, so it is a problem too. The state
+  store is the truth, read on every request: a `repair` or `resume` by the CLI shows at once.
 - `GET /status`: the document `cdcengine status --json` prints; a source that cannot be reached
   is reported inside it with its error (still 200: the endpoint itself worked).
 - `GET /metrics`: Prometheus text exposition of the daemon's `Metrics`, with
@@ -38,13 +39,15 @@ from cdcengine.errors import CDCError, ConfigError, classify_error
 from cdcengine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cdcengine.metrics import Metrics
 from cdcengine.secrets import dsn_password, scrub
-from cdcengine.state.base import Marker, SourceRecord, SourceState
+from cdcengine.state.base import Marker, SourceRecord, SourceState, live_stall, shown_state
 
 log = structlog.get_logger("cdcengine.http")
 
 DEFAULT_HOST = "127.0.0.1"
 _JSON = "application/json; charset=utf-8"
-_UNHEALTHY = frozenset({SourceState.BROKEN, SourceState.PAUSED})
+# stalled: a hang needs someone to look (its stacks are in the body and the log), and a
+# supervisor restarting the daemon on 503 resumes it from the last durable position
+_UNHEALTHY = frozenset({SourceState.BROKEN, SourceState.PAUSED, SourceState.STALLED})
 
 Stopped = Callable[[], Mapping[str, tuple[CDCError, datetime]]]
 """Sources whose runner the daemon gave up on: name -> (the error, when)."""
@@ -75,7 +78,9 @@ class Endpoints:
         states = {name: _state(rec) for name, rec in records.items()}
         problems: list[dict[str, object]] = []
         for name, rec in records.items():
-            if states[name] in _UNHEALTHY:
+            if states[name] is SourceState.STALLED:
+                problems.append(_stalled(name, rec))
+            elif states[name] in _UNHEALTHY:
                 problems.append(_problem(name, states[name], _marker(rec)))
         stopped = self.stopped()
         for name in records:
@@ -214,7 +219,20 @@ def _bind_error(host: str, port: int, exc: OSError) -> ConfigError:
 
 
 def _state(rec: SourceRecord | None) -> SourceState:
-    return rec.state if rec is not None else SourceState.DISABLED
+    return shown_state(rec)
+
+
+def _stalled(name: str, rec: SourceRecord | None) -> dict[str, object]:
+    stall = live_stall(rec)
+    if stall is None:  # cleared between the two reads
+        return _problem(name, SourceState.STALLED, None)
+    return {"source": name, "state": str(SourceState.STALLED), "reason": "stalled",
+            "message": stall.message, "at": stall.at.isoformat(),
+            "since": stall.since.isoformat(),
+            "work": [{"lane": w.lane, "what": w.what, "waited_s": w.waited_s}
+                     for w in stall.work],
+            "threads": [{"name": t.name, "doing": t.doing, "stack": list(t.stack)}
+                        for t in stall.threads]}
 
 
 def _marker(rec: SourceRecord | None) -> Marker | None:

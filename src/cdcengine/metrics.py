@@ -66,6 +66,10 @@ class Metrics:
         self._state = Gauge(
             "cdcengine_source_state", "1 for the source's current state, 0 for the others.",
             ["source", "state"], registry=r)
+        self._stalled = Gauge(
+            "cdcengine_source_stalled", "1 while the daemon's watchdog finds the source unable "
+            "to make progress: changes pending and nothing durable for stall_timeout_s.",
+            ["source"], registry=r)
         self._auto_drops = Counter(
             "cdcengine_slot_auto_drops", "Slots dropped by the lag policy (critical retained "
             "WAL).", ["source"], registry=r)
@@ -94,6 +98,10 @@ class Metrics:
         current = str(state)
         for known in _states(current):
             self._state.labels(source, known).set(1 if known == current else 0)
+
+    def set_stalled(self, source: str, stalled: bool) -> None:
+        """The watchdog's verdict (`cdcengine.watchdog`): 1 stalled, 0 not."""
+        self._stalled.labels(source).set(1 if stalled else 0)
 
     def count_error(self, source: str, reason: str) -> None:
         self._errors.labels(source, str(reason)).inc()

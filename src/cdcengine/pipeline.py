@@ -55,6 +55,7 @@ from cdcengine.sink.delta import DeltaSink
 from cdcengine.snapshots import snapshot_table
 from cdcengine.state.base import Lease, SourceState, StateStore, TableState, hold_lease
 from cdcengine.tablesets import Registrations, registered_changes, registrations
+from cdcengine.watchdog import Activity
 from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
 
 log = structlog.get_logger("cdcengine.pipeline")
@@ -74,7 +75,8 @@ class Pipeline:
     def __init__(self, source: SourceConfig, *, state: StateArg = None,
                  adapter: SourceAdapter | None = None, spill_dir: Path | None = None,
                  on_batch: Callable[[ChangeBatch, RunStats], None] | None = None,
-                 metrics: Metrics | None = None, resume_lsn: int = 0) -> None:
+                 metrics: Metrics | None = None, resume_lsn: int = 0,
+                 activity: Activity | None = None) -> None:
         self.source = source
         # The highest flush position this process told the server (a reconnect within the
         # daemon passes the last run's): every change session starts there explicitly, not at
@@ -87,6 +89,8 @@ class Pipeline:
         self._on_batch = on_batch
         # the daemon passes its one `Metrics` (served on /metrics); alone, a private instance
         self.metrics = metrics or Metrics()
+        # what is pending and what became durable, for the daemon's watchdog (cdcengine.watchdog)
+        self.activity = activity or Activity()
         self.stats = RunStats()
         self._applied: Applied = {}
         # set while this run holds the source's lease: the daemon's monitor acts for it then
@@ -229,10 +233,16 @@ class Pipeline:
             return _Backfill(self, store, pending).start()
         _set_state(store, self.source.name, SourceState.SNAPSHOTTING)
         for tc in pending:
-            if stop.is_set() or self._backfill_one(store, sink, tc, stop) is None:
+            if stop.is_set() or self._snapshot_one(store, sink, tc, stop) is None:
                 return None
             self._load_applied(sink, tc)
         return None
+
+    def _snapshot_one(self, store: StateStore, sink: DeltaSink, tc: TableConfig,
+                      stop: threading.Event) -> int | None:
+        """`_backfill_one`, seen by the watchdog as a snapshot running."""
+        with self.activity.snapshotting(tc.name):
+            return self._backfill_one(store, sink, tc, stop)
 
     def _backfill_one(self, store: StateStore, sink: DeltaSink, tc: TableConfig,
                       stop: threading.Event) -> int | None:
@@ -316,7 +326,8 @@ class Pipeline:
                                  hard_deletes=src.hard_deletes, stats=self.stats,
                                  maintenance_interval_s=src.maintenance_interval_s,
                                  on_durable=self._durable_hook(),
-                                 defaults=self._defaults_fn(), metrics=self.metrics).start()
+                                 defaults=self._defaults_fn(), metrics=self.metrics,
+                                 on_commit=self.activity.stream.moved).start()
             loop = _Loop(self, store, changes, batcher, progress, writer)
             _set_state(store, src.name, SourceState.STREAMING)
             self._streaming_since = time.monotonic()
@@ -423,6 +434,7 @@ class _Loop:
         batch = self.batcher.take()
         if batch is None:
             return
+        self.pipeline.activity.stream.pending = True  # taken: pending, before anything can fail
         failpoints.hit("batch_taken")
         self.pipeline._stopped(self.store, batch)
         self.progress.batch_started()
@@ -443,6 +455,12 @@ class _Loop:
             open_transaction=self.batcher.in_transaction,
             pending_rows=self.batcher.pending_rows, keepalive_lsn=self.changes.keepalive_lsn)
         self.changes.set_flush_lsn(confirmable)
+        # for the watchdog: received and not yet durable is pending; a durable batch is progress
+        rows, in_flight = self.batcher.pending_rows, self.progress.in_flight
+        self.pipeline.activity.stream.report(
+            pending=bool(in_flight or rows or self.batcher.in_transaction), moved=bool(done),
+            batches_in_flight=in_flight, rows_buffered=rows,
+            open_transaction=self.batcher.in_transaction)
         if confirmable:  # held: the last position confirmed stays the figure
             self.pipeline.stats.flush_lsn = confirmable
             self.pipeline.confirmed_lsn = max(self.pipeline.confirmed_lsn, confirmable)
@@ -502,7 +520,7 @@ class _Backfill:
                 if self._stop.is_set():
                     return
                 try:
-                    rows = pipeline._backfill_one(store, self._sink, tc, self._stop)
+                    rows = pipeline._snapshot_one(store, self._sink, tc, self._stop)
                 except CDCError as exc:
                     if exc.retryable:
                         raise

@@ -26,6 +26,7 @@ from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error, reason_of
 from cdcengine.pipeline import Pipeline
 from cdcengine.state.base import Marker, SourceRecord
+from cdcengine.watchdog import Activity
 
 log = structlog.get_logger("cdcengine.daemon")
 
@@ -57,6 +58,8 @@ class SourceRunner:
         self.source, self.state, self.stop = source, state, stop
         self.metrics = metrics
         self.outcome = SourceOutcome(name=source.name)
+        # what the pipeline has pending, for the daemon's watchdog; kept across reconnects
+        self.activity = Activity()
         self._lock = threading.Lock()
         self._session = threading.Event()  # stops the current pipeline run
         self._pipeline: Pipeline | None = None
@@ -126,6 +129,8 @@ class SourceRunner:
                         return  # nothing an operator command would clear: give up
                     continue
                 self.outcome.restarts += 1
+                # what it had pending is still to do: the watchdog keeps counting across retries
+                self.activity.interrupted(str(err.reason))
                 unexpected = err.reason is Reason.UNKNOWN
                 log.warning("source_reconnecting", source=self.source.name,
                             reason=str(err.reason), message=err.message, backoff_s=backoff,
@@ -141,7 +146,7 @@ class SourceRunner:
                 return
             self._session = threading.Event()
             pipeline = Pipeline(self.source, state=self.state, metrics=self.metrics,  # type: ignore[arg-type]
-                                resume_lsn=self._resume_lsn)
+                                resume_lsn=self._resume_lsn, activity=self.activity)
             self._pipeline = pipeline
             self._idle.clear()
         try:

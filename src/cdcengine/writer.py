@@ -84,7 +84,8 @@ class BatchWriter:
                  applied: Applied, hard_deletes: bool, stats: WriterStats | None = None,
                  maintenance_interval_s: float = 600.0, depth: int = 1,
                  on_durable: Callable[[ChangeBatch, Durable], None] | None = None,
-                 defaults: DefaultsFn | None = None, metrics: Metrics | None = None) -> None:
+                 defaults: DefaultsFn | None = None, metrics: Metrics | None = None,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._sink = sink
         self._metrics = metrics or Metrics()
         self._defaults = defaults
@@ -96,6 +97,7 @@ class BatchWriter:
         self._maintenance_s = maintenance_interval_s
         self._maintained: dict[tuple[TableRef, TableKind], float] = {}
         self._on_durable = on_durable
+        self._on_commit = on_commit  # after each Delta commit (upkeep too): for the watchdog
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._done: queue.SimpleQueue[Durable] = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -225,6 +227,8 @@ class BatchWriter:
                     stopped.append(refused)
                     break
                 metrics.observe_commit(self._source, time.monotonic() - commit_started)
+                if self._on_commit is not None:
+                    self._on_commit()
                 self._applied[(ref, kind)] = batch.version
                 touched.append((ref, kind))
                 if j == 0:
@@ -355,6 +359,8 @@ class BatchWriter:
             if now - last >= self._maintenance_s:
                 self._sink.maintain(ref, kind)
                 self._maintained[(ref, kind)] = time.monotonic()
+                if self._on_commit is not None:  # upkeep commits too: still moving
+                    self._on_commit()
 
 
 def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:

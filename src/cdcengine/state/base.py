@@ -10,6 +10,11 @@ Invariants every implementation keeps (so `status` never shows a contradiction):
 - `enabled` is true exactly when `state` is not `disabled`;
 - a `broken` marker is set exactly when `state` is `broken`;
 - a `paused` marker without a `broken` one means `state` is `paused` (broken wins over paused).
+
+A `stalled` record (the daemon's watchdog: changes pending, nothing durable for
+`stall_timeout_s`) sits beside `state` rather than in it: the stored state keeps saying what the
+pipeline does (streaming, snapshotting, warning …) and comes back by itself when the stall clears,
+and a stall never hides a broken or paused source. `shown_state` combines the two for display.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Protocol
 
@@ -42,6 +47,8 @@ class SourceState(enum.StrEnum):
     ERROR = "error"
     PAUSED = "paused"
     BROKEN = "broken"
+    # never stored as `state`: shown while a daemon's watchdog records a stall (`shown_state`)
+    STALLED = "stalled"
 
 
 class TableState(enum.StrEnum):
@@ -61,6 +68,40 @@ class Marker:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadInfo:
+    """One thread of a stalled daemon: what it is doing (its innermost frame) and its stack,
+    outermost call first."""
+
+    name: str
+    doing: str
+    stack: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StuckWork:
+    """One kind of work of a source (`stream`, `snapshot`) that made nothing durable."""
+
+    lane: str
+    what: str
+    waited_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stall:
+    """A daemon's watchdog found the source unable to make progress: changes pending and
+    nothing durable since `since`. Recorded by the daemon running the source (`host`, `pid`);
+    cleared by it as soon as something becomes durable again."""
+
+    since: datetime
+    at: datetime  # when the watchdog found it (or last refreshed the thread picture)
+    message: str
+    work: tuple[StuckWork, ...] = ()
+    threads: tuple[ThreadInfo, ...] = ()
+    host: str = ""
+    pid: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SourceRecord:
     name: str
     state: SourceState
@@ -75,6 +116,37 @@ class SourceRecord:
     updated_at: datetime
     broken: Marker | None
     paused: Marker | None
+    stalled: Stall | None = None
+
+
+STALL_REFRESH_S = 30.0
+"""How often a daemon renews the stall it recorded (`Stall.at`)."""
+
+
+def live_stall(rec: SourceRecord | None) -> Stall | None:
+    """The record's stall, unless the daemon that recorded it is gone, or the source needs an
+    operator anyway (broken, paused) or is disabled.
+
+    A daemon killed while stalled cannot clear its record: on this host its pid tells that it
+    is gone; a daemon on another host renews the record every `STALL_REFRESH_S` while the stall
+    lasts, so one not renewed for three times that is taken as gone."""
+    if rec is None or rec.stalled is None or rec.state in _NOT_STALLABLE:
+        return None
+    stall = rec.stalled
+    if stall.host == socket.gethostname():
+        return None if holder_gone(stall.host, stall.pid) else stall
+    age = datetime.now(UTC) - stall.at
+    return stall if age.total_seconds() <= 3 * STALL_REFRESH_S else None
+
+
+def shown_state(rec: SourceRecord | None) -> SourceState:
+    """The state `status`, `/health` and `/metrics` show: `stalled` over a running state."""
+    if rec is None:
+        return SourceState.DISABLED
+    return SourceState.STALLED if live_stall(rec) is not None else rec.state
+
+
+_NOT_STALLABLE = frozenset({SourceState.DISABLED, SourceState.BROKEN, SourceState.PAUSED})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,6 +324,8 @@ class StateStore(Protocol):
     def clear_broken(self, name: str) -> SourceRecord: ...
     def set_paused(self, name: str, reason: str, message: str) -> SourceRecord: ...
     def clear_paused(self, name: str) -> SourceRecord: ...
+    def set_stalled(self, name: str, stall: Stall) -> SourceRecord: ...
+    def clear_stalled(self, name: str) -> SourceRecord | None: ...
 
     # tables
     def list_tables(self, source: str) -> list[TableRecord]: ...

@@ -165,6 +165,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         # it streams from these.
         statements=("ALTER TABLE source_tables ADD COLUMN options TEXT",),
     ),
+    Migration(
+        version=5,
+        description="a daemon watchdog's stall record per source (issue 12, defect 4)",
+        # beside `state`, not in it: the stored state stays what the pipeline does and shows
+        # again once the stall clears. `stalled_detail` is JSON (message, stuck work, threads,
+        # the recording daemon's host and pid).
+        statements=(
+            "ALTER TABLE sources ADD COLUMN stalled_since DOUBLE PRECISION",
+            "ALTER TABLE sources ADD COLUMN stalled_at DOUBLE PRECISION",
+            "ALTER TABLE sources ADD COLUMN stalled_detail TEXT",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

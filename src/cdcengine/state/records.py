@@ -21,9 +21,12 @@ from cdcengine.state.base import (
     SnapshotProgress,
     SourceRecord,
     SourceState,
+    Stall,
+    StuckWork,
     TableOptions,
     TableRecord,
     TableState,
+    ThreadInfo,
 )
 
 MAX_LSN = 2**63 - 1  # BIGINT; a real LSN never comes near it
@@ -87,6 +90,37 @@ def source_record(row: Row) -> SourceRecord:
         updated_at=dt(row["updated_at"]),
         broken=marker(row, "broken"),
         paused=marker(row, "paused"),
+        stalled=stall(row),
+    )
+
+
+def stall_detail(stall: Stall) -> str:
+    """`stalled_detail` JSON: everything of a `Stall` but its two timestamps (own columns)."""
+    return json.dumps({
+        "message": stall.message, "host": stall.host, "pid": stall.pid,
+        "work": [{"lane": w.lane, "what": w.what, "waited_s": w.waited_s} for w in stall.work],
+        "threads": [{"name": t.name, "doing": t.doing, "stack": list(t.stack)}
+                    for t in stall.threads]})
+
+
+def stall(row: Row) -> Stall | None:
+    if row["stalled_at"] is None:
+        return None
+    try:
+        raw = json.loads(row["stalled_detail"] or "{}")
+    except ValueError:  # display only: a damaged detail still shows the stall
+        raw = {}
+    return Stall(
+        since=dt(row["stalled_since"] if row["stalled_since"] is not None else row["stalled_at"]),
+        at=dt(row["stalled_at"]),
+        message=str(raw.get("message") or "no progress"),
+        work=tuple(StuckWork(lane=str(w.get("lane")), what=str(w.get("what")),
+                             waited_s=float(w.get("waited_s") or 0.0))
+                   for w in raw.get("work") or ()),
+        threads=tuple(ThreadInfo(name=str(t.get("name")), doing=str(t.get("doing")),
+                                 stack=tuple(str(f) for f in t.get("stack") or ()))
+                      for t in raw.get("threads") or ()),
+        host=str(raw.get("host") or ""), pid=int(raw.get("pid") or 0),
     )
 
 

@@ -32,6 +32,7 @@ from cdcengine.state.base import (
     SnapshotProgress,
     SourceRecord,
     SourceState,
+    Stall,
     TableOptions,
     TableRecord,
     TableState,
@@ -49,6 +50,7 @@ from cdcengine.state.records import (
     progress_record,
     refuse,
     source_record,
+    stall_detail,
     table_record,
 )
 
@@ -151,7 +153,8 @@ class SQLStateStore(DialectStore[C]):
                 " system_identifier = excluded.system_identifier, timeline = excluded.timeline,"
                 " enabled_at = excluded.enabled_at, updated_at = excluded.updated_at,"
                 " broken_reason = NULL, broken_message = NULL, broken_at = NULL,"
-                " paused_reason = NULL, paused_message = NULL, paused_at = NULL",
+                " paused_reason = NULL, paused_message = NULL, paused_at = NULL,"
+                " stalled_since = NULL, stalled_at = NULL, stalled_detail = NULL",
                 (
                     name,
                     SourceState.SNAPSHOTTING,
@@ -208,6 +211,9 @@ class SQLStateStore(DialectStore[C]):
                 paused_reason=None,
                 paused_message=None,
                 paused_at=None,
+                stalled_since=None,
+                stalled_at=None,
+                stalled_detail=None,
             )
 
     def set_source_state(self, name: str, state: SourceState) -> SourceRecord:
@@ -278,6 +284,26 @@ class SQLStateStore(DialectStore[C]):
             return self._update(
                 tx, name, state=state, paused_reason=None, paused_message=None, paused_at=None
             )
+
+    def set_stalled(self, name: str, stall: Stall) -> SourceRecord:
+        """Record the daemon watchdog's stall (replacing an earlier one). The stored state is
+        left alone: `shown_state` shows `stalled` over it while the record lasts."""
+        with self._write() as tx:
+            self._get_enabled(tx, name)
+            return self._update(tx, name, stalled_since=stall.since.timestamp(),
+                                stalled_at=stall.at.timestamp(), stalled_detail=stall_detail(stall))
+
+    def clear_stalled(self, name: str) -> SourceRecord | None:
+        """Progress resumed (or the daemon starts or stops): no stall. No-op without one, and
+        None for a source the store does not know."""
+        with self._write() as tx:
+            row = tx.one("SELECT stalled_at FROM sources WHERE name = ?", (name,))
+            if row is None:
+                return None
+            if row["stalled_at"] is None:
+                return self._get(tx, name)
+            return self._update(tx, name, stalled_since=None, stalled_at=None,
+                                stalled_detail=None)
 
     # tables -----------------------------------------------------------------------------------
 
