@@ -59,6 +59,7 @@ class ColumnFacts:
     not_null: bool
     generated: bool  # attgenerated = 's': never sent by COPY nor by pgoutput (PG < 18)
     pg_type: PgType  # from types.load_types
+    dims: int = 0  # attndims: array dimensions as declared (int[][] -> 2; not enforced)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,7 +136,7 @@ WHERE c.relkind::text = ANY(%(relkinds)s::text[])
 _COLUMNS = """
 SELECT a.attrelid::int8, a.attname::text, a.attnum::int4, a.atttypid::int8,
        format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated = 's',
-       a.atttypmod::int4
+       a.atttypmod::int4, a.attndims::int4
 FROM pg_attribute a
 WHERE a.attrelid = ANY(%(oids)s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
@@ -227,7 +228,7 @@ def load_table_facts(
     types = load_types(conn, sorted({int(row[3]) for row in column_rows}))
 
     columns: dict[int, list[ColumnFacts]] = {}
-    for relid, name, attnum, typid, type_text, not_null, generated, typmod in column_rows:
+    for relid, name, attnum, typid, type_text, not_null, generated, typmod, dims in column_rows:
         # load_types describes types without a modifier; numeric(12,2) vs numeric is the
         # column's atttypmod (an array column's modifier applies to its elements).
         columns.setdefault(int(relid), []).append(
@@ -239,6 +240,7 @@ def load_table_facts(
                 not_null=bool(not_null),
                 generated=bool(generated),
                 pg_type=_column_type(types, int(typid), int(typmod), type_text),
+                dims=int(dims or 0),
             )
         )
 

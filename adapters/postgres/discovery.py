@@ -60,6 +60,10 @@ NOTE_GENERATED = (
 )
 NOTE_NOT_SELECTED = "not selected in columns"
 NOTE_TIMESTAMP_NTZ = "readers need Delta's timestampNtz feature"
+NOTE_MULTI_DIM = (
+    "declared multi-dimensional: Delta arrays are one-dimensional, so a multi-dimensional value "
+    "is captured as null (logged as values_masked); store it as jsonb or text to keep it"
+)
 NOTE_PARTITION_DRIFT = (
     "a TRUNCATE or DETACH of a single partition is not published by PostgreSQL; "
     "`cdcengine verify` finds that drift"
@@ -228,6 +232,8 @@ def _column_info(c: ColumnFacts, *, key: tuple[str, ...], selected: set[str] | N
         notes.append(NOTE_NOT_SELECTED)
     if _is_ntz(c):
         notes.append(NOTE_TIMESTAMP_NTZ)
+    if c.dims > 1:
+        notes.append(NOTE_MULTI_DIM)
     return ColumnInfo(
         name=c.name,
         source_type=c.type_text,

@@ -491,3 +491,17 @@ def test_estimated_rows_after_analyze(
     assert _facts(conn, "public", "items").estimated_rows == 2500
     info = _by_name(discover_tables(conn, _source(db, tmp_path, ["items"])))["public.items"]
     assert info.estimated_rows == 2500
+
+
+def test_a_declared_multi_dimensional_array_is_noted(
+    db: ScratchDatabase, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """`int[][]` values cannot be Delta arrays (one-dimensional): `tables` says so for a column
+    declared multi-dimensional, instead of showing it as plainly capturable (issue 13)."""
+    db.execute("CREATE TABLE grid (id int PRIMARY KEY, cells int[][], tags text[])")
+    assert {c.name: c.dims for c in _facts(conn, "public", "grid").columns} == {
+        "id": 0, "cells": 2, "tags": 1}
+    info = _by_name(discover_tables(conn, _source(db, tmp_path, ["public.grid"])))["public.grid"]
+    cols = {c.name: c for c in info.columns}
+    assert cols["cells"].note is not None and "multi-dimensional" in cols["cells"].note
+    assert cols["tags"].note is None
