@@ -130,7 +130,7 @@ class SourceRunner:
                     continue
                 self.outcome.restarts += 1
                 # what it had pending is still to do: the watchdog keeps counting across retries
-                self.activity.interrupted(str(err.reason))
+                self.activity.interrupted(str(err.reason), err.message)
                 unexpected = err.reason is Reason.UNKNOWN
                 log.warning("source_reconnecting", source=self.source.name,
                             reason=str(err.reason), message=err.message, backoff_s=backoff,

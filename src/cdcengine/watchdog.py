@@ -114,14 +114,15 @@ class Activity:
         finally:
             self.snapshot.report(pending=False, moved=True)
 
-    def interrupted(self, reason: str) -> None:
+    def interrupted(self, reason: str, message: str = "") -> None:
         """A run failed and will be retried: what the stream had pending is still to do.
 
         Not for a lost connection to the source: reconnecting is healthy (SPEC §7) and the
         changes wait safely in the slot; the next session's own pending work counts as usual.
         A failure that repeats on the same changes (a destination refusing them) is carried."""
         if self.stream.pending and reason not in _RECONNECTING:
-            self.stream.undone = reason
+            # what failed, in the error's own (secret-free) words: status shows it
+            self.stream.undone = f"{reason}: {message}" if message else reason
 
     def lanes(self) -> tuple[Lane, ...]:
         return (self.stream, self.snapshot)

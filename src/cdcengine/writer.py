@@ -294,8 +294,7 @@ class BatchWriter:
                         raise
                     return StoppedTable(
                         ref=ref, reason=TABLE_WRITE_FAILED,
-                        message=f"{exc.message}, {len(TABLE_RETRY_PAUSES_S) + 1} times: "
-                                f"{exc.detail}",
+                        message=f"{exc.message}; {len(TABLE_RETRY_PAUSES_S) + 1} attempts",
                         remedy=f"fix what the destination refuses in the Delta {kind} table "
                                f"of {ref.qualified} (see the message), then `cdcengine resync "
                                f"--source {self._source} --table {ref.qualified}`",

@@ -1008,10 +1008,13 @@ class DeltaSink:
             yield
         except (DeltaError, OSError) as exc:
             self._tables.pop(path, None)
+            detail = _first_line(exc, self._storage_options)
+            # the destination's own words say what is wrong (permission denied, no space, a
+            # read-only file system); credentials are scrubbed from them
             raise SinkWriteError(
-                f"Delta {kind} table of {ref} failed ({type(exc).__name__})",
-                table_specific=_table_specific(exc),
-                detail=_first_line(exc, self._storage_options),
+                f"Delta {kind} table of {ref} failed ({type(exc).__name__}"
+                f"{': ' + detail if detail else ''})",
+                table_specific=_table_specific(exc), detail=detail,
             ) from exc
         except pa.ArrowException as exc:
             self._tables.pop(path, None)
