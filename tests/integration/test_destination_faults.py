@@ -99,8 +99,8 @@ def test_a_destination_fault_is_reported_and_survived_exactly(
                 filler = _fill(small_disk)
             before = parse_lsn(query(db.dsn, "SELECT pg_current_wal_lsn()::text")[0][0])
             for i in range(5):
-                db.execute("INSERT INTO items SELECT g, 'new' FROM generate_series(%s::int, %s::int) g",
-                           [100 + 10 * i, 109 + 10 * i])
+                db.execute("INSERT INTO items SELECT g, 'new' "
+                           "FROM generate_series(%s::int, %s::int) g", [100 + 10 * i, 109 + 10 * i])
             db.execute("UPDATE items SET v = 'changed' WHERE id <= 5; DELETE FROM items "
                        "WHERE id = 20")
 
