@@ -70,7 +70,9 @@ class PostgresChanges:
         self._stream = ReplicationStream(
             source.dsn, slot=source.slot_name, publications=[source.publication_name],
             start_lsn=start_lsn, proto_version=proto_version, secrets=source.secrets(),
-            status_interval_s=status_interval_s, application_name=f"cdcengine:{source.name}")
+            status_interval_s=min(status_interval_s, source.replication_timeout_s / 3),
+            silence_timeout_s=float(source.replication_timeout_s),
+            application_name=f"cdcengine:{source.name}")
         self._assembler = TransactionAssembler(self._spill)
         self._in_block = False  # between Stream Start and Stream Stop
         self._types: dict[int, PgType] = {}

@@ -263,6 +263,7 @@ class ReplicationStream:
         streaming: bool | None = None,
         messages: bool = False,
         status_interval_s: float = 10.0,
+        silence_timeout_s: float | None = None,
         secrets: Iterable[str] = (),
         application_name: str = "cdcengine",
         connect_timeout: int = 10,
@@ -279,6 +280,10 @@ class ReplicationStream:
         )
         if not status_interval_s > 0:
             raise ValueError(f"status_interval_s must be positive, got {status_interval_s!r}")
+        if silence_timeout_s is not None and not silence_timeout_s > status_interval_s:
+            raise ValueError(f"silence_timeout_s must exceed status_interval_s, got "
+                             f"{silence_timeout_s!r}")
+        self.silence_timeout_s: Final = silence_timeout_s
         self._dsn = dsn
         self._secrets = tuple(s for s in secrets if s)
         self._application_name = application_name
@@ -307,6 +312,7 @@ class ReplicationStream:
         self._pending_error: CDCError | None = None  # the stream ended during a drain
         self._flush_lsn = 0  # what the core said is durable
         self._next_status = 0.0  # time.monotonic() deadline of the next periodic status
+        self._heard_at = 0.0  # time.monotonic() of the last frame from the server
         self._last_status_at: float | None = None
         self._server_version = 0
 
@@ -417,6 +423,7 @@ class ReplicationStream:
         self._pgconn = pgconn
         self._received_lsn = max(self._received_lsn, self.start_lsn)
         self._next_status = time.monotonic() + self.status_interval_s
+        self._heard_at = time.monotonic()
 
     def _start_copy_both(self, conn: psycopg.Connection[TupleRow], pgconn: pq.abc.PGconn) -> None:
         """Send START_REPLICATION and wait (GIL released) for its COPY_BOTH or error result."""
@@ -522,16 +529,21 @@ class ReplicationStream:
         timeout_s: float,
     ) -> XLogData | None:
         deadline: float | None = None
-        polled = False
+        polled = looked = False
         while True:
             # Hot path: one lock, one clock read, one frame; no allocation besides the result.
             with lock:
                 if self._pgconn is None:
                     raise RuntimeError(_NOT_RUNNING)
-                if monotonic() >= self._next_status:
-                    self._send_status_locked(pgconn)
+                now = monotonic()
+                if now >= self._next_status:
+                    # silent for a status interval: ask the server to answer (a keepalive), so
+                    # a dead or stalled connection shows up as silence we can time
+                    self._send_status_locked(pgconn, reply=now - self._heard_at
+                                             >= self.status_interval_s)
                 n, buf = pgconn.get_copy_data(1)
                 if n > 0:
+                    self._heard_at = now
                     kind = buf[0]
                     if kind == _W:
                         start, end, ts = _XLOGDATA.unpack_from(buf, 1)
@@ -549,6 +561,21 @@ class ReplicationStream:
             # Nothing buffered: wait for the socket without the lock and the GIL, but not past
             # the timeout or the next periodic status update.
             now = monotonic()
+            silence = self.silence_timeout_s
+            if silence is not None and now - self._heard_at > silence:
+                if not looked:  # the reader may have been away: look at the socket first
+                    looked = True
+                    with lock:
+                        if self._pgconn is None:
+                            raise RuntimeError(_NOT_RUNNING)
+                        pgconn.consume_input()
+                    continue
+                self._ended = True
+                raise SourceUnreachable(
+                    f"{self._context}: nothing heard from the server for {silence:.0f} s "
+                    "although asked to answer (replication_timeout_s): the connection is dead "
+                    "or stalled, or the walsender is not running.",
+                    reason=Reason.CONNECTION_FAILED)
             if deadline is None:
                 deadline = now + timeout_s
             if now >= deadline:
@@ -749,10 +776,10 @@ class ReplicationStream:
                 self._send_status_locked(pgconn)
             return True
 
-    def _send_status_locked(self, pgconn: pq.abc.PGconn) -> None:
+    def _send_status_locked(self, pgconn: pq.abc.PGconn, *, reply: bool = False) -> None:
         flush = self._flush_lsn
         write = self._received_lsn if self._received_lsn > flush else flush
-        frame = _STATUS.pack(b"r", write, flush, flush, _now_us_since_2000(), 0)
+        frame = _STATUS.pack(b"r", write, flush, flush, _now_us_since_2000(), 1 if reply else 0)
         deadline = time.monotonic() + _SEND_TIMEOUT_S
         while pgconn.put_copy_data(frame) == 0:  # non-blocking libpq buffer full
             self._flush_out(pgconn, deadline)

@@ -81,6 +81,7 @@ _SOURCE_KEYS: dict[str, str] = {
     "flush_interval_ms": "int", "max_batch_rows": "int", "max_batch_mb": "int", "table": "dict",
     "maintenance_interval_s": "int", "vacuum_retention_hours": "int",
     "snapshot_chunk_rows": "int", "snapshot_workers": "int", "stall_timeout_s": "int",
+    "replication_timeout_s": "int",
 }
 _HTTP_HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
 _ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "http_host": "str",
@@ -142,6 +143,9 @@ class SourceConfig:
     snapshot_workers: int = 2  # parallel snapshot copies, each on its own connection
     # the daemon's watchdog: changes pending and nothing durable this long → `stalled`
     stall_timeout_s: int = 300
+    # the replication connection: nothing heard from the server this long, although asked to
+    # answer → the connection is dead or stalled (or the walsender frozen): reconnect
+    replication_timeout_s: int = 60
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -214,7 +218,7 @@ class SourceConfig:
         for key in ("lag_warning_threshold_mb", "lag_critical_threshold_mb",
                     "lag_check_interval_s", "flush_interval_ms", "max_batch_rows",
                     "max_batch_mb", "snapshot_chunk_rows", "snapshot_workers",
-                    "stall_timeout_s"):
+                    "stall_timeout_s", "replication_timeout_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise fail(key, f"must be an integer >= 1 (got {value!r})")
