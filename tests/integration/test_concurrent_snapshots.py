@@ -96,3 +96,4 @@ def test_concurrent_snapshots_never_deadlock(db, tmp_path: Path) -> None:
     assert child.returncode == 0, f"{''.join(lines)}\n{''.join(stderr)[-10_000:]}"
     assert [ln.split()[:2] for ln in lines] == [["round", str(i)] for i in range(ROUNDS)]
     assert all(ln.split()[2] == "ok" for ln in lines), "".join(lines)
+    print("".join(lines))  # the round times (pytest -s or -rP shows them)
