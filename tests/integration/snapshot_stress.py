@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import resource
 import signal
 import sys
 import threading
@@ -72,7 +73,8 @@ def main(config: dict[str, Any]) -> int:
         if failures:
             print(f"round {r} failed: {'; '.join(failures)}", flush=True)
             return 1
-        print(f"round {r} ok {time.monotonic() - started:.2f}", flush=True)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print(f"round {r} ok {time.monotonic() - started:.2f} s, peak rss {peak_mb} MB", flush=True)
     return 0
 
 
