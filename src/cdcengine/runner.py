@@ -15,7 +15,6 @@ once the source is marked broken, so it cannot reconnect to a slot that is about
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
