@@ -33,6 +33,7 @@ def main(config: dict[str, Any]) -> int:
     from cdcengine.config import SourceConfig
     from cdcengine.names import TableRef
     from cdcengine.registry import adapter_for
+    from cdcengine.sink.base import kinds_for
     from cdcengine.sink.delta import DeltaSink
     from cdcengine.snapshots import snapshot_table
     from cdcengine.state import open_state
@@ -51,16 +52,20 @@ def main(config: dict[str, Any]) -> int:
                                snapshot_workers=int(config["workers"]),
                                table_mode=t["mode"])
             try:
+                spill = int(config.get("spill_bytes") or 0)
+                sink = DeltaSink(src.destination, source=src.name,
+                                 **({"spill_bytes": spill} if spill else {}))
                 with open_state("sqlite:///" + str(root / f"state-{name}.db")) as store:
                     outcome = snapshot_table(adapter_for(src), src, src.table_config(name),
-                                             DeltaSink.for_source(src), store)
+                                             sink, store)
                 if not outcome.finished:
                     failures.append(f"{name}: snapshot not finished")
                     return
-                rows = DeltaSink.for_source(src).row_count(TableRef.parse(name),
-                                                           "consolidated")
-                if t["mode"] != "append" and rows != t["rows"]:
-                    failures.append(f"{name}: {rows} rows in Delta, {t['rows']} in the source")
+                for kind in kinds_for(src.table_config(name).mode):
+                    rows = DeltaSink.for_source(src).row_count(TableRef.parse(name), kind)
+                    if rows != t["rows"]:
+                        failures.append(f"{name}: {rows} rows in its {kind} Delta table, "
+                                        f"{t['rows']} in the source")
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")
 

@@ -8,7 +8,8 @@ with the GIL. Each waits for the other; every PostgreSQL session then idles in C
 The snapshots run in a child process (`snapshot_stress.py`), round after round; a round that
 does not end within `ROUND_TIMEOUT_S` fails the test with every thread's Python stack (and the
 native stacks when gdb is installed), then the child is killed. `CDCENGINE_STRESS_ROUNDS` runs
-more rounds (default 12, about 25 s here), `CDCENGINE_STRESS_SCALE` bigger tables.
+more rounds (default 12, about 25 s here), `CDCENGINE_STRESS_SCALE` bigger tables,
+`CDCENGINE_STRESS_SPILL_BYTES` a smaller in-memory budget per chunk (chunks spill to files).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CHILD = Path(__file__).with_name("snapshot_stress.py")
 ROUNDS = int(os.environ.get("CDCENGINE_STRESS_ROUNDS", "12"))
 ROUND_TIMEOUT_S = float(os.environ.get("CDCENGINE_STRESS_ROUND_TIMEOUT_S", "60"))
 SCALE = int(os.environ.get("CDCENGINE_STRESS_SCALE", "1"))  # rows per table x SCALE
+SPILL_BYTES = int(os.environ.get("CDCENGINE_STRESS_SPILL_BYTES", "0"))  # 0: the sink's default
 
 # five tables of different sizes (so begin_snapshot of one overlaps chunk writes of others),
 # in every table mode: `both` tees each chunk to two concurrent deltalake writers
@@ -58,7 +60,7 @@ def test_concurrent_snapshots_never_deadlock(db, tmp_path: Path) -> None:
                    f"jsonb_build_object('i', i) FROM generate_series(1, {rows}) i;"
                    f"ANALYZE {name}")
     config = {"dsn": db.dsn, "root": str(tmp_path), "rounds": ROUNDS,
-              "chunk_rows": 2_000 * SCALE,
+              "chunk_rows": 2_000 * SCALE, "spill_bytes": SPILL_BYTES,
               "workers": 2,
               "tables": [{"name": n, "rows": r, "mode": m} for n, r, m in tables]}
     child = subprocess.Popen([sys.executable, str(CHILD), json.dumps(config)],
