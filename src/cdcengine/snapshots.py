@@ -13,8 +13,10 @@
    Delta tables emptied in the commit that records the new attempt.
 3. The missing chunks are copied by `workers` threads, each on its own connection importing the
    exported snapshot, and streamed into Delta: per chunk and Delta table ONE commit carrying the
-   chunk's txn (version = C of the run that copied it). Memory stays bounded (pieces of
-   ~100k rows flow from COPY through Arrow into the Delta writer).
+   chunk's txn (version = C of the run that copied it). Memory stays bounded: pieces of
+   ~100k rows flow from COPY through Arrow into the chunk's spool (in memory up to 64 MB per
+   Delta table, then a local file), which is committed once the chunk is read — deltalake is
+   never handed a reader that pulls through Python (see `cdcengine.sink.delta`, issue 12).
 4. When every chunk is in, each Delta table gets its app id at the earliest finished chunk's point,
    so the stream replays the table's changes from there; the consolidated merge applies a
    replayed change only when it is newer than the stored row's `_cdc_lsn`, which keeps the rows

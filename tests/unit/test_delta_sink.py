@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -870,3 +871,94 @@ def test_a_table_folder_holding_other_files_is_never_turned_into_a_delta_table(
         sink.write_consolidated(REF, changes([{"_cdc_op": "I", "id": 1}], 10), key=["id"],
                                 version=10)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+# --- snapshot chunks: materialised before deltalake sees them (issue 12, defect 3) -----------
+
+
+def _chunk_sink(tmp_path: Path, **kw: object) -> tuple[DeltaSink, TableRef]:
+    sink = DeltaSink(str(tmp_path / "dest"), source="src1", spill_dir=str(tmp_path / "spill"),
+                     **kw)  # type: ignore[arg-type]
+    (tmp_path / "spill").mkdir()
+    ref = TableRef("public", "chunked")
+    empty = pa.table({"id": pa.array([], pa.int64()), "v": pa.array([], pa.string())})
+    for kind in ("consolidated", "append"):
+        sink.begin_snapshot(ref, kind, empty=empty, key=["id"], plan="{}", attempt=100)
+    return sink, ref
+
+
+def _pieces(n: int, size: int, seen: list[str] | None = None,
+            spill: Path | None = None) -> object:
+    for i in range(n):
+        if seen is not None and spill is not None:  # what the spool holds while it reads
+            seen.extend(p.name for p in spill.iterdir())
+        yield pa.table({"id": pa.array(range(i * size, (i + 1) * size), pa.int64()),
+                        "v": pa.array([f"row {j}" for j in range(size)], pa.string())})
+
+
+@pytest.mark.parametrize("spill_bytes", [64 * 1024 * 1024, 20_000])
+def test_a_snapshot_chunk_is_one_commit_per_table_in_memory_or_spilled(
+    tmp_path: Path, spill_bytes: int
+) -> None:
+    sink, ref = _chunk_sink(tmp_path, spill_bytes=spill_bytes)
+    seen: list[str] = []
+    rows = sink.write_snapshot_chunk(ref, ["consolidated", "append"],
+                                     _pieces(6, 1_000, seen, tmp_path / "spill"),
+                                     chunk="a-0", seq_base=5, version=120,
+                                     committed_at_us=1_700_000_000_000_000)
+    assert rows == 6_000
+    # small budget: both Delta tables' rows went to spool files while the pieces were read
+    assert bool(seen) is (spill_bytes < 1_000_000)
+    assert list((tmp_path / "spill").iterdir()) == []  # and they are gone
+    for kind in ("consolidated", "append"):
+        assert sink.snapshot_chunk_versions(ref, kind, ["a-0"]) == {"a-0": 120}
+        table = sink.read_table(ref, kind)
+        assert sorted(table["id"].to_pylist()) == list(range(6_000))
+    log = sink.read_table(ref, "append")
+    assert sorted(log["_cdc_seq"].to_pylist()) == list(range(5, 6_005))
+    hist = DeltaTable(sink.path(ref, "append")).history()
+    assert sum(1 for h in hist if h.get("cdcengine.snapshot") == "a-0") == 1  # one commit
+
+
+def test_a_snapshot_chunk_whose_copy_fails_commits_nothing(tmp_path: Path) -> None:
+    sink, ref = _chunk_sink(tmp_path, spill_bytes=20_000)
+    before = DeltaTable(sink.path(ref, "consolidated")).version()
+
+    def failing() -> object:
+        yield from _pieces(3, 1_000)  # type: ignore[misc]
+        raise RuntimeError("COPY failed midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        sink.write_snapshot_chunk(ref, ["consolidated", "append"], failing(), chunk="a-1",
+                                  seq_base=0, version=120, committed_at_us=0)
+    assert DeltaTable(sink.path(ref, "consolidated")).version() == before
+    assert sink.snapshot_chunk_versions(ref, "append", ["a-1"]) == {}
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_deltalake_is_never_handed_a_python_backed_reader(tmp_path: Path) -> None:
+    """A reader whose batches come from Python code makes tokio workers take the GIL: the sink
+    refuses it instead of writing (and every write and merge in the sink goes through that)."""
+    from cdcengine.sink import delta
+
+    dt = DeltaTable.create(str(tmp_path / "t"), pa.schema([("id", pa.int64())]))
+    batches = (b for b in pa.table({"id": [1, 2]}).to_batches())
+    reader = pa.RecordBatchReader.from_batches(pa.schema([("id", pa.int64())]), batches)
+    with pytest.raises(TypeError, match="Python-backed"):
+        delta._write_delta(dt, reader, mode="append")
+    assert dt.version() == 0
+    delta._write_delta(dt, pa.table({"id": pa.array([1], pa.int64())}), mode="append")
+    assert DeltaTable(str(tmp_path / "t")).version() == 1
+    # every write goes through that guard, and every merge source is checked by it
+    tree = ast.parse(Path(delta.__file__).read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    writes = [n for n in calls if isinstance(n.func, ast.Name) and n.func.id == "write_deltalake"]
+    guard = next(n for n in ast.walk(tree)
+                 if isinstance(n, ast.FunctionDef) and n.name == "_write_delta")
+    assert len(writes) == 1
+    assert writes[0] in list(ast.walk(guard))
+    merges = [n for n in calls if isinstance(n.func, ast.Attribute) and n.func.attr == "merge"]
+    assert len(merges) >= 3
+    for m in merges:
+        first = m.args[0]
+        assert isinstance(first, ast.Call) and getattr(first.func, "id", "") == "_materialised"

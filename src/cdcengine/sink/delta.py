@@ -27,15 +27,20 @@ deltalake 1.6.6 facts this module relies on (see the tests): `write_deltalake` r
 table properties (`cdcengine.layout`), `DeltaTable.create(..., raise_if_key_not_exists=False)`
 takes them; `merge(merge_schema=True)` adding a timestamp-without-timezone column commits a
 table that no reader can open (no protocol upgrade), `alter.add_columns` upgrades correctly;
-`vacuum` defaults to `dry_run=True`.
+`vacuum` defaults to `dry_run=True`. Some of its calls block on delta-rs' tokio runtime
+while holding the GIL, so deltalake is only ever given materialised data (`_write_delta`, see
+"feeding deltalake" below): a Python-backed reader deadlocks it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -103,6 +108,10 @@ APPEND_ENGINE_FIELDS: tuple[pa.Field, ...] = (
     pa.field(UNCHANGED, UNCHANGED_TYPE),
 )
 """Engine columns of an append (change-log) table, after the data columns (SPEC §5)."""
+
+SPILL_BYTES = 64 * 1024 * 1024
+"""Arrow bytes of one snapshot chunk (per Delta table) held in memory before the rest goes to a
+local spool file (`write_snapshot_chunk`); a chunk is usually one piece of at most 100k rows."""
 
 _MAX_VERSION = (1 << 63) - 1
 _SOURCE_ALIAS = "s"
@@ -176,6 +185,8 @@ class DeltaSink:
         storage_options: Mapping[str, str] | None = None,
         maintenance: DeltaMaintenance | None = None,
         target_file_size: int | None = None,
+        spill_bytes: int = SPILL_BYTES,
+        spill_dir: str | None = None,
     ) -> None:
         if not destination:
             raise ValueError("DeltaSink needs a destination")
@@ -185,6 +196,7 @@ class DeltaSink:
         self.source = source
         self.maintenance = maintenance or DeltaMaintenance()
         self.target_file_size = target_file_size
+        self.spill_bytes, self.spill_dir = spill_bytes, spill_dir
         self._storage_options: dict[str, str] | None = (
             dict(storage_options) if storage_options else None
         )
@@ -375,7 +387,7 @@ class DeltaSink:
                 self._widen(dt, ref, kind, rows)
             target = _arrow_schema(dt)
             out_rows = _to_target(_conform(rows, target, ref), target)
-            write_deltalake(
+            _write_delta(
                 dt,
                 out_rows,
                 mode="append",
@@ -504,8 +516,8 @@ class DeltaSink:
                     if dt is None:
                         dt = self._create(path, ref, kind, schema, list(spec.key))
                     target = _arrow_schema(dt)
-                    write_deltalake(dt, _to_target(_conform(data, target, ref), target),
-                                    mode="overwrite" if first else "append")
+                    _write_delta(dt, _to_target(_conform(data, target, ref), target),
+                                 mode="overwrite" if first else "append")
                     todo[i] = (kind, path, dt)
                 first = False
                 seq += n
@@ -515,8 +527,8 @@ class DeltaSink:
             for kind, _, dt in todo:
                 assert dt is not None
                 target = _arrow_schema(dt)
-                write_deltalake(dt, target.empty_table(), mode="append",
-                                commit_properties=self._commit_properties(ref, kind, version))
+                _write_delta(dt, target.empty_table(), mode="append",
+                             commit_properties=self._commit_properties(ref, kind, version))
                 self._after_commit(ref, kind, version)
                 log.info("snapshot_loaded", table=ref.qualified, kind=str(kind), rows=rows,
                          lsn=format_lsn(version))
@@ -593,11 +605,11 @@ class DeltaSink:
                 self._check_layout(dt, ref, path, kind)
                 self._add_new_columns(dt, ref, data, kind)
             target = _arrow_schema(dt)
-            write_deltalake(dt, _to_target(_conform(data, target, ref), target), mode="overwrite",
-                            commit_properties=CommitProperties(
-                                app_transactions=[
-                                    Transaction(self.snapshot_app_id(ref, kind), attempt)],
-                                custom_metadata={"cdcengine.snapshot": "begin"}))
+            _write_delta(dt, _to_target(_conform(data, target, ref), target), mode="overwrite",
+                         commit_properties=CommitProperties(
+                             app_transactions=[
+                                 Transaction(self.snapshot_app_id(ref, kind), attempt)],
+                             custom_metadata={"cdcengine.snapshot": "begin"}))
             dt.alter.set_table_properties({SNAPSHOT_PLAN_PROPERTY: plan},
                                           raise_if_not_exists=False)
         except (DeltaError, OSError) as exc:
@@ -620,44 +632,54 @@ class DeltaSink:
         committed_at_us: int,
     ) -> int:
         """Append one snapshot chunk to each of `kinds`: per Delta table ONE commit carrying
-        the chunk's txn (`version` = the consistent point it was read under). The pieces are
-        streamed (never all in memory); with two kinds they are teed to a second writer thread.
-        Safe to call from several threads at once (fresh table handles; appends do not conflict).
-        Returns the rows written (per kind)."""
+        the chunk's txn (`version` = the consistent point it was read under). Safe to call from
+        several threads at once (fresh table handles; appends do not conflict). Returns the
+        rows written (per kind).
+
+        The pieces are read to the end BEFORE deltalake sees the chunk, never pulled by it (see
+        `_write_delta`): each Delta table's rows collect in a `_Spool`, in memory up to
+        `spill_bytes`, beyond that in a local Arrow file the write reads memory-mapped. So
+        memory stays bounded however large the chunk (a table without a usable key is one
+        chunk), and a copy that fails midway commits nothing."""
         kinds = [TableKind(k) for k in kinds]
-        counted = [0]
-
-        def stream(kind: TableKind, source: Iterable[pa.Table],
-                   target: pa.Schema) -> Iterator[pa.RecordBatch]:
-            seq = seq_base
-            for piece in source:
-                rows = _snapshot_rows(piece, kind, version=version, stamp_us=committed_at_us,
-                                      seq_base=seq)
-                seq += piece.num_rows
-                if kind is kinds[0]:
-                    counted[0] += piece.num_rows
-                yield from _to_target(_conform(rows, target, ref), target).to_batches()
-
-        def write(kind: TableKind, source: Iterable[pa.Table]) -> None:
-            path = self._writable_path(ref, kind)
-            dt = self._load(path)
+        handles: dict[TableKind, tuple[DeltaTable, pa.Schema]] = {}
+        for kind in kinds:
+            dt = self._load(self._writable_path(ref, kind))
             if dt is None:
                 raise SinkWriteError(f"{ref}: the snapshot's {kind} table is missing")
-            target = _arrow_schema(dt)
-            reader = pa.RecordBatchReader.from_batches(target, stream(kind, source, target))
-            write_deltalake(dt, reader, mode="append", commit_properties=CommitProperties(
-                app_transactions=[Transaction(self.snapshot_app_id(ref, kind, chunk), version)],
-                custom_metadata={"cdcengine.snapshot": chunk}))
-
+            handles[kind] = (dt, _arrow_schema(dt))
+        rows = 0
         try:
-            if len(kinds) == 1:
-                write(kinds[0], pieces)
-            else:
-                _tee_write(kinds, pieces, write)
+            with ExitStack() as stack:
+                spools = {kind: stack.enter_context(_Spool(target, limit=self.spill_bytes,
+                                                           directory=self.spill_dir))
+                          for kind, (_, target) in handles.items()}
+                for piece in pieces:
+                    for kind in kinds:
+                        target = handles[kind][1]
+                        out = _snapshot_rows(piece, kind, version=version,
+                                             stamp_us=committed_at_us, seq_base=seq_base + rows)
+                        spools[kind].add(_to_target(_conform(out, target, ref), target))
+                    rows += piece.num_rows
+
+                def write(kind: TableKind) -> None:
+                    with spools[kind].data() as data:
+                        _write_delta(handles[kind][0], data, mode="append",
+                                     commit_properties=CommitProperties(
+                                         app_transactions=[Transaction(
+                                             self.snapshot_app_id(ref, kind, chunk), version)],
+                                         custom_metadata={"cdcengine.snapshot": chunk}))
+
+                if len(kinds) == 1:
+                    write(kinds[0])
+                else:  # a `both` table: its two commits run side by side (deltalake frees the GIL)
+                    with ThreadPoolExecutor(len(kinds), "snapshot-write") as pool:
+                        for done in [pool.submit(write, kind) for kind in kinds]:
+                            done.result()
         except (DeltaError, OSError) as exc:
             raise SinkWriteError(f"writing snapshot chunk {chunk} of {ref} failed "
                                  f"({type(exc).__name__})") from exc
-        return counted[0]
+        return rows
 
     def mirror_snapshot_chunks(
         self,
@@ -714,12 +736,12 @@ class DeltaSink:
             if dt is None:
                 raise SinkWriteError(f"{ref}: the snapshot's {into} table is missing")
             target = _arrow_schema(dt)
-            write_deltalake(dt, _to_target(_conform(rows, target, ref), target), mode="append",
-                            commit_properties=CommitProperties(
-                                app_transactions=[
-                                    Transaction(self.snapshot_app_id(ref, into, name), version)
-                                    for name in chunks],
-                                custom_metadata={"cdcengine.snapshot": "mirror"}))
+            _write_delta(dt, _to_target(_conform(rows, target, ref), target), mode="append",
+                         commit_properties=CommitProperties(
+                             app_transactions=[
+                                 Transaction(self.snapshot_app_id(ref, into, name), version)
+                                 for name in chunks],
+                             custom_metadata={"cdcengine.snapshot": "mirror"}))
         self._tables.pop(path, None)
         return n
 
@@ -732,8 +754,8 @@ class DeltaSink:
             dt = self._load(path)
             if dt is None:
                 raise SinkWriteError(f"{ref}: the snapshot's {kind} table is missing")
-            write_deltalake(dt, _arrow_schema(dt).empty_table(), mode="append",
-                            commit_properties=self._commit_properties(ref, kind, version))
+            _write_delta(dt, _arrow_schema(dt).empty_table(), mode="append",
+                         commit_properties=self._commit_properties(ref, kind, version))
         except (DeltaError, OSError) as exc:
             raise SinkWriteError(f"finishing the snapshot of {ref} failed "
                                  f"({type(exc).__name__})") from exc
@@ -785,8 +807,8 @@ class DeltaSink:
                 self._add_new_columns(dt, ref, rows, kind)
                 self._widen(dt, ref, kind, rows)
                 target = _arrow_schema(dt)
-                write_deltalake(dt, _to_target(_conform(rows, target, ref), target),
-                                mode="append", commit_properties=props)
+                _write_delta(dt, _to_target(_conform(rows, target, ref), target),
+                             mode="append", commit_properties=props)
                 written = rows.num_rows
             else:
                 written = self._resync_consolidated(dt, ref, staged, keys, props,
@@ -808,14 +830,14 @@ class DeltaSink:
             source = _with_missing_as_null(_conform(staged, target, ref), target)
         except SinkSchemaError:
             # an incompatible type: the snapshot's types win, in one overwrite commit
-            write_deltalake(dt, staged, mode="overwrite", schema_mode="overwrite",
-                            commit_properties=props)
+            _write_delta(dt, staged, mode="overwrite", schema_mode="overwrite",
+                         commit_properties=props)
             return staged.num_rows
         s, t = _SOURCE_ALIAS, _TARGET_ALIAS
         data = [c for c in data_columns(source) if c in target.names]
         on = " AND ".join(f"{t}.{quote_ident(k)} = {s}.{quote_ident(k)}" for k in keys)
-        merger = dt.merge(source, on, source_alias=s, target_alias=t, streamed_exec=False,
-                          commit_properties=props)
+        merger = dt.merge(_materialised(source), on, source_alias=s, target_alias=t,
+                          streamed_exec=False, commit_properties=props)
         merger = merger.when_matched_update(
             {**{quote_ident(c): f"{s}.{quote_ident(c)}" for c in data},
              LSN: f"{s}.{LSN}", COMMITTED_AT: f"{s}.{COMMITTED_AT}", DELETED: "false",
@@ -834,7 +856,7 @@ class DeltaSink:
         before = dt.version()
         merger.execute()
         if dt.version() == before:
-            write_deltalake(dt, target.empty_table(), mode="append", commit_properties=props)
+            _write_delta(dt, target.empty_table(), mode="append", commit_properties=props)
         return source.num_rows
 
     def data_columns(self, ref: TableRef, kind: TableKind | str) -> tuple[str, ...] | None:
@@ -875,7 +897,8 @@ class DeltaSink:
                                  "cdcengine.column": column})
             col = f"{_TARGET_ALIAS}.{quote_ident(column)}"
             metrics: dict[str, Any] = dt.merge(
-                pa.table({"__cdc_fill": fill}), "true", source_alias=_SOURCE_ALIAS,
+                _materialised(pa.table({"__cdc_fill": fill})), "true",
+                source_alias=_SOURCE_ALIAS,
                 target_alias=_TARGET_ALIAS, streamed_exec=False, commit_properties=props,
             ).when_matched_update(
                 {quote_ident(column): f"{_SOURCE_ALIAS}.__cdc_fill"},
@@ -1195,8 +1218,8 @@ class DeltaSink:
             if applied is not None else None,
             custom_metadata={"cdcengine.operation": "widen"},
         )
-        write_deltalake(dt, table, mode="overwrite", schema_mode="overwrite",
-                        commit_properties=props)
+        _write_delta(dt, table, mode="overwrite", schema_mode="overwrite",
+                     commit_properties=props)
         log.info("delta_columns_widened", table=ref.qualified, kind=str(kind),
                  columns={n: str(t) for n, t in wider.items()}, rows=table.num_rows,
                  duration_ms=_ms(started))
@@ -1226,7 +1249,7 @@ class DeltaSink:
         if created or (source.num_rows == 0 and truncate is None):
             # A table this call created is empty: every non-delete row is an insert.
             rows = _to_target(_consolidated_rows(upserts), target)
-            write_deltalake(
+            _write_delta(
                 dt,
                 rows,
                 mode="append",
@@ -1240,7 +1263,7 @@ class DeltaSink:
         unresolved = self._count_unresolved(dt, upserts, keys)
         data = [c for c in data_columns(source) if c in target.names]
         merger = dt.merge(
-            source,
+            _materialised(source),
             # a TRUNCATE reaches every stored row: no file may be pruned from the merge
             _merge_predicate(source, keys, prune=truncate is None),
             source_alias=_SOURCE_ALIAS,
@@ -1294,7 +1317,7 @@ class DeltaSink:
         if dt.version() == before:
             # delta-rs 1.6.6 does not commit a merge that changed nothing; the txn action
             # must still be recorded, so commit an empty append carrying it.
-            write_deltalake(dt, target.empty_table(), mode="append", commit_properties=props)
+            _write_delta(dt, target.empty_table(), mode="append", commit_properties=props)
         self._log_unresolved(ref, unresolved)
         return _Applied(
             inserted=int(metrics.get("num_target_rows_inserted", 0)),
@@ -1314,7 +1337,7 @@ class DeltaSink:
                                 commit_properties=props)
             done = _Applied(updated=int(metrics.get("num_updated_rows", 0)))
         if dt.version() == before:  # nothing to delete: the txn action still gets its commit
-            write_deltalake(dt, target.empty_table(), mode="append", commit_properties=props)
+            _write_delta(dt, target.empty_table(), mode="append", commit_properties=props)
         return done
 
     def _count_unresolved(self, dt: DeltaTable, upserts: pa.Table, keys: list[str]) -> int:
@@ -1386,78 +1409,121 @@ def _snapshot_rows(
     return pa.table(cols)
 
 
-def _tee_write(
-    kinds: Sequence[TableKind],
-    pieces: Iterable[pa.Table],
-    write: Any,
-) -> None:
-    """Feed every piece to one `write(kind, pieces)` per kind, each in its own thread, through
-    bounded queues (memory stays bounded); the first failure stops them all and is raised."""
-    import queue
-    import threading
+# --- feeding deltalake --------------------------------------------------------------------
+#
+# Why every input to deltalake is materialised (issue 12, defect 3). delta-rs runs each call on
+# one process-wide tokio runtime (one worker per core). A write's input stream is pulled by
+# those workers. When the input is Python-backed (a `pa.RecordBatchReader.from_batches` over a
+# generator), each pull takes the GIL (pyarrow's PyRecordBatchReader::ReadNext). Several
+# deltalake calls block on the runtime WITHOUT releasing the GIL (deltalake 1.6.6:
+# `alter.set_table_properties`, `DeltaTable.is_deltatable`, `history`, `file_uris`, ...), and
+# they need tokio workers to finish. So one thread in such a call holds the GIL waiting for a
+# worker while every worker waits for the GIL inside another thread's write: a deadlock, seen
+# with several snapshots at once (`tests/integration/test_concurrent_snapshots.py`).
+#
+# Once deltalake never pulls through Python, its workers never need the GIL and no deltalake
+# call can wait on a thread that does: that holds for every call (writes, merges, reads, table
+# properties), from every thread and every module, whatever the deltalake version releases.
+# The alternatives measured worse: one process-wide lock around deltalake calls would have to
+# cover every module that touches deltalake (status, verify, the HTTP thread) and would hold
+# every other source's commits behind a snapshot chunk's copy; avoiding the GIL-holding calls
+# leaves the hazard to the next call someone adds.
 
-    done = object()
-    queues: list[queue.Queue[object]] = [queue.Queue(maxsize=2) for _ in kinds]
-    errors: list[BaseException] = []
-    failed = threading.Event()
 
-    def consume(q: queue.Queue[object]) -> Iterator[pa.Table]:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise RuntimeError("snapshot chunk aborted") from item
-            assert isinstance(item, pa.Table)
-            yield item
+def _materialised(data: Any) -> Any:
+    """`data` when deltalake can read it without Python (a `pa.Table`, a `_Mapped` spool);
+    TypeError for anything else: a Python-backed reader would hand the GIL to tokio workers."""
+    if isinstance(data, (pa.Table, _Mapped)):
+        return data
+    raise TypeError(f"deltalake must be given a pa.Table or a spooled chunk, not "
+                    f"{type(data).__name__}: a Python-backed reader can deadlock delta-rs")
 
-    def run(kind: TableKind, q: queue.Queue[object]) -> None:
-        try:
-            write(kind, consume(q))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the feeding thread
-            errors.append(exc)
-            failed.set()
-            while True:  # unblock the feeder
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
 
-    def put(q: queue.Queue[object], item: object) -> None:
-        while not failed.is_set():
+def _write_delta(dt: DeltaTable, data: pa.Table | _Mapped, **options: Any) -> None:
+    """`write_deltalake(dt, data, **options)` on materialised data only (see above)."""
+    write_deltalake(dt, _materialised(data), **options)
+
+
+class _Mapped:
+    """A spooled Arrow stream file read memory-mapped: a C++ reader (no GIL to pull from)."""
+
+    def __init__(self, reader: pa.RecordBatchReader) -> None:
+        self._reader = reader
+
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object:
+        return self._reader.__arrow_c_stream__(requested_schema)
+
+
+class _Spool:
+    """The rows of one Delta write, collected before the write (see `_materialised`): in memory
+    up to `limit` bytes, then appended to a temporary Arrow IPC stream file in `directory`
+    (the system temp dir by default), removed on exit. `data()` gives what to write."""
+
+    def __init__(self, schema: pa.Schema, *, limit: int, directory: str | None = None) -> None:
+        self.schema, self.limit, self.directory = schema, limit, directory
+        self._batches: list[pa.RecordBatch] = []
+        self._bytes = 0
+        self._path: str | None = None
+        self._sink: pa.NativeFile | None = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_writer()
+        self._batches.clear()
+        if self._path is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._path = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._path is not None
+
+    def add(self, table: pa.Table) -> None:
+        for batch in table.to_batches():
+            if self._writer is None and self._bytes + batch.nbytes > self.limit:
+                self._spill()
+            if self._writer is not None:
+                self._writer.write_batch(batch)
+            else:
+                self._batches.append(batch)
+                self._bytes += batch.nbytes
+
+    def _spill(self) -> None:
+        fd, self._path = tempfile.mkstemp(prefix="cdcengine-chunk-", suffix=".arrows",
+                                          dir=self.directory)
+        os.close(fd)
+        self._sink = pa.OSFile(self._path, "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        for batch in self._batches:
+            self._writer.write_batch(batch)
+        self._batches.clear()
+        self._bytes = 0
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    @contextmanager
+    def data(self) -> Iterator[pa.Table | _Mapped]:
+        """The collected rows: a `pa.Table`, or the spool file mapped (valid inside `with`)."""
+        if self._path is None:
+            yield pa.Table.from_batches(self._batches, schema=self.schema)
+            return
+        self._close_writer()
+        with pa.memory_map(self._path) as source:
+            reader = pa.ipc.open_stream(source)
             try:
-                q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    threads = [threading.Thread(target=run, args=(k, q), daemon=True,
-                                name=f"snapshot-{k}") for k, q in zip(kinds, queues, strict=True)]
-    for t in threads:
-        t.start()
-    end: object = done
-    try:
-        for piece in pieces:
-            if failed.is_set():
-                break
-            for q in queues:
-                put(q, piece)
-    except BaseException as exc:  # noqa: BLE001 - every writer aborts, then it is re-raised
-        errors.append(exc)
-        failed.set()
-    if failed.is_set():  # never let a writer commit a partial chunk
-        end = errors[0] if errors else RuntimeError("snapshot chunk aborted")
-    for q, t in zip(queues, threads, strict=True):
-        while t.is_alive():
-            try:
-                q.put(end, timeout=0.2)
-                break
-            except queue.Full:
-                continue
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+                yield _Mapped(reader)
+            finally:
+                reader.close()
 
 
 def _ms(started: float) -> float:
