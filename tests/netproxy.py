@@ -5,6 +5,7 @@ resumed. Threads only, no dependencies."""
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import threading
@@ -54,10 +55,8 @@ class TcpProxy:
             pairs, self._pairs = self._pairs, []
         for a, b in pairs:
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
         return len(pairs)
 
@@ -102,7 +101,5 @@ class TcpProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

@@ -222,12 +222,29 @@ class TableSnapshot:
                 if self._chunk_key is not None and estimate > chunk_rows:
                     n = math.ceil(estimate / chunk_rows)
                     values = self._histogram(ref) or self._sample(ref, n, estimate)
-                    bounds = ranges_from_points(split_points(values, n))
+                    points = split_points(values, n)
+                    if self._increasing(points):
+                        bounds = ranges_from_points(points)
+                    else:  # never overlapping ranges: one chunk rather than rows twice
+                        log.warning("snapshot_plan_unordered", table=self.table.name,
+                                    leaf=leaf, points=len(points))
                 per = max(1, estimate // len(bounds)) if estimate else 0
                 for lo, hi in bounds:
                     out.append(ChunkRange(id=len(out), leaf=leaf, lo=lo, hi=hi,
                                           estimated_rows=per))
         return out
+
+    def _increasing(self, points: list[str]) -> bool:
+        """Are the cut points strictly increasing under the key's own ordering (the one the
+        chunks' WHERE clauses compare with)? Overlapping ranges would copy rows twice."""
+        if len(points) < 2:
+            return True
+        assert self._conn is not None and self._chunk_key is not None
+        row = self._conn.execute(sql.SQL(
+            "SELECT bool_and(a < b) FROM (SELECT p::{t} AS a, lead(p::{t}) OVER (ORDER BY i) AS b"
+            " FROM unnest({v}::text[]) WITH ORDINALITY AS x (p, i)) s WHERE b IS NOT NULL"
+        ).format(t=sql.SQL(self._chunk_key.type_text), v=sql.Literal(points))).fetchone()
+        return bool(row and row[0])
 
     def _estimate_rows(self, ref: TableRef) -> int:
         assert self._conn is not None
@@ -261,10 +278,13 @@ class TableSnapshot:
         want = min(MAX_SAMPLE, chunks * SAMPLE_VALUES_PER_CHUNK)
         percent = min(100.0, 100.0 * want / max(estimate, 1))
         key = sql.Identifier(self._chunk_key.name)
+        # The output column gets its own name: `SELECT id::text ... ORDER BY id` sorts by the
+        # *output* column (as text: 27686 after 260226), which made overlapping chunk ranges
+        # that copied rows twice.
         rows = self._conn.execute(sql.SQL(
-            "SELECT {k}::text FROM {t} TABLESAMPLE BERNOULLI ({p}) WHERE {k} IS NOT NULL "
-            "ORDER BY {k}").format(k=key, t=sql.Identifier(ref.schema, ref.name),
-                                   p=sql.Literal(percent))).fetchall()
+            "SELECT {k}::text AS sampled FROM {t} TABLESAMPLE BERNOULLI ({p}) "
+            "WHERE {k} IS NOT NULL ORDER BY {k}").format(
+                k=key, t=sql.Identifier(ref.schema, ref.name), p=sql.Literal(percent))).fetchall()
         return [r[0] for r in rows]
 
     # ---- copying ------------------------------------------------------------------------------
