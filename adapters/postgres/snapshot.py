@@ -239,7 +239,8 @@ class TableSnapshot:
         chunks' WHERE clauses compare with)? Overlapping ranges would copy rows twice."""
         if len(points) < 2:
             return True
-        assert self._conn is not None and self._chunk_key is not None
+        assert self._conn is not None
+        assert self._chunk_key is not None
         row = self._conn.execute(sql.SQL(
             "SELECT bool_and(a < b) FROM (SELECT p::{t} AS a, lead(p::{t}) OVER (ORDER BY i) AS b"
             " FROM unnest({v}::text[]) WITH ORDINALITY AS x (p, i)) s WHERE b IS NOT NULL"
