@@ -15,6 +15,8 @@ from cdcengine import api
 from cdcengine.errors import ConfigError
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.names import TableRef
+from cdcengine.sink.delta import DeltaSink
 from cdcengine.state.base import TableState
 
 
@@ -113,3 +115,39 @@ def test_resync_without_a_daemon_runs_at_the_next_start(db, tmp_path: Path) -> N
         wait_for(lambda: live_rows(src, "r").get(50, {}).get("v") == 1000)
     rows = live_rows(src, "r")
     assert {k: r["v"] for k, r in rows.items()} == dict(query(db.dsn, "SELECT id, v FROM r"))
+
+
+def test_resync_replaces_a_table_whose_schema_another_writer_replaced(db, tmp_path: Path) -> None:
+    """Someone overwrote the consolidated Delta table with a schema of their own (issue 13):
+    `resync` replaces it by the re-snapshot in one commit (the engine's columns back, theirs
+    gone) instead of looping on a DeltaError while adding columns to their table."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    db.execute("CREATE TABLE t (id int PRIMARY KEY, v text); "
+               "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["t"], flush_interval_ms=100)
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: len(live_rows(src, "t")) == 10)
+    path = DeltaSink(src.destination, source=src.name).path(TableRef.parse("t"),
+                                                            "consolidated")
+    other = pa.table({"something": pa.array(["else"]), "n": pa.array([1], pa.int64())})
+    write_deltalake(path, other, mode="overwrite", schema_mode="overwrite")
+    db.execute("UPDATE t SET v = 'changed' WHERE id = 1")
+    api.resync_table(src, "public.t", state=state)
+    def rows() -> dict[object, dict[str, object]]:
+        try:
+            return live_rows(src, "t")
+        except KeyError:  # still the other writer's table
+            return {}
+
+    with Running(src, state) as running:
+        wait_for(lambda: rows().get(1, {}).get("v") == "changed" and len(rows()) == 10,
+                 timeout=60)
+        db.execute("INSERT INTO t VALUES (11, 'after')")
+        wait_for(lambda: len(rows()) == 11, timeout=60)
+        assert running.error is None
+    names = DeltaTable(path).schema().to_arrow().names
+    assert "something" not in names and {"id", "v", "_cdc_lsn", "_cdc_deleted"} <= set(names)

@@ -90,6 +90,11 @@ SNAPSHOT_PLAN_PROPERTY = "cdcengine.snapshot.plan"
 LAYOUT_VERSION = "1"
 DELETED = "_cdc_deleted"
 DELETED_AT = "_cdc_deleted_at"
+# the engine columns every stored table of a kind has (a table without them is not ours)
+_ENGINE_COLUMNS = {
+    TableKind.CONSOLIDATED: (LSN, COMMITTED_AT, DELETED, DELETED_AT),
+    TableKind.APPEND: (LSN, SEQ, OP, COMMITTED_AT),
+}
 TIMESTAMP_UTC = pa.timestamp("us", tz="UTC")
 
 CONSOLIDATED_ENGINE_FIELDS: tuple[pa.Field, ...] = (
@@ -790,7 +795,17 @@ class DeltaSink:
                 app_transactions=[Transaction(self.app_id(ref, kind), version)],
                 custom_metadata={"cdcengine.lsn": format_lsn(version),
                                  "cdcengine.operation": "resync"})
-            if kind is TableKind.APPEND:
+            stored = set(_arrow_schema(dt).names)
+            if not set(_ENGINE_COLUMNS[kind]) | set(keys) <= stored:
+                # another writer replaced the table's schema (its engine or key columns are
+                # gone): nothing stored can be merged with; the re-snapshot replaces the table
+                # whole, in one commit -- never columns added to someone else's table
+                log.warning("delta_table_replaced", table=ref.qualified, kind=str(kind),
+                            reason="the stored table lacks the engine's or the key columns")
+                _write_delta(dt, staged, mode="overwrite", schema_mode="overwrite",
+                             commit_properties=props)
+                written = staged.num_rows
+            elif kind is TableKind.APPEND:
                 rows = staged
                 if live_keys is not None and live_keys.num_rows and keys:
                     seen = staged.select(keys)
