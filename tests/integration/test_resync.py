@@ -15,8 +15,6 @@ from cdcengine import api
 from cdcengine.errors import ConfigError
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
-from cdcengine.names import TableRef
-from cdcengine.sink.delta import DeltaSink
 from cdcengine.state.base import TableState
 
 
