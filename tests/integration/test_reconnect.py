@@ -38,6 +38,22 @@ class Workload:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    def finish(self, src: SourceConfig, timeout: float) -> tuple[set[int], list[dict[str, Any]]]:
+        """Stop the workload; wait (at most `timeout`) until the change log holds every
+        committed transaction: (the committed xids, the change log as read last)."""
+        self.stop.set()
+        self.thread.join(30)
+        assert self.error is None, self.error
+        expected = set(self.xids)
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = _change_log(src)
+            if len(got) >= 5 * len(expected) and {r["xid"] for r in got} >= expected:
+                break
+            time.sleep(0.5)
+        return expected, got
+
     def _run(self) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -70,6 +86,14 @@ def _terminate_walsender(dsn: str, slot: str) -> int | None:
                 return parse_lsn(found[0])
             time.sleep(0.01)
     return None
+
+
+def assert_each_once(expected: set[int], got: list[dict[str, Any]]) -> None:
+    """Every committed transaction (xid) is in the change log, each of its 5 rows once."""
+    missing = sorted(expected - {r["xid"] for r in got})
+    assert not missing, f"{len(missing)} committed transactions never reached Delta: {missing}"
+    ids = [r["id"] for r in got]
+    assert len(ids) == len(set(ids)) == 5 * len(expected), "a change is in the log twice"
 
 
 def _change_log(src: SourceConfig) -> list[dict[str, Any]]:
@@ -108,26 +132,13 @@ def test_many_walsender_drops_under_a_steady_workload_lose_no_transaction(
                 time.sleep(rng.uniform(1.0, 3.0))
                 if _terminate_walsender(db.dsn, src.slot_name) is not None:
                     drops += 1
-            work.stop.set()
-            work.thread.join(30)
-            assert work.error is None, work.error
-            expected = set(work.xids)
-            got: list[dict[str, Any]] = []
-            wait_until = time.monotonic() + 60
-            while time.monotonic() < wait_until:
-                got = _change_log(src)
-                if len(got) >= 5 * len(expected) and {r["xid"] for r in got} >= expected:
-                    break
-                time.sleep(0.5)
+            expected, got = work.finish(src, timeout=60)
         finally:
             stop.set()
             run.wake()
             thread.join(60)
     assert drops >= 20, f"only {drops} walsender drops happened"
-    missing = sorted(expected - {r["xid"] for r in got})
-    assert not missing, f"{len(missing)} committed transactions never reached Delta: {missing}"
-    ids = [r["id"] for r in got]
-    assert len(ids) == len(set(ids)) == 5 * len(expected), "a change is in the log twice"
+    assert_each_once(expected, got)
     assert {r["xid"] for r in got} == expected
     reconnects = [e for e in events if e["event"] == "source_reconnecting"]
     assert len(reconnects) >= drops - 1
