@@ -402,7 +402,8 @@ def _show_status(_: SourceConfig, st: api.Status) -> None:
         print(f"  held by: {st.lease['purpose']} (host {st.lease['host']}, pid "
               f"{st.lease['pid']}) since {st.lease['since']}")
     for t in st.tables:
-        why = f"  {t.reason}; remedy: {t.remedy}" if t.reason else ""
+        why = (f"  {t.reason}" + (f"; remedy: {t.remedy}" if t.remedy else "")) if t.reason \
+            else ""
         rows = "-" if t.rows is None else f"{t.rows:,}"
         lake = f"  (destination unreadable: {t.delta_error})" if t.delta_error else ""
         print(f"    {t.name:<40} {t.mode:<13} {t.state:<13} applied_lsn "
