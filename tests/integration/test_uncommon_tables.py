@@ -290,3 +290,27 @@ def test_a_table_dropped_while_streaming_stops_alone(db: Any, tmp_path: Path) ->
     finally:
         daemon.kill()
         daemon.wait(30)
+
+
+def test_select_revoked_after_enable_names_the_table(db: Any, tmp_path: Path) -> None:
+    """SELECT revoked after `enable`: the snapshot's failure names the table (before: "lacks a
+    privilege", no table named) and the source is paused for `resume`."""
+    from cdcengine.errors import CDCError, Reason
+    from cdcengine.pipeline import Pipeline
+
+    if db.server.host.startswith("/"):
+        pytest.skip("the test server is reached over a unix socket; its auth method is unknown")
+    role, dsn = db.create_role(password="Revoked-Pw-1", replication=True)
+    db.execute("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1);"
+               "CREATE PUBLICATION items_pub FOR TABLE items;"
+               f'GRANT SELECT ON items TO "{role}"')
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(dsn, tmp_path, ["items"], management_mode="self_managed",
+                     publication_name="items_pub")
+    api.enable_cdc(src, state=state)
+    db.execute(f'REVOKE SELECT ON items FROM "{role}"')
+    with pytest.raises(CDCError) as info:
+        Pipeline(src, state=state).run()
+    assert info.value.reason is Reason.PERMISSION_DENIED
+    assert "public.items" in info.value.message
+    assert "Revoked-Pw-1" not in str(info.value)
