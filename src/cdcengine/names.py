@@ -21,6 +21,12 @@ class NameError_(ValueError):
     """A table name that cannot be parsed; the message says what is allowed."""
 
 
+def pg_identifier(name: str) -> str:
+    """`name` as a PostgreSQL identifier for a statement shown to a person: always
+    double-quoted (names may hold capitals, `-` or `$`), quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _quote_part(part: str) -> str:
     if part and all(c in _PLAIN for c in part) and not part[0].isdigit():
         return part

@@ -19,6 +19,7 @@ import structlog
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, classify_error
 from cdcengine.health import PruneReport
+from cdcengine.names import pg_identifier
 from cdcengine.registry import adapter_for
 from cdcengine.state.base import SourceRecord, StateStore
 
@@ -56,7 +57,7 @@ def _report(rec: SourceRecord, message: str, **kw: bool) -> PruneReport:
 
 def _manual(rec: SourceRecord) -> str:
     return (f"connect to its database and run SELECT pg_drop_replication_slot('{rec.slot_name}')"
-            + (f"; DROP PUBLICATION {rec.publication_name}"
+            + (f"; DROP PUBLICATION {pg_identifier(rec.publication_name)}"
                if rec.management_mode == "managed" else ""))
 
 

@@ -13,6 +13,7 @@ from cdcengine.names import (
     case_collisions,
     escape_path_segment,
     is_engine_column,
+    pg_identifier,
     unescape_path_segment,
 )
 
@@ -216,3 +217,13 @@ def test_is_engine_column(name: str, reserved: bool) -> None:
 ])
 def test_case_collisions(names: list[str], pairs: list[tuple[str, str]]) -> None:
     assert case_collisions(names) == pairs
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("cdcengine_shop", '"cdcengine_shop"'),
+    ("Shop-Pub$1", '"Shop-Pub$1"'),
+    ('odd"name', '"odd""name"'),
+])
+def test_pg_identifiers_shown_to_people_are_always_quoted(name: str, shown: str) -> None:
+    """`sweep --prune`'s manual fix printed `DROP PUBLICATION Shop-Pub$1` unquoted (issue 14)."""
+    assert pg_identifier(name) == shown
