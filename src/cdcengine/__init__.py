@@ -1,34 +1,93 @@
 """cdcengine: PostgreSQL logical replication into Delta Lake, exactly once.
 
 The library API (SPEC §4) is re-exported here; see `cdcengine.api` for the functions and their
-guarantees. Importing this package never imports a database driver.
+guarantees. Importing this package imports neither a database driver nor deltalake: the names
+load on first use (lazy re-exports).
 """
 
 from __future__ import annotations
 
-from cdcengine.adapter import Check, ColumnInfo, Severity, TableInfo
-from cdcengine.api import (
-    DisableResult,
-    EnableResult,
-    JobView,
-    SettingsResult,
-    Status,
-    TableVerify,
-    VerifyResult,
-    cdc_status,
-    check_prerequisites,
-    disable_cdc,
-    discover_tables,
-    enable_cdc,
-    list_jobs,
-    resync_table,
-    update_cdc_settings,
-    verify,
-)
-from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
-from cdcengine.errors import CDCError, Reason
-from cdcengine.health import HealthReport, SweepResult, sweep
-from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
+    from cdcengine.adapter import Check, ColumnInfo, Severity, TableInfo
+    from cdcengine.api import (
+        DisableResult,
+        EnableResult,
+        JobView,
+        SettingsResult,
+        Status,
+        TableVerify,
+        VerifyResult,
+        cdc_status,
+        check_prerequisites,
+        disable_cdc,
+        discover_tables,
+        enable_cdc,
+        list_jobs,
+        resync_table,
+        update_cdc_settings,
+        verify,
+    )
+    from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
+    from cdcengine.errors import CDCError, Reason
+    from cdcengine.health import HealthReport, SweepResult, sweep
+    from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
+
+# Lazy re-exports (PEP 562): `import cdcengine` (and any `cdcengine_postgres` module, which
+# imports `cdcengine.errors` and so this package) loads neither deltalake nor a driver; each name
+# loads its module when first used.
+_EXPORTS: dict[str, str] = {
+    "CDCError": "cdcengine.errors",
+    "Check": "cdcengine.adapter",
+    "ColumnInfo": "cdcengine.adapter",
+    "Config": "cdcengine.config",
+    "DisableResult": "cdcengine.api",
+    "EnableResult": "cdcengine.api",
+    "EngineConfig": "cdcengine.config",
+    "HealthReport": "cdcengine.health",
+    "JobView": "cdcengine.api",
+    "Reason": "cdcengine.errors",
+    "RepairResult": "cdcengine.recovery",
+    "ResumeResult": "cdcengine.recovery",
+    "SettingsResult": "cdcengine.api",
+    "Severity": "cdcengine.adapter",
+    "SourceConfig": "cdcengine.config",
+    "Status": "cdcengine.api",
+    "SweepResult": "cdcengine.health",
+    "TableConfig": "cdcengine.config",
+    "TableInfo": "cdcengine.adapter",
+    "TableVerify": "cdcengine.api",
+    "VerifyResult": "cdcengine.api",
+    "cdc_status": "cdcengine.api",
+    "check_prerequisites": "cdcengine.api",
+    "disable_cdc": "cdcengine.api",
+    "discover_tables": "cdcengine.api",
+    "enable_cdc": "cdcengine.api",
+    "list_jobs": "cdcengine.api",
+    "load_config": "cdcengine.config",
+    "repair_cdc": "cdcengine.recovery",
+    "resume_cdc": "cdcengine.recovery",
+    "resync_table": "cdcengine.api",
+    "sweep": "cdcengine.health",
+    "update_cdc_settings": "cdcengine.api",
+    "verify": "cdcengine.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cdcengine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "CDCError",

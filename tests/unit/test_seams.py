@@ -41,3 +41,14 @@ def test_importing_the_library_loads_no_driver() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout.strip()
     assert out == "[]"
+
+
+def test_importing_the_package_or_the_adapter_loads_no_deltalake() -> None:
+    """Lazy re-exports: `import cdcengine` and any adapter module stay light (issue 14); the
+    names still resolve on first use."""
+    code = ("import sys, cdcengine, cdcengine_postgres.stream, cdcengine_postgres.changes; "
+            "loaded = 'deltalake' in sys.modules; cdcengine.SourceConfig; cdcengine.verify; "
+            "print(loaded, 'deltalake' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]
