@@ -9,9 +9,10 @@ from datetime import datetime
 
 from cdcengine import api
 from cdcengine.adapter import Severity
-from cdcengine.cli import (
+from cdcengine.cli_output import (
     EXIT_FAILED,
     EXIT_OK,
+    _mb,
     _per_source,
     _print_checks,
     _print_error,
@@ -23,11 +24,6 @@ from cdcengine.config import Config, SourceConfig
 from cdcengine.errors import CDCError
 from cdcengine.health import HealthReport, sweep
 from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
-
-
-def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1048576:.1f} MB"
-
 
 _SYMBOL = {"none": Severity.OK, "warning": Severity.WARNING}
 

@@ -29,6 +29,7 @@ from cdcengine.api import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, Reason, classify_error
 from cdcengine.lag import MB, Action, Level, Thresholds, decide, effective_thresholds, level_of
+from cdcengine.prune import PruneReport, prune_removed
 from cdcengine.registry import adapter_for
 from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState
 
@@ -292,16 +293,6 @@ class _Pass:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class PruneReport:
-    source: str
-    slot_name: str | None
-    publication_name: str | None
-    slot_dropped: bool = False
-    publication_dropped: bool = False
-    message: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class SweepResult:
     reports: tuple[HealthReport, ...]
     pruned: tuple[PruneReport, ...] = ()
@@ -349,7 +340,6 @@ def sweep(configs: Sequence[SourceConfig], *, state: StateArg = None, prune: boo
                           message=err.message)
         pruned: list[PruneReport] = []
         if prune:
-            from cdcengine.prune import prune_removed
             pruned, prune_failed = prune_removed(configs, store)
             failed.extend(prune_failed)
     return SweepResult(reports=tuple(reports), pruned=tuple(pruned), failed=tuple(failed))

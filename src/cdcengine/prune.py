@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, classify_error
-from cdcengine.health import PruneReport
 from cdcengine.names import pg_identifier
 from cdcengine.registry import adapter_for
 from cdcengine.state.base import SourceRecord, StateStore
 
 log = structlog.get_logger("cdcengine.prune")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PruneReport:
+    source: str
+    slot_name: str | None
+    publication_name: str | None
+    slot_dropped: bool = False
+    publication_dropped: bool = False
+    message: str = ""
 
 
 def removed_sources(configs: Sequence[SourceConfig], store: StateStore) -> list[SourceRecord]:

@@ -52,3 +52,72 @@ def test_importing_the_package_or_the_adapter_loads_no_deltalake() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Which of our modules imports which (any import, at any depth; TYPE_CHECKING blocks,
+    which never run, left out)."""
+    roots = {"cdcengine": ROOT / "src" / "cdcengine",
+             "cdcengine_postgres": ROOT / "adapters" / "postgres"}
+    files: dict[str, Path] = {}
+    for pkg, root in roots.items():
+        for path in root.rglob("*.py"):
+            parts = [pkg, *path.relative_to(root).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    graph: dict[str, set[str]] = {m: set() for m in files}
+
+    def visit(module: str, node: ast.AST, package: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    up = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    base = ".".join([*up, *([child.module] if child.module else [])])
+                for alias in child.names:
+                    target = f"{base}.{alias.name}"
+                    target = target if target in files else base
+                    if target in files and target != module:
+                        graph[module].add(target)
+            elif isinstance(child, ast.Import):
+                graph[module] |= {a.name for a in child.names if a.name in files} - {module}
+            visit(module, child, package)
+
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        visit(module, ast.parse(path.read_text(), str(path)), package)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def walk(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt]
+            if nxt not in state and (found := walk(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := walk(node)):
+            return found
+    return None
+
+
+def test_no_import_circles() -> None:
+    """An import circle makes the order of module loading matter and the layers meaningless
+    (issue 14): health ↔ prune and cli ↔ cli_ops were the last ones."""
+    # a package importing its own submodules (lazy re-exports) is not a circle of layers
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # it finds one
+    graph = {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in _module_graph().items()}
+    assert _cycle(graph) is None
