@@ -20,7 +20,6 @@ import structlog
 
 from cdcengine.adapter import Check, HealthProbe, PublicationInfo, SlotInfo, TableInfo
 from cdcengine.config import (
-    DEFAULT_STATE_URL,
     MAX_THRESHOLD_MB,
     SETTINGS_KEYS,
     SourceConfig,
@@ -42,7 +41,7 @@ from cdcengine.registry import adapter_for
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.destination import check_destination
-from cdcengine.state import open_state
+from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import (
     SourceRecord,
     Stall,
@@ -62,45 +61,13 @@ from cdcengine.verify import VerifyResult, verify_table
 
 log = structlog.get_logger("cdcengine.api")
 
-StateArg = StateStore | str | None
 # A command's lease outlives a slow statement; the slot-creation wait is added on top.
 LEASE_TTL_S = 120.0
-
-
-@contextmanager
-def open_store(state: StateArg) -> Iterator[StateStore]:
-    """The given store as is, or one opened from a URL (default: the engine default) and
-    closed afterwards."""
-    if state is None or isinstance(state, str):
-        store = open_state(state or DEFAULT_STATE_URL)
-        try:
-            yield store
-        finally:
-            store.close()
-    else:
-        yield state
-
-
-def with_overrides(source: SourceConfig, store: StateStore) -> SourceConfig:
-    """The source with its `settings` overrides applied (they win over the file)."""
-    overrides = {k: v.value for k, v in store.get_settings(source.name).items()
-                 if k in SETTINGS_KEYS}
-    return dataclasses.replace(source, **overrides) if overrides else source  # type: ignore[arg-type]
 
 
 def _known_slot(rec: SourceRecord | None, source: SourceConfig) -> bool:
     """The state store recorded that this install created the source's slot."""
     return bool(rec and rec.enabled and rec.slot_name == source.slot_name)
-
-
-def as_enabled(rec: SourceRecord | None, source: SourceConfig) -> SourceConfig:
-    """Slot, publication and mode are immutable while enabled: the recorded ones win."""
-    if not (rec and rec.enabled and rec.slot_name and rec.publication_name
-            and rec.management_mode):
-        return source
-    return dataclasses.replace(source, slot_name=rec.slot_name,
-                               publication_name=rec.publication_name,
-                               management_mode=rec.management_mode)  # type: ignore[arg-type]
 
 
 # ---- results --------------------------------------------------------------------------------

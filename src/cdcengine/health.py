@@ -25,12 +25,12 @@ from typing import Protocol
 import structlog
 
 from cdcengine.adapter import HealthProbe, SourceAdapter
-from cdcengine.api import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, Reason, classify_error
 from cdcengine.lag import MB, Action, Level, Thresholds, decide, effective_thresholds, level_of
 from cdcengine.prune import PruneReport, prune_removed
 from cdcengine.registry import adapter_for
+from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState
 
 log = structlog.get_logger("cdcengine.health")

@@ -16,11 +16,11 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
-from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, classify_error
 from cdcengine.health import HealthReport, SlotMetrics, check_source
 from cdcengine.runner import SourceRunner
+from cdcengine.state.access import open_store
 from cdcengine.state.base import StateStore
 
 log = structlog.get_logger("cdcengine.monitor")

@@ -37,7 +37,6 @@ import structlog
 
 from cdcengine import failpoints
 from cdcengine.adapter import ChangeSession, SourceAdapter
-from cdcengine.api import StateArg, open_store
 from cdcengine.batcher import Batcher, ChangeBatch, StoppedTable
 from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
@@ -53,6 +52,7 @@ from cdcengine.runlog import RunLog
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.snapshots import snapshot_table
+from cdcengine.state.access import StateArg, open_store
 from cdcengine.state.base import Lease, SourceState, StateStore, TableState, hold_lease
 from cdcengine.tablesets import Registrations, registered_changes, registrations
 from cdcengine.watchdog import Activity

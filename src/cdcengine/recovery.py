@@ -18,14 +18,7 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
-from cdcengine.api import (
-    LEASE_TTL_S,
-    StateArg,
-    as_enabled,
-    open_store,
-    refuse_failed_checks,
-    with_overrides,
-)
+from cdcengine.api import LEASE_TTL_S, refuse_failed_checks
 from cdcengine.config import SourceConfig
 from cdcengine.errors import (
     CDCError,
@@ -37,6 +30,7 @@ from cdcengine.health import resources_lost
 from cdcengine.lsn import parse_lsn
 from cdcengine.registry import adapter_for
 from cdcengine.resync import request_resync
+from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import SourceRecord, StateStore, hold_lease
 
 log = structlog.get_logger("cdcengine.recovery")

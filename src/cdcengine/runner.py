@@ -21,10 +21,10 @@ from typing import Protocol
 
 import structlog
 
-from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error, reason_of
 from cdcengine.pipeline import Pipeline
+from cdcengine.state.access import open_store
 from cdcengine.state.base import Marker, SourceRecord
 from cdcengine.watchdog import Activity
 

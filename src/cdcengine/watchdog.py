@@ -49,9 +49,9 @@ from typing import Protocol
 
 import structlog
 
-from cdcengine.api import open_store
 from cdcengine.config import SourceConfig
 from cdcengine.errors import Reason, classify_error
+from cdcengine.state.access import open_store
 from cdcengine.state.base import (
     STALL_REFRESH_S,
     Stall,

@@ -121,3 +121,12 @@ def test_no_import_circles() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # it finds one
     graph = {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in _module_graph().items()}
     assert _cycle(graph) is None
+
+
+def test_the_engine_does_not_import_its_own_facade() -> None:
+    """The pipeline and the daemon's parts reach the state store through `cdcengine.state`, not
+    through the library's façade `cdcengine.api` (issue 14)."""
+    graph = _module_graph()
+    engine = ["cdcengine.pipeline", "cdcengine.runner", "cdcengine.monitor",
+              "cdcengine.watchdog", "cdcengine.health", "cdcengine.writer", "cdcengine.batcher"]
+    assert {m: "cdcengine.api" for m in engine if "cdcengine.api" in graph[m]} == {}
