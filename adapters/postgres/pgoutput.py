@@ -2,7 +2,7 @@
 
 One call, `decode`, turns one pgoutput message (the payload of an XLogData frame, or one `data`
 row of ``pg_logical_slot_peek_binary_changes``) into a typed value. No sockets, no psycopg:
-the replication reader, the SQL catch-up reader and the tests all feed the same bytes in.
+the replication reader and the tests feed the same bytes in.
 
 Why it looks the way it does:
 

@@ -62,7 +62,7 @@ from cdcengine.verify import VerifyResult, verify_table
 log = structlog.get_logger("cdcengine.api")
 
 # A command's lease outlives a slow statement; the slot-creation wait is added on top.
-LEASE_TTL_S = 120.0
+COMMAND_LEASE_TTL_S = 120.0
 
 
 def _known_slot(rec: SourceRecord | None, source: SourceConfig) -> bool:
@@ -340,7 +340,7 @@ def disable_cdc(source: SourceConfig, *, state: StateArg = None, wait_s: float =
     created is left alone, and `notes` says so.
     """
     with open_store(state) as store, hold_lease(store, source.name, purpose="disable",
-                                            ttl_s=LEASE_TTL_S + wait_s, wait_s=0):
+                                            ttl_s=COMMAND_LEASE_TTL_S + wait_s, wait_s=0):
         rec = store.get_source(source.name)
         target = as_enabled(rec, source)
         td = adapter_for(source).teardown(target, install_id=store.install_id(),
@@ -367,7 +367,8 @@ def _enable_lease(store: StateStore, source: str, slot_wait_s: float) -> Iterato
         with _lease_unless_daemon(store, source, "enable", wait_s=0) as leased:
             yield leased
         return
-    with hold_lease(store, source, purpose="enable", ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
+    with hold_lease(store, source, purpose="enable", ttl_s=COMMAND_LEASE_TTL_S + slot_wait_s,
+                    wait_s=0):
         yield True
 
 
@@ -381,7 +382,7 @@ def _lease_unless_daemon(store: StateStore, source: str, purpose: str, *,
     if held is not None and held.purpose == "daemon":
         yield False
         return
-    with hold_lease(store, source, purpose=purpose, ttl_s=LEASE_TTL_S, wait_s=wait_s):
+    with hold_lease(store, source, purpose=purpose, ttl_s=COMMAND_LEASE_TTL_S, wait_s=wait_s):
         yield True
 
 

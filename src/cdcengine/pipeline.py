@@ -60,7 +60,7 @@ from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterSt
 
 log = structlog.get_logger("cdcengine.pipeline")
 
-LEASE_TTL_S = 60.0
+STREAM_LEASE_TTL_S = 60.0  # renewed every third of it while streaming
 READ_TIMEOUT_S = 0.5
 WORK_POLL_S = 2.0  # how often a session looks for `resync` requests and table-set changes
 
@@ -119,7 +119,7 @@ class Pipeline:
         stop = stop_event or threading.Event()
         src = self.source
         with open_store(self._state) as store, hold_lease(store, src.name, purpose="daemon",
-                                                      ttl_s=LEASE_TTL_S, wait_s=0) as lease:
+                                                      ttl_s=STREAM_LEASE_TTL_S, wait_s=0) as lease:
             self.holding.set()
             self._runlog = RunLog(store, src.name, kind="stream", holder=lease.holder)
             error: BaseException | None = None
@@ -151,7 +151,7 @@ class Pipeline:
                 log.warning("tables_not_in_config", source=src.name, tables=unlisted,
                             fix="add them to `tables`, or run `cdcengine enable` with this "
                                 "config to stop capturing them")
-            renew = lambda: store.renew_lease(lease, LEASE_TTL_S)  # noqa: E731
+            renew = lambda: store.renew_lease(lease, STREAM_LEASE_TTL_S)  # noqa: E731
             while not stop.is_set():
                 self._take_registrations(store)
                 self._stopped_refs = {TableRef.parse(t.name) for t in store.list_tables(src.name)
@@ -348,7 +348,7 @@ class Pipeline:
                     if batcher.ready():
                         loop.submit()
                     loop.settle()
-                    if time.monotonic() - renewed > LEASE_TTL_S / 3:
+                    if time.monotonic() - renewed > STREAM_LEASE_TTL_S / 3:
                         renew()
                         renewed = time.monotonic()
                     if batcher.in_transaction:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
-from cdcengine.api import LEASE_TTL_S, refuse_failed_checks
+from cdcengine.api import COMMAND_LEASE_TTL_S, refuse_failed_checks
 from cdcengine.config import SourceConfig
 from cdcengine.errors import (
     CDCError,
@@ -71,7 +71,7 @@ def repair_cdc(source: SourceConfig, *, state: StateArg = None, slot_wait_s: flo
     (`nothing_to_repair`, changing nothing) when the source is not broken and its slot and
     publication are in place."""
     with open_store(state) as store, hold_lease(store, source.name, purpose="repair",
-                                            ttl_s=LEASE_TTL_S + slot_wait_s, wait_s=0):
+                                            ttl_s=COMMAND_LEASE_TTL_S + slot_wait_s, wait_s=0):
         rec = _enabled(store, source)
         eff = as_enabled(rec, with_overrides(source, store))
         adapter = adapter_for(source)
@@ -122,7 +122,7 @@ def resume_cdc(source: SourceConfig, *, state: StateArg = None) -> ResumeResult:
     source is not paused, when it is broken (repair first), when the probe still fails (the
     pause's cause is not fixed) or when the slot or publication is gone."""
     with open_store(state) as store, hold_lease(store, source.name, purpose="resume",
-                                            ttl_s=LEASE_TTL_S, wait_s=0):
+                                            ttl_s=COMMAND_LEASE_TTL_S, wait_s=0):
         rec = _enabled(store, source)
         if rec.broken is not None:
             raise CDCError(f"source {source.name!r} is broken ({rec.broken.reason}); resume "

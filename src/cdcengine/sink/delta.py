@@ -1,4 +1,5 @@
-"""The Delta Lake sink (deltalake / delta-rs): the only module of the engine that imports it.
+"""The Delta Lake sink (deltalake / delta-rs): every write of the engine goes through it. (The
+readers of `verify`, `history` and the demo still open Delta tables themselves.)
 
 Layout (SPEC §5): for source table `schema.table` and destination `D`, the consolidated table is
 `D/schema/table` and the append (change-log) table `D/schema/table_cdc`. Progress is a Delta
