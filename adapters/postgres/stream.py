@@ -444,8 +444,10 @@ class ReplicationStream:
             raise psycopg.OperationalError("START_REPLICATION returned no result")
         if res.status == pq.ExecStatus.COPY_BOTH:
             return
-        # An error (or anything else): collect the rest so the connection is not left mid-result.
-        while pgconn.get_result() is not None:
+        # An error (or anything else): collect the rest so the connection is not left mid-result
+        # -- without a blocking get_result, which would wait for the server holding the GIL
+        # (a frozen server then froze the whole process)
+        while self._next_result(pgconn, deadline) is not None:
             pass
         if res.status == pq.ExecStatus.FATAL_ERROR:
             raise error_from_result(res, encoding=conn.info.encoding)
@@ -709,10 +711,11 @@ class ReplicationStream:
         """
         self._ended = True
         exc: psycopg.Error | None = None
+        deadline = time.monotonic() + _CLOSE_DRAIN_S
         try:
-            res = pgconn.get_result()
+            res = self._next_result(pgconn, deadline)
             while res is not None and res.status != pq.ExecStatus.FATAL_ERROR:
-                res = pgconn.get_result()
+                res = self._next_result(pgconn, deadline)
             if res is not None:
                 exc = error_from_result(res, encoding=self._encoding())
         except psycopg.Error as err:  # the connection broke while we asked: that is the cause
@@ -734,6 +737,20 @@ class ReplicationStream:
             fresh.__cause__ = err.__cause__
             return fresh
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _next_result(self, pgconn: pq.abc.PGconn, deadline: float) -> pq.abc.PGresult | None:
+        """`get_result()` once libpq has the whole result, waiting for it in `poll()` (GIL
+        released) until `deadline`; None at the end of the results or when out of time.
+        psycopg-binary's get_result blocks in libpq holding the GIL when the result is still
+        on its way."""
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                return pgconn.get_result()
+            left = deadline - time.monotonic()
+            if left <= 0 or self._waiter is None:
+                return None
+            self._waiter.readable(min(left, 0.5))
 
     def _ended_error(self) -> CDCError:
         """For calls after the stream already failed: the error was reported once already."""
