@@ -64,6 +64,7 @@ from cdcengine.state.base import (
 log = structlog.get_logger("cdcengine.watchdog")
 
 MAX_TICK_S = 5.0
+FAILING_RUNS = 3  # runs in a row that failed on the same pending work: stalled without waiting
 REFRESH_S = STALL_REFRESH_S  # a lasting stall's record (and thread picture) is renewed
 HOST = socket.gethostname()
 STACK_DEPTH = 16  # frames per thread kept in the store (the log gets every frame)
@@ -75,7 +76,7 @@ class Lane:
     stores (atomic under the GIL: the stream reports every loop turn, so no lock), read by the
     watchdog. `moves` only ever grows: the watchdog compares it between ticks."""
 
-    __slots__ = ("detail", "moves", "name", "pending", "undone")
+    __slots__ = ("detail", "failures", "moves", "name", "pending", "undone")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -84,11 +85,11 @@ class Lane:
         self.detail: Mapping[str, object] = {}
         # a failed run left this lane's work undone (the reason): pending until it is redone
         self.undone: str | None = None
+        self.failures = 0  # failed runs in a row on this lane's pending work
 
     def report(self, *, pending: bool, moved: bool = False, **detail: object) -> None:
         if moved:
-            self.moves += 1
-            self.undone = None
+            self.moved()
         self.pending = pending
         self.detail = detail
 
@@ -96,6 +97,7 @@ class Lane:
         """Something of this lane became durable."""
         self.moves += 1
         self.undone = None
+        self.failures = 0
 
 
 class Activity:
@@ -123,6 +125,7 @@ class Activity:
         if self.stream.pending and reason not in _RECONNECTING:
             # what failed, in the error's own (secret-free) words: status shows it
             self.stream.undone = f"{reason}: {message}" if message else reason
+            self.stream.failures += 1
 
     def lanes(self) -> tuple[Lane, ...]:
         return (self.stream, self.snapshot)
@@ -144,6 +147,10 @@ class Reading:
     mark: object
     what: str = ""
     carried: bool = False
+    # the same pending work failed again and again (FAILING_RUNS runs in a row): no need to
+    # wait out the timeout to know nothing moves -- the destination refusing every write says
+    # so at once, by name
+    failing: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +201,7 @@ class StallJudge:
             if clock.since is None or r.mark != clock.mark:
                 clock.since, clock.mark = now, r.mark
             waited = now - clock.since
-            if waited >= self.timeout_s:
+            if waited >= self.timeout_s or r.failing:
                 stuck.append((r, waited))
                 since = clock.since if since is None else min(since, clock.since)
         was, self.stalled = self.stalled, bool(stuck)
@@ -383,7 +390,8 @@ class Watchdog:
             detail["retrying"] = undone
         return Reading(lane=lane.name, pending=lane.pending or undone is not None, mark=mark,
                        what=_what(lane.name, detail),
-                       carried=undone is not None and not lane.pending)
+                       carried=undone is not None and not lane.pending,
+                       failing=undone is not None and lane.failures >= FAILING_RUNS)
 
     def _record(self, store: StateStore, w: _Watched, verdict: Verdict, now: float, *,
                 first: bool) -> None:

@@ -388,3 +388,28 @@ def test_stall_timeout_key(tmp_path: Path) -> None:
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ConfigError, match=r"stall_timeout_s.*integer >= 1"):
             _source(tmp_path, stall_timeout_s=bad)
+
+
+def test_the_same_work_failing_run_after_run_is_a_stall_at_once() -> None:
+    """A destination that refuses every write (read-only, disk full) fails run after run on
+    the same changes: after FAILING_RUNS failures the source says so without waiting out a
+    long stall timeout; progress clears it."""
+    from cdcengine.watchdog import FAILING_RUNS, Activity
+
+    activity = Activity()
+    activity.stream.report(pending=True, rows_buffered=5)
+    judge = StallJudge(timeout_s=300)
+    for _ in range(FAILING_RUNS - 1):
+        activity.interrupted("destination_failed", "Delta … (DeltaError: Read-only file system)")
+    lane = activity.stream
+    reading = Reading(lane="stream", pending=True, mark=lane.moves,
+                      failing=lane.failures >= FAILING_RUNS)
+    assert not judge.step(1.0, [reading]).stalled
+    activity.interrupted("destination_failed", "Delta … (DeltaError: Read-only file system)")
+    reading = Reading(lane="stream", pending=True, mark=lane.moves,
+                      failing=lane.failures >= FAILING_RUNS)
+    verdict = judge.step(2.0, [reading])
+    assert verdict.stalled and "Read-only" in str(lane.undone)
+    activity.stream.report(pending=False, moved=True)
+    assert lane.failures == 0 and lane.undone is None
+    assert not judge.step(3.0, [Reading(lane="stream", pending=False, mark=lane.moves)]).stalled
