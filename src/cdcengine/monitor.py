@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
+from cdcengine.background import BackgroundLoop
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, classify_error
 from cdcengine.health import HealthReport, SlotMetrics, check_source
@@ -29,7 +30,8 @@ TICK_S = 0.5
 HALT_TIMEOUT_S = 120.0  # a pipeline finishing its current Delta commit before an auto-drop
 
 
-class SlotMonitor:
+class SlotMonitor(BackgroundLoop):
+    thread_name = "slot-monitor"
     def __init__(self, sources: Sequence[SourceConfig], state: str, stop: threading.Event, *,
                  runners: Mapping[str, SourceRunner] | None = None,
                  metrics: SlotMetrics | None = None) -> None:
@@ -37,16 +39,6 @@ class SlotMonitor:
         self.runners = dict(runners or {})
         self.metrics = metrics
         self.last: dict[str, HealthReport] = {}  # the newest report per source
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> SlotMonitor:
-        self._thread = threading.Thread(target=self.run, name="slot-monitor", daemon=True)
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         due = dict.fromkeys((s.name for s in self.sources), 0.0)

@@ -49,6 +49,7 @@ from typing import Protocol
 
 import structlog
 
+from cdcengine.background import BackgroundLoop
 from cdcengine.config import SourceConfig
 from cdcengine.errors import Reason, classify_error
 from cdcengine.state.access import open_store
@@ -279,8 +280,10 @@ class _Watched:
     stall: Stall | None = None
 
 
-class Watchdog:
+class Watchdog(BackgroundLoop):
     """One thread judging every source of a daemon; see the module docstring."""
+
+    thread_name = "watchdog"
 
     def __init__(self, sources: Sequence[SourceConfig], state: str, stop: threading.Event, *,
                  activities: Mapping[str, Activity], metrics: StallMetrics | None = None,
@@ -293,16 +296,6 @@ class Watchdog:
         shortest = min((s.stall_timeout_s for s in sources), default=MAX_TICK_S)
         # a quarter of the shortest timeout: a stall shows within 1.25 timeouts
         self.tick_s = max(0.2, min(MAX_TICK_S, shortest / 4))
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Watchdog:
-        self._thread = threading.Thread(target=self.run, name="watchdog", daemon=True)
-        self._thread.start()
-        return self
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         try:
