@@ -744,6 +744,10 @@ class ReplicationStream:
         psycopg-binary's get_result blocks in libpq holding the GIL when the result is still
         on its way."""
         while True:
+            # what libpq already holds first: after the server closed the connection, reading
+            # the socket again raises and would hide the server's own final error (57P01 …)
+            if not pgconn.is_busy():
+                return pgconn.get_result()
             pgconn.consume_input()
             if not pgconn.is_busy():
                 return pgconn.get_result()
