@@ -182,8 +182,8 @@ def engine_child() -> int:
     import logging
 
     from cdcengine.config import SourceConfig
-    from cdcengine.logs import configure_logging
-    from cdcengine.pipeline import Pipeline, RunStats
+    from cdcengine.pipeline.pipeline import Pipeline, RunStats
+    from cdcengine.serve.logs import configure_logging
 
     src = SourceConfig(**job["source"])
     configure_logging(fmt="console", level=logging.INFO, secrets=src.secrets())
@@ -429,7 +429,7 @@ def prepare(
     the engine slot's name and the publication's name."""
     from cdcengine import api
     from cdcengine.config import SourceConfig
-    from cdcengine.pipeline import Pipeline
+    from cdcengine.pipeline.pipeline import Pipeline
     from cdcengine.state import open_state
     from cdcengine.state.base import SourceState
 
@@ -655,7 +655,7 @@ def main(argv: list[str]) -> int:
 
     import logging
 
-    from cdcengine.logs import configure_logging
+    from cdcengine.serve.logs import configure_logging
 
     configure_logging(fmt="console", level=logging.WARNING)  # the set-up phase: quiet, stderr
     work = Path(tempfile.mkdtemp(prefix="cdcengine-e2e-", dir=args.workdir))

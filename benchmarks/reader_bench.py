@@ -26,10 +26,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from cdcengine.batcher import Batcher, TableSpec
 from cdcengine.config import SourceConfig
 from cdcengine.events import Commit
 from cdcengine.names import TableRef
+from cdcengine.pipeline.batcher import Batcher, TableSpec
 from cdcengine_postgres.changes import PostgresChanges
 from cdcengine_postgres.stream import XLogData
 from cdcengine_postgres.types import PgType

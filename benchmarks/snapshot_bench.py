@@ -1,4 +1,4 @@
-"""Snapshot throughput: `cdcengine.snapshots.snapshot_table` beside a raw COPY, same run.
+"""Snapshot throughput: `cdcengine.pipeline.snapshots.snapshot_table` beside a raw COPY, same run.
 
 1. starts a throwaway `TempCluster` (or uses `--dsn`), creates `snap_bench(id bigint pk,
    customer int, amount numeric(12,2), note text(40), created_at timestamptz)` with `--rows`
@@ -32,9 +32,9 @@ from pathlib import Path
 import psycopg
 
 from cdcengine.config import SourceConfig
-from cdcengine.registry import adapter_for
+from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.sink.delta import DeltaSink
-from cdcengine.snapshots import snapshot_table
+from cdcengine.source.registry import adapter_for
 from cdcengine.state import open_state
 
 RAW_COPY = "COPY (SELECT id, customer, amount, note, created_at FROM snap_bench) TO STDOUT"

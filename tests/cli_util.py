@@ -1,7 +1,7 @@
 """Helpers for tests that drive the real `cdcengine` console command in a subprocess.
 
 `write_config` writes a cdcengine.toml (state in a sqlite file beside it, HTTP off);
-`run_cli` runs ``python -m cdcengine.cli --config PATH ...`` with the config's folder as working
+`run_cli` runs ``python -m cdcengine --config PATH ...`` with the config's folder as working
 directory and an environment without any ``CDCENGINE__`` override; `assert_no_secret` checks
 that no command printed a secret or a fragment of one. Loopback addresses only: `closed_port`
 gives a 127.0.0.1 port nothing listens on.
@@ -105,7 +105,7 @@ def cli_env() -> dict[str, str]:
 def run_cli(config: Path, *args: str, cwd: Path | None = None) -> CliResult:
     """Run the console command `cdcengine --config CONFIG ARGS...` and capture its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "cdcengine.cli", "--config", str(config), *args],
+        [sys.executable, "-m", "cdcengine", "--config", str(config), *args],
         cwd=cwd or config.parent,
         env=cli_env(),
         capture_output=True,

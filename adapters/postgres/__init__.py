@@ -1,5 +1,6 @@
 """cdcengine's PostgreSQL adapter: slots, publications, prerequisites, catalog, error taxonomy.
 
-Implements `cdcengine.adapter.SourceAdapter` (see `cdcengine_postgres.adapter.PostgresAdapter`).
+Implements `cdcengine.source.adapter.SourceAdapter`
+(see `cdcengine_postgres.adapter.PostgresAdapter`).
 It may import psycopg and pyarrow, never deltalake: writing Delta is the core's job.
 """

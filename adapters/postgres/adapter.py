@@ -1,4 +1,4 @@
-"""`PostgresAdapter`: the PostgreSQL implementation of `cdcengine.adapter.SourceAdapter`.
+"""`PostgresAdapter`: the PostgreSQL implementation of `cdcengine.source.adapter.SourceAdapter`.
 
 A thin facade: each method opens its own short-lived connections (safe from a web request) and
 delegates to the module that owns the concern.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cdcengine.adapter import (
+from cdcengine.source.adapter import (
     Check,
     ColumnDefault,
     HealthProbe,

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import psycopg
 
-from cdcengine.adapter import ColumnDefault
 from cdcengine.names import TableRef
+from cdcengine.source.adapter import ColumnDefault
 from cdcengine_postgres.convert import to_arrow
 from cdcengine_postgres.types import load_types
 

@@ -1,6 +1,6 @@
 """The PostgreSQL side of `cdcengine demo`: a server, sample tables and a live workload.
 
-`open_demo(dsn)` returns a `PostgresDemo` (it satisfies `cdcengine.demo.DemoSource`):
+`open_demo(dsn)` returns a `PostgresDemo` (it satisfies `cdcengine.serve.demo.DemoSource`):
 
 * with no dsn it starts a throwaway server from the machine's binaries (`TempCluster`, which runs
   initdb/postgres as an unprivileged user when we are root; wal_level=logical) and creates the
@@ -14,7 +14,7 @@ one connection running small shop transactions — orders placed (multi-row, sev
 orders moving through their states, price and profile changes (key-preserving updates),
 cancellations and account deletions (deletes, cascading to orders) — several per second.
 
-Engine-neutral orchestration (the pipeline, Delta, progress) is `cdcengine.demo`; this module
+Engine-neutral orchestration (the pipeline, Delta, progress) is `cdcengine.serve.demo`; this module
 never touches Delta.
 """
 
@@ -30,9 +30,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdcengine.demo import WorkloadStats
 from cdcengine.errors import CDCError, Reason
 from cdcengine.secrets import dsn_password, mask_dsn
+from cdcengine.serve.demo import WorkloadStats
 from cdcengine_postgres.cluster import ClusterError, TempCluster
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from cdcengine.adapter import ColumnInfo, TableInfo
 from cdcengine.names import TableRef, case_collisions, is_engine_column
+from cdcengine.source.adapter import ColumnInfo, TableInfo
 
 from .catalog import (
     ColumnFacts,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import psycopg
 
-from cdcengine.adapter import HealthProbe
 from cdcengine.config import SourceConfig
+from cdcengine.source.adapter import HealthProbe
 from cdcengine_postgres.publications import publication_info, read_publication
 from cdcengine_postgres.slots import read_slot, read_temp_slots
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdcengine.adapter import Check, Severity
 from cdcengine.config import ManagementMode, SourceConfig, TableConfig
-from cdcengine.lag import effective_thresholds
+from cdcengine.control.lag import effective_thresholds
 from cdcengine.names import TableRef, case_collisions, is_engine_column
+from cdcengine.source.adapter import Check, Severity
 from cdcengine_postgres.catalog import (
     TableFacts,
     effective_key,

@@ -18,10 +18,10 @@ from contextlib import suppress
 import psycopg
 import structlog
 
-from cdcengine.adapter import ProvisionResult, SourceIdentity, TeardownResult
 from cdcengine.config import ManagementMode, SourceConfig
 from cdcengine.errors import CDCError, Reason, ReplicationResourceError
 from cdcengine.names import TableRef
+from cdcengine.source.adapter import ProvisionResult, SourceIdentity, TeardownResult
 from cdcengine_postgres.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors

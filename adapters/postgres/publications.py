@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdcengine.adapter import PublicationInfo
 from cdcengine.names import TableRef
+from cdcengine.source.adapter import PublicationInfo
 
 _MARK = re.compile(r"^cdcengine install=(?P<install>[0-9a-f]+) source=(?P<source>\S+) "
                    r"slot=(?P<slot>\S+)$")

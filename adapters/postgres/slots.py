@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 
-from cdcengine.adapter import SlotInfo
 from cdcengine.errors import PermissionDenied, Reason, ReplicationResourceError, SlotCreationBlocked
+from cdcengine.source.adapter import SlotInfo
 
 log = structlog.get_logger("cdcengine.postgres.slots")
 

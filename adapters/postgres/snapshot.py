@@ -16,7 +16,7 @@ disappears by itself with its connection, so a crash leaves nothing behind. The 
 lives only while the exporting connection stays idle in its transaction, which is why that
 connection is held open until the copy is done and runs no other command.
 
-Chunked, parallel form (driven by `cdcengine.snapshots`):
+Chunked, parallel form (driven by `cdcengine.pipeline.snapshots`):
 - `layout()`: the columns, the chunk key (the first key column, when its type orders sensibly:
   numbers, strings, dates/times, uuid) and the leaves read (a partitioned table's leaf
   partitions, each copied on its own; else the table itself);
@@ -45,12 +45,12 @@ import pyarrow as pa
 import structlog
 from psycopg import sql
 
-from cdcengine.adapter import ChunkRange, SnapshotLayout, SnapshotStopped
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
-from cdcengine.snapshots import ranges_from_points, split_points
+from cdcengine.pipeline.snapshots import ranges_from_points, split_points
+from cdcengine.source.adapter import ChunkRange, SnapshotLayout, SnapshotStopped
 from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.convert import parse_copy_text, to_arrow

@@ -11,7 +11,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names for type checkers; at run time they load on first use
-    from cdcengine.adapter import Check, ColumnInfo, Severity, TableInfo
     from cdcengine.api import (
         DisableResult,
         EnableResult,
@@ -31,33 +30,34 @@ if TYPE_CHECKING:  # the names for type checkers; at run time they load on first
         verify,
     )
     from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
+    from cdcengine.control.health import HealthReport, SweepResult, sweep
+    from cdcengine.control.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
     from cdcengine.errors import CDCError, Reason
-    from cdcengine.health import HealthReport, SweepResult, sweep
-    from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
+    from cdcengine.source.adapter import Check, ColumnInfo, Severity, TableInfo
 
 # Lazy re-exports (PEP 562): `import cdcengine` (and any `cdcengine_postgres` module, which
 # imports `cdcengine.errors` and so this package) loads neither deltalake nor a driver; each name
 # loads its module when first used.
 _EXPORTS: dict[str, str] = {
     "CDCError": "cdcengine.errors",
-    "Check": "cdcengine.adapter",
-    "ColumnInfo": "cdcengine.adapter",
+    "Check": "cdcengine.source.adapter",
+    "ColumnInfo": "cdcengine.source.adapter",
     "Config": "cdcengine.config",
     "DisableResult": "cdcengine.api",
     "EnableResult": "cdcengine.api",
     "EngineConfig": "cdcengine.config",
-    "HealthReport": "cdcengine.health",
+    "HealthReport": "cdcengine.control.health",
     "JobView": "cdcengine.api",
     "Reason": "cdcengine.errors",
-    "RepairResult": "cdcengine.recovery",
-    "ResumeResult": "cdcengine.recovery",
+    "RepairResult": "cdcengine.control.recovery",
+    "ResumeResult": "cdcengine.control.recovery",
     "SettingsResult": "cdcengine.api",
-    "Severity": "cdcengine.adapter",
+    "Severity": "cdcengine.source.adapter",
     "SourceConfig": "cdcengine.config",
     "Status": "cdcengine.api",
-    "SweepResult": "cdcengine.health",
+    "SweepResult": "cdcengine.control.health",
     "TableConfig": "cdcengine.config",
-    "TableInfo": "cdcengine.adapter",
+    "TableInfo": "cdcengine.source.adapter",
     "TableVerify": "cdcengine.api",
     "VerifyResult": "cdcengine.api",
     "cdc_status": "cdcengine.api",
@@ -67,10 +67,10 @@ _EXPORTS: dict[str, str] = {
     "enable_cdc": "cdcengine.api",
     "list_jobs": "cdcengine.api",
     "load_config": "cdcengine.config",
-    "repair_cdc": "cdcengine.recovery",
-    "resume_cdc": "cdcengine.recovery",
+    "repair_cdc": "cdcengine.control.recovery",
+    "resume_cdc": "cdcengine.control.recovery",
     "resync_table": "cdcengine.api",
-    "sweep": "cdcengine.health",
+    "sweep": "cdcengine.control.health",
     "update_cdc_settings": "cdcengine.api",
     "verify": "cdcengine.api",
 }

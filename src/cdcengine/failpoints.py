@@ -10,7 +10,7 @@ deltalake call or a COPY that never returns: until the file named by
 `CDCENGINE_FAILPOINT_RELEASE` exists (the test creates it to let the work go on), or for ever
 when that variable is unset. `name=fail` raises `FailpointError` there, at every arrival from
 the n-th on until that file exists: a failure that repeats on every retry. The watchdog tests use
-both (`cdcengine.watchdog`).
+both (`cdcengine.serve.watchdog`).
 
 Points (in the order a batch meets them):
 - `batch_taken`: a batch was cut, nothing of it written;

@@ -100,7 +100,7 @@ class Metrics:
             self._state.labels(source, known).set(1 if known == current else 0)
 
     def set_stalled(self, source: str, stalled: bool) -> None:
-        """The watchdog's verdict (`cdcengine.watchdog`): 1 stalled, 0 not."""
+        """The watchdog's verdict (`cdcengine.serve.watchdog`): 1 stalled, 0 not."""
         self._stalled.labels(source).set(1 if stalled else 0)
 
     def count_error(self, source: str, reason: str) -> None:

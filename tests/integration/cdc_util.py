@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from cdcengine.adapter import Check, Severity
 from cdcengine.config import SourceConfig
+from cdcengine.source.adapter import Check, Severity
 from cdcengine.state import open_state
 from cdcengine.state.base import StateStore
 
@@ -103,7 +103,7 @@ def start_daemon(cfg: Path, log: Path, failpoint: str | None = None) -> subproce
            if not k.startswith("CDCENGINE__") and k != "CDCENGINE_FAILPOINT"}
     if failpoint:
         env["CDCENGINE_FAILPOINT"] = failpoint
-    return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+    return subprocess.Popen([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                             cwd=cfg.parent, env=env, stdout=log.open("a"),
                             stderr=subprocess.STDOUT, text=True)
 

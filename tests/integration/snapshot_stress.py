@@ -32,10 +32,10 @@ def main(config: dict[str, Any]) -> int:
 
     from cdcengine.config import SourceConfig
     from cdcengine.names import TableRef
-    from cdcengine.registry import adapter_for
+    from cdcengine.pipeline.snapshots import snapshot_table
     from cdcengine.sink.base import kinds_for
     from cdcengine.sink.delta import DeltaSink
-    from cdcengine.snapshots import snapshot_table
+    from cdcengine.source.registry import adapter_for
     from cdcengine.state import open_state
 
     root = Path(config["root"])

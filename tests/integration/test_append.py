@@ -1,6 +1,6 @@
 """The change log (append table) against a real server: last values on deletes and unchanged
 TOAST (filled from the consolidated table in `both` mode), and replay to the consolidated
-state through `cdcengine.history`."""
+state through `cdcengine.control.history`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from cdc_util import query, source_for
 from test_pipeline import Running, live_rows, wait_for
 
-from cdcengine import api, history
+from cdcengine import api
 from cdcengine.config import SourceConfig
+from cdcengine.control import history
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
 

@@ -27,13 +27,14 @@ from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
 from test_snapshot_chunks import Writer, _events, delta_rows, seed, source_rows
 
-from cdcengine import api, history
-from cdcengine.adapter import SnapshotStopped
+from cdcengine import api
 from cdcengine.config import SourceConfig
+from cdcengine.control import history
 from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
-from cdcengine.registry import adapter_for
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.source.adapter import SnapshotStopped
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import TableState
 from cdcengine_postgres import snapshot as pg_snapshot
 from cdcengine_postgres.slots import temp_slot_name

@@ -16,9 +16,9 @@ import pytest
 from pgutil import ScratchDatabase
 from psycopg import sql
 
-from cdcengine.adapter import TableInfo
 from cdcengine.config import SourceConfig
 from cdcengine.names import TableRef
+from cdcengine.source.adapter import TableInfo
 from cdcengine_postgres.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.discovery import (

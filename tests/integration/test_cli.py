@@ -1,6 +1,6 @@
 """The `cdcengine` console command end to end (SPEC §2-§3), as a user runs it.
 
-Every test runs the real command in a subprocess (`cli_util.run_cli`: ``python -m cdcengine.cli
+Every test runs the real command in a subprocess (`cli_util.run_cli`: ``python -m cdcengine
 --config PATH ...``, working directory = the test's tmp_path, no ``CDCENGINE__`` variables)
 against the session's PostgreSQL server, with a cdcengine.toml whose state store is a sqlite
 file in tmp_path and whose slot and publication names derive from the test's database name, so

@@ -14,8 +14,8 @@ from cdc_util import publication_exists, query, slot_exists
 from cli_util import cli_env
 from deltalake import DeltaTable
 
-from cdcengine import cli
-from cdcengine.demo import STATE_FILE
+from cdcengine.serve.cli import main as cli
+from cdcengine.serve.demo import STATE_FILE
 from cdcengine_postgres import demo as pg_demo
 from cdcengine_postgres.cluster import ClusterError, find_bindir
 
@@ -117,7 +117,7 @@ def test_demo_command_starts_its_own_server(tmp_path: Path) -> None:
         find_bindir()
     except ClusterError as exc:
         pytest.skip(f"needs local PostgreSQL server binaries: {exc}")
-    proc = subprocess.run([sys.executable, "-m", "cdcengine.cli", "demo", "--duration", "3"],
+    proc = subprocess.run([sys.executable, "-m", "cdcengine", "demo", "--duration", "3"],
                           cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                           encoding="utf-8", timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -234,7 +234,7 @@ def test_run_refuses_a_port_in_use_naming_the_key(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         cfg = write_config(tmp_path, [src], f"sqlite:///{tmp_path / 'state.db'}", port)
-        res = subprocess.run([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg),
+        res = subprocess.run([sys.executable, "-m", "cdcengine", "--config", str(cfg),
                               "run"], cwd=tmp_path, env=clean_env(), capture_output=True,
                              text=True, timeout=60)
     assert res.returncode == 2, res

@@ -19,8 +19,9 @@ from netproxy import TcpProxy
 from structlog.testing import capture_logs
 from test_reconnect import Workload, assert_each_once
 
-from cdcengine import api, runner
-from cdcengine.runner import SourceRunner
+from cdcengine import api
+from cdcengine.serve import runner
+from cdcengine.serve.runner import SourceRunner
 
 TIMEOUT_S = 3  # replication_timeout_s
 

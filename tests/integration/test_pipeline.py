@@ -17,7 +17,7 @@ from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
-from cdcengine.pipeline import Pipeline
+from cdcengine.pipeline.pipeline import Pipeline
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.state.base import SourceState, TableState
 

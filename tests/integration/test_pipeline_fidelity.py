@@ -32,11 +32,11 @@ from test_convert_roundtrip import DDL, HOSTILE, ROWS, TEXTUAL, TYPED, _mask_nan
 from test_pipeline import Running, live_rows, wait_for
 
 from cdcengine import api
-from cdcengine.batcher import ChangeBatch
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError
 from cdcengine.names import TableRef
-from cdcengine.pipeline import Pipeline, RunStats
+from cdcengine.pipeline.batcher import ChangeBatch
+from cdcengine.pipeline.pipeline import Pipeline, RunStats
 from cdcengine.sink.delta import DeltaSink
 from cdcengine_postgres.cluster import ClusterError, find_bindir
 from cdcengine_postgres.connection import connect

@@ -9,8 +9,8 @@ import pytest
 from cdc_util import by_name, errors, one, source_for, store
 
 from cdcengine import api
-from cdcengine.adapter import Severity
 from cdcengine.errors import CDCError, Reason
+from cdcengine.source.adapter import Severity
 
 SERVER_CHECKS = {"server_version", "not_standby", "wal_level", "replication_privilege",
                  "create_privilege", "replication_slots", "wal_senders",

@@ -12,7 +12,7 @@ from cdc_util import publication_exists, query, slot_exists, source_for, store
 
 from cdcengine import api
 from cdcengine.errors import CDCError, LeaseHeld, PrerequisitesFailed, Reason
-from cdcengine.registry import adapter_for
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import SourceState, TableState, new_holder_id
 
 

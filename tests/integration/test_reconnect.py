@@ -4,7 +4,7 @@ The daemon's runner reconnects in-process after a terminated walsender. Every so
 committed before, during and after the drops must reach the change log exactly once. The
 reproducer of issue 12 lost the first transaction after the last durable batch: a batch that
 became durable was taken to mean "nothing in flight" although the next transaction already sat
-in the batcher, and the keepalive position past it was confirmed (`cdcengine.progress`).
+in the batcher, and the keepalive position past it was confirmed (`cdcengine.pipeline.progress`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import pytest
 from cdc_util import source_for
 from structlog.testing import capture_logs
 
-from cdcengine import api, runner
+from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
-from cdcengine.runner import SourceRunner
+from cdcengine.serve import runner
+from cdcengine.serve.runner import SourceRunner
 from cdcengine.sink.delta import DeltaSink
 
 

@@ -37,7 +37,7 @@ def test_run_streams_and_stops_cleanly_on_sigterm(db, tmp_path: Path) -> None:
     src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
     api.enable_cdc(src, state=state)
     cfg = write_config(tmp_path, src, state)
-    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                             cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -62,7 +62,7 @@ def test_run_exits_1_for_a_source_that_is_not_enabled(db, tmp_path: Path) -> Non
     src = source_for(db.dsn, tmp_path, ["items"])
     cfg = write_config(tmp_path, src, state)
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+    res = subprocess.run([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 1
@@ -77,7 +77,7 @@ def test_a_slot_dropped_while_streaming_breaks_the_source_and_the_daemon_waits(
     src = source_for(db.dsn, tmp_path, ["items"], flush_interval_ms=100)
     api.enable_cdc(src, state=state)
     cfg = write_config(tmp_path, src, state)
-    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                             cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -126,7 +126,7 @@ def test_a_requested_stop_while_a_source_is_paused_exits_0(db, tmp_path: Path) -
     src = source_for(dsn, tmp_path, ["items"], flush_interval_ms=100)
     api.enable_cdc(src, state=state)
     cfg = write_config(tmp_path, src, state)
-    proc = subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config", str(cfg), "run"],
+    proc = subprocess.Popen([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                             cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

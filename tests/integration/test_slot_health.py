@@ -15,11 +15,11 @@ from test_pipeline import Running, live_rows, wait_for
 
 from cdcengine import api
 from cdcengine.config import SourceConfig
+from cdcengine.control.health import sweep
+from cdcengine.control.recovery import repair_cdc, resume_cdc
 from cdcengine.errors import CDCError, PrerequisitesFailed, Reason
-from cdcengine.health import sweep
-from cdcengine.pipeline import Pipeline
-from cdcengine.recovery import repair_cdc, resume_cdc
-from cdcengine.registry import adapter_for
+from cdcengine.pipeline.pipeline import Pipeline
+from cdcengine.source.registry import adapter_for
 from cdcengine.state import open_state
 
 MB = 1024 * 1024

@@ -17,9 +17,9 @@ from test_pipeline import Running, wait_for
 from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.names import TableRef
-from cdcengine.registry import adapter_for
+from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.sink.delta import DeltaSink
-from cdcengine.snapshots import snapshot_table
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import ChunkState, TableState
 from cdcengine_postgres.snapshot import TableSnapshot
 

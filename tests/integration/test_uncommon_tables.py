@@ -18,11 +18,11 @@ from test_columns_and_keys import live, source_rows
 from test_pipeline import Running, wait_for
 
 from cdcengine import api
-from cdcengine.adapter import Severity
 from cdcengine.config import SourceConfig
 from cdcengine.errors import PrerequisitesFailed
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.source.adapter import Severity
 from cdcengine.state.base import TableState
 
 BIG = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)"  # 12.8 kB: TOASTed
@@ -225,7 +225,7 @@ def test_run_time_failures_name_the_table_and_the_fix(make_cluster: Any, tmp_pat
     import psycopg
 
     from cdcengine.errors import CDCError, Reason
-    from cdcengine.pipeline import Pipeline
+    from cdcengine.pipeline.pipeline import Pipeline
 
     cluster = make_cluster({"max_replication_slots": 3})
     dsn = cluster.dsn("postgres")
@@ -296,7 +296,7 @@ def test_select_revoked_after_enable_names_the_table(db: Any, tmp_path: Path) ->
     """SELECT revoked after `enable`: the snapshot's failure names the table (before: "lacks a
     privilege", no table named) and the source is paused for `resume`."""
     from cdcengine.errors import CDCError, Reason
-    from cdcengine.pipeline import Pipeline
+    from cdcengine.pipeline.pipeline import Pipeline
 
     if db.server.host.startswith("/"):
         pytest.skip("the test server is reached over a unix socket; its auth method is unknown")

@@ -114,7 +114,7 @@ class Soak:
     # ---- the daemon ---------------------------------------------------------------------------
     def _start(self) -> subprocess.Popen[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CDCENGINE")}
-        return subprocess.Popen([sys.executable, "-m", "cdcengine.cli", "--config",
+        return subprocess.Popen([sys.executable, "-m", "cdcengine", "--config",
                                  str(self.cfg), "run"], cwd=self.work, env=env,
                                 stdout=self.log.open("a"), stderr=subprocess.STDOUT, text=True)
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pytest
 
-from cdcengine.batcher import Batcher, TableSpec
 from cdcengine.events import (
     UNCHANGED,
     Begin,
@@ -20,6 +19,7 @@ from cdcengine.events import (
     Update,
 )
 from cdcengine.names import TableRef
+from cdcengine.pipeline.batcher import Batcher, TableSpec
 
 ORDERS = TableRef("public", "orders")
 

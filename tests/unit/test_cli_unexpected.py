@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from cdcengine import api, cli
+from cdcengine import api
+from cdcengine.serve.cli import main as cli
 
 SECRET = "Hush-Unexp-5521"
 
@@ -43,7 +44,7 @@ def test_unexpected_error_is_reported_with_details_under_verbose_and_masked(
 
 
 def test_snapshot_progress_line() -> None:
-    from cdcengine.cli import _snapshot_progress
+    from cdcengine.serve.cli.main import _snapshot_progress
 
     line = _snapshot_progress({"rows": 120_000, "rows_total": 1_000_000, "rows_per_s": 50_000.4,
                                "chunks_done": 3, "chunks_total": 10, "eta_s": 17.6})

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cdcengine.adapter import Severity
 from cdcengine.sink.destination import check_destination, foreign_entries
+from cdcengine.source.adapter import Severity
 
 
 def _one(checks: list) -> object:  # type: ignore[type-arg]

@@ -1,4 +1,4 @@
-"""cdcengine.history: SCD2 versions and point-in-time state from hand-built append tables."""
+"""control.history: SCD2 versions and point-in-time state from hand-built append tables."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from cdcengine import history
+from cdcengine.control import history
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
 

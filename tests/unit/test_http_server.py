@@ -1,4 +1,4 @@
-"""`cdcengine.http`: /health, /status, /metrics over a real loopback socket, no PostgreSQL.
+"""`cdcengine.serve.http`: /health, /status, /metrics over a real loopback socket, no PostgreSQL.
 
 The sources' DSNs point at a closed loopback port, so /status exercises the "unreachable" path;
 the state store is a SQLite file the tests write markers into.
@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, ConfigError, NotEnabled
-from cdcengine.http import Endpoints, HttpServer
 from cdcengine.metrics import Metrics
+from cdcengine.serve.http import Endpoints, HttpServer
 from cdcengine.state import open_state
 from cdcengine.state.base import SourceState
 

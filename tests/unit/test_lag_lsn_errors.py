@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from cdcengine.adapter import Check
+from cdcengine.control.lag import RETENTION_CAP_SAFETY, Thresholds, effective_thresholds
 from cdcengine.errors import (
     POLICY,
     CDCError,
@@ -21,8 +21,8 @@ from cdcengine.errors import (
     classify_error,
     iter_chain,
 )
-from cdcengine.lag import RETENTION_CAP_SAFETY, Thresholds, effective_thresholds
 from cdcengine.lsn import format_lsn, parse_lsn
+from cdcengine.source.adapter import Check
 
 # ---- lag thresholds --------------------------------------------------------------------------
 

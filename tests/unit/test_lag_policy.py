@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cdcengine.adapter import HealthProbe, PublicationInfo, SlotInfo
-from cdcengine.lag import MB, Action, Level, decide, effective_thresholds, level_of
+from cdcengine.control.lag import MB, Action, Level, decide, effective_thresholds, level_of
+from cdcengine.source.adapter import HealthProbe, PublicationInfo, SlotInfo
 
 T = effective_thresholds(512, 2048, None)
 

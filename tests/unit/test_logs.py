@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from cdcengine.logs import configure_logging
+from cdcengine.serve.logs import configure_logging
 
 SECRET = "Log-Hush-8812"
 

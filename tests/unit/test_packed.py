@@ -45,7 +45,6 @@ from test_pgoutput import (
     update,
 )
 
-from cdcengine.batcher import Batcher, ChangeBatch, TableSpec
 from cdcengine.config import SourceConfig
 from cdcengine.events import (
     UNCHANGED,
@@ -61,6 +60,7 @@ from cdcengine.events import (
     Value,
 )
 from cdcengine.names import TableRef
+from cdcengine.pipeline.batcher import Batcher, ChangeBatch, TableSpec
 from cdcengine_postgres import changes as changes_mod
 from cdcengine_postgres import packed
 from cdcengine_postgres.changes import PostgresChanges
@@ -462,7 +462,7 @@ def test_a_malformed_packed_insert_fails_the_batch_like_decoding_would(tmp_path:
 
 
 def test_buffer_truncate_turns_a_cut_run_into_rows() -> None:
-    from cdcengine.batcher import _Buffer, _Relation
+    from cdcengine.pipeline.batcher import _Buffer, _Relation
 
     rel = _Relation(relation=_rel(1, "orders", ["id", "v"]), spec=TableSpec(ref=ORDERS),
                     key=("id",), key_idx=(0,), converters=[_text, _text])

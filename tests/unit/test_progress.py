@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cdcengine.progress import Progress
+from cdcengine.pipeline.progress import Progress
 
 
 def step(p: Progress, *, durable: tuple[int, ...] = (), open_transaction: bool = False,

@@ -35,7 +35,7 @@ def test_adapter_never_imports_deltalake() -> None:
 
 
 def test_importing_the_library_loads_no_driver() -> None:
-    code = ("import sys, cdcengine, cdcengine.cli, cdcengine.api; "
+    code = ("import sys, cdcengine, cdcengine.serve.cli.main, cdcengine.api; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('psycopg', 'cdcengine_postgres')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
@@ -127,6 +127,7 @@ def test_the_engine_does_not_import_its_own_facade() -> None:
     """The pipeline and the daemon's parts reach the state store through `cdcengine.state`, not
     through the library's façade `cdcengine.api` (issue 14)."""
     graph = _module_graph()
-    engine = ["cdcengine.pipeline", "cdcengine.runner", "cdcengine.monitor",
-              "cdcengine.watchdog", "cdcengine.health", "cdcengine.writer", "cdcengine.batcher"]
+    engine = ["cdcengine.pipeline.pipeline", "cdcengine.serve.runner", "cdcengine.serve.monitor",
+              "cdcengine.serve.watchdog", "cdcengine.control.health", "cdcengine.pipeline.writer",
+              "cdcengine.pipeline.batcher"]
     assert {m: "cdcengine.api" for m in engine if "cdcengine.api" in graph[m]} == {}

@@ -1,12 +1,10 @@
-"""Chunk planning and resume decisions of `cdcengine.snapshots` (pure)."""
+"""Chunk planning and resume decisions of `cdcengine.pipeline.snapshots` (pure)."""
 
 from __future__ import annotations
 
 import itertools
 
-from cdcengine.adapter import ChunkRange, SnapshotLayout
-from cdcengine.sink.base import TableKind
-from cdcengine.snapshots import (
+from cdcengine.pipeline.snapshots import (
     Meter,
     SnapshotPlan,
     chunk_name,
@@ -17,6 +15,8 @@ from cdcengine.snapshots import (
     seq_range,
     split_points,
 )
+from cdcengine.sink.base import TableKind
+from cdcengine.source.adapter import ChunkRange, SnapshotLayout
 
 C, A = TableKind.CONSOLIDATED, TableKind.APPEND
 LAYOUT = SnapshotLayout(columns=("id", "v"), key=("id",), chunk_key="id", leaves=("public.t",))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from cdcengine.config import SourceConfig, TableMode
+from cdcengine.pipeline.tablesets import registered_changes, registrations
 from cdcengine.state.base import TableRecord, TableState
-from cdcengine.tablesets import registered_changes, registrations
 
 
 def rec(name: str, mode: str = "consolidated", *, columns: tuple[str, ...] | None = None,

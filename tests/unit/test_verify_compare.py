@@ -10,7 +10,7 @@ from decimal import Decimal
 import pyarrow as pa
 import pytest
 
-from cdcengine.verify import (
+from cdcengine.control.verify import (
     DIFFERENT,
     EQUAL,
     Comparer,

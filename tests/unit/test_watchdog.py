@@ -19,9 +19,7 @@ from cdcengine import failpoints
 from cdcengine.config import SourceConfig
 from cdcengine.errors import ConfigError
 from cdcengine.metrics import Metrics
-from cdcengine.state import SourceState, open_state
-from cdcengine.state.base import shown_state
-from cdcengine.watchdog import (
+from cdcengine.serve.watchdog import (
     Activity,
     Reading,
     StallJudge,
@@ -29,6 +27,8 @@ from cdcengine.watchdog import (
     source_thread,
     thread_stacks,
 )
+from cdcengine.state import SourceState, open_state
+from cdcengine.state.base import shown_state
 
 
 def idle(lane: str = "stream", mark: object = 0) -> Reading:
@@ -173,7 +173,7 @@ def test_last_resort_dumps_every_stack_when_the_gil_is_held() -> None:
     writes the stacks."""
     code = textwrap.dedent("""
         import ctypes, threading, time
-        from cdcengine.watchdog import LastResort
+        from cdcengine.serve.watchdog import LastResort
         resort = LastResort(0.5)
         stop = threading.Event()
         def watchdog():
@@ -394,7 +394,7 @@ def test_the_same_work_failing_run_after_run_is_a_stall_at_once() -> None:
     """A destination that refuses every write (read-only, disk full) fails run after run on
     the same changes: after FAILING_RUNS failures the source says so without waiting out a
     long stall timeout; progress clears it."""
-    from cdcengine.watchdog import FAILING_RUNS, Activity
+    from cdcengine.serve.watchdog import FAILING_RUNS, Activity
 
     activity = Activity()
     activity.stream.report(pending=True, rows_buffered=5)

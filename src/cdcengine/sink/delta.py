@@ -545,7 +545,7 @@ class DeltaSink:
                                  f"({type(exc).__name__})") from exc
         return WriteResult(table=ref, version=min([version, *done]))
 
-    # --- chunked snapshots (driven by cdcengine.snapshots) ------------------------------
+    # --- chunked snapshots (driven by cdcengine.pipeline.snapshots) ------------------------------
     #
     # Per Delta table (kind), in the Delta log only:
     # - table property `cdcengine.snapshot.plan`: the JSON plan of the current attempt

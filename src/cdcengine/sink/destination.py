@@ -18,14 +18,14 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from cdcengine.adapter import Check, Severity
+from cdcengine.source.adapter import Check, Severity
 
 __all__ = ["LOW_SPACE_BYTES", "check_destination", "foreign_entries", "local_path"]
 
 #: Below this much free space `check` warns: snapshots write whole tables at once.
 LOW_SPACE_BYTES: Final = 1024**3
 _DELTA_LOG: Final = "_delta_log"
-_STAGING: Final = "_cdcengine_staging"  # resync's staging area (cdcengine.resync.STAGING)
+_STAGING: Final = "_cdcengine_staging"  # resync's staging area (cdcengine.pipeline.resync.STAGING)
 _NAME: Final = "destination"
 
 

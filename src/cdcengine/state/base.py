@@ -180,7 +180,7 @@ class ChunkState(enum.StrEnum):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotChunkRecord:
     """One planned chunk of a table snapshot, for progress display (the Delta log decides
-    which chunks are really finished; see `cdcengine.snapshots`)."""
+    which chunks are really finished; see `cdcengine.pipeline.snapshots`)."""
 
     chunk_id: int
     attempt: int  # the consistent point of the attempt that planned the chunks

@@ -23,12 +23,12 @@ import structlog
 
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error, reason_of
-from cdcengine.pipeline import Pipeline
+from cdcengine.pipeline.pipeline import Pipeline
+from cdcengine.serve.watchdog import Activity
 from cdcengine.state.access import open_store
 from cdcengine.state.base import Marker, SourceRecord
-from cdcengine.watchdog import Activity
 
-log = structlog.get_logger("cdcengine.daemon")
+log = structlog.get_logger("cdcengine.serve.daemon")
 
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 60.0

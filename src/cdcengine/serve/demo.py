@@ -35,14 +35,14 @@ import structlog
 from deltalake import DeltaTable
 
 from cdcengine import api
-from cdcengine.adapter import Check
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, ConfigError, PrerequisitesFailed, classify_error
 from cdcengine.names import TableRef
-from cdcengine.pipeline import Pipeline
-from cdcengine.registry import demo_for
+from cdcengine.pipeline.pipeline import Pipeline
+from cdcengine.source.adapter import Check
+from cdcengine.source.registry import demo_for
 
-log = structlog.get_logger("cdcengine.demo")
+log = structlog.get_logger("cdcengine.serve.demo")
 
 SOURCE_NAME = "demo"
 STATE_FILE = ".state.db"

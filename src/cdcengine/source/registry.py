@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, cast
 from cdcengine.errors import ConfigError
 
 if TYPE_CHECKING:
-    from cdcengine.adapter import SourceAdapter
     from cdcengine.config import SourceConfig
-    from cdcengine.demo import DemoFactory
+    from cdcengine.serve.demo import DemoFactory
+    from cdcengine.source.adapter import SourceAdapter
 
 # engine name -> "module:attribute" of a zero-argument adapter factory
 ADAPTERS: dict[str, str] = {"postgres": "cdcengine_postgres.adapter:PostgresAdapter"}

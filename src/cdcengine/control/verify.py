@@ -65,10 +65,10 @@ from cdcengine.lsn import format_lsn
 if TYPE_CHECKING:
     import duckdb
 
-    from cdcengine.adapter import SourceAdapter
     from cdcengine.config import SourceConfig, TableConfig
+    from cdcengine.source.adapter import SourceAdapter
 
-log = structlog.get_logger("cdcengine.verify")
+log = structlog.get_logger("cdcengine.control.verify")
 
 DEFAULT_EXAMPLES = 20
 DEFAULT_WAIT_S = 60.0

@@ -23,15 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from cdcengine.adapter import SourceAdapter
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.lsn import format_lsn
+from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.sink.base import TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
-from cdcengine.snapshots import snapshot_table
+from cdcengine.source.adapter import SourceAdapter
 from cdcengine.state.base import StateStore, TableRecord, TableState
 
-log = structlog.get_logger("cdcengine.resync")
+log = structlog.get_logger("cdcengine.pipeline.resync")
 
 RESYNC_REASON = "resync_requested"
 STAGING = "_cdcengine_staging"

@@ -2,7 +2,7 @@
 
 The core sees only `SourceAdapter` and the dataclasses below; it never imports a driver. An
 adapter lives in its own package under `adapters/` (PostgreSQL: `cdcengine_postgres`) and is found
-through `cdcengine.registry.adapter_for(source)`. Every dataclass here is JSON-safe through
+through `cdcengine.source.registry.adapter_for(source)`. Every dataclass here is JSON-safe through
 `dataclasses.asdict` and holds no secret.
 
 Error contract for every method: a source that cannot be reached raises a `CDCError` subclass
@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
-    from cdcengine.batcher import ColumnConverter
     from cdcengine.config import SourceConfig, TableConfig
     from cdcengine.events import Event, Relation
     from cdcengine.names import TableRef
+    from cdcengine.pipeline.batcher import ColumnConverter
 
 
 class Severity(enum.StrEnum):
@@ -234,7 +234,7 @@ class SnapshotSession(Protocol):
     (int LSN C: the stream applies this table's changes after C only), `key`, and `chunks()`
     yielding typed Arrow tables of the captured columns; `masked` counts nulled values.
 
-    Chunked, parallel form (`cdcengine.snapshots` drives it): `layout()`, `plan(chunk_rows)`,
+    Chunked, parallel form (`pipeline.snapshots` drives it): `layout()`, `plan(chunk_rows)`,
     then `open_workers(n)` (each worker a connection importing the same exported snapshot) and
     `copy_chunk(chunk, worker=i)` from up to n threads at once, one per worker, each yielding
     the chunk's rows as typed Arrow tables of bounded size. `empty()` is the typed empty table.

@@ -16,15 +16,15 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
-from cdcengine.background import BackgroundLoop
 from cdcengine.config import SourceConfig
+from cdcengine.control.health import HealthReport, SlotMetrics, check_source
 from cdcengine.errors import LeaseHeld, classify_error
-from cdcengine.health import HealthReport, SlotMetrics, check_source
-from cdcengine.runner import SourceRunner
+from cdcengine.serve.background import BackgroundLoop
+from cdcengine.serve.runner import SourceRunner
 from cdcengine.state.access import open_store
 from cdcengine.state.base import StateStore
 
-log = structlog.get_logger("cdcengine.monitor")
+log = structlog.get_logger("cdcengine.serve.monitor")
 
 TICK_S = 0.5
 HALT_TIMEOUT_S = 120.0  # a pipeline finishing its current Delta commit before an auto-drop

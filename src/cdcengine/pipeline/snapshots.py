@@ -43,23 +43,23 @@ import pyarrow as pa
 import structlog
 
 from cdcengine import failpoints
-from cdcengine.adapter import (
+from cdcengine.config import SourceConfig, TableConfig
+from cdcengine.errors import CDCError, Reason
+from cdcengine.lsn import format_lsn, parse_lsn
+from cdcengine.sink.base import TableKind, kinds_for
+from cdcengine.source.adapter import (
     ChunkRange,
     SnapshotLayout,
     SnapshotSession,
     SnapshotStopped,
     SourceAdapter,
 )
-from cdcengine.config import SourceConfig, TableConfig
-from cdcengine.errors import CDCError, Reason
-from cdcengine.lsn import format_lsn, parse_lsn
-from cdcengine.sink.base import TableKind, kinds_for
 from cdcengine.state.base import ChunkState, SnapshotChunkRecord, SnapshotProgress, StateStore
 
 if TYPE_CHECKING:  # the adapter imports the planning helpers: no deltalake import here
     from cdcengine.sink.delta import DeltaSink
 
-log = structlog.get_logger("cdcengine.snapshots")
+log = structlog.get_logger("cdcengine.pipeline.snapshots")
 
 PLAN_FORMAT = 1
 PROGRESS_EVERY_S = 2.0

@@ -20,20 +20,20 @@ import structlog
 
 from cdcengine.api import COMMAND_LEASE_TTL_S, refuse_failed_checks
 from cdcengine.config import SourceConfig
+from cdcengine.control.health import resources_lost
 from cdcengine.errors import (
     CDCError,
     NotEnabled,
     Reason,
     ReplicationResourceError,
 )
-from cdcengine.health import resources_lost
 from cdcengine.lsn import parse_lsn
-from cdcengine.registry import adapter_for
-from cdcengine.resync import request_resync
+from cdcengine.pipeline.resync import request_resync
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import SourceRecord, StateStore, hold_lease
 
-log = structlog.get_logger("cdcengine.recovery")
+log = structlog.get_logger("cdcengine.control.recovery")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

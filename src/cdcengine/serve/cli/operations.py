@@ -1,6 +1,6 @@
 """CLI commands of slot health and operations (SPEC §3): sweep, repair, resume, jobs.
 
-Imported by `cdcengine.cli` once its shared helpers exist (output, per-source loop)."""
+Imported by `cdcengine.serve.cli.main` once its shared helpers exist (output, per-source loop)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import argparse
 from datetime import datetime
 
 from cdcengine import api
-from cdcengine.adapter import Severity
-from cdcengine.cli_output import (
+from cdcengine.config import Config, SourceConfig
+from cdcengine.control.health import HealthReport, sweep
+from cdcengine.control.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
+from cdcengine.errors import CDCError
+from cdcengine.serve.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     _mb,
@@ -20,10 +23,7 @@ from cdcengine.cli_output import (
     _sources,
     _state,
 )
-from cdcengine.config import Config, SourceConfig
-from cdcengine.errors import CDCError
-from cdcengine.health import HealthReport, sweep
-from cdcengine.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
+from cdcengine.source.adapter import Severity
 
 _SYMBOL = {"none": Severity.OK, "warning": Severity.WARNING}
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 import structlog
 
-from cdcengine.batcher import ChangeBatch
 from cdcengine.errors import classify_error
+from cdcengine.pipeline.batcher import ChangeBatch
+from cdcengine.pipeline.writer import Durable
 from cdcengine.sink.fold import LSN
 from cdcengine.state.base import StateStore
-from cdcengine.writer import Durable
 
-log = structlog.get_logger("cdcengine.runlog")
+log = structlog.get_logger("cdcengine.pipeline.runlog")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,13 @@ from typing import NoReturn
 
 import structlog
 
-from cdcengine import api, daemon
-from cdcengine.adapter import Check, Severity, TableInfo
-from cdcengine.cli_output import (
+from cdcengine import api
+from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
+from cdcengine.control.verify import format_key
+from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
+from cdcengine.secrets import dsn_password, scrub
+from cdcengine.serve import daemon
+from cdcengine.serve.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -32,12 +36,9 @@ from cdcengine.cli_output import (
     _sources,
     _state,
 )
-from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
-from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
-from cdcengine.http import unreachable_status
-from cdcengine.logs import configure_logging
-from cdcengine.secrets import dsn_password, scrub
-from cdcengine.verify import format_key
+from cdcengine.serve.http import unreachable_status
+from cdcengine.serve.logs import configure_logging
+from cdcengine.source.adapter import Check, Severity, TableInfo
 
 _NO_CONFIG = frozenset({"demo"})  # commands that bring their own source and need no config
 
@@ -462,7 +463,7 @@ def cmd_demo(args: argparse.Namespace, _cfg: Config) -> int:
     """SIGINT/SIGTERM stop the demo; it still stops its threads and cleans up (exit 130)."""
     from pathlib import Path
 
-    from cdcengine.demo import DemoOptions, run_demo  # duckdb and friends: only for the demo
+    from cdcengine.serve.demo import DemoOptions, run_demo  # duckdb and friends: only for the demo
 
     stop = threading.Event()
     previous: dict[signal.Signals, Callable[..., object] | int | None] = {}
@@ -501,7 +502,7 @@ OPS_COMMANDS = ("sweep", "repair", "resume", "jobs")
 
 def _handler(command: str) -> Callable[[argparse.Namespace, Config], int]:
     if command in OPS_COMMANDS:
-        from cdcengine import cli_ops
+        from cdcengine.serve.cli import operations as cli_ops
         return getattr(cli_ops, f"cmd_{command}")  # type: ignore[no-any-return]
     return COMMANDS[command]
 

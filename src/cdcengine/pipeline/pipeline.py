@@ -36,29 +36,29 @@ from pathlib import Path
 import structlog
 
 from cdcengine import failpoints
-from cdcengine.adapter import ChangeSession, SourceAdapter
-from cdcengine.batcher import Batcher, ChangeBatch, StoppedTable
-from cdcengine.batcher import TableSpec as BatchSpec
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, NotEnabled, Reason, reason_of
 from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
-from cdcengine.progress import Progress
-from cdcengine.registry import adapter_for
-from cdcengine.resync import is_requested, resync_table
-from cdcengine.runlog import RunLog
+from cdcengine.pipeline.batcher import Batcher, ChangeBatch, StoppedTable
+from cdcengine.pipeline.batcher import TableSpec as BatchSpec
+from cdcengine.pipeline.progress import Progress
+from cdcengine.pipeline.resync import is_requested, resync_table
+from cdcengine.pipeline.runlog import RunLog
+from cdcengine.pipeline.snapshots import snapshot_table
+from cdcengine.pipeline.tablesets import Registrations, registered_changes, registrations
+from cdcengine.pipeline.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
+from cdcengine.serve.watchdog import Activity
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
-from cdcengine.snapshots import snapshot_table
+from cdcengine.source.adapter import ChangeSession, SourceAdapter
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, open_store
 from cdcengine.state.base import Lease, SourceState, StateStore, TableState, hold_lease
-from cdcengine.tablesets import Registrations, registered_changes, registrations
-from cdcengine.watchdog import Activity
-from cdcengine.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
 
-log = structlog.get_logger("cdcengine.pipeline")
+log = structlog.get_logger("cdcengine.pipeline.pipeline")
 
 STREAM_LEASE_TTL_S = 60.0  # renewed every third of it while streaming
 READ_TIMEOUT_S = 0.5
@@ -89,7 +89,7 @@ class Pipeline:
         self._on_batch = on_batch
         # the daemon passes its one `Metrics` (served on /metrics); alone, a private instance
         self.metrics = metrics or Metrics()
-        # what is pending and what became durable, for the daemon's watchdog (cdcengine.watchdog)
+        # what is pending and what became durable, for the daemon's watchdog (serve.watchdog)
         self.activity = activity or Activity()
         self.stats = RunStats()
         self._applied: Applied = {}
@@ -190,7 +190,7 @@ class Pipeline:
 
     # ---- table set, snapshots and resyncs ----------------------------------------------------
     def _take_registrations(self, store: StateStore) -> None:
-        """Apply what `enable` registered since the last look (see `cdcengine.tablesets`)."""
+        """Apply what `enable` registered since the last look (see `pipeline.tablesets`)."""
         now = registrations(store.list_tables(self.source.name))
         change = registered_changes(self.source, self._seen, now)
         self._seen = now

@@ -18,13 +18,19 @@ from datetime import datetime
 
 import structlog
 
-from cdcengine.adapter import Check, HealthProbe, PublicationInfo, SlotInfo, TableInfo
 from cdcengine.config import (
     MAX_THRESHOLD_MB,
     SETTINGS_KEYS,
     SourceConfig,
     TableConfig,
 )
+from cdcengine.control.lag import effective_thresholds, level_of
+from cdcengine.control.verify import DEFAULT_EXAMPLES as DEFAULT_VERIFY_EXAMPLES
+from cdcengine.control.verify import DEFAULT_WAIT_S as DEFAULT_VERIFY_WAIT_S
+from cdcengine.control.verify import Comparison as Comparison  # re-exported: verify's results
+from cdcengine.control.verify import RowDifference as RowDifference
+from cdcengine.control.verify import TableVerify as TableVerify
+from cdcengine.control.verify import VerifyResult, verify_table
 from cdcengine.errors import (
     CDCError,
     ConfigError,
@@ -34,13 +40,13 @@ from cdcengine.errors import (
     ReplicationResourceError,
     classify_error,
 )
-from cdcengine.lag import effective_thresholds, level_of
 from cdcengine.lsn import format_lsn, parse_lsn
 from cdcengine.names import TableRef
-from cdcengine.registry import adapter_for
 from cdcengine.sink.base import kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.destination import check_destination
+from cdcengine.source.adapter import Check, HealthProbe, PublicationInfo, SlotInfo, TableInfo
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import (
     SourceRecord,
@@ -52,12 +58,6 @@ from cdcengine.state.base import (
     live_stall,
     shown_state,
 )
-from cdcengine.verify import DEFAULT_EXAMPLES as DEFAULT_VERIFY_EXAMPLES
-from cdcengine.verify import DEFAULT_WAIT_S as DEFAULT_VERIFY_WAIT_S
-from cdcengine.verify import Comparison as Comparison  # re-exported: verify's results
-from cdcengine.verify import RowDifference as RowDifference
-from cdcengine.verify import TableVerify as TableVerify
-from cdcengine.verify import VerifyResult, verify_table
 
 log = structlog.get_logger("cdcengine.api")
 
@@ -134,7 +134,7 @@ class MarkerView:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StallView:
     """A running daemon's watchdog finds the source unable to make progress (see
-    `cdcengine.watchdog`): since when, why, and what each of its threads is doing."""
+    `cdcengine.serve.watchdog`): since when, why, and what each of its threads is doing."""
 
     since: str
     at: str  # when the watchdog found it, or last renewed the thread picture
@@ -283,7 +283,7 @@ def enable_cdc(
         try:
             if rec and rec.enabled:
                 # a daemon streaming this source picks these changes up (a table added, removed
-                # or switched to another mode) at its next check, see `cdcengine.tablesets`
+                # or switched to another mode) at its next check, see `cdcengine.pipeline.tablesets`
                 for name in set(have) - set(tables):  # left the config: no longer captured
                     store.remove_table(source.name, name)
             else:
@@ -461,7 +461,7 @@ def resync_table(source: SourceConfig, table: str, *, state: StateArg = None) ->
     performs it within seconds, beside the stream: the other tables keep streaming meanwhile;
     without a daemon the next `run` does it. The swap into Delta is one commit per Delta table.
     """
-    from cdcengine.resync import request_resync  # pipeline-side module: imported lazily
+    from cdcengine.pipeline.resync import request_resync  # pipeline-side module: imported lazily
 
     tc = tables_to_verify(source, table)[0]
     with open_store(state) as store:
@@ -617,7 +617,7 @@ def verify(
     differences. Per table: counts and up to `examples` keys of rows missing in Delta, extra in
     Delta and different (with the columns). Read-only: takes no lease, changes nothing. Raises
     `ConfigError` for a table not in the source's config, a `CDCError` when the source cannot
-    be reached. See `cdcengine.verify`.
+    be reached. See `cdcengine.control.verify`.
     """
     tcs = tables_to_verify(source, table)
     with open_store(state) as store:

@@ -4,7 +4,7 @@
   `broken`, `paused` or `stalled` in the state store (snapshotting, streaming, warning, error,
   reconnecting are all healthy: they need no operator), else 503 with `"status": "unhealthy"`
   and a `problems` list (`source`, `state`, `reason`, `message`, `at`; a stalled source's also
-  `since`, `work` and `threads`: what each of its threads is doing, see `cdcengine.watchdog`).
+  `since`, `work` and `threads`: what each of its threads is doing, see `cdcengine.serve.watchdog`).
   A source whose runner the daemon gave up on (a non-retryable error that is neither broken
   nor paused, e.g. not enabled) replicates nothing either, so it is a problem too. The state
   store is the truth, read on every request: a `repair` or `resume` by the CLI shows at once.
@@ -41,7 +41,7 @@ from cdcengine.metrics import Metrics
 from cdcengine.secrets import dsn_password, scrub
 from cdcengine.state.base import Marker, SourceRecord, SourceState, live_stall, shown_state
 
-log = structlog.get_logger("cdcengine.http")
+log = structlog.get_logger("cdcengine.serve.http")
 
 DEFAULT_HOST = "127.0.0.1"
 _JSON = "application/json; charset=utf-8"

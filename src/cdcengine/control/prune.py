@@ -20,10 +20,10 @@ import structlog
 from cdcengine.config import SourceConfig
 from cdcengine.errors import LeaseHeld, classify_error
 from cdcengine.names import pg_identifier
-from cdcengine.registry import adapter_for
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import SourceRecord, StateStore
 
-log = structlog.get_logger("cdcengine.prune")
+log = structlog.get_logger("cdcengine.control.prune")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,16 +24,24 @@ from typing import Protocol
 
 import structlog
 
-from cdcengine.adapter import HealthProbe, SourceAdapter
 from cdcengine.config import SourceConfig
+from cdcengine.control.lag import (
+    MB,
+    Action,
+    Level,
+    Thresholds,
+    decide,
+    effective_thresholds,
+    level_of,
+)
+from cdcengine.control.prune import PruneReport, prune_removed
 from cdcengine.errors import LeaseHeld, Reason, classify_error
-from cdcengine.lag import MB, Action, Level, Thresholds, decide, effective_thresholds, level_of
-from cdcengine.prune import PruneReport, prune_removed
-from cdcengine.registry import adapter_for
+from cdcengine.source.adapter import HealthProbe, SourceAdapter
+from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
 from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState
 
-log = structlog.get_logger("cdcengine.health")
+log = structlog.get_logger("cdcengine.control.health")
 
 
 class SlotMetrics(Protocol):

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO, TypeVar
 
-from cdcengine.adapter import Check, Severity
 from cdcengine.config import Config, SourceConfig
 from cdcengine.errors import CDCError, ConfigError
+from cdcengine.source.adapter import Check, Severity
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")

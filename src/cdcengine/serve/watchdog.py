@@ -49,9 +49,9 @@ from typing import Protocol
 
 import structlog
 
-from cdcengine.background import BackgroundLoop
 from cdcengine.config import SourceConfig
 from cdcengine.errors import Reason, classify_error
+from cdcengine.serve.background import BackgroundLoop
 from cdcengine.state.access import open_store
 from cdcengine.state.base import (
     STALL_REFRESH_S,
@@ -62,7 +62,7 @@ from cdcengine.state.base import (
     live_stall,
 )
 
-log = structlog.get_logger("cdcengine.watchdog")
+log = structlog.get_logger("cdcengine.serve.watchdog")
 
 MAX_TICK_S = 5.0
 FAILING_RUNS = 3  # runs in a row that failed on the same pending work: stalled without waiting

@@ -30,17 +30,17 @@ import pyarrow.compute as pc
 import structlog
 
 from cdcengine import failpoints
-from cdcengine.adapter import ColumnDefault
-from cdcengine.batcher import ChangeBatch, StoppedTable
 from cdcengine.config import TableConfig
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
+from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
 from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind, kinds_for
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.fold import data_columns
+from cdcengine.source.adapter import ColumnDefault
 
-log = structlog.get_logger("cdcengine.writer")
+log = structlog.get_logger("cdcengine.pipeline.writer")
 
 Applied = dict[tuple[TableRef, TableKind], int]
 

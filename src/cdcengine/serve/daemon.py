@@ -1,10 +1,10 @@
 """`cdcengine run`: one `SourceRunner` per source on its own thread, the slot monitor on its
 own timer, and the HTTP endpoints, until asked to stop.
 
-Per source (see `cdcengine.runner`): retryable errors reconnect with backoff; a source another
+Per source (see `cdcengine.serve.runner`): retryable errors reconnect with backoff; a source another
 daemon holds is stood by for; a source marked broken or paused waits for `repair` / `resume`
 and then streams again by itself; other non-retryable failures end that source while the others
-keep running. The monitor (`cdcengine.monitor`) applies the lag policy to every source
+keep running. The monitor (`cdcengine.serve.monitor`) applies the lag policy to every source
 meanwhile, whatever its stream is doing.
 Exit codes (SPEC §3): a requested stop exits 0 after the current Delta commit unless a source is
 broken, paused or failed (1: a broken source never exits 0 as if all were well); the daemon ends
@@ -22,13 +22,13 @@ import structlog
 
 from cdcengine.config import Config, SourceConfig
 from cdcengine.errors import CDCError
-from cdcengine.http import Endpoints, HttpServer
 from cdcengine.metrics import Metrics
-from cdcengine.monitor import SlotMonitor
-from cdcengine.runner import SourceOutcome, SourceRunner
-from cdcengine.watchdog import Watchdog
+from cdcengine.serve.http import Endpoints, HttpServer
+from cdcengine.serve.monitor import SlotMonitor
+from cdcengine.serve.runner import SourceOutcome, SourceRunner
+from cdcengine.serve.watchdog import Watchdog
 
-log = structlog.get_logger("cdcengine.daemon")
+log = structlog.get_logger("cdcengine.serve.daemon")
 
 __all__ = ["DaemonResult", "SourceOutcome", "run"]
 
