@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from cdcengine.names import TableRef
-from cdcengine.sink import delta as delta_module
-from cdcengine.sink.delta import DeltaSink
+from cdcengine.sink.delta import DeltaSink, quote_ident
+from cdcengine.sink.delta import writes as delta_writes
 
 REF = TableRef("public", "bench")
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -173,7 +173,7 @@ def build_base(workdir: Path, n_rows: int, file_mb: int) -> Path:
 
 
 def _predicate_without_range(source: pa.Table, keys: list[str]) -> str:
-    q = delta_module.quote_ident
+    q = quote_ident
     return " AND ".join(f"t.{q(k)} = s.{q(k)}" for k in keys)
 
 
@@ -215,7 +215,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.no_range:
-        delta_module._merge_predicate = _predicate_without_range
+        delta_writes._merge_predicate = _predicate_without_range  # type: ignore[assignment]
 
     base = build_base(workdir, args.rows, args.file_mb)
     report = []

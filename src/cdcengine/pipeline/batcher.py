@@ -50,6 +50,7 @@ from cdcengine.events import (
     Update,
 )
 from cdcengine.names import TableRef
+from cdcengine.sink import columns as cdc
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -57,11 +58,11 @@ The values are a list of `bytes`, or an Arrow binary array (with nulls) when the
 packed inserts (`PackedInserts`)."""
 
 ENGINE_SCHEMA = pa.schema([
-    ("_cdc_op", pa.string()),
-    ("_cdc_lsn", pa.int64()),
-    ("_cdc_seq", pa.int64()),
-    ("_cdc_committed_at", pa.timestamp("us", tz="UTC")),
-    ("_cdc_unchanged", pa.list_(pa.string())),
+    (cdc.OP, pa.string()),
+    (cdc.LSN, pa.int64()),
+    (cdc.SEQ, pa.int64()),
+    (cdc.COMMITTED_AT, pa.timestamp("us", tz="UTC")),
+    (cdc.UNCHANGED, pa.list_(pa.string())),
 ])
 ROW_OVERHEAD_BYTES = 64  # rough per-row bookkeeping cost, for the memory budget
 
@@ -554,7 +555,7 @@ class Batcher:
             else pa.nulls(n, pa.list_(pa.string()))
         arrays += [_ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
                                                           [None, pa.py_buffer(seqs)]), marks]
-        names += ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+        names += [cdc.OP, cdc.SEQ, cdc.UNCHANGED]
         return pa.Table.from_arrays(arrays, names=names)
 
     @staticmethod
@@ -589,12 +590,12 @@ class Batcher:
             # parts of different shapes (an ALTER TABLE in between): missing columns become
             # null, widened types are promoted; data columns first, in order of appearance
             table = pa.concat_tables(buf.parts, promote_options="permissive")
-            engine = ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+            engine = [cdc.OP, cdc.SEQ, cdc.UNCHANGED]
             table = table.select([n for n in table.column_names if n not in engine] + engine)
         lsns, stamps = _expand(buf.segments, table.num_rows)
-        table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn", lsns)
-        return table.add_column(table.schema.get_field_index("_cdc_unchanged"),
-                                "_cdc_committed_at", stamps.cast(pa.timestamp("us", tz="UTC")))
+        table = table.add_column(table.schema.get_field_index(cdc.SEQ), cdc.LSN, lsns)
+        return table.add_column(table.schema.get_field_index(cdc.UNCHANGED),
+                                cdc.COMMITTED_AT, stamps.cast(pa.timestamp("us", tz="UTC")))
 
 
 _OP_I, _OP_U, _OP_D, _OP_T = b"IUDT"

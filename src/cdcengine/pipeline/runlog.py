@@ -18,7 +18,7 @@ import structlog
 from cdcengine.errors import classify_error
 from cdcengine.pipeline.batcher import ChangeBatch
 from cdcengine.pipeline.writer import Durable
-from cdcengine.sink.fold import LSN
+from cdcengine.sink.columns import LSN
 from cdcengine.state.base import StateStore
 
 log = structlog.get_logger("cdcengine.pipeline.runlog")

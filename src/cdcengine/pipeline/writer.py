@@ -36,6 +36,7 @@ from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
 from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind, kinds_for
+from cdcengine.sink.columns import COMMITTED_AT, LSN
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.fold import data_columns
 from cdcengine.source.adapter import ColumnDefault
@@ -366,7 +367,7 @@ def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> p
     """`column` set to `value` where null in the rows with `_cdc_lsn <= upto`."""
     col = table.column(column)
     fill = pa.scalar(value.as_py(), col.type)
-    old = pc.less_equal(table["_cdc_lsn"], pa.scalar(upto, pa.int64()))
+    old = pc.less_equal(table[LSN], pa.scalar(upto, pa.int64()))
     mask = pc.and_(old, pc.is_null(col))
     if not pc.any(mask).as_py():
         return table
@@ -379,7 +380,7 @@ def _newest(rows: pa.Table, newest_us: int | None) -> int | None:
 
     Read from the `_cdc_committed_at` column of the rows actually written, so rows replayed after
     a restart (already in Delta) never count as a long commit-to-Delta delay."""
-    found = pc.max(rows["_cdc_committed_at"].cast(pa.int64())).as_py()
+    found = pc.max(rows[COMMITTED_AT].cast(pa.int64())).as_py()
     if found is None:
         return newest_us
     value = int(found)
@@ -389,4 +390,4 @@ def _newest(rows: pa.Table, newest_us: int | None) -> int | None:
 def _after(table: pa.Table, applied: int) -> pa.Table:
     if applied <= 0:
         return table
-    return table.filter(pc.greater(table["_cdc_lsn"], pa.scalar(applied, pa.int64())))
+    return table.filter(pc.greater(table[LSN], pa.scalar(applied, pa.int64())))

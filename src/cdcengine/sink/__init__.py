@@ -1,9 +1,10 @@
 """Sinks: where change batches become durable, with progress committed atomically with the data.
 
-`cdcengine.sink.base` is the seam (the `Sink` protocol and its result types), `cdcengine.sink.fold`
-the pure Arrow preparation of a batch, `cdcengine.sink.delta` the Delta Lake implementation,
-which makes every write (the readers of `verify`, `history` and the demo still open Delta tables
-themselves). Importing this package does not import `deltalake`; `DeltaSink` and
+`cdcengine.sink.base` is the seam (the `Sink` protocol and its result types),
+`cdcengine.sink.columns` the engine's column names, `cdcengine.sink.fold` the pure Arrow
+preparation of a batch, `cdcengine.sink.delta` the Delta Lake implementation, which makes every
+write and every read of a Delta table (its `DeltaReader` serves `status`, `verify`, `history`
+and the demo). Importing this package does not import `deltalake`; `DeltaSink` and
 `DeltaMaintenance` are loaded on first access.
 """
 

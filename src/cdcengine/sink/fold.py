@@ -36,13 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdcengine.names import is_engine_column
-
-OP = "_cdc_op"
-LSN = "_cdc_lsn"
-SEQ = "_cdc_seq"
-COMMITTED_AT = "_cdc_committed_at"
-UNCHANGED = "_cdc_unchanged"
-HAS_VALUES = "_cdc_has_values"
+from cdcengine.sink.columns import HAS_VALUES, LSN, OP, SEQ, UNCHANGED
 
 MERGE_OPS: frozenset[str] = frozenset({"I", "U", "D", "R"})
 """Operations a consolidated (merged) batch may hold; 'R' (snapshot read) upserts like 'I'."""

@@ -1,0 +1,121 @@
+"""What a write looks up in the stored tables: the last known values of keys a batch cannot
+resolve on its own (`_last_known`, table mode `both`) and the unchanged-TOAST rows whose key the
+consolidated table does not hold (`_count_unresolved`). Reads only the candidate keys.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import structlog
+from deltalake import DeltaTable
+
+from cdcengine.lsn import format_lsn
+from cdcengine.names import TableRef
+from cdcengine.sink.base import TableKind
+from cdcengine.sink.columns import DELETED, LSN, UNCHANGED
+from cdcengine.sink.delta.schema import _arrow_schema
+from cdcengine.sink.delta.tables import DeltaTables
+from cdcengine.sink.fold import append_lookup_keys, data_columns
+
+log = structlog.get_logger("cdcengine.sink")
+
+
+class StoredLookups(DeltaTables):
+    """Reads of the stored tables a write needs (see the module docstring)."""
+
+    def _last_known(
+        self, ref: TableRef, batch: pa.Table, keys: list[str], applied: int | None
+    ) -> pa.Table | None:
+        """The stored consolidated rows of the keys `batch` cannot resolve on its own, as they
+        were BEFORE the batch (None when there is nothing to look up or nothing usable).
+
+        Only the candidate keys (`append_lookup_keys`) are read, through a key filter on the
+        pyarrow dataset (files and row groups whose statistics exclude the keys are skipped),
+        and only the batch's data columns the table holds. A stored row is used only when it
+        is live and older than the key's first change in the batch, and only when the
+        consolidated table has applied at least what the append table had (so no change
+        between the stored row and the batch is missing: after a crash between the two
+        kinds the consolidated table lags, and then nothing is filled).
+        """
+        wanted = append_lookup_keys(batch, keys)
+        if wanted.num_rows == 0:
+            return None
+        dt = self._cached(self.path(ref, TableKind.CONSOLIDATED))
+        if dt is None:
+            return None
+        stored_version = self._txn_version(dt, ref, TableKind.CONSOLIDATED)
+        if stored_version is None or (applied is not None and stored_version < applied):
+            log.info("append_fill_skipped", table=ref.qualified, reason="consolidated_behind",
+                     consolidated_lsn=None if stored_version is None
+                     else format_lsn(stored_version))
+            return None
+        target = _arrow_schema(dt)
+        if any(k not in target.names for k in keys):
+            return None
+        columns = [c for c in data_columns(batch) if c in target.names]
+        stored = _scan_keys(dt.to_pyarrow_dataset(), target, wanted, keys, [*columns, LSN])
+        if stored.num_rows == 0:
+            return None
+        # exact key match (the per-column filters over-approximate a composite key), and only
+        # rows older than the key's first change in this batch
+        index = stored.select([*keys, LSN]).rename_columns([*keys, "__stored_lsn"])
+        index = index.append_column("__row", pa.array(range(stored.num_rows), pa.int64()))
+        probe_schema = pa.schema([target.field(k) for k in keys]
+                                 + [pa.field("__first_lsn", pa.int64())])
+        probe = wanted.rename_columns([*keys, "__first_lsn"]).cast(probe_schema)
+        joined = index.join(probe, keys=keys, join_type="inner", use_threads=False)
+        older = pc.fill_null(pc.less(joined.column("__stored_lsn"),
+                                     joined.column("__first_lsn")), False)
+        rows = joined.column("__row").filter(older)
+        if len(rows) == 0:
+            return None
+        return stored.select(columns).take(rows)
+
+    def _count_unresolved(self, dt: DeltaTable, upserts: pa.Table, keys: list[str]) -> int:
+        """Rows with still-unchanged TOAST columns whose key the target does not hold.
+
+        The merge will insert those with null values; this reads only the key columns of the
+        files whose statistics admit the candidate keys, and only when there are candidates.
+        """
+        if UNCHANGED not in upserts.column_names:
+            return 0
+        candidates = upserts.filter(pc.is_valid(upserts.column(UNCHANGED))).select(keys)
+        if candidates.num_rows == 0:
+            return 0
+        condition: pads.Expression | None = None
+        for k in keys:
+            term = pads.field(k).isin(candidates.column(k).combine_chunks())
+            condition = term if condition is None else condition & term
+        stored = dt.to_pyarrow_dataset().to_table(columns=keys, filter=condition)
+        total = int(candidates.num_rows)
+        if stored.num_rows == 0:
+            return total
+        found = candidates.join(stored.cast(candidates.schema), keys=keys, join_type="left semi")
+        return total - int(found.num_rows)
+
+
+def _scan_keys(dataset: pads.Dataset, target: pa.Schema, wanted: pa.Table, keys: list[str],
+               columns: list[str]) -> pa.Table:
+    """The live rows of `dataset` whose key columns take the values of `wanted` (a superset for
+    a composite key), with the key filter pushed down to the scan.
+
+    Files written by delta-rs' MERGE may store strings as `string_view`; pyarrow 26 has no
+    kernel comparing a `string` literal with `string_view` statistics, nor an `isin` across the
+    two, so when the plain filter fails the key columns are cast inside the filter expression
+    (rows are still filtered while scanning; only statistics pruning is lost).
+    """
+    live = ~pads.field(DELETED)
+    for cast in (False, True):
+        condition = live
+        for k in keys:
+            typ = target.field(k).type
+            field = pads.field(k).cast(typ) if cast else pads.field(k)
+            condition = condition & field.isin(wanted.column(k).combine_chunks().cast(typ))
+        try:
+            return dataset.to_table(columns=columns, filter=condition)
+        except (pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            if cast:
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,97 @@
+"""Table upkeep: compaction, checkpoints (and log cleanup) and vacuum, as `DeltaMaintenance` says.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+from deltalake.exceptions import DeltaError
+
+from cdcengine.names import TableRef
+from cdcengine.sink.base import MaintenanceResult, SinkWriteError, TableKind
+from cdcengine.sink.delta.tables import DeltaTables, _ms
+
+log = structlog.get_logger("cdcengine.sink")
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaMaintenance:
+    """What `DeltaSink.maintain` does; the defaults are safe for readers of the last 7 days.
+
+    - `compact`: rewrite small files into `target_file_size` files (None: delta-rs default,
+      the table's `delta.targetFileSize` or 100 MB). Compaction commits with dataChange=false.
+    - `checkpoint_interval`: write a checkpoint when at least this many commits happened since
+      the last one this sink wrote (also stored as `delta.checkpointInterval` on new tables,
+      so delta-rs checkpoints on its own while writing).
+    - `vacuum_retention_hours`: delete files unreferenced for this long (None: no vacuum);
+      below the table's `delta.deletedFileRetentionDuration` (7 days) only with
+      `enforce_retention_duration=False`.
+    - `cleanup_log`: after a checkpoint, delete log files older than `delta.logRetentionDuration`.
+    """
+
+    compact: bool = True
+    target_file_size: int | None = None
+    checkpoint_interval: int = 100
+    vacuum_retention_hours: int | None = 168
+    enforce_retention_duration: bool = True
+    cleanup_log: bool = True
+
+
+class Maintenance(DeltaTables):
+    """Table upkeep (see the module docstring)."""
+
+    def maintain(self, ref: TableRef, kind: TableKind | str) -> MaintenanceResult:
+        """Compact, checkpoint and vacuum one table as `self.maintenance` says.
+
+        Never changes the rows a reader sees nor the txn versions (compaction commits carry no
+        data change; checkpoints keep txn actions). A missing table is a no-op. Call it from
+        the table's writer thread, between writes.
+        """
+        kind = TableKind(kind)
+        started = time.perf_counter()
+        policy = self.maintenance
+        path = self.path(ref, kind)
+        removed = added = vacuumed = 0
+        checkpointed = False
+        try:
+            dt = self._cached(path)
+            if dt is None:
+                return MaintenanceResult(table=ref, kind=kind)
+            if policy.compact:
+                metrics = dt.optimize.compact(target_size=policy.target_file_size)
+                removed = int(metrics.get("numFilesRemoved", 0))
+                added = int(metrics.get("numFilesAdded", 0))
+            current = dt.version()
+            last = self._checkpointed_at.get(path)
+            if last is None or current - last >= policy.checkpoint_interval or removed:
+                dt.create_checkpoint()
+                self._checkpointed_at[path] = current
+                checkpointed = True
+                if policy.cleanup_log:
+                    dt.cleanup_metadata()
+            if policy.vacuum_retention_hours is not None:
+                vacuumed = len(
+                    dt.vacuum(
+                        retention_hours=policy.vacuum_retention_hours,
+                        dry_run=False,
+                        enforce_retention_duration=policy.enforce_retention_duration,
+                    )
+                )
+        except (DeltaError, OSError) as exc:
+            self._tables.pop(path, None)
+            raise SinkWriteError(
+                f"maintenance of the Delta {kind} table of {ref} failed ({type(exc).__name__})"
+            ) from exc
+        result = MaintenanceResult(
+            table=ref,
+            kind=kind,
+            files_removed=removed,
+            files_added=added,
+            checkpointed=checkpointed,
+            vacuumed_files=vacuumed,
+            duration_ms=_ms(started),
+        )
+        log.info("delta_table_maintained", **result.to_dict())
+        return result

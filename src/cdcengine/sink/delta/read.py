@@ -1,0 +1,180 @@
+"""The one Delta reader: everything outside the sink that reads a Delta table (`status`,
+`verify`, `history`, the demo) reads it through `DeltaReader`, and the sink opens its own
+handles through `load_table`.
+
+A `DeltaReader` is built from a destination (and its storage options, passed to delta-rs
+unchanged: never logged); `open` / `open_path` give a `DeltaSnapshot`, one read of a table's
+log at a fixed version, from which the data (a pyarrow Table or Dataset: DuckDB scans the
+latter), the row count, the Delta version and a txn app id's version are all read consistently.
+Every call opens a fresh handle (no cache), so a reader may be used from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
+
+from cdcengine.names import TableRef
+from cdcengine.sink.base import TableKind
+from cdcengine.sink.columns import DELETED
+
+
+def load_table(path: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable | None:
+    """A fresh deltalake handle on the table at `path`; None when there is no Delta table."""
+    options = dict(storage_options) if storage_options else None
+    if not DeltaTable.is_deltatable(path, storage_options=options):
+        return None
+    return DeltaTable(path, storage_options=options)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeltaTableInfo:
+    path: str
+    exists: bool
+    version: int | None = None
+    applied_version: int | None = None
+    rows: int | None = None
+
+
+class DeltaSnapshot:
+    """One Delta table as of one read of its log (its version does not move)."""
+
+    def __init__(self, table: DeltaTable, path: str) -> None:
+        self._table = table
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"DeltaSnapshot(path={self.path!r}, version={self.version})"
+
+    @property
+    def version(self) -> int:
+        """The Delta version read."""
+        return int(self._table.version())
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The table's Arrow schema."""
+        return pa.schema(self._table.schema().to_arrow())
+
+    @property
+    def configuration(self) -> dict[str, str]:
+        """The table properties (`cdcengine.layout`, `delta.*`, ...)."""
+        return dict(self._table.metadata().configuration)
+
+    def transaction_version(self, app_id: str) -> int | None:
+        """The version of txn app id `app_id` in the log; None when it has none."""
+        value = self._table.transaction_version(app_id)
+        return None if value is None else int(value)
+
+    def dataset(self) -> pads.Dataset:
+        """A pyarrow dataset of the rows (for DuckDB: register it, then `... FROM name`)."""
+        return self._table.to_pyarrow_dataset()
+
+    to_pyarrow_dataset = dataset  # what readers of a deltalake.DeltaTable call
+
+    def read(
+        self, *, columns: Sequence[str] | None = None, filter: pads.Expression | None = None
+    ) -> pa.Table:
+        """The rows as a pyarrow Table (soft-deleted rows included unless `filter` drops them)."""
+        cols = list(columns) if columns is not None else None
+        if filter is None:
+            return self._table.to_pyarrow_table(columns=cols)
+        return self.dataset().to_table(columns=cols, filter=filter)
+
+    def count(self, *, live_only: bool = False) -> int:
+        """Rows in the table; `live_only`: rows not soft-deleted (a consolidated table)."""
+        if live_only:
+            return int(self.dataset().count_rows(filter=~pads.field(DELETED)))
+        return int(self._table.count())
+
+
+class DeltaReader:
+    """Reads the Delta tables under `destination` (see the module docstring).
+
+    `destination` may be omitted when only `open_path` is used.
+    """
+
+    def __init__(
+        self, destination: str | None = None, *, storage_options: Mapping[str, str] | None = None
+    ) -> None:
+        self.destination = destination
+        self._storage_options: dict[str, str] | None = (
+            dict(storage_options) if storage_options else None
+        )
+
+    def __repr__(self) -> str:
+        return f"DeltaReader(destination={self.destination!r})"
+
+    def path(self, ref: TableRef, kind: TableKind | str) -> str:
+        """`D/schema/table` or `D/schema/table_cdc` (SPEC §5)."""
+        if self.destination is None:
+            raise ValueError("this DeltaReader has no destination: use open_path")
+        return ref.delta_path(self.destination, append=TableKind(kind) is TableKind.APPEND)
+
+    def open_path(self, path: str) -> DeltaSnapshot | None:
+        """The Delta table at `path`, read now; None when there is none."""
+        table = load_table(path, self._storage_options)
+        return None if table is None else DeltaSnapshot(table, path)
+
+    def open(self, ref: TableRef, kind: TableKind | str) -> DeltaSnapshot | None:
+        """The `kind` Delta table of `ref`, read now; None when it does not exist."""
+        return self.open_path(self.path(ref, kind))
+
+    def _require(self, ref: TableRef, kind: TableKind | str) -> DeltaSnapshot:
+        snapshot = self.open(ref, kind)
+        if snapshot is None:
+            raise LookupError(f"no Delta {TableKind(kind)} table for {ref}")
+        return snapshot
+
+    def exists(self, ref: TableRef, kind: TableKind | str) -> bool:
+        """Whether the Delta table exists."""
+        return self.open(ref, kind) is not None
+
+    def read_table(
+        self,
+        ref: TableRef,
+        kind: TableKind | str,
+        *,
+        columns: Sequence[str] | None = None,
+        filter: pads.Expression | None = None,
+    ) -> pa.Table:
+        """The table's current rows (soft-deleted ones included unless `filter` drops them).
+        Raises LookupError when the table does not exist."""
+        return self._require(ref, kind).read(columns=columns, filter=filter)
+
+    def dataset(self, ref: TableRef, kind: TableKind | str) -> pads.Dataset:
+        """A pyarrow dataset of the current snapshot; LookupError when the table is missing."""
+        return self._require(ref, kind).dataset()
+
+    def row_count(
+        self, ref: TableRef, kind: TableKind | str, *, live_only: bool = False
+    ) -> int | None:
+        """Rows in the table (None when it does not exist). `live_only`: consolidated rows
+        not soft-deleted."""
+        kind = TableKind(kind)
+        snapshot = self.open(ref, kind)
+        if snapshot is None:
+            return None
+        return snapshot.count(live_only=live_only and kind is TableKind.CONSOLIDATED)
+
+    def table_info(
+        self, ref: TableRef, kind: TableKind | str, *, app_id: str | None = None
+    ) -> DeltaTableInfo:
+        """Path, existence, Delta version, `app_id`'s applied version and row count
+        (consolidated: live rows) of one table, from one read of its log."""
+        kind = TableKind(kind)
+        path = self.path(ref, kind)
+        snapshot = self.open_path(path)
+        if snapshot is None:
+            return DeltaTableInfo(path=path, exists=False)
+        return DeltaTableInfo(
+            path=path, exists=True, version=snapshot.version,
+            applied_version=None if app_id is None else snapshot.transaction_version(app_id),
+            rows=snapshot.count(live_only=kind is TableKind.CONSOLIDATED))
+
+
+__all__ = ["DeltaReader", "DeltaSnapshot", "DeltaTableInfo", "load_table"]
