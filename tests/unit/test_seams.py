@@ -34,6 +34,22 @@ def test_adapter_never_imports_deltalake() -> None:
     assert offenders == {}
 
 
+def test_only_the_delta_sink_imports_deltalake() -> None:
+    """One Delta reader (issue 14): `status`, `verify`, `history` and the demo read Delta tables
+    through `cdcengine.sink.delta.read`, never through deltalake themselves."""
+    offenders = {p: n for p, n in _imports(ROOT / "src" / "cdcengine").items()
+                 if "deltalake" in n and not p.startswith("src/cdcengine/sink/delta/")}
+    assert offenders == {}
+
+
+def test_the_delta_sink_modules_stay_small() -> None:
+    """sink/delta is one module per job (issue 14); none may grow past 600 lines."""
+    sizes = {p.name: len(p.read_text().splitlines())
+             for p in (ROOT / "src" / "cdcengine" / "sink" / "delta").glob("*.py")}
+    assert len(sizes) > 5
+    assert {name: n for name, n in sizes.items() if n > 600} == {}
+
+
 def test_importing_the_library_loads_no_driver() -> None:
     code = ("import sys, cdcengine, cdcengine.serve.cli.main, cdcengine.api; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

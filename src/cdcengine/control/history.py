@@ -28,7 +28,8 @@ log (a null inside a struct never counts as missing: genuine NULLs are kept).
 
 The SQL is plain DuckDB and is exposed (`scd2_sql`, `as_of_sql`, and the generic `SCD2_SQL`
 for a table keyed by `id` with columns `id, v`) for running it directly, e.g. over
-`DeltaTable(path).to_pyarrow_dataset()` registered as a view.
+`DeltaSink.dataset(ref, "append")` (or `DeltaReader.dataset`) registered as a view. A Delta
+table given by its path is read through the sink's reader (`cdcengine.sink.delta.read`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from cdcengine.sink.columns import COMMITTED_AT, LSN, OP, PREFIX, SEQ, UNCHANGED
+
 __all__ = ["SCD2_SQL", "as_of", "as_of_sql", "scd2", "scd2_sql"]
 
-OP, LSN, SEQ, COMMITTED_AT, UNCHANGED = (
-    "_cdc_op", "_cdc_lsn", "_cdc_seq", "_cdc_committed_at", "_cdc_unchanged")
-_ENGINE_PREFIX = "_cdc_"
+_ENGINE_PREFIX = PREFIX
 # orders (lsn, seq) pairs in one HUGEINT: lsn and seq are both below 2^63
 _POS = f"({LSN}::HUGEINT * 9223372036854775808 + {SEQ})"
 
@@ -147,10 +148,13 @@ SCD2_SQL = scd2_sql(["id", "v"], ["id"])
 def _as_source(append: Any) -> tuple[Any, list[str]]:
     """Something DuckDB can scan, and its column names."""
     if isinstance(append, str):
-        from deltalake import DeltaTable
+        from cdcengine.sink.delta.read import DeltaReader
 
-        append = DeltaTable(append)
-    if hasattr(append, "to_pyarrow_dataset"):  # a deltalake.DeltaTable
+        snapshot = DeltaReader().open_path(append)
+        if snapshot is None:
+            raise LookupError(f"no Delta table at {append}")
+        append = snapshot
+    if hasattr(append, "to_pyarrow_dataset"):  # a DeltaSnapshot or a deltalake.DeltaTable
         append = append.to_pyarrow_dataset()
     if isinstance(append, (pa.Table, pads.Dataset, pa.RecordBatchReader)):
         return append, list(append.schema.names)
@@ -174,7 +178,7 @@ def _run(append: Any, key: Sequence[str], build: Any) -> pa.Table:
         con.execute("SET TimeZone = 'UTC'")
         if UNCHANGED not in names:  # a log without it: nothing was unresolved
             con.register("raw_append", source)
-            con.execute("CREATE VIEW append AS SELECT *, NULL::VARCHAR[] AS _cdc_unchanged "
+            con.execute(f"CREATE VIEW append AS SELECT *, NULL::VARCHAR[] AS {UNCHANGED} "  # noqa: S608
                         "FROM raw_append")
         else:
             con.register("append", source)
@@ -188,8 +192,8 @@ def _run(append: Any, key: Sequence[str], build: Any) -> pa.Table:
 def scd2(append: Any, key: Sequence[str]) -> pa.Table:
     """The SCD2 versions of an append table (see module docstring and `scd2_sql`).
 
-    `append`: a pyarrow Table or Dataset (e.g. `DeltaSink.dataset(ref, "append")`), a deltalake
-    DeltaTable or the path of the Delta append table.
+    `append`: a pyarrow Table or Dataset (e.g. `DeltaSink.dataset(ref, "append")`), a
+    `DeltaSnapshot` (or a deltalake DeltaTable) or the path of the Delta append table.
     """
     return _run(append, key, lambda columns: scd2_sql(columns, key))
 

@@ -61,11 +61,13 @@ import pyarrow as pa
 import structlog
 
 from cdcengine.lsn import format_lsn
+from cdcengine.sink.columns import DELETED, LSN, OP, SEQ, UNCHANGED
 
 if TYPE_CHECKING:
     import duckdb
 
     from cdcengine.config import SourceConfig, TableConfig
+    from cdcengine.sink.delta.read import DeltaSnapshot
     from cdcengine.source.adapter import SourceAdapter
 
 log = structlog.get_logger("cdcengine.control.verify")
@@ -78,9 +80,6 @@ EQUAL = "equal"
 DIFFERENT = "different"
 NOT_CAUGHT_UP = "not_caught_up"
 NO_DELTA_TABLE = "no_delta_table"
-
-_DELETED = "_cdc_deleted"
-_LSN = "_cdc_lsn"
 
 
 # ---- results --------------------------------------------------------------------------------
@@ -326,24 +325,24 @@ class Comparer:
         return self._diff(values, missing_cols)
 
     def _load_consolidated(self, names: set[str], values: Sequence[str], upto: int) -> None:
-        deleted = f"coalesce({_ident(_DELETED)}, false)" if _DELETED in names else "false"
-        lsn = _ident(_LSN) if _LSN in names else "0"
+        deleted = f"coalesce({_ident(DELETED)}, false)" if DELETED in names else "false"
+        lsn = _ident(LSN) if LSN in names else "0"
         self.con.execute(
             f"CREATE OR REPLACE TABLE dst AS SELECT {self._keys_sql()}, "  # noqa: S608
             f"{_hash_list(values)} AS hc, {lsn} > {int(upto)} AS flux, "
             f"{deleted} AS deleted FROM delta")
 
     def _load_append(self, names: set[str], values: Sequence[str], upto: int) -> None:
-        for col in ("_cdc_lsn", "_cdc_seq", "_cdc_op"):
+        for col in (LSN, SEQ, OP):
             if col not in names:
                 raise ValueError(f"the append table lacks {col}")
         keys = self._keys_sql()
         self.con.execute(
             "CREATE OR REPLACE TEMP TABLE log AS SELECT "  # noqa: S608
-            f"{keys}, {_hash_list(values)} AS hc, _cdc_lsn AS lsn, _cdc_seq AS seq, "
-            "_cdc_op AS op, "
-            + ("coalesce(len(_cdc_unchanged), 0) > 0" if "_cdc_unchanged" in names else "false")
-            + f" AS unresolved FROM delta WHERE _cdc_lsn <= {int(upto)}")
+            f"{keys}, {_hash_list(values)} AS hc, {LSN} AS lsn, {SEQ} AS seq, "
+            f"{OP} AS op, "
+            + (f"coalesce(len({UNCHANGED}), 0) > 0" if UNCHANGED in names else "false")
+            + f" AS unresolved FROM delta WHERE {LSN} <= {int(upto)}")
         trunc = self.con.execute("SELECT lsn, seq FROM log WHERE op = 'T' "
                                  "ORDER BY lsn DESC, seq DESC LIMIT 1").fetchone()
         after = (f"WHERE lsn > {int(trunc[0])} OR (lsn = {int(trunc[0])} AND seq > "
@@ -455,16 +454,13 @@ def verify_table(
     """Verify one table (see the module docstring). Raises a `CDCError` when the source cannot
     be read; a destination that cannot be read raises too (the caller reports it). `enabled`:
     whether CDC was ever enabled for the source (the fix for a missing Delta table differs)."""
-    from deltalake import DeltaTable
-
     from cdcengine.sink.base import TableKind
     from cdcengine.sink.delta import DeltaSink
 
     started = time.monotonic()
     mode = str(table.mode)
     kind = (TableKind.CONSOLIDATED if table.mode.writes_consolidated else TableKind.APPEND)
-    sink = DeltaSink.for_source(source)
-    storage = dict(source.destination_options) or None
+    sink = DeltaSink.for_source(source)  # its reader: the source's destination and options
     path = sink.path(table.ref, kind)
     app_id = sink.app_id(table.ref, kind)
     fix = resync_fix(source.name, table.name)
@@ -473,10 +469,8 @@ def verify_table(
     def done(**kw: Any) -> TableVerify:
         return TableVerify(**base, **kw, duration_s=round(time.monotonic() - started, 3))
 
-    def load() -> DeltaTable | None:
-        if not DeltaTable.is_deltatable(path, storage_options=storage):
-            return None
-        return DeltaTable(path, storage_options=storage)
+    def load() -> DeltaSnapshot | None:
+        return sink.reader.open_path(path)
 
     if load() is None and not enabled:
         return done(status=NO_DELTA_TABLE,
@@ -488,15 +482,14 @@ def verify_table(
                     message=f"no Delta {kind} table yet at {path}: the table's snapshot has "
                             "not been written (is the daemon running?)")
 
-    def caught_up(upto: int) -> tuple[DeltaTable | None, int | None, int | None]:
+    def caught_up(upto: int) -> tuple[DeltaSnapshot | None, int | None, int | None]:
         """Wait until Delta holds every change <= upto: (table, applied, confirmed); the
         table is None when the wait ran out."""
         deadline = time.monotonic() + wait_s
         while True:
             confirmed = confirmed_lsn()  # read before the Delta log: then it covers that read
             dt = load()
-            value = dt.transaction_version(app_id) if dt is not None else None
-            applied = None if value is None else int(value)
+            applied = dt.transaction_version(app_id) if dt is not None else None
             if dt is not None and applied is not None and (
                     applied >= upto or (confirmed is not None and confirmed >= upto)):
                 return dt, applied, confirmed
@@ -529,7 +522,7 @@ def verify_table(
                                     f"{format_lsn(upto)} within {wait_s:g} s (applied {seen}"
                                     + (f", slot confirmed {format_lsn(confirmed)}"
                                        if confirmed is not None else "") + ")")
-            result = cmp.compare(dt.to_pyarrow_dataset(), upto=upto, kind=str(kind))
+            result = cmp.compare(dt.dataset(), upto=upto, kind=str(kind))
             if not result.missing_in_delta or attempt == 2:
                 break
             log.info("verify_recheck", source=source.name, table=table.name,
@@ -537,7 +530,7 @@ def verify_table(
     finally:
         if cmp is not None:
             cmp.close()
-    common: dict[str, Any] = {"applied_lsn": format_lsn(applied), "delta_version": dt.version(),
+    common: dict[str, Any] = {"applied_lsn": format_lsn(applied), "delta_version": dt.version,
                               "comparison": result}
     log.info("verify_table", source=source.name, table=table.name, lsn=format_lsn(upto),
              differences=result.differences, in_flux=result.in_flux,

@@ -4,9 +4,9 @@ The engine-neutral half: the source side (a server, sample tables, the workload)
 engine's adapter through `registry.demo_for`, as a `DemoSource`. This module enables CDC with a
 demo-local state store (`<lake>/.state.db`), runs `Pipeline` on one thread and the workload on
 another, and prints every ~1.5 s each table's source rows next to the live rows of its Delta
-table (queried with DuckDB over `DeltaTable(path).to_pyarrow_dataset()`), the rows applied and
-the rate. After `duration` seconds the workload stops and the demo waits until every Delta table
-equals its source table, value for value, then prints a summary.
+table (queried with DuckDB over the pyarrow dataset the sink's `DeltaReader` gives), the rows
+applied and the rate. After `duration` seconds the workload stops and the demo waits until
+every Delta table equals its source table, value for value, then prints a summary.
 
 Exit codes: 0 caught up; 1 a failure, or Delta did not catch up within `catch_up_timeout_s`
 (said so); 2 usage (e.g. `--lake` is a directory that is not a demo lake); 130 interrupted.
@@ -32,13 +32,15 @@ from typing import Protocol, TextIO
 import duckdb
 import pyarrow.dataset as pads
 import structlog
-from deltalake import DeltaTable
 
 from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, ConfigError, PrerequisitesFailed, classify_error
 from cdcengine.names import TableRef
 from cdcengine.pipeline.pipeline import Pipeline
+from cdcengine.sink.base import TableKind
+from cdcengine.sink.columns import DELETED, PREFIX
+from cdcengine.sink.delta.read import DeltaReader, DeltaSnapshot
 from cdcengine.source.adapter import Check
 from cdcengine.source.registry import demo_for
 
@@ -46,8 +48,7 @@ log = structlog.get_logger("cdcengine.serve.demo")
 
 SOURCE_NAME = "demo"
 STATE_FILE = ".state.db"
-DELETED = "_cdc_deleted"
-ENGINE_PREFIX = "_cdc_"
+ENGINE_PREFIX = PREFIX
 
 
 # ---- the seam: what an adapter's demo part provides -------------------------------------------
@@ -169,24 +170,26 @@ class LakeReader:
 
     def __init__(self, lake: Path) -> None:
         self.lake = lake
+        self._reader = DeltaReader(str(lake))
         self._db = duckdb.connect()
 
     def path(self, table: str) -> str:
-        return TableRef.parse(table).delta_path(str(self.lake))
+        return self._reader.path(TableRef.parse(table), TableKind.CONSOLIDATED)
 
-    def _open(self, table: str) -> DeltaTable | None:
+    def _open(self, table: str) -> DeltaSnapshot | None:
         try:
-            return DeltaTable(self.path(table))
-        except Exception:  # noqa: BLE001 - not written yet (TableNotFoundError) or mid-create
+            return self._reader.open_path(self.path(table))
+        except Exception:  # noqa: BLE001 - not written yet or mid-create
             return None
 
     def live_count(self, table: str) -> int | None:
         dt = self._open(table)
         if dt is None:
             return None
-        self._db.register("t", dt.to_pyarrow_dataset())
+        self._db.register("t", dt.dataset())
         try:
-            rows = self._db.execute("SELECT count(*) FROM t WHERE NOT _cdc_deleted").fetchall()
+            live = f"SELECT count(*) FROM t WHERE NOT {DELETED}"  # noqa: S608
+            rows = self._db.execute(live).fetchall()
         finally:
             self._db.unregister("t")
         return int(rows[0][0])
@@ -195,7 +198,7 @@ class LakeReader:
         dt = self._open(table)
         if dt is None:
             return None
-        ds = dt.to_pyarrow_dataset()
+        ds = dt.dataset()
         keep = [c for c in ds.schema.names if not c.startswith(ENGINE_PREFIX)]
         return list(ds.to_table(columns=keep, filter=~pads.field(DELETED)).to_pylist())
 
