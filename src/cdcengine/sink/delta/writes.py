@@ -440,7 +440,7 @@ def _check_batch(batch: pa.Table, version: int, *, require: Sequence[str]) -> pa
     if batch.num_rows:
         top = pc.max(batch.column(LSN)).as_py()
         if top is not None and top > version:
-            raise ValueError(f"batch holds _cdc_lsn {top} above its version {version}")
+            raise ValueError(f"batch holds {LSN} {top} above its version {version}")
     return batch
 
 
