@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from .types import PgType, arrow_type
+from cdcengine_postgres.types.mapping import PgType, arrow_type
 
 __all__ = ["Converted", "parse_copy_text", "row_text_to_table", "to_arrow"]
 

@@ -32,8 +32,7 @@ from psycopg.rows import tuple_row
 
 from cdcengine.names import TableRef
 from cdcengine.sink.fold import key_type_supported
-
-from .types import PgType, arrow_type, load_types
+from cdcengine_postgres.types.mapping import PgType, arrow_type, load_types
 
 if TYPE_CHECKING:
     import psycopg

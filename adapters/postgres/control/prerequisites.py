@@ -22,17 +22,21 @@ from cdcengine.config import ManagementMode, SourceConfig, TableConfig
 from cdcengine.control.lag import effective_thresholds
 from cdcengine.names import TableRef, case_collisions, is_engine_column
 from cdcengine.source.adapter import Check, Severity
-from cdcengine_postgres.catalog import (
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.control.catalog import (
     TableFacts,
     effective_key,
     load_table_facts,
     unkeyable_columns,
 )
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.control.health import retention_cap_mb
+from cdcengine_postgres.control.publications import (
+    PublicationState,
+    read_publication,
+    table_list_sql,
+)
+from cdcengine_postgres.control.slots import SlotState, read_slot
 from cdcengine_postgres.errors import postgres_error
-from cdcengine_postgres.health import retention_cap_mb
-from cdcengine_postgres.publications import PublicationState, read_publication, table_list_sql
-from cdcengine_postgres.slots import SlotState, read_slot
 
 OK, WARN, ERR = Severity.OK, Severity.WARNING, Severity.ERROR
 # one persistent slot, plus one temporary slot per running table snapshot (SPEC §8)

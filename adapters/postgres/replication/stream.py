@@ -68,9 +68,8 @@ from psycopg.rows import TupleRow
 
 from cdcengine.errors import CDCError, Reason, SourceUnreachable
 from cdcengine.lsn import format_lsn
-
-from .connection import connect
-from .errors import translate_errors
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.errors import translate_errors
 
 __all__ = ["PG_EPOCH_US", "ReplicationStream", "XLogData", "build_start_command"]
 
