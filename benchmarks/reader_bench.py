@@ -31,7 +31,7 @@ from cdcengine.events import Commit
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import Batcher, TableSpec
 from cdcengine_postgres.replication.changes import PostgresChanges
-from cdcengine_postgres.replication.stream import XLogData
+from cdcengine_postgres.replication.frames import XLogData
 from cdcengine_postgres.types.mapping import PgType
 
 RELID = 16400
