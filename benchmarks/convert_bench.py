@@ -18,7 +18,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-from cdcengine_postgres.types.convert import parse_copy_text, to_arrow
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
 from cdcengine_postgres.types.mapping import PgType
 
 NUMERIC_12_2 = ((12 << 16) | 2) + 4

@@ -30,12 +30,8 @@ from pg_type_builders import (
     numeric_typmod,
 )
 
-from cdcengine_postgres.types.convert import (
-    Converted,
-    parse_copy_text,
-    row_text_to_table,
-    to_arrow,
-)
+from cdcengine_postgres.types.convert import Converted, row_text_to_table, to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
 from cdcengine_postgres.types.mapping import PgType, arrow_type
 
 NUMERIC_12_2 = NUMERIC.with_typmod(numeric_typmod(12, 2))

@@ -33,7 +33,8 @@ from cdcengine_postgres.connection import connect
 from cdcengine_postgres.control.catalog import ColumnFacts, load_table_facts
 from cdcengine_postgres.control.slots import temp_slot_name
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.types.convert import parse_copy_text, to_arrow
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
 from cdcengine_postgres.types.mapping import arrow_type
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # COPY text bytes per Arrow chunk: bounded memory

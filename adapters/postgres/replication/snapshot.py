@@ -60,7 +60,8 @@ from cdcengine_postgres.control.slots import (
     temp_slot_name,
 )
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.types.convert import parse_copy_text, to_arrow
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
 
 log = structlog.get_logger("cdcengine.postgres.snapshot")
 
