@@ -1,10 +1,12 @@
-"""Catalog facts about tables: one query set shared by prerequisite checks and discovery.
+"""Catalog facts about tables: one query set shared by prerequisite checks, discovery,
+provisioning, table snapshots and verify reads.
 
 `load_table_facts(conn, refs)` answers, for many tables at once and in a fixed handful of round
 trips (relations, columns, indexes, partition leaves, then the column types through
-`types.load_types`), everything the engine needs to decide whether a table can be captured and
-how its rows are keyed: kind, persistence, owner and rights, estimated size, columns with their
-PostgreSQL types, primary key, replica identity, usable unique indexes, and partitioning.
+`types.mapping.load_types`), everything the engine needs to decide whether a table can be
+captured and how its rows are keyed: kind, persistence, owner and rights, estimated size,
+columns with their PostgreSQL types, primary key, replica identity, usable unique indexes, and
+partitioning.
 
 Why `pg_catalog` and never `information_schema`: the information_schema views are filtered by
 the caller's privileges (`table_constraints`, `key_column_usage`, `columns` only show objects the
@@ -57,7 +59,7 @@ class ColumnFacts:
     type_text: str  # format_type(atttypid, atttypmod), e.g. "numeric(12,2)", "integer[]"
     not_null: bool
     generated: bool  # attgenerated = 's': never sent by COPY nor by pgoutput (PG < 18)
-    pg_type: PgType  # from types.load_types
+    pg_type: PgType  # from types.mapping.load_types
     dims: int = 0  # attndims: array dimensions as declared (int[][] -> 2; not enforced)
 
 

@@ -1,10 +1,12 @@
 """PostgreSQL text values → typed Arrow arrays (SPEC §6), one column at a time.
 
-Who calls this: the snapshot (rows from `COPY … TO STDOUT`, text format, split into columns by
-`copy_text.parse_copy_text`) and the stream (pgoutput text-mode tuples, accumulated per column by
-the decoder). Both deliver each value in PostgreSQL's *output* text form, rendered under the session
-settings `connection.connect` pins (TimeZone=UTC, DateStyle=ISO, IntervalStyle=iso_8601,
-bytea_output=hex, extra_float_digits=3), so the forms below are the only ones to expect.
+Who calls this: the snapshot and `verify` (rows from `COPY … TO STDOUT`, text format, split into
+columns by `copy_text.parse_copy_text`), the stream (pgoutput text-mode tuple values, collected
+per column by the engine's batcher and handed to the converters `replication.changes` gives it)
+and `defaults` (the catalog's missing values). All deliver each value in PostgreSQL's *output*
+text form, rendered under the session settings `connection.connect` pins (TimeZone=UTC,
+DateStyle=ISO, IntervalStyle=iso_8601, bytea_output=hex, extra_float_digits=3), so the forms
+below are the only ones to expect.
 
 Why columnar: the pipeline moves 100k+ rows/s on a small box (limits-and-pitfalls §4c–4d); a
 Python `int()`/`Decimal()`/`datetime` per cell would cost more than decoding. A column's values are
