@@ -1,4 +1,4 @@
-"""Throughput of `cdcengine_postgres.convert.to_arrow`: values per second per column type.
+"""Throughput of `cdcengine_postgres.types.convert.to_arrow`: values per second per column type.
 
 Each case converts one column of N text values, exactly as pgoutput or COPY deliver them, from a
 Python list of bytes (so the time includes building the Arrow binary array) to its SPEC §6 Arrow
@@ -18,8 +18,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-from cdcengine_postgres.convert import parse_copy_text, to_arrow
-from cdcengine_postgres.types import PgType
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
+from cdcengine_postgres.types.mapping import PgType
 
 NUMERIC_12_2 = ((12 << 16) | 2) + 4
 

@@ -15,7 +15,7 @@ import struct
 import sys
 import time
 
-from cdcengine_postgres.pgoutput import decode
+from cdcengine_postgres.replication.pgoutput import decode
 
 
 def _text(value: bytes) -> bytes:

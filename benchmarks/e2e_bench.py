@@ -290,7 +290,7 @@ class Server:
 
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[Server]:
-    from cdcengine_postgres.cluster import TempCluster, find_bindir
+    from cdcengine_postgres.testing.cluster import TempCluster, find_bindir
 
     if args.dsn:
         info = psycopg.conninfo.conninfo_to_dict(args.dsn)

@@ -30,9 +30,9 @@ from cdcengine.config import SourceConfig
 from cdcengine.events import Commit
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import Batcher, TableSpec
-from cdcengine_postgres.changes import PostgresChanges
-from cdcengine_postgres.stream import XLogData
-from cdcengine_postgres.types import PgType
+from cdcengine_postgres.replication.changes import PostgresChanges
+from cdcengine_postgres.replication.frames import XLogData
+from cdcengine_postgres.types.mapping import PgType
 
 RELID = 16400
 REF = TableRef("public", "e2e_bench")

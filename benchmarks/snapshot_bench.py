@@ -45,7 +45,7 @@ def server(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from cdcengine_postgres.cluster import TempCluster
+    from cdcengine_postgres.testing.cluster import TempCluster
 
     with TempCluster({"max_wal_size": "4GB", "shared_buffers": "512MB"}) as cluster:
         yield cluster.admin_dsn

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import psycopg
 
 from cdcengine.lsn import format_lsn, parse_lsn
-from cdcengine_postgres.cluster import TempCluster
-from cdcengine_postgres.stream import ReplicationStream
+from cdcengine_postgres.replication.stream import ReplicationStream
+from cdcengine_postgres.testing.cluster import TempCluster
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _BATCH = 1000

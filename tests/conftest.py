@@ -24,7 +24,7 @@ import pytest
 import structlog
 from pgutil import MakeCluster, PgServer, ScratchDatabase, open_test_server
 
-from cdcengine_postgres.cluster import ClusterError, TempCluster, find_bindir
+from cdcengine_postgres.testing.cluster import ClusterError, TempCluster, find_bindir
 
 
 @pytest.hookimpl(wrapper=True)

@@ -27,7 +27,7 @@ from psycopg import errors, sql
 from psycopg.abc import Params, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict
 
-from cdcengine_postgres.cluster import TempCluster
+from cdcengine_postgres.testing.cluster import TempCluster
 
 #: Settings the session server must have, whatever its source.
 SERVER_SETTINGS: Final = {
@@ -180,8 +180,8 @@ def open_test_server() -> Iterator[PgServer]:
     2. env CDCENGINE_TEST_DOCKER=1 and a reachable Docker engine: a testcontainers postgres:15;
     3. a `TempCluster` from the machine's binaries (stopped and deleted on exit).
 
-    Raises `cdcengine_postgres.cluster.ClusterError` (with the install hint) when it comes to 3
-    and there are no server binaries.
+    Raises `cdcengine_postgres.testing.cluster.ClusterError` (with the install hint) when it
+    comes to 3 and there are no server binaries.
     """
     dsn = os.environ.get("CDCENGINE_TEST_DSN")
     if dsn:

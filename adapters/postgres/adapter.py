@@ -19,14 +19,15 @@ from cdcengine.source.adapter import (
     TableInfo,
     TeardownResult,
 )
-from cdcengine_postgres import defaults, discovery, health, prerequisites, provision
-from cdcengine_postgres.changes import PostgresChanges
 from cdcengine_postgres.connection import connect
+from cdcengine_postgres.control import discovery, health, prerequisites, provision
+from cdcengine_postgres.control.publications import publication_info, read_publication
+from cdcengine_postgres.control.slots import read_slot
+from cdcengine_postgres.control.verify import VerifyRead
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.publications import publication_info, read_publication
-from cdcengine_postgres.slots import read_slot
-from cdcengine_postgres.snapshot import TableSnapshot
-from cdcengine_postgres.verify import VerifyRead
+from cdcengine_postgres.replication.changes import PostgresChanges
+from cdcengine_postgres.replication.snapshot import TableSnapshot
+from cdcengine_postgres.types import defaults
 
 if TYPE_CHECKING:
     import threading

@@ -29,8 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from cdcengine.secrets import dsn_password
-
-from .errors import translate_errors
+from cdcengine_postgres.errors import translate_errors
 
 __all__ = ["PINNED_SETTINGS", "connect", "quote_ident", "server_version", "session_options"]
 

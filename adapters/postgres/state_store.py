@@ -50,9 +50,8 @@ from cdcengine.errors import CDCError, Reason, StateStoreError
 from cdcengine.secrets import dsn_password, mask_dsn, scrub
 from cdcengine.state.dialect import Cursor, Tx
 from cdcengine.state.sql import SQLStateStore
-
-from .connection import connect
-from .errors import _safe_cause, classify_postgres_error
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.errors import _safe_cause, classify_postgres_error
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresStateStore", "split_schema"]
 

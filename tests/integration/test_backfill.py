@@ -36,8 +36,8 @@ from cdcengine.sink.delta import DeltaSink
 from cdcengine.source.adapter import SnapshotStopped
 from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import TableState
-from cdcengine_postgres import snapshot as pg_snapshot
-from cdcengine_postgres.slots import temp_slot_name
+from cdcengine_postgres.control.slots import temp_slot_name
+from cdcengine_postgres.replication import snapshot as pg_snapshot
 
 
 @contextlib.contextmanager

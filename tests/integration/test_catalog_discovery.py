@@ -19,9 +19,9 @@ from psycopg import sql
 from cdcengine.config import SourceConfig
 from cdcengine.names import TableRef
 from cdcengine.source.adapter import TableInfo
-from cdcengine_postgres.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.discovery import (
+from cdcengine_postgres.control.catalog import TableFacts, load_table_facts
+from cdcengine_postgres.control.discovery import (
     NOTE_GENERATED,
     NOTE_NOT_SELECTED,
     NOTE_PARTITION_DRIFT,

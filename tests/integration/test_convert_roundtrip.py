@@ -28,8 +28,9 @@ from pgutil import ScratchDatabase
 from psycopg import sql
 
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.convert import parse_copy_text, to_arrow
-from cdcengine_postgres.types import PgType, arrow_type, load_types
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
+from cdcengine_postgres.types.mapping import PgType, arrow_type, load_types
 
 HOSTILE = {
     "timezone": "Asia/Kolkata",

@@ -16,8 +16,8 @@ from deltalake import DeltaTable
 
 from cdcengine.serve.cli import main as cli
 from cdcengine.serve.demo import STATE_FILE
-from cdcengine_postgres import demo as pg_demo
-from cdcengine_postgres.cluster import ClusterError, find_bindir
+from cdcengine_postgres.testing import demo as pg_demo
+from cdcengine_postgres.testing.cluster import ClusterError, find_bindir
 
 TABLES = ("customers", "products", "orders")
 JSON_COLUMNS = {"attributes", "shipping"}

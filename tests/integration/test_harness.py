@@ -1,4 +1,4 @@
-"""Tests of the test harness itself (conftest.py, pgutil.py, cdcengine_postgres.cluster).
+"""Tests of the test harness itself (conftest.py, pgutil.py, cdcengine_postgres.testing.cluster).
 
 Every other integration test trusts these properties: the server can decode logically,
 authentication is real, each test is isolated in its own database, cleanup really removes
@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from pgutil import MakeCluster, PgServer, ScratchDatabase
 
-from cdcengine_postgres.cluster import ClusterError, find_bindir
+from cdcengine_postgres.testing.cluster import ClusterError, find_bindir
 
 _seen_databases: set[str] = set()
 

@@ -21,7 +21,7 @@ from psycopg import sql
 from cdcengine.errors import CDCError, PermissionDenied, Reason, SourceUnreachable, iter_chain
 from cdcengine_postgres.connection import PINNED_SETTINGS, connect, quote_ident, server_version
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.types import arrow_type, delta_type_name, load_types
+from cdcengine_postgres.types.mapping import arrow_type, delta_type_name, load_types
 
 EXPECTED = {name.lower(): value for name, value in PINNED_SETTINGS}
 

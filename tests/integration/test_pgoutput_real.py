@@ -28,7 +28,7 @@ from cdcengine.events import (
     Truncate,
     Update,
 )
-from cdcengine_postgres.pgoutput import (
+from cdcengine_postgres.replication.pgoutput import (
     InStream,
     StreamAbort,
     StreamCommit,
@@ -36,7 +36,7 @@ from cdcengine_postgres.pgoutput import (
     StreamStop,
     decode,
 )
-from cdcengine_postgres.transactions import TransactionAssembler
+from cdcengine_postgres.replication.transactions import TransactionAssembler
 
 SLOT = "pgo_slot"
 PUB = "pgo_pub"

@@ -38,8 +38,8 @@ from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch
 from cdcengine.pipeline.pipeline import Pipeline, RunStats
 from cdcengine.sink.delta import DeltaSink
-from cdcengine_postgres.cluster import ClusterError, find_bindir
 from cdcengine_postgres.connection import connect
+from cdcengine_postgres.testing.cluster import ClusterError, find_bindir
 
 
 def _alter_database(db: ScratchDatabase, settings: dict[str, str]) -> None:

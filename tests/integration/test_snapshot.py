@@ -8,7 +8,7 @@ from pathlib import Path
 from cdc_util import query, source_for
 
 from cdcengine.lsn import parse_lsn
-from cdcengine_postgres.snapshot import TableSnapshot
+from cdcengine_postgres.replication.snapshot import TableSnapshot
 
 
 def test_snapshot_sees_exactly_the_rows_before_its_consistent_point(db, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.source.registry import adapter_for
 from cdcengine.state.base import ChunkState, TableState
-from cdcengine_postgres.snapshot import TableSnapshot
+from cdcengine_postgres.replication.snapshot import TableSnapshot
 
 
 class Writer(TransactionLoop):

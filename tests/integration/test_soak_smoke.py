@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdcengine_postgres.cluster import ClusterError, find_bindir
+from cdcengine_postgres.testing.cluster import ClusterError, find_bindir
 
 RUNNER = Path(__file__).resolve().parents[1] / "soak" / "kill9_soak.py"
 

@@ -1,4 +1,4 @@
-"""`cdcengine_postgres.stream.ReplicationStream` against a real server (fixture `db`).
+"""`cdcengine_postgres.replication.stream.ReplicationStream` against a real server (fixture `db`).
 
 What the core relies on: every published transaction arrives as raw pgoutput frames in order; a
 flush LSN it reports becomes the slot's confirmed_flush_lsn exactly; an idle stream stays alive
@@ -23,7 +23,8 @@ from pgutil import MakeCluster, ScratchDatabase, unique_name
 
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import format_lsn, parse_lsn
-from cdcengine_postgres.stream import ReplicationStream, XLogData, build_start_command
+from cdcengine_postgres.replication.frames import XLogData, build_start_command
+from cdcengine_postgres.replication.stream import ReplicationStream
 
 # pgoutput v1 Insert: 'I' | relid int32 | 'N' | ncols int16 | per column: kind byte, len int32,
 # text. v2 inside a streamed transaction adds an xid int32 after the type byte.

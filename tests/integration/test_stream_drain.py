@@ -15,7 +15,7 @@ import pytest
 from pgutil import ScratchDatabase, unique_name
 
 from cdcengine.errors import CDCError, Reason
-from cdcengine_postgres.stream import ReplicationStream
+from cdcengine_postgres.replication.stream import ReplicationStream
 
 
 def _setup(db: ScratchDatabase) -> tuple[str, str]:

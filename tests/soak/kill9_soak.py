@@ -45,7 +45,7 @@ from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
-from cdcengine_postgres.cluster import TempCluster
+from cdcengine_postgres.testing.cluster import TempCluster
 
 PGBENCH = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"]
 KEYS = {"pgbench_accounts": ["aid"], "pgbench_branches": ["bid"], "pgbench_tellers": ["tid"],

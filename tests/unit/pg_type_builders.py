@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdcengine_postgres.types import PgType
+from cdcengine_postgres.types.mapping import PgType
 
 
 def base(name: str, oid: int, category: str = "U", typmod: int = -1) -> PgType:

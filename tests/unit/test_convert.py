@@ -1,4 +1,4 @@
-"""SPEC §6 values: PostgreSQL text → Arrow (`cdcengine_postgres.convert`), no server needed.
+"""SPEC §6 values: PostgreSQL text → Arrow (`cdcengine_postgres.types.convert`), no server needed.
 
 Inputs are exactly what PostgreSQL prints under the pinned session settings (TimeZone=UTC,
 DateStyle=ISO, IntervalStyle=iso_8601, bytea_output=hex, extra_float_digits=3); expected values
@@ -30,13 +30,9 @@ from pg_type_builders import (
     numeric_typmod,
 )
 
-from cdcengine_postgres.convert import (
-    Converted,
-    parse_copy_text,
-    row_text_to_table,
-    to_arrow,
-)
-from cdcengine_postgres.types import PgType, arrow_type
+from cdcengine_postgres.types.convert import Converted, row_text_to_table, to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
+from cdcengine_postgres.types.mapping import PgType, arrow_type
 
 NUMERIC_12_2 = NUMERIC.with_typmod(numeric_typmod(12, 2))
 TEXT = base("text", 25, "S")

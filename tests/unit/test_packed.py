@@ -1,4 +1,5 @@
-"""Packed inserts (`cdcengine_postgres.packed`) against the row-by-row path they replace.
+"""Packed inserts (`cdcengine_postgres.replication.packed`) against the row-by-row path they
+replace.
 
 Bulk inserts reach the batcher as `InsertRun`s of raw pgoutput messages whose columns are found
 by vectorised offset arithmetic; every other change still goes through `pgoutput.decode`. These
@@ -61,14 +62,14 @@ from cdcengine.events import (
 )
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import Batcher, ChangeBatch, TableSpec
-from cdcengine_postgres import changes as changes_mod
-from cdcengine_postgres import packed
-from cdcengine_postgres.changes import PostgresChanges
-from cdcengine_postgres.convert import to_arrow
-from cdcengine_postgres.packed import InsertRun, split_inserts
-from cdcengine_postgres.pgoutput import BinaryValue, PgoutputError
-from cdcengine_postgres.transactions import TransactionAssembler
-from cdcengine_postgres.types import PgType
+from cdcengine_postgres.replication import changes as changes_mod
+from cdcengine_postgres.replication import packed
+from cdcengine_postgres.replication.changes import PostgresChanges
+from cdcengine_postgres.replication.packed import InsertRun, split_inserts
+from cdcengine_postgres.replication.pgoutput import BinaryValue, PgoutputError
+from cdcengine_postgres.replication.transactions import TransactionAssembler
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.mapping import PgType
 
 RELID = 16384
 _UTF8 = ["€", "日本語", "ü", "🙂", "a\u0301", "ß"]

@@ -22,7 +22,7 @@ from pg_type_builders import (
     numeric_typmod,
 )
 
-from cdcengine_postgres.types import (
+from cdcengine_postgres.types.mapping import (
     PgType,
     arrow_type,
     decode_numeric_typmod,

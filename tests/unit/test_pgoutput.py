@@ -27,8 +27,8 @@ from cdcengine.events import (
     Update,
     Value,
 )
-from cdcengine_postgres import pgoutput
-from cdcengine_postgres.pgoutput import (
+from cdcengine_postgres.replication import pgoutput
+from cdcengine_postgres.replication.pgoutput import (
     PG_EPOCH_OFFSET_US,
     BinaryValue,
     InStream,
@@ -41,7 +41,7 @@ from cdcengine_postgres.pgoutput import (
     TypeMsg,
     decode,
 )
-from cdcengine_postgres.transactions import AssemblyError, TransactionAssembler
+from cdcengine_postgres.replication.transactions import AssemblyError, TransactionAssembler
 
 # -- message builders ------------------------------------------------------------------------
 

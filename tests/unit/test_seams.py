@@ -62,7 +62,8 @@ def test_importing_the_library_loads_no_driver() -> None:
 def test_importing_the_package_or_the_adapter_loads_no_deltalake() -> None:
     """Lazy re-exports: `import cdcengine` and any adapter module stay light (issue 14); the
     names still resolve on first use."""
-    code = ("import sys, cdcengine, cdcengine_postgres.stream, cdcengine_postgres.changes; "
+    code = ("import sys, cdcengine, cdcengine_postgres.replication.stream, "
+            "cdcengine_postgres.replication.changes; "
             "loaded = 'deltalake' in sys.modules; cdcengine.SourceConfig; cdcengine.verify; "
             "print(loaded, 'deltalake' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # engine name -> "module:attribute" of a zero-argument adapter factory
 ADAPTERS: dict[str, str] = {"postgres": "cdcengine_postgres.adapter:PostgresAdapter"}
 # engine name -> "module:attribute" of the engine's `cdcengine demo` part (a `DemoFactory`)
-DEMOS: dict[str, str] = {"postgres": "cdcengine_postgres.demo:open_demo"}
+DEMOS: dict[str, str] = {"postgres": "cdcengine_postgres.testing.demo:open_demo"}
 
 
 def engine_of(source: SourceConfig) -> str:

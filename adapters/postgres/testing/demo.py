@@ -25,17 +25,20 @@ import random
 import threading
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from cdcengine.errors import CDCError, Reason
 from cdcengine.secrets import dsn_password, mask_dsn
-from cdcengine.serve.demo import WorkloadStats
-from cdcengine_postgres.cluster import ClusterError, TempCluster
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.testing.cluster import ClusterError, TempCluster
+
+if TYPE_CHECKING:
+    # the engine's demo module loads deltalake; its tally is only a type here
+    from cdcengine.serve.demo import WorkloadStats
 
 __all__ = ["SCHEMA", "PostgresDemo", "open_demo"]
 
@@ -203,7 +206,7 @@ class PostgresDemo:
             with self._connect("running the demo workload", autocommit=False) as conn:
                 while not stop.is_set():
                     step = rng.choices(steps, weights)[0][1]
-                    tx = WorkloadStats()
+                    tx = type(stats)()  # this transaction's tally, added on commit
                     with conn.transaction(), conn.cursor() as cur:
                         step(cur, rng, tx)
                     stats.add(tx)

@@ -29,12 +29,13 @@ from psycopg import sql
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import parse_lsn
-from cdcengine_postgres.catalog import ColumnFacts, load_table_facts
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.convert import parse_copy_text, to_arrow
+from cdcengine_postgres.control.catalog import ColumnFacts, load_table_facts
+from cdcengine_postgres.control.slots import temp_slot_name
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.slots import temp_slot_name
-from cdcengine_postgres.types import arrow_type
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
+from cdcengine_postgres.types.mapping import arrow_type
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024  # COPY text bytes per Arrow chunk: bounded memory
 

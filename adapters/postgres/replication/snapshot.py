@@ -51,16 +51,17 @@ from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
 from cdcengine.pipeline.snapshots import ranges_from_points, split_points
 from cdcengine.source.adapter import ChunkRange, SnapshotLayout, SnapshotStopped
-from cdcengine_postgres.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.convert import parse_copy_text, to_arrow
-from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.slots import (
+from cdcengine_postgres.control.catalog import ColumnFacts, TableFacts, load_table_facts
+from cdcengine_postgres.control.slots import (
     WaitAbandoned,
     blocking_backends,
     run_watched,
     temp_slot_name,
 )
+from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_text import parse_copy_text
 
 log = structlog.get_logger("cdcengine.postgres.snapshot")
 

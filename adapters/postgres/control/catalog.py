@@ -1,10 +1,12 @@
-"""Catalog facts about tables: one query set shared by prerequisite checks and discovery.
+"""Catalog facts about tables: one query set shared by prerequisite checks, discovery,
+provisioning, table snapshots and verify reads.
 
 `load_table_facts(conn, refs)` answers, for many tables at once and in a fixed handful of round
 trips (relations, columns, indexes, partition leaves, then the column types through
-`types.load_types`), everything the engine needs to decide whether a table can be captured and
-how its rows are keyed: kind, persistence, owner and rights, estimated size, columns with their
-PostgreSQL types, primary key, replica identity, usable unique indexes, and partitioning.
+`types.mapping.load_types`), everything the engine needs to decide whether a table can be
+captured and how its rows are keyed: kind, persistence, owner and rights, estimated size,
+columns with their PostgreSQL types, primary key, replica identity, usable unique indexes, and
+partitioning.
 
 Why `pg_catalog` and never `information_schema`: the information_schema views are filtered by
 the caller's privileges (`table_constraints`, `key_column_usage`, `columns` only show objects the
@@ -26,14 +28,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from psycopg.rows import tuple_row
 
 from cdcengine.names import TableRef
 from cdcengine.sink.fold import key_type_supported
-
-from .types import PgType, arrow_type, load_types
+from cdcengine_postgres.types.mapping import PgType, arrow_type, load_types
 
 if TYPE_CHECKING:
     import psycopg
@@ -58,7 +59,7 @@ class ColumnFacts:
     type_text: str  # format_type(atttypid, atttypmod), e.g. "numeric(12,2)", "integer[]"
     not_null: bool
     generated: bool  # attgenerated = 's': never sent by COPY nor by pgoutput (PG < 18)
-    pg_type: PgType  # from types.load_types
+    pg_type: PgType  # from types.mapping.load_types
     dims: int = 0  # attndims: array dimensions as declared (int[][] -> 2; not enforced)
 
 
@@ -195,13 +196,69 @@ def load_table_facts(
     round trips whatever the number of tables: relations, columns, indexes, partition leaves,
     types.
     """
+    rows = _read_catalog(conn, refs)
+    if not rows.relations:
+        return {}
+    types = load_types(conn, sorted({int(row[3]) for row in rows.columns}))
+    columns = _columns_by_table(rows.columns, types)
+    indexes = _indexes_by_table(rows.indexes)
+    leaves = _leaves_by_root(rows.leaves)
+    out: dict[TableRef, TableFacts] = {}
+    for row in rows.relations:
+        relation = _Relation(*row)
+        oid = int(relation.oid)
+        facts = _table_facts(relation, columns.get(oid, []), indexes.get(oid, []),
+                             leaves.get(oid, []))
+        out[facts.ref] = facts
+    return out
+
+
+class _CatalogRows(NamedTuple):
+    """The raw rows of the four catalog queries (types are read afterwards)."""
+
+    relations: list[tuple[Any, ...]]
+    columns: list[tuple[Any, ...]]
+    indexes: list[tuple[Any, ...]]
+    leaves: list[tuple[int, str, str, float]]
+
+
+class _Relation(NamedTuple):
+    """One row of `_RELATIONS_SELECT`, its columns named."""
+
+    oid: int
+    nsp: str
+    rel: str
+    relkind: str
+    persistence: str
+    owner: str
+    owned: bool
+    can_select: bool
+    reltuples: float | None
+    replident: str
+    is_partition: bool
+    root_nsp: str | None
+    root_rel: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Index:
+    name: str
+    primary: bool
+    replident: bool
+    usable_unique: bool  # unique, valid, immediate, not partial, no expression
+    key: tuple[int, ...]  # key attnums (INCLUDE columns left out)
+
+
+def _read_catalog(conn: psycopg.Connection[Any], refs: Sequence[TableRef] | None) -> _CatalogRows:
+    """Run the relation query (these refs, or every user schema), then the columns, indexes and
+    partition leaves of what it found; nothing but the relation query when it finds nothing."""
     params: dict[str, object] = {"relkinds": list(TABLE_LIKE_RELKINDS)}
     if refs is None:
         query = _RELATIONS_ALL
     else:
         unique = list(dict.fromkeys(refs))
         if not unique:
-            return {}
+            return _CatalogRows([], [], [], [])
         query = _RELATIONS_BY_REF
         params["schemas"] = [r.schema for r in unique]
         params["names"] = [r.name for r in unique]
@@ -210,7 +267,7 @@ def load_table_facts(
         cur.execute(query, params)
         relations = cur.fetchall()
         if not relations:
-            return {}
+            return _CatalogRows([], [], [], [])
         oids = [int(row[0]) for row in relations]
 
         cur.execute(_COLUMNS, {"oids": oids})
@@ -224,11 +281,14 @@ def load_table_facts(
         if partitioned:
             cur.execute(_LEAVES, {"oids": partitioned})
             leaf_rows = [(int(r[0]), r[1], r[2], r[3]) for r in cur.fetchall()]
+    return _CatalogRows(relations, column_rows, index_rows, leaf_rows)
 
-    types = load_types(conn, sorted({int(row[3]) for row in column_rows}))
 
+def _columns_by_table(rows: list[tuple[Any, ...]],
+                      types: dict[int, PgType]) -> dict[int, list[ColumnFacts]]:
+    """Each table's live columns, in attnum order, keyed by the table's oid."""
     columns: dict[int, list[ColumnFacts]] = {}
-    for relid, name, attnum, typid, type_text, not_null, generated, typmod, dims in column_rows:
+    for relid, name, attnum, typid, type_text, not_null, generated, typmod, dims in rows:
         # load_types describes types without a modifier; numeric(12,2) vs numeric is the
         # column's atttypmod (an array column's modifier applies to its elements).
         columns.setdefault(int(relid), []).append(
@@ -243,14 +303,13 @@ def load_table_facts(
                 dims=int(dims or 0),
             )
         )
+    return columns
 
-    leaves: dict[int, list[tuple[TableRef, int | None]]] = {}
-    for root, nsp, rel, reltuples in leaf_rows:
-        leaves.setdefault(root, []).append((TableRef(nsp, rel), _reltuples(reltuples)))
 
+def _indexes_by_table(rows: list[tuple[Any, ...]]) -> dict[int, list[_Index]]:
+    """Each table's indexes, keyed by the table's oid."""
     indexes: dict[int, list[_Index]] = {}
-    for row in index_rows:
-        relid, name, primary, replident, unique, valid, immediate, plain, nkey, indkey = row
+    for relid, name, primary, replident, unique, valid, immediate, plain, nkey, indkey in rows:
         indexes.setdefault(int(relid), []).append(
             _Index(
                 name=name,
@@ -260,81 +319,111 @@ def load_table_facts(
                 key=tuple(int(k) for k in list(indkey)[: int(nkey)]),
             )
         )
+    return indexes
 
-    out: dict[TableRef, TableFacts] = {}
-    for row in relations:
-        (oid_value, nsp, rel, relkind, persistence, owner, owned, can_select, reltuples,
-         replident, is_partition, root_nsp, root_rel) = row
-        oid = int(oid_value)
-        ref = TableRef(nsp, rel)
-        cols = tuple(columns.get(oid, ()))
-        by_attnum = {c.attnum: c for c in cols}
-        idx = indexes.get(oid, [])
 
-        primary_key: tuple[str, ...] = ()
-        for ix in idx:
-            if ix.primary:
-                primary_key = _names_of(ix.key, by_attnum) or ()
+def _leaves_by_root(
+    rows: list[tuple[int, str, str, float]],
+) -> dict[int, list[tuple[TableRef, int | None]]]:
+    """Each partitioned table's leaf partitions with their row estimates, keyed by its oid."""
+    leaves: dict[int, list[tuple[TableRef, int | None]]] = {}
+    for root, nsp, rel, reltuples in rows:
+        leaves.setdefault(root, []).append((TableRef(nsp, rel), _reltuples(reltuples)))
+    return leaves
 
-        unique_indexes = tuple(
-            sorted(
-                (ix.name, names)
-                for ix in idx
-                if ix.usable_unique
-                and (names := _names_of(ix.key, by_attnum)) is not None
-                and all(by_attnum[k].not_null for k in ix.key)
-            )
+
+def _table_facts(relation: _Relation, columns: list[ColumnFacts], indexes: list[_Index],
+                 leaves: list[tuple[TableRef, int | None]]) -> TableFacts:
+    """One table's facts from its catalog rows."""
+    cols = tuple(columns)
+    by_attnum = {c.attnum: c for c in cols}
+    primary_key = _primary_key(indexes, by_attnum)
+    identity, identity_index, identity_columns = _replica_identity(
+        str(relation.replident), indexes, by_attnum, primary_key)
+    leaf_list = sorted(leaves, key=lambda item: item[0])
+    is_partition = bool(relation.is_partition)
+    ref = TableRef(relation.nsp, relation.rel)
+    return TableFacts(
+        ref=ref,
+        oid=int(relation.oid),
+        relkind=relation.relkind,
+        persistence=relation.persistence,
+        owner=relation.owner,
+        owned_by_current_user=bool(relation.owned),
+        can_select=bool(relation.can_select),
+        estimated_rows=_estimated_rows(relation, leaf_list),
+        columns=cols,
+        primary_key=primary_key,
+        replica_identity=identity,
+        identity_index=identity_index,
+        identity_columns=identity_columns,
+        unique_indexes=_usable_unique_indexes(indexes, by_attnum),
+        is_partition=is_partition,
+        partition_root=(
+            TableRef(relation.root_nsp, relation.root_rel)
+            if is_partition and relation.root_nsp is not None and relation.root_rel is not None
+            else None
+        ),
+        leaf_partitions=tuple(r for r, _ in leaf_list),
+    )
+
+
+def _primary_key(indexes: list[_Index], by_attnum: dict[int, ColumnFacts]) -> tuple[str, ...]:
+    """The primary key's columns in index order; empty without one."""
+    primary_key: tuple[str, ...] = ()
+    for ix in indexes:
+        if ix.primary:
+            primary_key = _names_of(ix.key, by_attnum) or ()
+    return primary_key
+
+
+def _usable_unique_indexes(
+    indexes: list[_Index], by_attnum: dict[int, ColumnFacts]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(name, key columns) of the unique indexes usable as replica identity (valid, immediate,
+    no predicate or expression, every key column NOT NULL), sorted by name."""
+    return tuple(
+        sorted(
+            (ix.name, names)
+            for ix in indexes
+            if ix.usable_unique
+            and (names := _names_of(ix.key, by_attnum)) is not None
+            and all(by_attnum[k].not_null for k in ix.key)
         )
+    )
 
-        identity = _REPLICA_IDENTITY.get(str(replident), str(replident))
-        identity_index: str | None = None
-        identity_columns: tuple[str, ...] = ()
-        if identity == "default":
-            identity_columns = primary_key
-        elif identity == "index":
-            # An identity index that was dropped leaves relreplident = 'i' with no
-            # indisreplident row; PostgreSQL then behaves as NOTHING, and so do we.
-            for ix in idx:
-                if ix.replident:
-                    identity_index = ix.name
-                    identity_columns = _names_of(ix.key, by_attnum) or ()
-        elif identity == "full":
-            identity_columns = tuple(c.name for c in cols if not c.generated)
 
-        leaf_list = sorted(leaves.get(oid, []), key=lambda item: item[0])
-        if relkind == "p":
-            known = [n for _, n in leaf_list if n is not None]
-            if not leaf_list:
-                estimated: int | None = 0  # a partitioned table without partitions holds nothing
-            else:
-                estimated = sum(known) if known else None
-        else:
-            estimated = _reltuples(reltuples)
+def _replica_identity(
+    replident: str, indexes: list[_Index], by_attnum: dict[int, ColumnFacts],
+    primary_key: tuple[str, ...],
+) -> tuple[str, str | None, tuple[str, ...]]:
+    """(replica identity, its index's name, the columns an UPDATE/DELETE identifies its row by)."""
+    identity = _REPLICA_IDENTITY.get(replident, replident)
+    identity_index: str | None = None
+    identity_columns: tuple[str, ...] = ()
+    if identity == "default":
+        identity_columns = primary_key
+    elif identity == "index":
+        # An identity index that was dropped leaves relreplident = 'i' with no
+        # indisreplident row; PostgreSQL then behaves as NOTHING, and so do we.
+        for ix in indexes:
+            if ix.replident:
+                identity_index = ix.name
+                identity_columns = _names_of(ix.key, by_attnum) or ()
+    elif identity == "full":  # every column but generated ones, in attnum order
+        identity_columns = tuple(c.name for c in by_attnum.values() if not c.generated)
+    return identity, identity_index, identity_columns
 
-        out[ref] = TableFacts(
-            ref=ref,
-            oid=oid,
-            relkind=relkind,
-            persistence=persistence,
-            owner=owner,
-            owned_by_current_user=bool(owned),
-            can_select=bool(can_select),
-            estimated_rows=estimated,
-            columns=cols,
-            primary_key=primary_key,
-            replica_identity=identity,
-            identity_index=identity_index,
-            identity_columns=identity_columns,
-            unique_indexes=unique_indexes,
-            is_partition=bool(is_partition),
-            partition_root=(
-                TableRef(root_nsp, root_rel)
-                if is_partition and root_nsp is not None and root_rel is not None
-                else None
-            ),
-            leaf_partitions=tuple(r for r, _ in leaf_list),
-        )
-    return out
+
+def _estimated_rows(relation: _Relation,
+                    leaf_list: list[tuple[TableRef, int | None]]) -> int | None:
+    """The table's row estimate; a partitioned table's is the sum over its leaves."""
+    if relation.relkind != "p":
+        return _reltuples(relation.reltuples)
+    if not leaf_list:
+        return 0  # a partitioned table without partitions holds nothing
+    known = [n for _, n in leaf_list if n is not None]
+    return sum(known) if known else None
 
 
 def _names_of(key: tuple[int, ...], by_attnum: dict[int, ColumnFacts]) -> tuple[str, ...] | None:
@@ -342,15 +431,6 @@ def _names_of(key: tuple[int, ...], by_attnum: dict[int, ColumnFacts]) -> tuple[
     if not key or any(k not in by_attnum for k in key):
         return None
     return tuple(by_attnum[k].name for k in key)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Index:
-    name: str
-    primary: bool
-    replident: bool
-    usable_unique: bool  # unique, valid, immediate, not partial, no expression
-    key: tuple[int, ...]  # key attnums (INCLUDE columns left out)
 
 
 def effective_key(f: TableFacts, declared: Sequence[str] | None) -> tuple[str, ...]:

@@ -22,10 +22,9 @@ from cdcengine.config import ManagementMode, SourceConfig
 from cdcengine.errors import CDCError, Reason, ReplicationResourceError
 from cdcengine.names import TableRef
 from cdcengine.source.adapter import ProvisionResult, SourceIdentity, TeardownResult
-from cdcengine_postgres.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.publications import (
+from cdcengine_postgres.control.catalog import TableFacts, load_table_facts
+from cdcengine_postgres.control.publications import (
     PublicationState,
     create_publication,
     drop_publication,
@@ -33,7 +32,8 @@ from cdcengine_postgres.publications import (
     read_publication,
     set_publication_tables,
 )
-from cdcengine_postgres.slots import SlotState, create_slot, drop_slot, read_slot
+from cdcengine_postgres.control.slots import SlotState, create_slot, drop_slot, read_slot
+from cdcengine_postgres.errors import translate_errors
 
 log = structlog.get_logger("cdcengine.postgres.provision")
 

@@ -8,20 +8,15 @@ client (research/limits-and-pitfalls.md §3):
 * **No replication API in psycopg 3.** START_REPLICATION is sent as a plain simple-protocol query
   on a `replication=database` connection (`connection.connect(..., replication=True)`); its result
   is COPY_BOTH, after which the connection carries CopyData frames both ways. We drive this at the
-  `pgconn` (libpq) level, so it works whatever psycopg's cursor does with a COPY_BOTH result.
-* **Simple query protocol only (pitfall 1).** A replication connection refuses parameters, so the
-  command is built as text. The slot name is re-validated (`[a-z0-9_]{1,63}`) and every
-  publication name is double-quoted inside the single-quoted `publication_names` option:
-  the walsender splits that option with `SplitIdentifierString`, which lower-cases unquoted names,
-  so an upper-case publication would otherwise silently not exist. Names containing quotes are
-  refused (ValueError) instead of being escaped: nothing in our config can produce them.
+  `pgconn` (libpq) level, so it works whatever psycopg's cursor does with a COPY_BOTH result. The
+  command and the frames are in `frames` (pitfalls 1 and 4).
 * **Never block holding the GIL (pitfall 2).** psycopg-binary calls `PQgetCopyData` without
   releasing the GIL, so a blocking `get_copy_data(0)` freezes every other thread (the feedback
   timer, the Delta writer) until data arrives. We only ever call `get_copy_data(1)` (async), and
   when libpq has nothing buffered we wait in `poll()` on the socket (which releases the GIL),
-  then `consume_input()`. `poll` rather than `select.select`: a daemon with many sources can
-  hold file descriptors above FD_SETSIZE (1024), which `select` refuses. The connection is
-  switched to libpq non-blocking mode so that sending a status update cannot block either.
+  then `consume_input()`. The connection is switched to libpq non-blocking mode so that sending a
+  status update cannot block either; the waiting and the steps outside the read path (entering
+  and ending COPY BOTH, flushing, collecting results) are in `copy_both`.
 * **Keepalives and status updates (pitfall 3).** The walsender sends 'k' frames; one with
   replyRequested=1 must be answered at once, and the client must send a standby status update
   ('r') at least every `wal_sender_timeout` or the server drops it (`terminating walsender
@@ -29,9 +24,6 @@ client (research/limits-and-pitfalls.md §3):
   out every `status_interval_s` and when requested. Any status message resets the server's
   timeout, so a caller that stops reading for a while can keep the stream alive by calling
   `send_status()` from another thread (the methods are serialised by a lock).
-* **Header LSNs are not bookkeeping (pitfall 4).** XLogData's `wal_start`/`wal_end` are 0/0 for
-  Relation messages; the core must use Begin/Commit LSNs from the payload. The header's
-  `wal_end` only feeds the *write* position we report.
 * **Idle sources must not hold WAL back (pitfall 6).** PostgreSQL sends nothing for empty or
   unpublished transactions, only keepalives with a growing `wal_end`. `keepalive_lsn` exposes it;
   the core confirms it (via `set_flush_lsn`) when nothing is in flight.
@@ -52,176 +44,47 @@ is classified; whatever it is not recognised as becomes a retryable `connection_
 
 from __future__ import annotations
 
-import re
-import select
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Final, NamedTuple, Self, TypeVar
+from typing import Final, Self, TypeVar
 
 import psycopg
 from psycopg import pq
-from psycopg.errors import error_from_result
 from psycopg.rows import TupleRow
 
 from cdcengine.errors import CDCError, Reason, SourceUnreachable
-from cdcengine.lsn import format_lsn
+from cdcengine_postgres.connection import connect
+from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.replication.copy_both import (
+    SEND_TIMEOUT_S,
+    SocketWaiter,
+    end_copy,
+    final_error,
+    flush_out,
+    start_copy_both,
+)
+from cdcengine_postgres.replication.frames import (
+    KEEPALIVE,
+    KEEPALIVE_KIND,
+    MAX_LSN,
+    PAYLOAD_OFFSET,
+    WAL_END,
+    XLOGDATA,
+    XLOGDATA_KIND,
+    XLogData,
+    build_start_command,
+    status_frame,
+)
 
-from .connection import connect
-from .errors import translate_errors
+__all__ = ["ReplicationStream"]
 
-__all__ = ["PG_EPOCH_US", "ReplicationStream", "XLogData", "build_start_command"]
-
-#: 2000-01-01T00:00:00Z in µs since the Unix epoch: the protocol's clock origin.
-PG_EPOCH_US: Final = 946_684_800_000_000
-
-# Frame layouts (protocol-replication.html). The leading type byte is checked by the caller and
-# skipped (offset 1), so the hot path unpacks only the integers it needs.
-_XLOGDATA: Final = struct.Struct(">QQq")  # 'w' | dataStart | walEnd | sendTime, payload at 25
-_KEEPALIVE: Final = struct.Struct(">QqB")  # 'k' | walEnd | sendTime | replyRequested
-_STATUS: Final = struct.Struct(">cQQQqB")  # 'r' | write | flush | apply | clock | replyNow
-_PAYLOAD_OFFSET: Final = 1 + _XLOGDATA.size  # 25
-_WAL_END: Final = struct.Struct(">Q").unpack_from  # XLogData's walEnd, at offset 9
-_W: Final = 0x77  # 'w'
-_K: Final = 0x6B  # 'k'
-
-_SLOT_NAME: Final = re.compile(r"[a-z0-9_]{1,63}")
-_NAMEDATALEN: Final = 64
-_MAX_LSN: Final = (1 << 64) - 1
 _PG14: Final = 140000
-
-#: How long a status update or CopyDone may wait for the socket to accept it.
-_SEND_TIMEOUT_S: Final = 30.0
-#: How long `close()` drains the server's remaining frames after our CopyDone.
-_CLOSE_DRAIN_S: Final = 5.0
-
-_POLLIN: Final = getattr(select, "POLLIN", 1)
-_POLLOUT: Final = getattr(select, "POLLOUT", 4)
-_POLLERR: Final = getattr(select, "POLLERR", 8) | getattr(select, "POLLHUP", 16)
 
 _new_tuple = tuple.__new__
 _NOT_RUNNING: Final = "the replication stream is not running (not started, or closed)"
 _T = TypeVar("_T")
-
-
-class XLogData(NamedTuple):
-    """One XLogData frame: header fields plus the raw pgoutput message.
-
-    `wal_start`/`wal_end` are the frame header's LSNs (0 for Relation messages; pitfall 4: use
-    the LSNs inside Begin/Commit for bookkeeping). `send_time_us` is the server's clock in µs
-    since 2000-01-01 UTC (`PG_EPOCH_US`). `payload[0:1]` is the pgoutput message type
-    (b'B', b'I', b'C', b'S', ...).
-    """
-
-    wal_start: int
-    wal_end: int
-    send_time_us: int
-    payload: bytes
-
-
-def _validate_slot(slot: str) -> str:
-    if not isinstance(slot, str) or not _SLOT_NAME.fullmatch(slot):
-        raise ValueError(f"invalid replication slot name {slot!r}: expected [a-z0-9_]{{1,63}}")
-    return slot
-
-
-def _validate_publication(name: str) -> str:
-    """A publication name that can be double-quoted verbatim inside the single-quoted option.
-
-    Quotes are refused rather than doubled: `'` would end the option's string literal and `"`
-    the identifier. Control characters are refused too, and names longer than NAMEDATALEN-1
-    bytes, which PostgreSQL would silently truncate to a different name.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"invalid publication name {name!r}: must be a non-empty string")
-    if any(c in "\"'" or ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise ValueError(
-            f"invalid publication name {name!r}: quotes and control characters are not allowed"
-        )
-    if len(name.encode("utf-8")) >= _NAMEDATALEN:
-        raise ValueError(f"invalid publication name {name!r}: longer than 63 bytes")
-    return name
-
-
-def build_start_command(
-    slot: str,
-    publications: Sequence[str],
-    start_lsn: int,
-    *,
-    proto_version: int,
-    streaming: bool,
-    messages: bool,
-) -> str:
-    """The START_REPLICATION text (simple protocol: no parameters, so everything is validated).
-
-    `START_REPLICATION SLOT "s" LOGICAL X/Y (proto_version 'N', publication_names '"p1","p2"'
-    [, streaming 'on'] [, messages 'true'])`. Raises ValueError for a bad slot or publication
-    name, an empty publication list, an out-of-range LSN or an unsupported protocol version.
-    """
-    _validate_slot(slot)
-    if isinstance(publications, str):
-        raise ValueError("publications must be a list of names, not a string")
-    pubs = [_validate_publication(p) for p in publications]
-    if not pubs:
-        raise ValueError("at least one publication name is required")
-    if proto_version not in (1, 2):
-        raise ValueError(f"unsupported pgoutput proto_version {proto_version!r}: expected 1 or 2")
-    if streaming and proto_version < 2:
-        raise ValueError("streaming needs pgoutput proto_version 2")
-    if not isinstance(start_lsn, int) or not 0 <= start_lsn <= _MAX_LSN:
-        raise ValueError(f"invalid start LSN {start_lsn!r}")
-    names = ",".join(f'"{p}"' for p in pubs)
-    options = [f"proto_version '{proto_version}'", f"publication_names '{names}'"]
-    if streaming:
-        options.append("streaming 'on'")
-    if messages:
-        options.append("messages 'true'")
-    lsn = format_lsn(start_lsn)
-    return f'START_REPLICATION SLOT "{slot}" LOGICAL {lsn} ({", ".join(options)})'
-
-
-def _now_us_since_2000() -> int:
-    return time.time_ns() // 1000 - PG_EPOCH_US
-
-
-class _Waiter:
-    """Waits for a socket to become readable (or writable) without holding the GIL.
-
-    `poll()` where available (no FD_SETSIZE limit), `select()` otherwise (Windows).
-    """
-
-    __slots__ = ("_fd", "_poll_in", "_poll_io")
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._poll_in: select.poll | None = None
-        self._poll_io: select.poll | None = None
-        if hasattr(select, "poll"):
-            self._poll_in = select.poll()
-            self._poll_in.register(fd, _POLLIN)
-            self._poll_io = select.poll()
-            self._poll_io.register(fd, _POLLIN | _POLLOUT)
-
-    def readable(self, timeout_s: float) -> None:
-        """Return when the socket is readable, has an error/hang-up, or `timeout_s` passed."""
-        if self._poll_in is not None:
-            self._poll_in.poll(max(0, int(timeout_s * 1000 + 0.999)))
-        else:
-            select.select([self._fd], [], [self._fd], max(0.0, timeout_s))
-
-    def read_or_write(self, timeout_s: float) -> tuple[bool, bool]:
-        """(readable, writable) once either holds, or (False, False) on timeout."""
-        if self._poll_io is not None:
-            events = self._poll_io.poll(max(0, int(timeout_s * 1000 + 0.999)))
-            mask = 0
-            for _, ev in events:
-                mask |= ev
-            err = bool(mask & _POLLERR)
-            return bool(mask & _POLLIN) or err, bool(mask & _POLLOUT) or err
-        r, w, x = select.select([self._fd], [self._fd], [self._fd], max(0.0, timeout_s))
-        return bool(r or x), bool(w or x)
 
 
 class ReplicationStream:
@@ -301,7 +164,7 @@ class ReplicationStream:
 
         self._conn: psycopg.Connection[TupleRow] | None = None
         self._pgconn: pq.abc.PGconn | None = None
-        self._waiter: _Waiter | None = None
+        self._waiter: SocketWaiter | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._ended = False  # the server ended the copy stream (or the connection broke)
@@ -412,9 +275,10 @@ class ReplicationStream:
                 )
             with self._translator:
                 pgconn = conn.pgconn
-                self._waiter = _Waiter(pgconn.socket)
+                self._waiter = SocketWaiter(pgconn.socket)
                 pgconn.nonblocking = 1
-                self._start_copy_both(conn, pgconn)
+                start_copy_both(pgconn, self._waiter, self._command,
+                                encoding=conn.info.encoding, connect_timeout=self._connect_timeout)
         except BaseException:
             self._waiter = None
             conn.close()
@@ -424,36 +288,6 @@ class ReplicationStream:
         self._received_lsn = max(self._received_lsn, self.start_lsn)
         self._next_status = time.monotonic() + self.status_interval_s
         self._heard_at = time.monotonic()
-
-    def _start_copy_both(self, conn: psycopg.Connection[TupleRow], pgconn: pq.abc.PGconn) -> None:
-        """Send START_REPLICATION and wait (GIL released) for its COPY_BOTH or error result."""
-        assert self._waiter is not None
-        pgconn.send_query(self._command.encode(conn.info.encoding))
-        self._flush_out(pgconn)
-        deadline = time.monotonic() + max(self._connect_timeout, 1) * 3
-        while True:
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise psycopg.OperationalError("START_REPLICATION timed out")
-            self._waiter.readable(min(left, 1.0))
-        res = pgconn.get_result()
-        if res is None:
-            raise psycopg.OperationalError("START_REPLICATION returned no result")
-        if res.status == pq.ExecStatus.COPY_BOTH:
-            return
-        # An error (or anything else): collect the rest so the connection is not left mid-result
-        # -- without a blocking get_result, which would wait for the server holding the GIL
-        # (a frozen server then froze the whole process)
-        while self._next_result(pgconn, deadline) is not None:
-            pass
-        if res.status == pq.ExecStatus.FATAL_ERROR:
-            raise error_from_result(res, encoding=conn.info.encoding)
-        raise psycopg.OperationalError(
-            f"START_REPLICATION returned {pq.ExecStatus(res.status).name}, not COPY_BOTH"
-        )
 
     def close(self) -> None:
         """End the stream: CopyDone, drain the server's last frames (bounded), close.
@@ -469,42 +303,13 @@ class ReplicationStream:
             self._conn = self._pgconn = None
             try:
                 if pgconn is not None and not self._ended:
-                    self._end_copy(pgconn)
+                    end_copy(pgconn, self._waiter)
             except (psycopg.Error, OSError):
                 pass  # the server is gone or misbehaving: closing the socket is all that is left
             finally:
                 self._waiter = None
                 if conn is not None:
                     conn.close()
-
-    def _end_copy(self, pgconn: pq.abc.PGconn) -> None:
-        if pgconn.status != pq.ConnStatus.OK:
-            return
-        # put_copy_end returns 0 when libpq's buffer is full in non-blocking mode: flush and retry.
-        deadline = time.monotonic() + _CLOSE_DRAIN_S
-        while pgconn.put_copy_end() == 0:
-            self._flush_out(pgconn, deadline)
-        self._flush_out(pgconn, deadline)
-        waiter = self._waiter
-        while True:
-            n, _ = pgconn.get_copy_data(1)
-            if n == -1:
-                break
-            if n == 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or waiter is None:
-                    return
-                waiter.readable(min(left, 0.5))
-                pgconn.consume_input()
-        while time.monotonic() < deadline:
-            pgconn.consume_input()
-            if pgconn.is_busy():
-                if waiter is None:
-                    return
-                waiter.readable(min(deadline - time.monotonic(), 0.5))
-                continue
-            if pgconn.get_result() is None:
-                return
 
     # ------------------------------------------------------------------ reading
 
@@ -547,14 +352,14 @@ class ReplicationStream:
                 if n > 0:
                     self._heard_at = now
                     kind = buf[0]
-                    if kind == _W:
-                        start, end, ts = _XLOGDATA.unpack_from(buf, 1)
+                    if kind == XLOGDATA_KIND:
+                        start, end, ts = XLOGDATA.unpack_from(buf, 1)
                         if end > self._received_lsn:
                             self._received_lsn = end
                         return _new_tuple(
-                            XLogData, (start, end, ts, bytes(buf[_PAYLOAD_OFFSET:]))
+                            XLogData, (start, end, ts, bytes(buf[PAYLOAD_OFFSET:]))
                         )
-                    if kind == _K:
+                    if kind == KEEPALIVE_KIND:
                         self._on_keepalive(pgconn, buf)
                     # Other frame types are not defined for logical replication: skip them.
                     continue
@@ -647,7 +452,7 @@ class ReplicationStream:
     def _drain(self, pgconn: pq.abc.PGconn, out: list[bytes], limit: int) -> None:
         """Append the payloads of frames libpq has (or the socket holds) to `out`."""
         append = out.append
-        wal_end = _WAL_END
+        wal_end = WAL_END
         received = self._received_lsn
         consumed = False
         left = limit - len(out)
@@ -659,14 +464,14 @@ class ReplicationStream:
                     n, buf = pgconn.get_copy_data(1)
                     if n > 0:
                         kind = buf[0]
-                        if kind == _W:
+                        if kind == XLOGDATA_KIND:
                             (end,) = wal_end(buf, 9)
                             if end > received:
                                 received = end
-                            append(bytes(buf[_PAYLOAD_OFFSET:]))
+                            append(bytes(buf[PAYLOAD_OFFSET:]))
                             left -= 1
                             consumed = False
-                        elif kind == _K:
+                        elif kind == KEEPALIVE_KIND:
                             self._on_keepalive(pgconn, buf, defer=True)
                         continue
                     if n == -1:
@@ -689,7 +494,7 @@ class ReplicationStream:
                 yield msg
 
     def _on_keepalive(self, pgconn: pq.abc.PGconn, buf: memoryview, *, defer: bool = False) -> None:
-        wal_end, _, reply = _KEEPALIVE.unpack_from(buf, 1)
+        wal_end, _, reply = KEEPALIVE.unpack_from(buf, 1)
         if defer:
             if wal_end > self._deferred_keepalive:
                 self._deferred_keepalive = wal_end
@@ -710,16 +515,7 @@ class ReplicationStream:
         is a retryable connection_failed.
         """
         self._ended = True
-        exc: psycopg.Error | None = None
-        deadline = time.monotonic() + _CLOSE_DRAIN_S
-        try:
-            res = self._next_result(pgconn, deadline)
-            while res is not None and res.status != pq.ExecStatus.FATAL_ERROR:
-                res = self._next_result(pgconn, deadline)
-            if res is not None:
-                exc = error_from_result(res, encoding=self._encoding())
-        except psycopg.Error as err:  # the connection broke while we asked: that is the cause
-            exc = err
+        exc = final_error(pgconn, self._waiter, self._encoding())
         message = f"{self._context}: the server ended the replication stream"
         if exc is None:
             return SourceUnreachable(f"{message}.", reason=Reason.CONNECTION_FAILED)
@@ -737,24 +533,6 @@ class ReplicationStream:
             fresh.__cause__ = err.__cause__
             return fresh
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _next_result(self, pgconn: pq.abc.PGconn, deadline: float) -> pq.abc.PGresult | None:
-        """`get_result()` once libpq has the whole result, waiting for it in `poll()` (GIL
-        released) until `deadline`; None at the end of the results or when out of time.
-        psycopg-binary's get_result blocks in libpq holding the GIL when the result is still
-        on its way."""
-        while True:
-            # what libpq already holds first: after the server closed the connection, reading
-            # the socket again raises and would hide the server's own final error (57P01 …)
-            if not pgconn.is_busy():
-                return pgconn.get_result()
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                return pgconn.get_result()
-            left = deadline - time.monotonic()
-            if left <= 0 or self._waiter is None:
-                return None
-            self._waiter.readable(min(left, 0.5))
 
     def _ended_error(self) -> CDCError:
         """For calls after the stream already failed: the error was reported once already."""
@@ -775,7 +553,7 @@ class ReplicationStream:
         Monotonic: a lower value is ignored. Takes effect with the next status update (periodic,
         requested, or `send_status()`).
         """
-        if not isinstance(lsn, int) or not 0 <= lsn <= _MAX_LSN:
+        if not isinstance(lsn, int) or not 0 <= lsn <= MAX_LSN:
             raise ValueError(f"invalid LSN {lsn!r}")
         if lsn > self._flush_lsn:
             self._flush_lsn = lsn
@@ -800,27 +578,11 @@ class ReplicationStream:
     def _send_status_locked(self, pgconn: pq.abc.PGconn, *, reply: bool = False) -> None:
         flush = self._flush_lsn
         write = self._received_lsn if self._received_lsn > flush else flush
-        frame = _STATUS.pack(b"r", write, flush, flush, _now_us_since_2000(), 1 if reply else 0)
-        deadline = time.monotonic() + _SEND_TIMEOUT_S
+        frame = status_frame(write, flush, reply=reply)
+        deadline = time.monotonic() + SEND_TIMEOUT_S
         while pgconn.put_copy_data(frame) == 0:  # non-blocking libpq buffer full
-            self._flush_out(pgconn, deadline)
-        self._flush_out(pgconn, deadline)
+            flush_out(pgconn, self._waiter, deadline)
+        flush_out(pgconn, self._waiter, deadline)
         now = time.monotonic()
         self._last_status_at = now
         self._next_status = now + self.status_interval_s
-
-    def _flush_out(self, pgconn: pq.abc.PGconn, deadline: float | None = None) -> None:
-        """Send libpq's output buffer (non-blocking mode), waiting without the GIL.
-
-        While waiting to write, incoming data is consumed into libpq's buffer (as libpq asks):
-        the server may itself be blocked writing to us and only read our frame once we read.
-        """
-        if deadline is None:
-            deadline = time.monotonic() + _SEND_TIMEOUT_S
-        while pgconn.flush() == 1:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._waiter is None:
-                raise psycopg.OperationalError("could not send data to the server: timed out")
-            readable, _ = self._waiter.read_or_write(min(left, 1.0))
-            if readable:
-                pgconn.consume_input()

@@ -7,8 +7,8 @@ import psycopg
 
 from cdcengine.config import SourceConfig
 from cdcengine.source.adapter import HealthProbe
-from cdcengine_postgres.publications import publication_info, read_publication
-from cdcengine_postgres.slots import read_slot, read_temp_slots
+from cdcengine_postgres.control.publications import publication_info, read_publication
+from cdcengine_postgres.control.slots import read_slot, read_temp_slots
 
 
 def retention_cap_mb(conn: psycopg.Connection) -> int | None:

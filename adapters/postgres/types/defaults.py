@@ -14,8 +14,8 @@ import psycopg
 
 from cdcengine.names import TableRef
 from cdcengine.source.adapter import ColumnDefault
-from cdcengine_postgres.convert import to_arrow
-from cdcengine_postgres.types import load_types
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.mapping import load_types
 
 DEFAULTS_QUERY = """
 SELECT a.attname, a.atthasmissing, (a.attmissingval::text::text[])[1] AS missing,

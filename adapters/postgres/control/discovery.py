@@ -30,15 +30,14 @@ from psycopg.rows import tuple_row
 
 from cdcengine.names import TableRef, case_collisions, is_engine_column
 from cdcengine.source.adapter import ColumnInfo, TableInfo
-
-from .catalog import (
+from cdcengine_postgres.control.catalog import (
     ColumnFacts,
     TableFacts,
     effective_key,
     load_table_facts,
     unkeyable_columns,
 )
-from .types import arrow_type, delta_type_name, needs_timestamp_ntz
+from cdcengine_postgres.types.mapping import arrow_type, delta_type_name, needs_timestamp_ntz
 
 if TYPE_CHECKING:
     import psycopg

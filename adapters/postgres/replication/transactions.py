@@ -50,7 +50,7 @@ from types import MappingProxyType, TracebackType
 from typing import BinaryIO, Final
 
 from cdcengine.events import Begin, Commit, Delete, Event, Insert, Message, Relation, Update
-from cdcengine_postgres.pgoutput import (
+from cdcengine_postgres.replication.pgoutput import (
     InStream,
     Origin,
     PgoutputError,

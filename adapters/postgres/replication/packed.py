@@ -34,8 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from cdcengine.events import Insert, PackedInserts, Row
-
-from .pgoutput import decode
+from cdcengine_postgres.replication.pgoutput import decode
 
 __all__ = ["INSERT_HEADER", "InsertRun", "split_inserts"]
 

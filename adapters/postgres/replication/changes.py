@@ -26,12 +26,12 @@ import pyarrow as pa
 from cdcengine.config import SourceConfig
 from cdcengine.events import Event, Relation
 from cdcengine_postgres.connection import connect
-from cdcengine_postgres.convert import to_arrow
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.packed import INSERT_HEADER, InsertRun
-from cdcengine_postgres.stream import ReplicationStream
-from cdcengine_postgres.transactions import TransactionAssembler
-from cdcengine_postgres.types import PgType, load_types
+from cdcengine_postgres.replication.packed import INSERT_HEADER, InsertRun
+from cdcengine_postgres.replication.stream import ReplicationStream
+from cdcengine_postgres.replication.transactions import TransactionAssembler
+from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.mapping import PgType, load_types
 
 DRAIN_FRAMES = 2000  # frames per `events` call at most, so the caller still gets control
 

@@ -1,0 +1,99 @@
+"""Prerequisite checks of the server and the connecting role: version, primary, wal_level,
+the REPLICATION and CREATE privileges."""
+
+from __future__ import annotations
+
+import psycopg
+
+from cdcengine.source.adapter import Check
+from cdcengine_postgres.control.check_context import ERR, OK, WARN, CheckContext
+
+__all__ = ["check_create_privilege", "check_not_standby", "check_replication_privilege",
+           "check_server_version", "check_wal_level"]
+
+
+def check_server_version(ctx: CheckContext) -> list[Check]:
+    v, major = ctx.version, ctx.version // 10000
+    if v < 130000:
+        return [Check(name="server_version", severity=ERR,
+                      message=f"PostgreSQL {major} is too old: 13 or later is required "
+                              "(publish_via_partition_root, wal_status).",
+                      fix="Upgrade the server to PostgreSQL 13 or later (15+ recommended).")]
+    missing = []
+    if v < 140000:
+        missing.append("streaming of large in-progress transactions (needs 14; large "
+                       "transactions are decoded fully on the server first)")
+    if v < 150000:
+        missing.append("publication column lists (needs 15; `columns` is filtered by the "
+                       "engine, all columns travel in WAL)")
+    if missing:
+        return [Check(name="server_version", severity=WARN,
+                      message=f"PostgreSQL {major} works, without: " + "; ".join(missing) + ".",
+                      fix="Upgrade to PostgreSQL 15 or later for these features.")]
+    return [Check(name="server_version", severity=OK,
+                  message=f"PostgreSQL {major}: streaming of large transactions and column "
+                          "lists available.")]
+
+
+def check_not_standby(ctx: CheckContext) -> list[Check]:
+    row = ctx.conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row and row[0]:
+        return [Check(name="not_standby", severity=ERR,
+                      message="The server is a standby (pg_is_in_recovery() is true); "
+                              "publications and slots must be created on the primary.",
+                      fix="Point the dsn at the primary server.")]
+    return [Check(name="not_standby", severity=OK, message="Connected to a primary.")]
+
+
+def check_wal_level(ctx: CheckContext) -> list[Check]:
+    try:
+        row = ctx.conn.execute("SHOW wal_level").fetchone()
+    except psycopg.Error:
+        # PgBouncer in transaction mode and some wire-compatible databases refuse SHOW.
+        return [Check(name="wal_level", severity=ERR,
+                      message="This endpoint does not expose wal_level (a connection pooler "
+                              "or a PostgreSQL-compatible database?); logical replication "
+                              "needs a direct connection to PostgreSQL.",
+                      fix="Point the dsn at the PostgreSQL primary itself, not a pooler.")]
+    level = row[0] if row else "unknown"
+    if level != "logical":
+        return [Check(name="wal_level", severity=ERR,
+                      message=f"wal_level is '{level}'; logical replication needs 'logical'.",
+                      fix="ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL "
+                          "(on managed services: set the logical replication parameter).")]
+    return [Check(name="wal_level", severity=OK, message="wal_level is 'logical'.")]
+
+
+def check_replication_privilege(ctx: CheckContext) -> list[Check]:
+    row = ctx.conn.execute(
+        "SELECT r.rolsuper, r.rolreplication,"
+        " EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname IN ('rds_replication',"
+        "  'rds_superuser') AND pg_has_role(current_user, g.oid, 'MEMBER'))"
+        " FROM pg_roles r WHERE r.rolname = current_user"
+    ).fetchone()
+    sup, repl, rds = row if row else (False, False, False)
+    if sup or repl or rds:
+        how = "superuser" if sup else ("REPLICATION" if repl else "rds_replication")
+        return [Check(name="replication_privilege", severity=OK,
+                      message=f"User {ctx.user} may replicate ({how}).")]
+    return [Check(name="replication_privilege", severity=ERR,
+                  message=f"User {ctx.user} is neither superuser nor has the REPLICATION "
+                          "attribute (nor rds_replication/rds_superuser membership).",
+                  fix=f"ALTER ROLE {ctx.q(ctx.user)} WITH REPLICATION;  "
+                      f"(on Amazon RDS: GRANT rds_replication TO {ctx.q(ctx.user)};)")]
+
+
+def check_create_privilege(ctx: CheckContext) -> list[Check]:
+    if not ctx.managed:
+        return [Check(name="create_privilege", severity=OK,
+                      message="Not needed: self_managed mode creates no publication.")]
+    row = ctx.conn.execute(
+        "SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()
+    if row and row[0]:
+        return [Check(name="create_privilege", severity=OK,
+                      message=f"User {ctx.user} may create publications in {ctx.database}.")]
+    return [Check(name="create_privilege", severity=ERR,
+                  message=f"User {ctx.user} lacks CREATE on database {ctx.database}, which "
+                          "managed mode needs to create the publication.",
+                  fix=f"GRANT CREATE ON DATABASE {ctx.q(ctx.database)} TO {ctx.q(ctx.user)};  "
+                      "(or use management_mode = \"self_managed\")")]
