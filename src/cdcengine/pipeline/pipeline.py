@@ -42,8 +42,7 @@ from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
-from cdcengine.pipeline.batcher import Batcher, ChangeBatch, StoppedTable
-from cdcengine.pipeline.batcher import TableSpec as BatchSpec
+from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch, StoppedTable
 from cdcengine.pipeline.progress import Progress
 from cdcengine.pipeline.resync import is_requested, resync_table
 from cdcengine.pipeline.runlog import RunLog
@@ -313,7 +312,7 @@ class Pipeline:
         is confirmed to the server (`Progress.held`)."""
         src = self.source
         live = self._live(skip=set() if job is None else job.refs)
-        specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
+        specs = {ref: CaptureSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
         start = self.confirmed_lsn
