@@ -54,6 +54,7 @@ from cdcengine.pipeline.buffer import (
     spill,
     tail_columns,
 )
+from cdcengine.sink.base import AddedColumns
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -117,6 +118,9 @@ class ChangeBatch:
     masked: dict[tuple[TableRef, str], int] = field(default_factory=dict)
     stopped: tuple[StoppedTable, ...] = ()
     schema_changes: tuple[SchemaChange, ...] = ()
+    # per table: columns added at the source whose older rows hold a constant default, resolved
+    # by the pipeline's thread (`pipeline.defaults`) for the sink
+    added: dict[TableRef, AddedColumns] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
