@@ -55,6 +55,8 @@ from cdcengine.pipeline.buffer import (
     tail_columns,
 )
 from cdcengine.sink.base import AddedColumns
+from cdcengine.sink.fold import COMMITTED_AT, LSN, OP, SEQ, UNCHANGED_TYPE
+from cdcengine.sink.fold import UNCHANGED as UNCHANGED_LIST
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -62,12 +64,13 @@ The values are a list of `bytes`, or an Arrow binary array (with nulls) when the
 packed inserts (`PackedInserts`)."""
 
 ENGINE_SCHEMA = pa.schema([
-    ("_cdc_op", pa.string()),
-    ("_cdc_lsn", pa.int64()),
-    ("_cdc_seq", pa.int64()),
-    ("_cdc_committed_at", pa.timestamp("us", tz="UTC")),
-    ("_cdc_unchanged", pa.list_(pa.string())),
+    (OP, pa.string()),
+    (LSN, pa.int64()),
+    (SEQ, pa.int64()),
+    (COMMITTED_AT, pa.timestamp("us", tz="UTC")),
+    (UNCHANGED_LIST, UNCHANGED_TYPE),
 ])
+"""The engine columns of a batch, in order (the names are `sink.fold`'s, defined once)."""
 ROW_OVERHEAD_BYTES = 64  # rough per-row bookkeeping cost, for the memory budget
 
 
@@ -482,7 +485,7 @@ class Batcher:
             else pa.nulls(n, pa.list_(pa.string()))
         arrays += [ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
                                                           [None, pa.py_buffer(seqs)]), marks]
-        names += ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+        names += [OP, SEQ, UNCHANGED_LIST]
         return pa.Table.from_arrays(arrays, names=names)
 
     def _to_arrow(self, buf: TableBuffer) -> pa.Table:
@@ -494,12 +497,12 @@ class Batcher:
             # parts of different shapes (an ALTER TABLE in between): missing columns become
             # null, widened types are promoted; data columns first, in order of appearance
             table = pa.concat_tables(buf.parts, promote_options="permissive")
-            engine = ["_cdc_op", "_cdc_seq", "_cdc_unchanged"]
+            engine = [OP, SEQ, UNCHANGED_LIST]
             table = table.select([n for n in table.column_names if n not in engine] + engine)
         lsns, stamps = expand_segments(buf.segments, table.num_rows)
-        table = table.add_column(table.schema.get_field_index("_cdc_seq"), "_cdc_lsn", lsns)
-        return table.add_column(table.schema.get_field_index("_cdc_unchanged"),
-                                "_cdc_committed_at", stamps.cast(pa.timestamp("us", tz="UTC")))
+        table = table.add_column(table.schema.get_field_index(SEQ), LSN, lsns)
+        return table.add_column(table.schema.get_field_index(UNCHANGED_LIST), COMMITTED_AT,
+                                stamps.cast(ENGINE_SCHEMA.field(COMMITTED_AT).type))
 
 
 _OP_I, _OP_U, _OP_D, _OP_T = b"IUDT"

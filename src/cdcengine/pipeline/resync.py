@@ -28,6 +28,7 @@ from cdcengine.lsn import format_lsn
 from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.sink import delta_sink
 from cdcengine.sink.base import SinkFactory, SnapshotSink, TableKind, kinds_for
+from cdcengine.sink.fold import LSN, OP, SEQ
 from cdcengine.source.adapter import SourceAdapter
 from cdcengine.state.base import StateStore, TableRecord, TableState
 
@@ -113,16 +114,15 @@ def _live_keys(sink: SnapshotSink, table: TableConfig, kinds: list[TableKind],
     if TableKind.CONSOLIDATED in kinds:
         rows = sink.read_table(ref, TableKind.CONSOLIDATED, columns=[*key, "_cdc_deleted"])
         return rows.filter(pc.invert(rows["_cdc_deleted"])).select(list(key))
-    log_rows = sink.read_table(ref, TableKind.APPEND, columns=[*key, "_cdc_lsn", "_cdc_seq",
-                                                               "_cdc_op"])
-    truncates = log_rows.filter(pc.equal(log_rows["_cdc_op"], "T"))
+    log_rows = sink.read_table(ref, TableKind.APPEND, columns=[*key, LSN, SEQ, OP])
+    truncates = log_rows.filter(pc.equal(log_rows[OP], "T"))
     if truncates.num_rows:
-        last = pc.max(truncates["_cdc_lsn"]).as_py()
-        log_rows = log_rows.filter(pc.greater(log_rows["_cdc_lsn"], last))
-    ordered = log_rows.sort_by([("_cdc_lsn", "ascending"), ("_cdc_seq", "ascending")])
+        last = pc.max(truncates[LSN]).as_py()
+        log_rows = log_rows.filter(pc.greater(log_rows[LSN], last))
+    ordered = log_rows.sort_by([(LSN, "ascending"), (SEQ, "ascending")])
     latest: dict[tuple[object, ...], str] = {}
     cols = [ordered[k].to_pylist() for k in key]
-    for i, op in enumerate(ordered["_cdc_op"].to_pylist()):
+    for i, op in enumerate(ordered[OP].to_pylist()):
         latest[tuple(c[i] for c in cols)] = op
     alive = [k for k, op in latest.items() if op != "D"]
     return pa.table({name: pa.array([k[j] for k in alive], ordered.schema.field(name).type)
