@@ -29,7 +29,7 @@ import pyarrow as pa
 from cdcengine.config import SourceConfig
 from cdcengine.events import Commit
 from cdcengine.names import TableRef
-from cdcengine.pipeline.batcher import Batcher, TableSpec
+from cdcengine.pipeline.batcher import Batcher, CaptureSpec
 from cdcengine_postgres.replication.changes import PostgresChanges
 from cdcengine_postgres.replication.frames import XLogData
 from cdcengine_postgres.types.mapping import PgType
@@ -120,7 +120,7 @@ def _session(payloads: list[bytes], tmp: Path, copy: bool = False) -> PostgresCh
 def run_once(payloads: list[bytes], batch_rows: int, tmp: Path,
              copy: bool = False) -> tuple[float, int]:
     ses = _session(payloads, tmp, copy)
-    batcher = Batcher({REF: TableSpec(ref=REF)}, ses.converters, max_rows=batch_rows,
+    batcher = Batcher({REF: CaptureSpec(ref=REF)}, ses.converters, max_rows=batch_rows,
                       max_bytes=256 << 20, flush_interval_s=3600, spill_dir=tmp)
     rows = 0
     add = batcher.add

@@ -19,7 +19,7 @@ from cdcengine.events import (
     Update,
 )
 from cdcengine.names import TableRef
-from cdcengine.pipeline.batcher import Batcher, TableSpec
+from cdcengine.pipeline.batcher import Batcher, CaptureSpec
 
 ORDERS = TableRef("public", "orders")
 
@@ -44,8 +44,8 @@ class Clock:
 
 
 def make(max_rows: int = 1000, max_bytes: int = 10**9, interval: float = 60.0,
-         specs: dict[TableRef, TableSpec] | None = None, clock: Clock | None = None) -> Batcher:
-    return Batcher(specs or {ORDERS: TableSpec(ref=ORDERS)}, lambda r: [text] * len(r.columns),
+         specs: dict[TableRef, CaptureSpec] | None = None, clock: Clock | None = None) -> Batcher:
+    return Batcher(specs or {ORDERS: CaptureSpec(ref=ORDERS)}, lambda r: [text] * len(r.columns),
                    max_rows=max_rows, max_bytes=max_bytes, flush_interval_s=interval,
                    clock=clock or Clock())
 
@@ -130,7 +130,7 @@ def test_unchanged_toast_is_marked_never_null_valued_silently() -> None:
 
 
 def test_unconfigured_tables_ignored_and_columns_selected() -> None:
-    spec = TableSpec(ref=ORDERS, columns=("note",))
+    spec = CaptureSpec(ref=ORDERS, columns=("note",))
     b = make(specs={ORDERS: spec})
     b.add(rel(cols=("id", "note", "secret")))
     b.add(rel(relid=2, name="other"))
@@ -220,10 +220,10 @@ def _huge_stream(b: Batcher) -> list[object]:
 
 @pytest.mark.parametrize("budget", [2_000, 40_000])
 def test_a_transaction_over_budget_is_compacted_and_spilled_not_split(tmp_path, budget) -> None:
-    small = Batcher({ORDERS: TableSpec(ref=ORDERS), ITEMS: TableSpec(ref=ITEMS)},
+    small = Batcher({ORDERS: CaptureSpec(ref=ORDERS), ITEMS: CaptureSpec(ref=ITEMS)},
                     lambda r: [text] * len(r.columns), max_rows=10**6, max_bytes=budget,
                     flush_interval_s=60, clock=Clock(), spill_dir=tmp_path)
-    reference = Batcher({ORDERS: TableSpec(ref=ORDERS), ITEMS: TableSpec(ref=ITEMS)},
+    reference = Batcher({ORDERS: CaptureSpec(ref=ORDERS), ITEMS: CaptureSpec(ref=ITEMS)},
                         lambda r: [text] * len(r.columns), max_rows=10**6, max_bytes=10**9,
                         flush_interval_s=60, clock=Clock())
     _huge_stream(reference)

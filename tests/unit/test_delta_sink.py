@@ -17,7 +17,15 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 
 from cdcengine.config import TableMode
 from cdcengine.names import TableRef
-from cdcengine.sink import CommitResult, Sink, SinkSchemaError, SinkWriteError, TableKind, TableSpec
+from cdcengine.sink import (
+    AddedColumns,
+    CommitResult,
+    Sink,
+    SinkSchemaError,
+    SinkWriteError,
+    TableKind,
+    TableSpec,
+)
 from cdcengine.sink.delta import DeltaMaintenance, DeltaSink, _table_specific, widens
 
 REF = TableRef("public", "orders")
@@ -501,6 +509,49 @@ def test_write_both_modes_and_resume_version(sink: DeltaSink) -> None:
     assert again.version == 200
     assert sink.read_table(REF, "append").num_rows == 2
     assert consolidated(sink)[1]["v"] == "b"
+
+
+def test_write_leaves_out_what_each_kind_applied(sink: DeltaSink) -> None:
+    """A replayed batch straddling the applied versions (a crash between the kinds): each kind
+    gets only the rows it lacks; a kind with none left is skipped without a commit, and the
+    durable position is still the batch's version."""
+    spec = TableSpec(key=("id",), mode=TableMode.BOTH)
+    first = changes([{"_cdc_op": "I", "id": 1, "v": "a"}], 100)
+    second = changes([{"_cdc_op": "U", "id": 1, "v": "b"}], 200)
+    sink.write(REF, first, spec=spec, version=100)
+    sink.write_append(REF, second, version=200, key=["id"])
+    replay = pa.concat_tables([first, second, changes([{"_cdc_op": "I", "id": 2, "v": "c"}], 300)])
+    result = sink.write(REF, replay, spec=spec, version=300)
+    assert result.version == 300
+    app, cons = result.commits
+    assert (app.skipped, app.rows_in, cons.skipped, cons.rows_in) == (False, 1, False, 2)
+    assert app.bytes_in > 0
+    assert cons.newest_commit_us == int((T0 + timedelta(seconds=300)).timestamp() * 1_000_000)
+    assert sink.row_count(REF, "append") == 3
+    assert {k: r["v"] for k, r in consolidated(sink).items()} == {1: "b", 2: "c"}
+    versions = (delta_version(sink), delta_version(sink, "append"))
+    again = sink.write(REF, replay, spec=spec, version=300)
+    assert all(c.skipped and c.rows_in == 0 for c in again.commits) and again.version == 300
+    # the table's last change lies below a later batch's version: durable at that version
+    later = sink.write(REF, replay, spec=spec, version=400)
+    assert all(c.skipped for c in later.commits) and later.version == 400
+    assert (delta_version(sink), delta_version(sink, "append")) == versions
+    assert sink.resume_version(REF, TableMode.BOTH) == 300
+
+
+def test_write_fills_an_added_columns_constant_default(sink: DeltaSink) -> None:
+    spec = TableSpec(key=("id",), mode=TableMode.CONSOLIDATED)
+    sink.write(REF, changes([{"_cdc_op": "I", "id": 1, "v": "a"}, {"_cdc_op": "I", "id": 3}], 100),
+               spec=spec, version=100)
+    wide = pa.schema([*SCHEMA.remove(SCHEMA.get_field_index("big")), ("n", pa.int64())])
+    batch = pa.concat_tables([changes([{"_cdc_op": "U", "id": 1, "v": "b"}], 150, wide),
+                              changes([{"_cdc_op": "I", "id": 2, "v": "c"}], 200, wide)])
+    added = AddedColumns(values={"n": pa.scalar(7, pa.int64())}, upto=150)
+    sink.write(REF, batch, spec=spec, version=200, added=added)
+    rows = consolidated(sink)
+    # stored rows and the batch's rows up to the change hold the default; later ones do not
+    assert {k: r["n"] for k, r in rows.items()} == {1: 7, 2: None, 3: 7}
+    assert sink.applied_version(REF, "consolidated") == 200
 
 
 # --- schema -------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from cdcengine.events import (
     Value,
 )
 from cdcengine.names import TableRef
-from cdcengine.pipeline.batcher import Batcher, ChangeBatch, TableSpec
+from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch
 from cdcengine_postgres.replication import changes as changes_mod
 from cdcengine_postgres.replication import packed
 from cdcengine_postgres.replication.changes import PostgresChanges
@@ -250,7 +250,7 @@ def _typed_batcher(**kw: object) -> Batcher:
     defaults: dict[str, object] = {"max_rows": 10**9, "max_bytes": 10**12,
                                    "flush_interval_s": 3600}
     defaults.update(kw)
-    return Batcher({ALL: TableSpec(ref=ALL)}, _typed_converters, **defaults)  # type: ignore[arg-type]
+    return Batcher({ALL: CaptureSpec(ref=ALL)}, _typed_converters, **defaults)  # type: ignore[arg-type]
 
 
 def _typed_row(rng: random.Random, key: int) -> tuple[bytes | None, ...]:
@@ -325,7 +325,7 @@ def _text(values: Sequence[bytes | None] | pa.Array) -> tuple[pa.Array, int]:
 
 
 def _mixed_batcher(tmp: Path | None, budget: int) -> Batcher:
-    specs = {ORDERS: TableSpec(ref=ORDERS), ITEMS: TableSpec(ref=ITEMS, columns=("v",))}
+    specs = {ORDERS: CaptureSpec(ref=ORDERS), ITEMS: CaptureSpec(ref=ITEMS, columns=("v",))}
     return Batcher(specs, lambda r: [_text] * len(r.columns), max_rows=10**9, max_bytes=budget,
                    flush_interval_s=3600, spill_dir=tmp)
 
@@ -463,11 +463,12 @@ def test_a_malformed_packed_insert_fails_the_batch_like_decoding_would(tmp_path:
 
 
 def test_buffer_truncate_turns_a_cut_run_into_rows() -> None:
-    from cdcengine.pipeline.batcher import _Buffer, _Relation
+    from cdcengine.pipeline.batcher import _Relation
+    from cdcengine.pipeline.buffer import TableBuffer
 
-    rel = _Relation(relation=_rel(1, "orders", ["id", "v"]), spec=TableSpec(ref=ORDERS),
+    rel = _Relation(relation=_rel(1, "orders", ["id", "v"]), spec=CaptureSpec(ref=ORDERS),
                     key=("id",), key_idx=(0,), converters=[_text, _text])
-    buf = _Buffer(rel=rel)
+    buf = TableBuffer(rel=rel)
     run = InsertRun(1, [insert(1, str(i).encode(), b"v") for i in range(5)])
     buf.items += [(b"a", b"b"), run, (b"z", None)]
     buf.tail, buf.runs = 7, 1

@@ -23,8 +23,6 @@ LSN), `_cdc_seq` (ordinal among this table's changes in its transaction), `_cdc_
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +31,6 @@ from pathlib import Path
 from typing import Final, Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cdcengine.events import (
     UNCHANGED,
@@ -50,7 +47,17 @@ from cdcengine.events import (
     Update,
 )
 from cdcengine.names import TableRef
-from cdcengine.sink import columns as cdc
+from cdcengine.pipeline.buffer import (
+    TableBuffer,
+    expand_segments,
+    ops_array,
+    spill,
+    tail_columns,
+)
+from cdcengine.sink.base import AddedColumns
+from cdcengine.sink.columns import COMMITTED_AT, LSN, OP, SEQ
+from cdcengine.sink.columns import UNCHANGED as UNCHANGED_LIST
+from cdcengine.sink.fold import UNCHANGED_TYPE
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -58,12 +65,13 @@ The values are a list of `bytes`, or an Arrow binary array (with nulls) when the
 packed inserts (`PackedInserts`)."""
 
 ENGINE_SCHEMA = pa.schema([
-    (cdc.OP, pa.string()),
-    (cdc.LSN, pa.int64()),
-    (cdc.SEQ, pa.int64()),
-    (cdc.COMMITTED_AT, pa.timestamp("us", tz="UTC")),
-    (cdc.UNCHANGED, pa.list_(pa.string())),
+    (OP, pa.string()),
+    (LSN, pa.int64()),
+    (SEQ, pa.int64()),
+    (COMMITTED_AT, pa.timestamp("us", tz="UTC")),
+    (UNCHANGED_LIST, UNCHANGED_TYPE),
 ])
+"""The engine columns of a batch, in order (the names are `sink.fold`'s, defined once)."""
 ROW_OVERHEAD_BYTES = 64  # rough per-row bookkeeping cost, for the memory budget
 
 
@@ -74,7 +82,11 @@ class ConverterFactory(Protocol):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TableSpec:
+class CaptureSpec:
+    """What the batcher keeps of one captured table: its rows keyed by `key`, `columns` only.
+
+    (How a table is written is the sink's `TableSpec`.)"""
+
     ref: TableRef
     key: tuple[str, ...] | None = None  # declared key; None: the relation's identity columns
     columns: tuple[str, ...] | None = None  # selected columns; None: all
@@ -110,6 +122,9 @@ class ChangeBatch:
     masked: dict[tuple[TableRef, str], int] = field(default_factory=dict)
     stopped: tuple[StoppedTable, ...] = ()
     schema_changes: tuple[SchemaChange, ...] = ()
+    # per table: columns added at the source whose older rows hold a constant default, resolved
+    # by the pipeline's thread (`pipeline.defaults`) for the sink
+    added: dict[TableRef, AddedColumns] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -119,7 +134,7 @@ class ChangeBatch:
 @dataclass(slots=True)
 class _Relation:
     relation: Relation
-    spec: TableSpec
+    spec: CaptureSpec
     key: tuple[str, ...]
     key_idx: tuple[int, ...]
     converters: Sequence[ColumnConverter]
@@ -127,89 +142,16 @@ class _Relation:
     # batch (valid while `buf_batch` is the batcher's batch number), the next `_cdc_seq` of
     # the current transaction (valid while `seq_txn` is its transaction number)
     stopped: bool = False
-    buf: _Buffer | None = None
+    buf: TableBuffer | None = None
     buf_batch: int = -1
     seq: int = 0
     seq_txn: int = -1
 
 
-@dataclass(slots=True)
-class _Buffer:
-    """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
-    a tail of text rows and packed runs of inserts (`items`; a run holds `run.count` rows, so
-    `tail` counts rows, not items). Row positions count from the first part; `segments` give
-    (rows so far, end LSN, commit time) per committed transaction; `unchanged` is keyed by
-    tail row position."""
-
-    rel: _Relation
-    parts: list[pa.Table] = field(default_factory=list)
-    converted: int = 0  # rows held in `parts`
-    spilled: int = 0  # leading parts that live in (memory-mapped) spill files
-    items: list[Row | PackedInserts] = field(default_factory=list)
-    tail: int = 0  # rows in `items`
-    runs: int = 0  # items that are packed runs
-    ops: bytearray = field(default_factory=bytearray)  # one byte per row: b"I", b"U", ...
-    seqs: array[int] = field(default_factory=lambda: array("q"))
-    unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return self.converted + self.tail
-
-    def clear_tail(self) -> None:
-        self.items, self.ops, self.seqs, self.unchanged = [], bytearray(), array("q"), {}
-        self.tail = self.runs = 0
-
-    def truncate(self, upto: int) -> None:
-        """Keep the first `upto` rows (drop an aborted transaction's tail)."""
-        if upto >= self.converted:
-            keep = upto - self.converted
-            if self.runs:
-                self._cut_items(keep)
-            else:
-                del self.items[keep:]
-            self.tail = keep
-            del self.ops[keep:], self.seqs[keep:]
-            for i in [i for i in self.unchanged if i >= keep]:
-                del self.unchanged[i]
-            return
-        self.clear_tail()
-        kept: list[pa.Table] = []
-        left = upto
-        for part in self.parts:
-            if left <= 0:
-                break
-            kept.append(part.slice(0, min(left, part.num_rows)))
-            left -= kept[-1].num_rows
-        self.parts, self.converted = kept, upto
-        self.spilled = min(self.spilled, len(kept))
-
-    def _cut_items(self, keep: int) -> None:
-        """Keep the tail's first `keep` rows; a run cut in the middle becomes its rows."""
-        items: list[Row | PackedInserts] = []
-        rows = 0
-        for item in self.items:
-            if rows >= keep:
-                break
-            if isinstance(item, PackedInserts):
-                if rows + item.count <= keep:
-                    items.append(item)
-                    rows += item.count
-                else:
-                    items += item.rows()[: keep - rows]
-                    rows = keep
-            else:
-                items.append(item)
-                rows += 1
-        self.items = items
-        self.runs = sum(isinstance(item, PackedInserts) for item in items)
-
-
 class Batcher:
     def __init__(
         self,
-        specs: Mapping[TableRef, TableSpec],
+        specs: Mapping[TableRef, CaptureSpec],
         converters: ConverterFactory,
         *,
         max_rows: int,
@@ -224,7 +166,7 @@ class Batcher:
         self._max_rows, self._max_bytes = max_rows, max_bytes
         self._interval, self._clock = flush_interval_s, clock
         self._relations: dict[int, _Relation | None] = {}
-        self._buffers: dict[TableRef, _Buffer] = {}
+        self._buffers: dict[TableRef, TableBuffer] = {}
         self._stopped: dict[TableRef, StoppedTable] = {}
         self._new_stops: list[StoppedTable] = []
         self._begin: Begin | None = None
@@ -288,7 +230,7 @@ class Batcher:
         if old is not None:  # same table, new shape: `_cdc_seq` goes on within the transaction
             new.seq, new.seq_txn = old.seq, old.seq_txn
 
-    def _reshape(self, ref: TableRef, spec: TableSpec, old: _Relation, new: Relation) -> None:
+    def _reshape(self, ref: TableRef, spec: CaptureSpec, old: _Relation, new: Relation) -> None:
         """A known table arrives with another shape (after an ALTER TABLE).
 
         Added, dropped and retyped columns are carried: rows buffered so far are converted
@@ -367,14 +309,14 @@ class Batcher:
         else:
             self._change(ev.relid, _OP_U, new, from_update=True)
 
-    def _buffer(self, rel: _Relation) -> _Buffer:
+    def _buffer(self, rel: _Relation) -> TableBuffer:
         """The relation's table buffer of the current batch (created on first use)."""
         buf = rel.buf
         if rel.buf_batch != self._batch_no or buf is None:
             ref = rel.spec.ref
             buf = self._buffers.get(ref)
             if buf is None or buf.rel is not rel:
-                buf = self._buffers[ref] = buf or _Buffer(rel=rel)
+                buf = self._buffers[ref] = buf or TableBuffer(rel=rel)
                 buf.rel = rel
                 self._txn_start.setdefault(ref, buf.count)
             rel.buf, rel.buf_batch = buf, self._batch_no
@@ -440,7 +382,9 @@ class Batcher:
         self._seal_tails()
         if self._part_bytes >= self._max_bytes:
             for buf in self._buffers.values():
-                buf.parts[buf.spilled:] = [self._spill(p) for p in buf.parts[buf.spilled:]]
+                for i in range(buf.spilled, len(buf.parts)):
+                    self.spilled_bytes += buf.parts[i].nbytes
+                    buf.parts[i] = spill(buf.parts[i], self._spill_dir)
                 buf.spilled = len(buf.parts)
             self._part_bytes = 0
 
@@ -451,24 +395,11 @@ class Batcher:
                 self._seal(buf)
         self._bytes = 0
 
-    def _seal(self, buf: _Buffer) -> None:
+    def _seal(self, buf: TableBuffer) -> None:
         part = self._convert(buf)
         buf.parts.append(part)
         buf.converted += part.num_rows
         self._part_bytes += part.nbytes
-
-    def _spill(self, part: pa.Table) -> pa.Table:
-        fd, name = tempfile.mkstemp(prefix="cdcengine-batch-", suffix=".arrow",
-                                    dir=self._spill_dir)
-        os.close(fd)
-        try:
-            with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, part.schema) as writer:
-                writer.write_table(part)
-            mapped = pa.ipc.open_file(pa.memory_map(name)).read_all()
-        finally:
-            os.unlink(name)  # the mapping keeps the data; nothing is left behind after a crash
-        self.spilled_bytes += part.nbytes
-        return mapped
 
     def _commit(self, ev: Commit) -> None:
         ts = ev.commit_ts_us
@@ -528,13 +459,13 @@ class Batcher:
         self._version = None
         return batch
 
-    def _convert(self, buf: _Buffer) -> pa.Table:
+    def _convert(self, buf: TableBuffer) -> pa.Table:
         """The tail's text rows as one Arrow part (data columns, `_cdc_op`, `_cdc_seq`,
         `_cdc_unchanged`); the tail is emptied (before converting: the rows are let go of as
         soon as their text columns exist)."""
         rel, n = buf.rel, buf.tail
         columns = rel.relation.columns
-        transposed = self._tail_columns(buf, len(columns))
+        transposed = tail_columns(buf, len(columns))
         ops, seqs, unchanged = buf.ops, buf.seqs, buf.unchanged
         buf.clear_tail()
         selected = rel.spec.columns
@@ -553,35 +484,12 @@ class Batcher:
         marks = pa.array([list(unchanged[i]) if i in unchanged else None for i in range(n)],
                          pa.list_(pa.string())) if unchanged \
             else pa.nulls(n, pa.list_(pa.string()))
-        arrays += [_ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
+        arrays += [ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
                                                           [None, pa.py_buffer(seqs)]), marks]
-        names += [cdc.OP, cdc.SEQ, cdc.UNCHANGED]
+        names += [OP, SEQ, UNCHANGED_LIST]
         return pa.Table.from_arrays(arrays, names=names)
 
-    @staticmethod
-    def _tail_columns(buf: _Buffer, ncols: int) -> Sequence[Sequence[bytes | None] | pa.Array]:
-        """The tail's values column by column: lists of `bytes` when it holds decoded rows
-        only, Arrow binary arrays when it holds packed runs (all runs' columns come from their
-        class in one call; decoded rows in between are put back in place by one `take`)."""
-        items = buf.items
-        if buf.runs:
-            runs = [item for item in items if isinstance(item, PackedInserts)]
-            cls = type(runs[0])
-            packed = cls.columns(runs, ncols) if all(type(r) is cls for r in runs) else None
-            if packed is not None:
-                if buf.runs == len(items):
-                    return packed
-                return _interleave(buf, packed)
-            # a row of another shape: every run row by row (they raise if malformed)
-            items = [row for item in items for row in
-                     (item.rows() if isinstance(item, PackedInserts) else (item,))]
-        rows: list[Row] = items  # type: ignore[assignment]
-        if buf.unchanged:
-            rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
-                    for i, r in enumerate(rows)]
-        return list(zip(*rows, strict=True)) if rows else [() for _ in range(ncols)]
-
-    def _to_arrow(self, buf: _Buffer) -> pa.Table:
+    def _to_arrow(self, buf: TableBuffer) -> pa.Table:
         if buf.tail or not buf.parts:
             self._seal(buf)
         if len(buf.parts) == 1:
@@ -590,84 +498,15 @@ class Batcher:
             # parts of different shapes (an ALTER TABLE in between): missing columns become
             # null, widened types are promoted; data columns first, in order of appearance
             table = pa.concat_tables(buf.parts, promote_options="permissive")
-            engine = [cdc.OP, cdc.SEQ, cdc.UNCHANGED]
+            engine = [OP, SEQ, UNCHANGED_LIST]
             table = table.select([n for n in table.column_names if n not in engine] + engine)
-        lsns, stamps = _expand(buf.segments, table.num_rows)
-        table = table.add_column(table.schema.get_field_index(cdc.SEQ), cdc.LSN, lsns)
-        return table.add_column(table.schema.get_field_index(cdc.UNCHANGED),
-                                cdc.COMMITTED_AT, stamps.cast(pa.timestamp("us", tz="UTC")))
+        lsns, stamps = expand_segments(buf.segments, table.num_rows)
+        table = table.add_column(table.schema.get_field_index(SEQ), LSN, lsns)
+        return table.add_column(table.schema.get_field_index(UNCHANGED_LIST), COMMITTED_AT,
+                                stamps.cast(ENGINE_SCHEMA.field(COMMITTED_AT).type))
 
 
 _OP_I, _OP_U, _OP_D, _OP_T = b"IUDT"
 # Prebuilt, sliced per run: a packed run's ops and `_cdc_seq` values cost no Python per row.
 _INSERT_OPS: Final = b"I" * 8192
 _SEQS: Final = array("q", range(1 << 16))
-_one_letter_offsets: pa.Buffer = pa.py_buffer(array("i", range(1 << 16)))
-
-
-def _ops_array(ops: bytearray) -> pa.Array:
-    """`_cdc_op`: a string array of the one-letter ops on their bytes (offsets 0, 1, 2, ...:
-    a shared prebuilt buffer, longer than needed is fine)."""
-    global _one_letter_offsets
-    n = len(ops)
-    if (n + 1) * 4 > _one_letter_offsets.size:
-        _one_letter_offsets = pa.py_buffer(array("i", range(2 * (n + 1))))
-    return pa.Array.from_buffers(pa.string(), n, [None, _one_letter_offsets,
-                                                  pa.py_buffer(bytes(ops))])
-
-
-def _interleave(buf: _Buffer, packed: list[pa.Array]) -> list[pa.Array]:
-    """Columns of a tail mixing packed runs (their columns: `packed`) and decoded rows, in
-    tail order: the decoded rows' values are appended after the runs' and one `take` per
-    column puts every row back in place."""
-    rows: list[Row] = []
-    order: list[int] = []
-    packed_at = 0
-    first_row = len(packed[0]) if packed else 0
-    position = 0
-    for item in buf.items:
-        if isinstance(item, PackedInserts):
-            order += range(packed_at, packed_at + item.count)
-            packed_at += item.count
-            position += item.count
-        else:
-            if position in buf.unchanged:
-                item = tuple(None if v is UNCHANGED else v for v in item)
-            order.append(first_row + len(rows))
-            rows.append(item)
-            position += 1
-    ncols = len(packed)
-    if any(len(r) != ncols for r in rows):
-        raise ValueError("rows of a table have different numbers of columns")
-    index = pa.array(order, pa.int64())
-    out: list[pa.Array] = []
-    for j, column in enumerate(packed):
-        decoded = pa.array([r[j] for r in rows], column.type)
-        out.append(pa.concat_arrays([column, decoded]).take(index))
-    return out
-
-
-def _expand(segments: list[tuple[int, int, int]], n: int) -> tuple[pa.Array, pa.Array]:
-    """Per-row (end LSN, commit time) from per-transaction (rows so far, end LSN, ts) marks,
-    run-length decoded by Arrow."""
-    ends: list[int] = []
-    lsns: list[int] = []
-    stamps: list[int] = []
-    start = 0
-    for upto, lsn, ts in segments:
-        if upto > start:
-            ends.append(upto)
-            lsns.append(lsn)
-            stamps.append(ts)
-        start = upto
-    if start != n:
-        raise RuntimeError("rows without a committed transaction in a batch")
-    if not ends:
-        return pa.array([], pa.int64()), pa.array([], pa.int64())
-    run_ends = pa.array(ends, pa.int64())
-
-    def decode(values: list[int]) -> pa.Array:
-        encoded = pa.RunEndEncodedArray.from_arrays(run_ends, pa.array(values, pa.int64()))
-        return pc.run_end_decode(encoded)
-
-    return decode(lsns), decode(stamps)

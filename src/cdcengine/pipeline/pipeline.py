@@ -7,9 +7,9 @@ Order of work in `run`:
 3. each table without an applied version in Delta is snapshotted (temporary slot, version = its
    consistent point C): here and now while no table streams yet (the first sync);
 4. the change stream runs from the slot's confirmed position: the batcher closes batches on
-   transaction boundaries, the `BatchWriter` (its own thread) commits each table's rows above
-   that Delta table's applied version (read back from its log) in one commit carrying the
-   batch's version, and only then does the flush LSN sent to the server move (`Progress`);
+   transaction boundaries, the `BatchWriter` (its own thread) hands each table's rows to the
+   sink (`Sink.write`: the rows above each Delta table's applied version, in one commit carrying
+   the batch's version), and only then does the flush LSN sent to the server move (`Progress`);
 5. work for some tables while others stream (a table `enable` added, a `resync`, a change log
    for a table switched to `both`) runs on a `_Backfill` thread beside a stream session that
    leaves those tables out and confirms nothing; when it is done the session ends between
@@ -19,7 +19,10 @@ A crash at any point leaves Delta and the slot consistent: the slot is never con
 is durable, and what is durable is never applied twice (`failpoints` names the moments the
 tests kill the process at).
 
-The reading thread alone touches the replication connection; while a Delta commit runs it goes
+Every sink comes from the pipeline's `sink_factory` (default: Delta, `cdcengine.sink.delta_sink`);
+the writer thread calls only the `Sink` protocol and never the source (added columns' defaults
+are resolved on the reading thread, `pipeline.defaults`). The reading thread alone touches the
+replication connection; while a Delta commit runs it goes
 on reading (one batch queued at most: the back-pressure) and keeps the walsender answered. The
 state store is shared by the reading, writer and backfill threads (its calls are serialised).
 """
@@ -42,17 +45,17 @@ from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
-from cdcengine.pipeline.batcher import Batcher, ChangeBatch, StoppedTable
-from cdcengine.pipeline.batcher import TableSpec as BatchSpec
+from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch, StoppedTable
+from cdcengine.pipeline.defaults import AddedColumnDefaults, DefaultsFn
 from cdcengine.pipeline.progress import Progress
 from cdcengine.pipeline.resync import is_requested, resync_table
 from cdcengine.pipeline.runlog import RunLog
 from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.pipeline.tablesets import Registrations, registered_changes, registrations
-from cdcengine.pipeline.writer import Applied, BatchWriter, DefaultsFn, Durable, WriterStats
+from cdcengine.pipeline.writer import BatchWriter, Durable, WriterStats
 from cdcengine.serve.watchdog import Activity
-from cdcengine.sink.base import kinds_for
-from cdcengine.sink.delta import DeltaSink
+from cdcengine.sink import delta_sink
+from cdcengine.sink.base import SinkFactory, SnapshotSink, TableKind, kinds_for
 from cdcengine.source.adapter import ChangeSession, SourceAdapter
 from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, open_store
@@ -63,6 +66,9 @@ log = structlog.get_logger("cdcengine.pipeline.pipeline")
 STREAM_LEASE_TTL_S = 60.0  # renewed every third of it while streaming
 READ_TIMEOUT_S = 0.5
 WORK_POLL_S = 2.0  # how often a session looks for `resync` requests and table-set changes
+
+Applied = dict[tuple[TableRef, TableKind], int]
+"""Per Delta table (source table, kind) its applied version, as read when the table loaded."""
 
 
 @dataclass(slots=True)
@@ -76,8 +82,12 @@ class Pipeline:
                  adapter: SourceAdapter | None = None, spill_dir: Path | None = None,
                  on_batch: Callable[[ChangeBatch, RunStats], None] | None = None,
                  metrics: Metrics | None = None, resume_lsn: int = 0,
-                 activity: Activity | None = None) -> None:
+                 activity: Activity | None = None,
+                 sink_factory: SinkFactory = delta_sink) -> None:
         self.source = source
+        # every sink of this pipeline (the stream's, a backfill's, a resync's staging area)
+        # comes from here: the only way the pipeline reaches a destination
+        self.sink_factory = sink_factory
         # The highest flush position this process told the server (a reconnect within the
         # daemon passes the last run's): every change session starts there explicitly, not at
         # whatever the slot says (0/0). The server starts at the later of the two; ours is
@@ -144,7 +154,7 @@ class Pipeline:
                            retryable=False, fix="Run `cdcengine repair` for this source.")
         try:
             self._check_identity(store, rec.system_identifier, rec.timeline)
-            sink = DeltaSink.for_source(src)
+            sink = self.sink_factory(src)
             self._seen = registrations(store.list_tables(src.name))
             unlisted = sorted(set(self._seen) - {tc.name for tc in src.table_configs})
             if unlisted:
@@ -203,7 +213,7 @@ class Pipeline:
         log.info("tables_changed", source=self.source.name, added=list(change.added),
                  removed=list(change.removed), mode_changed=list(change.remoded))
 
-    def _pending(self, store: StateStore, sink: DeltaSink) -> list[TableConfig]:
+    def _pending(self, store: StateStore, sink: SnapshotSink) -> list[TableConfig]:
         """Tables to (re-)snapshot: never loaded in some table kind, or a queued `resync`."""
         records = {t.name: t for t in store.list_tables(self.source.name)}
         def wanted(tc: TableConfig) -> bool:
@@ -222,7 +232,7 @@ class Pipeline:
         return any(is_requested(t) for t in records) \
             or bool(registered_changes(self.source, self._seen, registrations(records)))
 
-    def _backfill(self, store: StateStore, sink: DeltaSink,
+    def _backfill(self, store: StateStore, sink: SnapshotSink,
                   stop: threading.Event) -> _Backfill | None:
         """Snapshot or resync the tables that need it: here and now when no other table
         streams yet (the first sync), else on a `_Backfill` thread beside the stream."""
@@ -238,13 +248,13 @@ class Pipeline:
             self._load_applied(sink, tc)
         return None
 
-    def _snapshot_one(self, store: StateStore, sink: DeltaSink, tc: TableConfig,
+    def _snapshot_one(self, store: StateStore, sink: SnapshotSink, tc: TableConfig,
                       stop: threading.Event) -> int | None:
         """`_backfill_one`, seen by the watchdog as a snapshot running."""
         with self.activity.snapshotting(tc.name):
             return self._backfill_one(store, sink, tc, stop)
 
-    def _backfill_one(self, store: StateStore, sink: DeltaSink, tc: TableConfig,
+    def _backfill_one(self, store: StateStore, sink: SnapshotSink, tc: TableConfig,
                       stop: threading.Event) -> int | None:
         """Load one table's snapshot, or swap in its re-snapshot; returns the rows loaded, None
         when stopped first (what is committed stays for the next run). Thread-safe: it touches
@@ -253,7 +263,8 @@ class Pipeline:
         started = time.monotonic()
         rec = next((t for t in store.list_tables(src.name) if t.name == tc.name), None)
         if rec is not None and is_requested(rec):
-            again = resync_table(self._adapter, src, tc, sink, store, stop=stop)
+            again = resync_table(self._adapter, src, tc, sink, store, stop=stop,
+                                 sink_factory=self.sink_factory)
             if not again.finished:
                 return None
             rows, version = again.rows, again.version
@@ -278,7 +289,7 @@ class Pipeline:
         self.stats.snapshot_rows += rows
         return rows
 
-    def _backfilled(self, sink: DeltaSink, job: _Backfill) -> None:
+    def _backfilled(self, sink: SnapshotSink, job: _Backfill) -> None:
         """After a backfill thread: the loaded tables stream from their new versions on."""
         job.join()
         for tc in job.loaded:
@@ -294,7 +305,7 @@ class Pipeline:
                 if tc.ref not in skip and tc.ref not in self._stopped_refs
                 and all((tc.ref, kind) in self._applied for kind in kinds_for(tc.mode))}
 
-    def _load_applied(self, sink: DeltaSink, tc: TableConfig) -> bool:
+    def _load_applied(self, sink: SnapshotSink, tc: TableConfig) -> bool:
         """Read each Delta table's applied version; True when every kind of the table has one."""
         versions = {kind: sink.applied_version(tc.ref, kind) for kind in kinds_for(tc.mode)}
         if any(v is None for v in versions.values()):
@@ -305,7 +316,7 @@ class Pipeline:
         return True
 
     # ---- streaming ----------------------------------------------------------------------------
-    def _stream(self, store: StateStore, sink: DeltaSink, stop: threading.Event,
+    def _stream(self, store: StateStore, sink: SnapshotSink, stop: threading.Event,
                 renew: Callable[[], object], job: _Backfill | None) -> bool:
         """Stream until `stop` (False), or (True: the session ended cleanly between
         transactions, everything complete committed) until `job` finished, or, without a job,
@@ -313,7 +324,7 @@ class Pipeline:
         is confirmed to the server (`Progress.held`)."""
         src = self.source
         live = self._live(skip=set() if job is None else job.refs)
-        specs = {ref: BatchSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
+        specs = {ref: CaptureSpec(ref=ref, key=tc.primary_key, columns=tc.columns)
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
         start = self.confirmed_lsn
@@ -322,13 +333,13 @@ class Pipeline:
                               max_bytes=src.max_batch_mb * 1024 * 1024,
                               flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
             progress = Progress(held=job is not None)
-            writer = BatchWriter(sink, source=src.name, tables=live, applied=self._applied,
+            defaults = self._added_column_defaults(sink, live)  # before the writer owns the sink
+            writer = BatchWriter(sink, source=src.name, tables=live,
                                  hard_deletes=src.hard_deletes, stats=self.stats,
                                  maintenance_interval_s=src.maintenance_interval_s,
-                                 on_durable=self._durable_hook(),
-                                 defaults=self._defaults_fn(), metrics=self.metrics,
+                                 on_durable=self._durable_hook(), metrics=self.metrics,
                                  on_commit=self.activity.stream.moved).start()
-            loop = _Loop(self, store, changes, batcher, progress, writer)
+            loop = _Loop(self, store, changes, batcher, progress, writer, defaults)
             _set_state(store, src.name, SourceState.STREAMING)
             self._streaming_since = time.monotonic()
             log.info("stream_started", source=src.name, start_lsn=format_lsn(start),
@@ -370,13 +381,19 @@ class Pipeline:
             writer.check()
         return again
 
-    def _defaults_fn(self) -> DefaultsFn | None:
-        """The adapter's answer to "what do old rows hold in an added column" (SPEC §6)."""
+    def _added_column_defaults(self, sink: SnapshotSink,
+                               live: dict[TableRef, TableConfig]) -> AddedColumnDefaults:
+        """The session's resolver of added columns' defaults (`pipeline.defaults`): the
+        adapter's answer to "what do old rows hold in an added column" (SPEC §6), asked from
+        this thread, with the columns each consolidated table stores now."""
         ask = getattr(self._adapter, "added_column_defaults", None)
         if ask is None:
-            return None
+            return AddedColumnDefaults(None, live, {})
         src = self.source
-        return lambda ref, columns: ask(src, ref, columns)
+        fn: DefaultsFn = lambda ref, columns: ask(src, ref, columns)  # noqa: E731
+        stored = {ref: sink.data_columns(ref, TableKind.CONSOLIDATED)
+                  for ref, tc in live.items() if TableKind.CONSOLIDATED in kinds_for(tc.mode)}
+        return AddedColumnDefaults(fn, live, stored)
 
     def _durable_hook(self) -> Callable[[ChangeBatch, Durable], None]:
         on_batch, runlog = self._on_batch, self._runlog
@@ -425,9 +442,11 @@ class _Loop:
     STATUS_EVERY_S = 5.0
 
     def __init__(self, pipeline: Pipeline, store: StateStore, changes: ChangeSession,
-                 batcher: Batcher, progress: Progress, writer: BatchWriter) -> None:
+                 batcher: Batcher, progress: Progress, writer: BatchWriter,
+                 defaults: AddedColumnDefaults) -> None:
         self.pipeline, self.store, self.changes = pipeline, store, changes
         self.batcher, self.progress, self.writer = batcher, progress, writer
+        self.defaults = defaults
         self._status_at = time.monotonic()
 
     def submit(self) -> None:
@@ -436,6 +455,9 @@ class _Loop:
             return
         self.pipeline.activity.stream.pending = True  # taken: pending, before anything can fail
         failpoints.hit("batch_taken")
+        batch, stopped = self.defaults.resolve(batch)  # may ask the source: this thread's job
+        for stop in stopped:
+            self.batcher.stop_table(stop.ref)
         self.pipeline._stopped(self.store, batch)
         self.progress.batch_started()
         self.writer.submit(batch, waiting=self.keep_alive)
@@ -478,7 +500,7 @@ class _Loop:
 class _Backfill:
     """Snapshots and resyncs of some tables on their own thread while the others stream.
 
-    It writes only its own tables' Delta tables (through its own `DeltaSink`) and their state
+    It writes only its own tables' Delta tables (through its own sink) and their state
     records; the stream leaves those tables out and confirms nothing meanwhile, so when the
     backfill is done the next session replays their changes from before each snapshot's
     consistent point. A table that cannot be loaded for a lasting reason (it was dropped, no
@@ -493,7 +515,7 @@ class _Backfill:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._stop = threading.Event()
-        self._sink = DeltaSink.for_source(pipeline.source)
+        self._sink = pipeline.sink_factory(pipeline.source)
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"backfill-{pipeline.source.name}")
 

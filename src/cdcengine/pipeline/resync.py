@@ -6,7 +6,7 @@ requests while streaming, and `run` performs queued ones before it streams.
 
 `resync_table` loads the table's snapshot (consistent point C, temporary slot, chunked as
 usual) into a staging location `<destination>/_cdcengine_staging/<C>` first, then applies it
-to each Delta table in ONE commit carrying the txn action at C (`DeltaSink.apply_resync`):
+to each Delta table in ONE commit carrying the txn action at C (`SnapshotSink.apply_resync`):
 readers never see a half-loaded table. The stream then applies the table's changes after C
 only (rows at or below a table's applied version are skipped, as after any restart).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,9 +26,9 @@ import structlog
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.lsn import format_lsn
 from cdcengine.pipeline.snapshots import snapshot_table
-from cdcengine.sink.base import TableKind, kinds_for
+from cdcengine.sink import delta_sink
+from cdcengine.sink.base import SinkFactory, SnapshotSink, TableKind, kinds_for
 from cdcengine.sink.columns import DELETED, LSN, OP, SEQ
-from cdcengine.sink.delta import DeltaSink
 from cdcengine.source.adapter import SourceAdapter
 from cdcengine.state.base import StateStore, TableRecord, TableState
 
@@ -58,10 +58,12 @@ class ResyncOutcome:
 
 
 def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfig,
-                 sink: DeltaSink, store: StateStore, *,
-                 stop: threading.Event | None = None) -> ResyncOutcome:
+                 sink: SnapshotSink, store: StateStore, *,
+                 stop: threading.Event | None = None,
+                 sink_factory: SinkFactory = delta_sink) -> ResyncOutcome:
     """Re-snapshot `table` and swap it in (see the module doc). Unfinished only on `stop`
-    (nothing of it is visible then; the request stays queued)."""
+    (nothing of it is visible then; the request stays queued). The staging sink comes from
+    `sink_factory` (the source with the staging location as its destination)."""
     started = time.monotonic()
     ref = table.ref
     kinds = kinds_for(table.mode)
@@ -75,7 +77,7 @@ def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfi
         store.set_table_state(source.name, table.name, TableState.STREAMING)
         return ResyncOutcome(finished=True, version=plain.version, rows=plain.rows_copied)
     staging_root = f"{source.destination.rstrip('/')}/{STAGING}/{table.ref.qualified}"
-    staged_sink = DeltaSink.for_source(source, destination=staging_root)
+    staged_sink = sink_factory(replace(source, destination=staging_root))
     _remove(staging_root)
     store.set_table_state(source.name, table.name, TableState.SNAPSHOTTING, reason=RESYNC_REASON)
     done = snapshot_table(adapter, source, table, staged_sink, store, stop=stop)
@@ -103,7 +105,7 @@ def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfi
     return ResyncOutcome(finished=True, version=version, rows=rows)
 
 
-def _live_keys(sink: DeltaSink, table: TableConfig, kinds: list[TableKind],
+def _live_keys(sink: SnapshotSink, table: TableConfig, kinds: list[TableKind],
                key: tuple[str, ...]) -> pa.Table | None:
     """The keys live in Delta before the swap (for the append table's `D` rows)."""
     if not key:

@@ -6,7 +6,7 @@
    consistent point C; the exporting connection stays open until the session ends).
 2. The Delta log decides whether an interrupted snapshot can be resumed: each Delta table keeps
    the plan of its current attempt (a table property), an attempt marker txn and one txn per
-   finished chunk (see `DeltaSink.begin_snapshot`). A resume needs the same plan in every Delta
+   finished chunk (see `SnapshotSink`). A resume needs the same plan in every Delta
    table still to load, the same layout (columns, key, leaves) now as when it was planned, a
    usable chunk key (key-range chunks) and the source slot not confirmed past the earliest
    finished chunk's point. Otherwise the table starts from scratch: a new plan at C, the
@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import structlog
@@ -46,7 +45,7 @@ from cdcengine import failpoints
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import format_lsn, parse_lsn
-from cdcengine.sink.base import TableKind, kinds_for
+from cdcengine.sink.base import SnapshotSink, TableKind, kinds_for
 from cdcengine.source.adapter import (
     ChunkRange,
     SnapshotLayout,
@@ -55,9 +54,6 @@ from cdcengine.source.adapter import (
     SourceAdapter,
 )
 from cdcengine.state.base import ChunkState, SnapshotChunkRecord, SnapshotProgress, StateStore
-
-if TYPE_CHECKING:  # the adapter imports the planning helpers: no deltalake import here
-    from cdcengine.sink.delta import DeltaSink
 
 log = structlog.get_logger("cdcengine.pipeline.snapshots")
 
@@ -232,7 +228,7 @@ def snapshot_table(
     adapter: SourceAdapter,
     source: SourceConfig,
     table: TableConfig,
-    sink: DeltaSink,
+    sink: SnapshotSink,
     store: StateStore,
     *,
     stop: threading.Event | None = None,
@@ -306,7 +302,7 @@ def snapshot_table(
 
 
 def _resume(
-    adapter: SourceAdapter, source: SourceConfig, sink: DeltaSink, table: TableConfig,
+    adapter: SourceAdapter, source: SourceConfig, sink: SnapshotSink, table: TableConfig,
     kinds: Sequence[TableKind], layout: SnapshotLayout,
 ) -> tuple[SnapshotPlan | None, dict[TableKind, dict[str, int]], str]:
     stored = {kind: sink.snapshot_plan(table.ref, kind) for kind in kinds}
@@ -375,7 +371,7 @@ class _ChunkRun:
     """Copies the missing chunks with `workers` threads; the calling thread alone talks to the
     state store, logs progress and hits the `snapshot_chunk_committed` failpoint."""
 
-    def __init__(self, snap: SnapshotSession, sink: DeltaSink, store: StateStore,
+    def __init__(self, snap: SnapshotSession, sink: SnapshotSink, store: StateStore,
                  source: SourceConfig, table: TableConfig, plan: SnapshotPlan, point: int,
                  meter: Meter, stop: threading.Event, every_s: float, resumed: bool) -> None:
         self.snap, self.sink, self.store = snap, sink, store

@@ -5,12 +5,13 @@ must keep being read and answered meanwhile, or the walsender times out; decodin
 batch also overlaps the commit of the previous one. The queue holds at most `depth` batches,
 which is the back-pressure: a slow destination stops the reader, never grows memory.
 
-Exactly once, per Delta table: every table kind (append, consolidated) has its own applied
-version, read from its Delta log at start. A batch's rows at or below it are filtered out
-(after a restart batches are cut differently, so a replayed batch can straddle the applied
-version), and what is left is committed with the batch's version as the transaction action.
-Upkeep (compaction, checkpoints, vacuum) runs here too, between writes, so it never races a
-write to the same table.
+Exactly once: the writer hands each table's rows of a batch to the sink (`Sink.write`, the
+only sink call besides upkeep), which leaves out what each of its tables already applied (after a
+restart batches are cut differently, so a replayed batch can straddle the applied version) and
+commits the rest with the batch's version as the progress, atomically. Upkeep (compaction,
+checkpoints, vacuum) runs here too, between writes, so it never races a write to the same table.
+The writer never talks to the source: what rows older than an added column hold was resolved by
+the pipeline's thread and rides on the batch (`ChangeBatch.added`).
 
 Metrics (`cdcengine.metrics`) are recorded here because only the writer knows what really became
 durable: rows and bytes per table after the already-applied filter, each Delta commit's duration,
@@ -22,11 +23,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import structlog
 
 from cdcengine import failpoints
@@ -35,23 +35,22 @@ from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
-from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind, kinds_for
-from cdcengine.sink.columns import COMMITTED_AT, LSN
-from cdcengine.sink.delta import DeltaSink
-from cdcengine.sink.fold import data_columns
-from cdcengine.source.adapter import ColumnDefault
+from cdcengine.sink.base import (
+    Sink,
+    SinkSchemaError,
+    SinkWriteError,
+    TableKind,
+    TableSpec,
+    WriteResult,
+)
 
 log = structlog.get_logger("cdcengine.pipeline.writer")
-
-Applied = dict[tuple[TableRef, TableKind], int]
 
 #: Pauses between in-place retries of one Delta table's commit before its failure is judged:
 #: a passing hiccup clears within them, a failure that stays is the table's or the destination's.
 TABLE_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
 #: The stop reason of a table whose rows the destination keeps refusing.
 TABLE_WRITE_FAILED = "table_write_failed"
-DefaultsFn = Callable[[TableRef, Sequence[str]], Mapping[str, ColumnDefault]]
-"""What rows existing before an ADD COLUMN hold in it (`SourceAdapter.added_column_defaults`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +80,16 @@ _STOP = object()
 class BatchWriter:
     """Start with `start()`; `submit` batches in version order; poll `durable()`; `close()`."""
 
-    def __init__(self, sink: DeltaSink, *, source: str, tables: Mapping[TableRef, TableConfig],
-                 applied: Applied, hard_deletes: bool, stats: WriterStats | None = None,
+    def __init__(self, sink: Sink, *, source: str, tables: Mapping[TableRef, TableConfig],
+                 hard_deletes: bool, stats: WriterStats | None = None,
                  maintenance_interval_s: float = 600.0, depth: int = 1,
                  on_durable: Callable[[ChangeBatch, Durable], None] | None = None,
-                 defaults: DefaultsFn | None = None, metrics: Metrics | None = None,
+                 metrics: Metrics | None = None,
                  on_commit: Callable[[], None] | None = None) -> None:
         self._sink = sink
         self._metrics = metrics or Metrics()
-        self._defaults = defaults
         self._source = source
         self._tables = dict(tables)
-        self._applied = applied
         self._hard_deletes = hard_deletes
         self.stats = stats or WriterStats()
         self._maintenance_s = maintenance_interval_s
@@ -209,38 +206,31 @@ class BatchWriter:
             if ref in self._stopped:
                 continue
             tc = self._tables[ref]
-            kinds = kinds_for(tc.mode)
-            table, refused = self._added_columns(batch, ref, tc, table)
+            spec = TableSpec(key=batch.keys[ref], mode=tc.mode, hard_deletes=self._hard_deletes)
+            result, refused = self._commit(ref, table, spec, batch)
             if refused is not None:
+                # this table cannot take its changes: it stops here, the others go on
                 self._stopped.add(ref)
                 stopped.append(refused)
                 continue
-            for j, kind in enumerate(kinds):
-                rows = _after(table if kind is TableKind.CONSOLIDATED else batch.tables[ref],
-                              self._applied.get((ref, kind), 0))
-                if rows.num_rows == 0:
+            assert result is not None
+            for commit in result.commits:
+                if commit.skipped:
                     continue  # replayed after a restart: already in this Delta table
-                commit_started = time.monotonic()
-                refused = self._commit(ref, kind, rows, batch, kinds)
-                if refused is not None:
-                    # this table cannot take its changes: it stops here, the others go on
-                    self._stopped.add(ref)
-                    stopped.append(refused)
-                    break
-                metrics.observe_commit(self._source, time.monotonic() - commit_started)
+                metrics.observe_commit(self._source, commit.duration_ms / 1000)
                 if self._on_commit is not None:
                     self._on_commit()
-                self._applied[(ref, kind)] = batch.version
-                touched.append((ref, kind))
-                if j == 0:
-                    written += rows.num_rows
-                    by_table = self.stats.rows_by_table
-                    by_table[tc.name] = by_table.get(tc.name, 0) + rows.num_rows
-                    metrics.count_applied(self._source, tc.name, rows=rows.num_rows,
-                                          nbytes=rows.nbytes)
-                    newest_us = _newest(rows, newest_us)
-                if j < len(kinds) - 1:
-                    failpoints.hit("between_kinds")
+                touched.append((ref, commit.kind))
+            first = result.commits[0] if result.commits else None
+            if first is not None and first.rows_in:
+                # counted once per table (its first kind): rows and bytes that became durable
+                written += first.rows_in
+                by_table = self.stats.rows_by_table
+                by_table[tc.name] = by_table.get(tc.name, 0) + first.rows_in
+                metrics.count_applied(self._source, tc.name, rows=first.rows_in,
+                                      nbytes=first.bytes_in)
+                if first.newest_commit_us is not None:
+                    newest_us = max(first.newest_commit_us, newest_us or 0)
             if i < len(tables) - 1:
                 failpoints.hit("between_tables")
         failpoints.hit("after_commit")
@@ -261,93 +251,42 @@ class BatchWriter:
         self._upkeep(touched)
         return done
 
-    def _commit(self, ref: TableRef, kind: TableKind, rows: pa.Table, batch: ChangeBatch,
-                kinds: Sequence[TableKind]) -> StoppedTable | None:
-        """Commit one Delta table's rows of the batch; a StoppedTable when the table must stop.
+    def _commit(self, ref: TableRef, rows: pa.Table, spec: TableSpec,
+                batch: ChangeBatch) -> tuple[WriteResult | None, StoppedTable | None]:
+        """Write one table's rows of the batch (`Sink.write`); a StoppedTable when the table
+        must stop.
 
         A schema the sink refuses stops the table at once. A failure that looks like the
         table's own (`SinkWriteError.table_specific`: its rows or its statement refused) is
-        retried in place a few times (`TABLE_RETRY_PAUSES_S`), then stops the table alone, so
-        one table's deterministic failure never stalls the others; a failure of the destination
-        itself (storage, network, a conflict) is raised after the same retries and the source
-        retries it with backoff."""
+        retried in place a few times (`TABLE_RETRY_PAUSES_S`; the kinds already committed are
+        skipped by the sink), then stops the table alone, so one table's deterministic failure
+        never stalls the others; a failure of the destination itself (storage, network, a
+        conflict) is raised after the same retries and the source retries it with backoff."""
         pauses = iter(TABLE_RETRY_PAUSES_S)
         while True:
             try:
-                if kind is TableKind.APPEND:
-                    # `both`: the consolidated table is written after this, so it still holds
-                    # the values as of before the batch
-                    self._sink.write_append(
-                        ref, rows, version=batch.version, key=batch.keys[ref],
-                        fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
-                else:
-                    self._sink.write_consolidated(ref, rows, key=batch.keys[ref],
-                                                  version=batch.version,
-                                                  hard_deletes=self._hard_deletes)
-                return None
+                return self._sink.write(ref, rows, spec=spec, version=batch.version,
+                                        added=batch.added.get(ref)), None
             except SinkSchemaError as exc:
-                return StoppedTable(ref=ref, reason=str(exc.reason), message=exc.message,
-                                    remedy="resync the table", lsn=batch.version)
+                return None, StoppedTable(ref=ref, reason=str(exc.reason), message=exc.message,
+                                          remedy="resync the table", lsn=batch.version)
             except SinkWriteError as exc:
                 pause = next(pauses, None)
                 if pause is None or self._aborting:
                     if not exc.table_specific or self._aborting:
                         raise
-                    return StoppedTable(
+                    kind = f" {exc.kind}" if exc.kind is not None else ""
+                    return None, StoppedTable(
                         ref=ref, reason=TABLE_WRITE_FAILED,
                         message=f"{exc.message}; {len(TABLE_RETRY_PAUSES_S) + 1} attempts",
-                        remedy=f"fix what the destination refuses in the Delta {kind} table "
+                        remedy=f"fix what the destination refuses in the Delta{kind} table "
                                f"of {ref.qualified} (see the message), then `cdcengine resync "
                                f"--source {self._source} --table {ref.qualified}`",
                         lsn=batch.version)
                 log.warning("table_write_retry", source=self._source, table=ref.qualified,
-                            kind=str(kind), table_specific=exc.table_specific,
+                            kind=str(exc.kind), table_specific=exc.table_specific,
                             message=exc.message, detail=exc.detail, retry_in_s=pause)
                 self._abort_wait.wait(pause)
-
-    def _added_columns(self, batch: ChangeBatch, ref: TableRef, tc: TableConfig,
-                       table: pa.Table) -> tuple[pa.Table, StoppedTable | None]:
-        """Columns added at the source since the consolidated table was last written: rows that
-        existed before hold the column's default without any WAL saying so (SPEC §6).
-
-        A constant default is backfilled into the stored rows older than the change (one commit
-        carrying the table's current version, so a replay is harmless) and into this batch's
-        rows from before it; a rewritten table (volatile default, identity) stops the table
-        (remedy: resync). The added columns are those the batch reports, plus batch columns the
-        Delta table lacks (after a restart the stream no longer shows the shape change: then
-        every stored row predates it, as no row of the new shape was committed)."""
-        if self._defaults is None or TableKind.CONSOLIDATED not in kinds_for(tc.mode):
-            return table, None
-        changes = [c for c in batch.schema_changes if c.ref == ref and c.added]
-        stored = self._sink.data_columns(ref, TableKind.CONSOLIDATED)
-        if stored is None:
-            return table, None  # a new Delta table: no old rows
-        known = {c.lower() for c in stored}
-        added = {c for change in changes for c in change.added}
-        added |= {c for c in data_columns(table) if c.lower() not in known}
-        if tc.columns is not None:
-            added &= set(tc.columns)
-        added &= set(table.column_names)
-        if not added:
-            return table, None
-        applied = self._applied.get((ref, TableKind.CONSOLIDATED), 0)
-        upto = min((c.lsn for c in changes), default=applied)
-        found = self._defaults(ref, sorted(added))
-        rewritten = sorted(c for c, d in found.items() if d.kind == "rewritten")
-        if rewritten:
-            return table, StoppedTable(
-                ref=ref, reason="schema_incompatible",
-                message=f"column(s) {rewritten} of {ref.qualified} were added with a volatile "
-                        "default (or as identity): PostgreSQL rewrote the table and gave each "
-                        "existing row its own value, which the change stream does not carry.",
-                remedy="resync the table", lsn=batch.version)
-        for column, default in sorted(found.items()):
-            if default.kind != "fast" or default.value is None:
-                continue
-            self._sink.backfill_column(ref, TableKind.CONSOLIDATED, column, default.value,
-                                       upto_lsn=upto)
-            table = _fill_before(table, column, default.value, upto)
-        return table, None
 
     def _upkeep(self, touched: list[tuple[TableRef, TableKind]]) -> None:
         """Compact, checkpoint and vacuum each written table once per maintenance interval."""
@@ -361,33 +300,3 @@ class BatchWriter:
                 self._maintained[(ref, kind)] = time.monotonic()
                 if self._on_commit is not None:  # upkeep commits too: still moving
                     self._on_commit()
-
-
-def _fill_before(table: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:
-    """`column` set to `value` where null in the rows with `_cdc_lsn <= upto`."""
-    col = table.column(column)
-    fill = pa.scalar(value.as_py(), col.type)
-    old = pc.less_equal(table[LSN], pa.scalar(upto, pa.int64()))
-    mask = pc.and_(old, pc.is_null(col))
-    if not pc.any(mask).as_py():
-        return table
-    filled = pc.if_else(mask, fill, col)
-    return table.set_column(table.schema.get_field_index(column), column, filled)
-
-
-def _newest(rows: pa.Table, newest_us: int | None) -> int | None:
-    """The later of `newest_us` and the rows' newest source commit time (µs since the epoch).
-
-    Read from the `_cdc_committed_at` column of the rows actually written, so rows replayed after
-    a restart (already in Delta) never count as a long commit-to-Delta delay."""
-    found = pc.max(rows[COMMITTED_AT].cast(pa.int64())).as_py()
-    if found is None:
-        return newest_us
-    value = int(found)
-    return value if newest_us is None else max(value, newest_us)
-
-
-def _after(table: pa.Table, applied: int) -> pa.Table:
-    if applied <= 0:
-        return table
-    return table.filter(pc.greater(table[LSN], pa.scalar(applied, pa.int64())))

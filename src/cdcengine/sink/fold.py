@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdcengine.names import is_engine_column
-from cdcengine.sink.columns import HAS_VALUES, LSN, OP, SEQ, UNCHANGED
+from cdcengine.sink.columns import COMMITTED_AT, HAS_VALUES, LSN, OP, SEQ, UNCHANGED
 
 MERGE_OPS: frozenset[str] = frozenset({"I", "U", "D", "R"})
 """Operations a consolidated (merged) batch may hold; 'R' (snapshot read) upserts like 'I'."""
@@ -56,6 +56,36 @@ def unresolved_rows(batch: pa.Table) -> int:
         return 0
     lengths = pc.fill_null(pc.list_value_length(batch.column(UNCHANGED)), 0)
     return int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+
+
+def rows_after(batch: pa.Table, applied: int | None) -> pa.Table:
+    """The rows with `_cdc_lsn` above `applied` (all of them when None or 0): what a Delta
+    table whose applied version is `applied` still lacks. After a restart batches are cut
+    differently, so a replayed batch can straddle the applied version."""
+    if not applied or applied <= 0:
+        return batch
+    return batch.filter(pc.greater(batch[LSN], pa.scalar(applied, pa.int64())))
+
+
+def newest_commit_us(batch: pa.Table) -> int | None:
+    """The batch's newest source commit time (µs since the epoch), None when it has no rows."""
+    if batch.num_rows == 0 or COMMITTED_AT not in batch.column_names:
+        return None
+    found = pc.max(batch[COMMITTED_AT].cast(pa.int64())).as_py()
+    return None if found is None else int(found)
+
+
+def fill_before(batch: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:
+    """`column` set to `value` where it is null in the rows with `_cdc_lsn <= upto` (rows that
+    existed before a source `ADD COLUMN … DEFAULT <constant>`, which wrote no WAL for them)."""
+    col = batch.column(column)
+    fill = pa.scalar(value.as_py(), col.type)
+    old = pc.less_equal(batch[LSN], pa.scalar(upto, pa.int64()))
+    mask = pc.and_(old, pc.is_null(col))
+    if not pc.any(mask).as_py():
+        return batch
+    filled = pc.if_else(mask, fill, col)
+    return batch.set_column(batch.schema.get_field_index(column), column, filled)
 
 
 def fold_for_merge(batch: pa.Table, key: Sequence[str]) -> pa.Table:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -15,10 +15,19 @@ import pyarrow.compute as pc
 import structlog
 from deltalake import CommitProperties, DeltaTable
 
+from cdcengine import failpoints
 from cdcengine.config import TableMode
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
-from cdcengine.sink.base import CommitResult, TableKind, TableSpec, WriteResult, kinds_for
+from cdcengine.sink.base import (
+    AddedColumns,
+    CommitResult,
+    SinkWriteError,
+    TableKind,
+    TableSpec,
+    WriteResult,
+    kinds_for,
+)
 from cdcengine.sink.columns import (
     COMMITTED_AT,
     DELETED,
@@ -54,8 +63,11 @@ from cdcengine.sink.fold import (
     UNCHANGED_TYPE,
     append_rows,
     data_columns,
+    fill_before,
     fold_for_merge,
     has_key_change_with_unchanged,
+    newest_commit_us,
+    rows_after,
     unresolved_rows,
 )
 
@@ -97,27 +109,71 @@ class ChangeWrites(StoredLookups):
     # --- writing -----------------------------------------------------------------------
 
     def write(
-        self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int
+        self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int,
+        added: AddedColumns | None = None,
     ) -> WriteResult:
-        """`write_append` and/or `write_consolidated` as `spec.mode` says (append first).
+        """The stream's write (the `Sink` protocol): `write_append` and/or `write_consolidated`
+        as `spec.mode` says (append first), each given only the rows above its applied version.
 
-        The returned version is the minimum of the kinds' applied versions after the call.
+        A kind with no row left is skipped without a commit. `added`: columns added at the
+        source with a constant default, backfilled into the consolidated table first
+        (`_backfill_added`). A commit failure is raised with `SinkWriteError.kind` set; the
+        kinds committed before it stay (a retry skips them). The returned version is the
+        durable position: the batch's version, or the minimum of the kinds' applied versions
+        when that is higher (a replay).
         """
+        kinds = kinds_for(spec.mode)
+        consolidated = batch
+        if added is not None and added.values and TableKind.CONSOLIDATED in kinds:
+            consolidated = self._backfill_added(ref, batch, added)
         commits: list[CommitResult] = []
-        for kind in kinds_for(spec.mode):
-            if kind is TableKind.APPEND:
-                commits.append(self.write_append(
-                    ref, batch, version=version, key=spec.key,
-                    fill_from_consolidated=spec.mode is TableMode.BOTH))
-            else:
-                commits.append(
-                    self.write_consolidated(
-                        ref, batch, key=spec.key, version=version, hard_deletes=spec.hard_deletes
-                    )
-                )
-        return WriteResult(
-            table=ref, version=min(c.version for c in commits), commits=tuple(commits)
-        )
+        for j, kind in enumerate(kinds):
+            if j:
+                failpoints.hit("between_kinds")
+            path = self.path(ref, kind)
+            with self._delta_errors(path, ref, kind):
+                dt = self._cached(path)
+                applied = None if dt is None else self._txn_version(dt, ref, kind)
+            rows = rows_after(consolidated if kind is TableKind.CONSOLIDATED else batch, applied)
+            if applied is not None and (version <= applied or rows.num_rows == 0):
+                commits.append(self._skipped(ref, kind, applied, 0, version))
+                continue
+            try:
+                if kind is TableKind.APPEND:
+                    # `both`: the consolidated table is written after this, so it still holds
+                    # the values as of before the batch
+                    commit = self.write_append(
+                        ref, rows, version=version, key=spec.key,
+                        fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
+                else:
+                    commit = self.write_consolidated(ref, rows, key=spec.key, version=version,
+                                                     hard_deletes=spec.hard_deletes)
+            except SinkWriteError as exc:
+                exc.kind = exc.kind or kind
+                raise
+            commits.append(replace(commit, rows_in=rows.num_rows, bytes_in=rows.nbytes,
+                                   newest_commit_us=newest_commit_us(rows)))
+        durable = min((c.version for c in commits), default=version)
+        return WriteResult(table=ref, version=max(version, durable), commits=tuple(commits))
+
+    def _backfill_added(self, ref: TableRef, batch: pa.Table, added: AddedColumns) -> pa.Table:
+        """Columns added at the source whose older rows hold a constant default (SPEC §6): the
+        stored consolidated rows up to `added.upto` (default: the table's applied version) get
+        it (`backfill_column`: one commit carrying the current version, so a replay is
+        harmless), and so do the batch's rows from before the change. A table not created yet
+        has no old rows."""
+        kind = TableKind.CONSOLIDATED
+        if self.data_columns(ref, kind) is None:
+            return batch
+        upto = added.upto
+        if upto is None:
+            upto = self.applied_version(ref, kind) or 0
+        for column, value in sorted(added.values.items()):
+            if column not in batch.column_names:
+                continue
+            self.backfill_column(ref, kind, column, value, upto_lsn=upto)
+            batch = fill_before(batch, column, value, upto)
+        return batch
 
     def write_consolidated(
         self,

@@ -1,0 +1,205 @@
+"""One table's rows of the batch being built (`TableBuffer`), and turning them into Arrow.
+
+The batcher (`cdcengine.pipeline.batcher`) owns the buffers; here is what a buffer holds and the
+column-wise work on it: the text tail as columns (`tail_columns`, packed runs of inserts kept
+as Arrow arrays, `interleave`), the one-letter `_cdc_op` array (`ops_array`), the per-row end
+LSN and commit time from per-transaction marks (`expand_segments`), and moving a converted part
+to a memory-mapped spill file (`spill`) when one transaction outgrows the memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cdcengine.events import UNCHANGED, PackedInserts, Row
+
+if TYPE_CHECKING:
+    from cdcengine.pipeline.batcher import _Relation
+
+_one_letter_offsets: pa.Buffer = pa.py_buffer(array("i", range(1 << 16)))
+
+
+@dataclass(slots=True)
+class TableBuffer:
+    """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
+    a tail of text rows and packed runs of inserts (`items`; a run holds `run.count` rows, so
+    `tail` counts rows, not items). Row positions count from the first part; `segments` give
+    (rows so far, end LSN, commit time) per committed transaction; `unchanged` is keyed by
+    tail row position."""
+
+    rel: _Relation  # the table's current relation (shape, converters) in the batcher
+    parts: list[pa.Table] = field(default_factory=list)
+    converted: int = 0  # rows held in `parts`
+    spilled: int = 0  # leading parts that live in (memory-mapped) spill files
+    items: list[Row | PackedInserts] = field(default_factory=list)
+    tail: int = 0  # rows in `items`
+    runs: int = 0  # items that are packed runs
+    ops: bytearray = field(default_factory=bytearray)  # one byte per row: b"I", b"U", ...
+    seqs: array[int] = field(default_factory=lambda: array("q"))
+    unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.converted + self.tail
+
+    def clear_tail(self) -> None:
+        self.items, self.ops, self.seqs, self.unchanged = [], bytearray(), array("q"), {}
+        self.tail = self.runs = 0
+
+    def truncate(self, upto: int) -> None:
+        """Keep the first `upto` rows (drop an aborted transaction's tail)."""
+        if upto >= self.converted:
+            keep = upto - self.converted
+            if self.runs:
+                self._cut_items(keep)
+            else:
+                del self.items[keep:]
+            self.tail = keep
+            del self.ops[keep:], self.seqs[keep:]
+            for i in [i for i in self.unchanged if i >= keep]:
+                del self.unchanged[i]
+            return
+        self.clear_tail()
+        kept: list[pa.Table] = []
+        left = upto
+        for part in self.parts:
+            if left <= 0:
+                break
+            kept.append(part.slice(0, min(left, part.num_rows)))
+            left -= kept[-1].num_rows
+        self.parts, self.converted = kept, upto
+        self.spilled = min(self.spilled, len(kept))
+
+    def _cut_items(self, keep: int) -> None:
+        """Keep the tail's first `keep` rows; a run cut in the middle becomes its rows."""
+        items: list[Row | PackedInserts] = []
+        rows = 0
+        for item in self.items:
+            if rows >= keep:
+                break
+            if isinstance(item, PackedInserts):
+                if rows + item.count <= keep:
+                    items.append(item)
+                    rows += item.count
+                else:
+                    items += item.rows()[: keep - rows]
+                    rows = keep
+            else:
+                items.append(item)
+                rows += 1
+        self.items = items
+        self.runs = sum(isinstance(item, PackedInserts) for item in items)
+
+
+def spill(part: pa.Table, directory: Path | None) -> pa.Table:
+    """`part` written to an Arrow file in `directory` and read back memory-mapped (clean pages
+    the kernel can drop); the file is unlinked at once, so nothing is left after a crash."""
+    fd, name = tempfile.mkstemp(prefix="cdcengine-batch-", suffix=".arrow", dir=directory)
+    os.close(fd)
+    try:
+        with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, part.schema) as writer:
+            writer.write_table(part)
+        return pa.ipc.open_file(pa.memory_map(name)).read_all()
+    finally:
+        os.unlink(name)  # the mapping keeps the data
+
+
+def tail_columns(buf: TableBuffer, ncols: int) -> Sequence[Sequence[bytes | None] | pa.Array]:
+    """The tail's values column by column: lists of `bytes` when it holds decoded rows
+    only, Arrow binary arrays when it holds packed runs (all runs' columns come from their
+    class in one call; decoded rows in between are put back in place by one `take`)."""
+    items = buf.items
+    if buf.runs:
+        runs = [item for item in items if isinstance(item, PackedInserts)]
+        cls = type(runs[0])
+        packed = cls.columns(runs, ncols) if all(type(r) is cls for r in runs) else None
+        if packed is not None:
+            if buf.runs == len(items):
+                return packed
+            return interleave(buf, packed)
+        # a row of another shape: every run row by row (they raise if malformed)
+        items = [row for item in items for row in
+                 (item.rows() if isinstance(item, PackedInserts) else (item,))]
+    rows: list[Row] = items  # type: ignore[assignment]
+    if buf.unchanged:
+        rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
+                for i, r in enumerate(rows)]
+    return list(zip(*rows, strict=True)) if rows else [() for _ in range(ncols)]
+
+
+def ops_array(ops: bytearray) -> pa.Array:
+    """`_cdc_op`: a string array of the one-letter ops on their bytes (offsets 0, 1, 2, ...:
+    a shared prebuilt buffer, longer than needed is fine)."""
+    global _one_letter_offsets
+    n = len(ops)
+    if (n + 1) * 4 > _one_letter_offsets.size:
+        _one_letter_offsets = pa.py_buffer(array("i", range(2 * (n + 1))))
+    return pa.Array.from_buffers(pa.string(), n, [None, _one_letter_offsets,
+                                                  pa.py_buffer(bytes(ops))])
+
+
+def interleave(buf: TableBuffer, packed: list[pa.Array]) -> list[pa.Array]:
+    """Columns of a tail mixing packed runs (their columns: `packed`) and decoded rows, in
+    tail order: the decoded rows' values are appended after the runs' and one `take` per
+    column puts every row back in place."""
+    rows: list[Row] = []
+    order: list[int] = []
+    packed_at = 0
+    first_row = len(packed[0]) if packed else 0
+    position = 0
+    for item in buf.items:
+        if isinstance(item, PackedInserts):
+            order += range(packed_at, packed_at + item.count)
+            packed_at += item.count
+            position += item.count
+        else:
+            if position in buf.unchanged:
+                item = tuple(None if v is UNCHANGED else v for v in item)
+            order.append(first_row + len(rows))
+            rows.append(item)
+            position += 1
+    ncols = len(packed)
+    if any(len(r) != ncols for r in rows):
+        raise ValueError("rows of a table have different numbers of columns")
+    index = pa.array(order, pa.int64())
+    out: list[pa.Array] = []
+    for j, column in enumerate(packed):
+        decoded = pa.array([r[j] for r in rows], column.type)
+        out.append(pa.concat_arrays([column, decoded]).take(index))
+    return out
+
+
+def expand_segments(segments: list[tuple[int, int, int]], n: int) -> tuple[pa.Array, pa.Array]:
+    """Per-row (end LSN, commit time) from per-transaction (rows so far, end LSN, ts) marks,
+    run-length decoded by Arrow."""
+    ends: list[int] = []
+    lsns: list[int] = []
+    stamps: list[int] = []
+    start = 0
+    for upto, lsn, ts in segments:
+        if upto > start:
+            ends.append(upto)
+            lsns.append(lsn)
+            stamps.append(ts)
+        start = upto
+    if start != n:
+        raise RuntimeError("rows without a committed transaction in a batch")
+    if not ends:
+        return pa.array([], pa.int64()), pa.array([], pa.int64())
+    run_ends = pa.array(ends, pa.int64())
+
+    def decode(values: list[int]) -> pa.Array:
+        encoded = pa.RunEndEncodedArray.from_arrays(run_ends, pa.array(values, pa.int64()))
+        return pc.run_end_decode(encoded)
+
+    return decode(lsns), decode(stamps)
