@@ -45,6 +45,7 @@ from cdcengine.events import Commit
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
+from cdcengine.pipeline.activity import Activity
 from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch, StoppedTable
 from cdcengine.pipeline.defaults import AddedColumnDefaults, DefaultsFn
 from cdcengine.pipeline.progress import Progress
@@ -53,7 +54,6 @@ from cdcengine.pipeline.runlog import RunLog
 from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.pipeline.tablesets import Registrations, registered_changes, registrations
 from cdcengine.pipeline.writer import BatchWriter, Durable, WriterStats
-from cdcengine.serve.watchdog import Activity
 from cdcengine.sink import delta_sink
 from cdcengine.sink.base import SinkFactory, SnapshotSink, TableKind, kinds_for
 from cdcengine.source.adapter import ChangeSession, SourceAdapter

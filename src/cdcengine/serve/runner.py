@@ -23,8 +23,8 @@ import structlog
 
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, LeaseHeld, Reason, classify_error, reason_of
+from cdcengine.pipeline.activity import Activity
 from cdcengine.pipeline.pipeline import Pipeline
-from cdcengine.serve.watchdog import Activity
 from cdcengine.state.access import open_store
 from cdcengine.state.base import Marker, SourceRecord
 
