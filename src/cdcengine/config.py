@@ -295,7 +295,8 @@ class SourceConfig:
             o = overrides.get(ref, {})
             prefix = f"table.{ref.qualified}"
             try:
-                mode = TableMode(check(_SOURCE_KEYS["table_mode"], o.get("mode", self.table_mode)))
+                mode = TableMode(str(check(_SOURCE_KEYS["table_mode"],
+                                           o.get("mode", self.table_mode))))
             except Invalid as exc:
                 raise fail(f"{prefix}.mode", str(exc)) from None
             cols = column_list(o.get("columns"), f"{prefix}.columns", fail)

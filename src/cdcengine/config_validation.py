@@ -79,10 +79,9 @@ def check(rule: Rule, value: object) -> object:
         return Invalid(text.format(value=value))
 
     if rule.choices is not None:
-        try:
+        if isinstance(value, str) and value in rule.choices.__members__.values():
             return rule.choices(value)
-        except ValueError:
-            raise invalid(rule.error) from None
+        raise invalid(rule.error)
     if rule.kind == "bool":
         ok = isinstance(value, bool)
     elif rule.kind == "int":
