@@ -8,6 +8,10 @@ keyword arguments (the library use); it validates the same way.
 Every error is a `ConfigError` whose message names where the bad value came from (the file or the
 environment variable), the source and the key, and says what is allowed. Secrets (the dsn's
 password, every `destination_options` value) never appear in a repr, a message or a result.
+
+What each key accepts is one table per section (`_SOURCE_KEYS`, `_ENGINE_KEYS`: a `Rule` per
+key), checked by `cdcengine.config_validation.check`; that module also reads the environment's
+overrides and checks that sources stay apart.
 """
 
 from __future__ import annotations
