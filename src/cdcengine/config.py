@@ -8,12 +8,15 @@ keyword arguments (the library use); it validates the same way.
 Every error is a `ConfigError` whose message names where the bad value came from (the file or the
 environment variable), the source and the key, and says what is allowed. Secrets (the dsn's
 password, every `destination_options` value) never appear in a repr, a message or a result.
+
+What each key accepts is one table per section (`_SOURCE_KEYS`, `_ENGINE_KEYS`: a `Rule` per
+key), checked by `cdcengine.config_validation.check`; that module also reads the environment's
+overrides and checks that sources stay apart.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 import tomllib
@@ -22,8 +25,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from cdcengine.config_validation import (
+    ENV_PREFIX,
+    Invalid,
+    Rule,
+    check,
+    check_sources_apart,
+    choice_error,
+    column_list,
+    env_overrides,
+)
 from cdcengine.errors import ConfigError, UnknownSource
-from cdcengine.names import NameError_, TableRef, case_collisions, is_engine_column
+from cdcengine.names import NameError_, TableRef, case_collisions
 from cdcengine.secrets import (
     UNPARSEABLE_DSN,
     display_dsn,
@@ -35,14 +48,7 @@ from cdcengine.secrets import (
 
 DEFAULT_CONFIG_PATH = "cdcengine.toml"
 DEFAULT_STATE_URL = "sqlite:///.cdcengine/state.db"
-ENV_PREFIX = "CDCENGINE__"
 
-_SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-# PostgreSQL: slot names are lower-case letters, digits and underscores, at most 63 bytes.
-_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
-# Publication names are quoted wherever they are used; this keeps them printable and safe to put
-# in the replication protocol's `publication_names '…'` literal, which takes no parameters.
-_PUBLICATION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$")
 _OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://",
                          "adl://", "azure://", "file://", "memory://")
 
@@ -71,26 +77,58 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
-# key -> kind, used to parse environment strings and to check TOML value types.
-_SOURCE_KEYS: dict[str, str] = {
-    "name": "str", "dsn": "str", "tables": "list[str]", "destination": "str",
-    "destination_options": "dict", "management_mode": "str", "slot_name": "str",
-    "publication_name": "str", "table_mode": "str", "hard_deletes": "bool",
-    "auto_drop_slot": "bool", "lag_warning_threshold_mb": "int",
-    "lag_critical_threshold_mb": "int", "lag_check_interval_s": "int",
-    "flush_interval_ms": "int", "max_batch_rows": "int", "max_batch_mb": "int", "table": "dict",
-    "maintenance_interval_s": "int", "vacuum_retention_hours": "int",
-    "snapshot_chunk_rows": "int", "snapshot_workers": "int", "stall_timeout_s": "int",
-    "replication_timeout_s": "int",
-}
-_HTTP_HOST = re.compile(r"^[A-Za-z0-9.:_-]{1,253}$")
-_ENGINE_KEYS: dict[str, str] = {"state": "str", "http_port": "int", "http_host": "str",
-                                "log_format": "str"}
-_TABLE_KEYS = ("mode", "columns", "primary_key")
 SETTINGS_KEYS = ("auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb")
 #: The largest lag threshold (1 PiB of retained WAL, in MB): beyond it a threshold means "never"
 #: and would overflow the byte arithmetic and the state store's 64-bit integers.
 MAX_THRESHOLD_MB = 1024 * 1024 * 1024
+
+# What each key accepts (see `Rule`): its kind parses environment strings and checks TOML
+# value types; the rules with an error text are checked by `check`, in this order.
+_BOOL = Rule(kind="bool", error="must be true or false (got {value!r})")
+_POSITIVE = Rule(kind="int", minimum=1, error="must be an integer >= 1 (got {value!r})")
+_THRESHOLD = Rule(kind="int", minimum=1, error=_POSITIVE.error, maximum=MAX_THRESHOLD_MB,
+                  above=f"must be at most {MAX_THRESHOLD_MB} (1 PiB; got {{value}})")
+_OFF_OR_POSITIVE = Rule(kind="int", minimum=0,
+                        error="must be an integer >= 0, 0 turning it off (got {value!r})")
+_STR, _LIST, _DICT = Rule(kind="str"), Rule(kind="list[str]"), Rule(kind="dict")
+_SOURCE_KEYS: dict[str, Rule] = {
+    "name": Rule(kind="str", pattern=re.compile(r"^[a-z][a-z0-9_]*$"),
+                 error="must match [a-z][a-z0-9_]* (got {value!r})"),
+    "dsn": _STR, "tables": _LIST, "destination": _STR, "destination_options": _DICT,
+    "management_mode": Rule(kind="str", choices=ManagementMode,
+                            error=choice_error(ManagementMode)),
+    # PostgreSQL: slot names are lower-case letters, digits and underscores, at most 63 bytes.
+    "slot_name": Rule(kind="str", pattern=re.compile(r"^[a-z0-9_]{1,63}$"),
+                      error="must be 1-63 lower-case letters, digits or underscores "
+                            "(got {value!r})"),
+    # Publication names are quoted wherever they are used; this keeps them printable and safe
+    # to put in the replication protocol's `publication_names '…'` literal (no parameters).
+    "publication_name": Rule(kind="str", pattern=re.compile(r"^[A-Za-z_][A-Za-z0-9_$-]{0,62}$"),
+                             error="must start with a letter or underscore and hold only "
+                                   "letters, digits, _, $ or -, at most 63 (got {value!r})"),
+    "table_mode": Rule(kind="str", choices=TableMode, error=choice_error(TableMode)),
+    "hard_deletes": _BOOL, "auto_drop_slot": _BOOL,
+    "lag_warning_threshold_mb": _THRESHOLD, "lag_critical_threshold_mb": _THRESHOLD,
+    "lag_check_interval_s": _POSITIVE, "flush_interval_ms": _POSITIVE,
+    "max_batch_rows": _POSITIVE, "max_batch_mb": _POSITIVE, "table": _DICT,
+    "maintenance_interval_s": _OFF_OR_POSITIVE, "vacuum_retention_hours": _OFF_OR_POSITIVE,
+    "snapshot_chunk_rows": _POSITIVE, "snapshot_workers": _POSITIVE,
+    "stall_timeout_s": _POSITIVE, "replication_timeout_s": _POSITIVE,
+}
+# checked after the table list and before the derived names (slot, publication)
+_TUNING_KEYS = tuple(k for k, r in _SOURCE_KEYS.items()
+                     if r.checked and k not in ("name", "slot_name", "publication_name"))
+_ENGINE_KEYS: dict[str, Rule] = {
+    "state": _STR,
+    "http_port": Rule(kind="int", minimum=0, maximum=65535,
+                      error="must be an integer 0-65535, 0 = off (got {value!r})"),
+    "http_host": Rule(kind="str", pattern=re.compile(r"^[A-Za-z0-9.:_-]{1,253}$"),
+                      error="must be an address or host name to listen on, such as "
+                            "127.0.0.1, 0.0.0.0 or ::1 (got {value!r})"),
+    "log_format": Rule(kind="str", choices=LogFormat,
+                       error="must be console | json (got {value!r})"),
+}
+_TABLE_KEYS = ("mode", "columns", "primary_key")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,13 +197,36 @@ class SourceConfig:
             return ConfigError(scrub(f"{where}: {who}: key {key!r}: {what}", self.secrets()))
 
         set_ = object.__setattr__
-        if not isinstance(self.name, str) or not _SOURCE_NAME.match(self.name):
-            raise fail("name", "must match [a-z][a-z0-9_]* (got "
-                       f"{self.name!r})")
+
+        def checked(key: str, value: object) -> object:
+            try:
+                return check(_SOURCE_KEYS[key], value)
+            except Invalid as exc:
+                raise fail(key, str(exc)) from None
+
+        checked("name", self.name)
         if self.name == "engine":
             raise fail("name", "'engine' is reserved for the [engine] section; pick another name")
         if len(self.name) > 53:
             raise fail("name", "must be at most 53 characters (the default slot name adds 10)")
+        self._check_dsn(fail)
+        refs = self._table_refs(fail)
+        set_(self, "tables", tuple(r.qualified for r in refs))
+        self._check_destination(fail)
+        for key in _TUNING_KEYS:
+            set_(self, key, checked(key, getattr(self, key)))
+        if self.lag_warning_threshold_mb >= self.lag_critical_threshold_mb:
+            raise fail("lag_warning_threshold_mb",
+                       f"must be less than lag_critical_threshold_mb "
+                       f"({self.lag_warning_threshold_mb} >= {self.lag_critical_threshold_mb})")
+        set_(self, "slot_name", checked("slot_name", self.slot_name or f"cdcengine_{self.name}"))
+        set_(self, "publication_name",
+             checked("publication_name", self.publication_name or f"cdcengine_{self.name}"))
+
+        set_(self, "table_configs", self._resolve_tables(refs, fail))
+        self._check_delta_paths(fail)
+
+    def _check_dsn(self, fail: _Fail) -> None:
         if not isinstance(self.dsn, str) or not self.dsn.strip():
             raise fail("dsn", "must be a non-empty connection string such as "
                        "postgresql://user:password@host:5432/dbname")
@@ -175,6 +236,8 @@ class SourceConfig:
                        "write postgresql://user:password@host:5432/dbname (is the '@' before "
                        "the host missing? percent-encode / ? # @ : in a password, e.g. / as "
                        "%2F) or key=value pairs such as host=… dbname=…")
+
+    def _table_refs(self, fail: _Fail) -> list[TableRef]:
         tables = self.tables
         if isinstance(tables, str) or not isinstance(tables, list | tuple) or not tables:
             raise fail("tables", 'must be a non-empty list of table names like ["public.orders"]')
@@ -187,7 +250,10 @@ class SourceConfig:
             if ref in refs:
                 raise fail("tables", f"{ref.qualified} is listed twice")
             refs.append(ref)
-        set_(self, "tables", tuple(r.qualified for r in refs))
+        return refs
+
+    def _check_destination(self, fail: _Fail) -> None:
+        """The destination's form, and its options as strings (booleans as true / false)."""
         if not isinstance(self.destination, str) or not self.destination.strip():
             raise fail("destination", "must be a local path or an object-store URI "
                        "(s3://, gs://, az://)")
@@ -203,51 +269,7 @@ class SourceConfig:
                 raise fail("destination_options", "must map names to strings, numbers or "
                            "booleans (values are masked)")
             clean_opts[k] = str(v).lower() if isinstance(v, bool) else str(v)
-        set_(self, "destination_options", clean_opts)
-
-        for key, enum_cls in (("management_mode", ManagementMode), ("table_mode", TableMode)):
-            value = getattr(self, key)
-            try:
-                set_(self, key, enum_cls(value))
-            except ValueError:
-                allowed = " | ".join(m.value for m in enum_cls)
-                raise fail(key, f"must be one of {allowed} (got {value!r})") from None
-        for key in ("hard_deletes", "auto_drop_slot"):
-            if not isinstance(getattr(self, key), bool):
-                raise fail(key, f"must be true or false (got {getattr(self, key)!r})")
-        for key in ("lag_warning_threshold_mb", "lag_critical_threshold_mb",
-                    "lag_check_interval_s", "flush_interval_ms", "max_batch_rows",
-                    "max_batch_mb", "snapshot_chunk_rows", "snapshot_workers",
-                    "stall_timeout_s", "replication_timeout_s"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise fail(key, f"must be an integer >= 1 (got {value!r})")
-        for key in ("lag_warning_threshold_mb", "lag_critical_threshold_mb"):
-            if getattr(self, key) > MAX_THRESHOLD_MB:
-                raise fail(key, f"must be at most {MAX_THRESHOLD_MB} (1 PiB; got "
-                                f"{getattr(self, key)})")
-        for key in ("maintenance_interval_s", "vacuum_retention_hours"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise fail(key, f"must be an integer >= 0, 0 turning it off (got {value!r})")
-        if self.lag_warning_threshold_mb >= self.lag_critical_threshold_mb:
-            raise fail("lag_warning_threshold_mb",
-                       f"must be less than lag_critical_threshold_mb "
-                       f"({self.lag_warning_threshold_mb} >= {self.lag_critical_threshold_mb})")
-
-        slot = self.slot_name or f"cdcengine_{self.name}"
-        if not isinstance(slot, str) or not _SLOT_NAME.match(slot):
-            raise fail("slot_name", "must be 1-63 lower-case letters, digits or underscores "
-                       f"(got {slot!r})")
-        set_(self, "slot_name", slot)
-        pub = self.publication_name or f"cdcengine_{self.name}"
-        if not isinstance(pub, str) or not _PUBLICATION_NAME.match(pub):
-            raise fail("publication_name", "must start with a letter or underscore and hold "
-                       f"only letters, digits, _, $ or -, at most 63 (got {pub!r})")
-        set_(self, "publication_name", pub)
-
-        set_(self, "table_configs", self._resolve_tables(refs, fail))
-        self._check_delta_paths(fail)
+        object.__setattr__(self, "destination_options", clean_opts)
 
     def _resolve_tables(self, refs: list[TableRef], fail: _Fail) -> tuple[TableConfig, ...]:
         overrides: dict[TableRef, Mapping[str, object]] = {}
@@ -276,14 +298,13 @@ class SourceConfig:
         for ref in refs:
             o = overrides.get(ref, {})
             prefix = f"table.{ref.qualified}"
-            mode_value = o.get("mode", self.table_mode)
             try:
-                mode = TableMode(mode_value)
-            except ValueError:
-                raise fail(f"{prefix}.mode", "must be one of consolidated | append | both "
-                           f"(got {mode_value!r})") from None
-            cols = _column_list(o.get("columns"), f"{prefix}.columns", fail)
-            pk = _column_list(o.get("primary_key"), f"{prefix}.primary_key", fail)
+                mode = TableMode(str(check(_SOURCE_KEYS["table_mode"],
+                                           o.get("mode", self.table_mode))))
+            except Invalid as exc:
+                raise fail(f"{prefix}.mode", str(exc)) from None
+            cols = column_list(o.get("columns"), f"{prefix}.columns", fail)
+            pk = column_list(o.get("primary_key"), f"{prefix}.primary_key", fail)
             if cols is not None and pk is not None:
                 # key columns are always captured
                 cols = cols + tuple(c for c in pk if c not in cols)
@@ -354,26 +375,6 @@ class _Fail(Protocol):  # the signature of SourceConfig.__post_init__'s `fail`
     def __call__(self, key: str, what: str) -> ConfigError: ...
 
 
-def _column_list(value: object, key: str, fail: _Fail) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
-        raise fail(key, 'must be a non-empty list of column names like ["id", "kind"]')
-    cols: list[str] = []
-    for c in value:
-        if not isinstance(c, str) or not c or "\x00" in c or len(c.encode()) > 63:
-            raise fail(key, f"column names must be 1-63 byte strings (got {c!r})")
-        if is_engine_column(c):
-            raise fail(key, f"column {c!r} uses the reserved prefix _cdc_")
-        if c in cols:
-            raise fail(key, f"column {c!r} is listed twice")
-        cols.append(c)
-    for a, b in case_collisions(cols):
-        raise fail(key, f"columns {a!r} and {b!r} differ only in case (Delta is "
-                   "case-insensitive)")
-    return tuple(cols)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
     state: str = DEFAULT_STATE_URL
@@ -394,18 +395,11 @@ class EngineConfig:
         ):
             raise fail("state", "must be a sqlite:///path URL or a postgresql:// URL "
                        f"(got {mask_dsn(str(self.state))!r})")
-        port = self.http_port
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise fail("http_port", f"must be an integer 0-65535, 0 = off (got {port!r})")
-        host = self.http_host
-        if not isinstance(host, str) or not _HTTP_HOST.match(host):
-            raise fail("http_host", "must be an address or host name to listen on, such as "
-                       f"127.0.0.1, 0.0.0.0 or ::1 (got {host!r})")
-        try:
-            object.__setattr__(self, "log_format", LogFormat(self.log_format))
-        except ValueError:
-            raise fail("log_format", f"must be console | json (got {self.log_format!r})") \
-                from None
+        for key in ("http_port", "http_host", "log_format"):
+            try:
+                object.__setattr__(self, key, check(_ENGINE_KEYS[key], getattr(self, key)))
+            except Invalid as exc:
+                raise fail(key, str(exc)) from None
 
     def __repr__(self) -> str:  # a postgresql:// state URL may carry a password
         return (f"EngineConfig(state={mask_dsn(self.state)!r}, http_port={self.http_port!r}, "
@@ -434,74 +428,6 @@ class Config:
 # ---- loading --------------------------------------------------------------------------------
 
 
-def _parse_env_value(var: str, kind: str, raw: str, where: str) -> object:
-    def bad(what: str) -> ConfigError:
-        return ConfigError(f"{where}: {what} (environment variable {var})")
-
-    if kind == "str":
-        return raw
-    if kind == "bool":
-        low = raw.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise bad(f"must be true or false (got {raw!r})")
-    if kind == "int":
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise bad(f"must be an integer (got {raw!r})") from None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise bad("must be JSON (a list like [\"public.orders\"] or an object)") from None
-    if kind == "list[str]" and not isinstance(value, list):
-        raise bad("must be a JSON list")
-    if kind == "dict" and not isinstance(value, dict):
-        raise bad("must be a JSON object")
-    return value
-
-
-_EnvOverrides = tuple[
-    dict[str, object], dict[str, dict[str, object]], dict[str, str], dict[str, dict[str, str]]
-]
-
-
-def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
-    engine: dict[str, object] = {}
-    engine_prov: dict[str, str] = {}
-    sources: dict[str, dict[str, object]] = {}
-    sources_prov: dict[str, dict[str, str]] = {}
-    for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX):]
-        scope, sep, key = rest.rpartition("__")
-        if not sep or not scope or not key:
-            raise ConfigError(f"environment variable {var}: expected CDCENGINE__<SOURCE>__<KEY> "
-                              "or CDCENGINE__ENGINE__<KEY>")
-        key = key.lower()
-        if scope == "ENGINE":
-            if key not in _ENGINE_KEYS:
-                raise ConfigError(f"environment variable {var}: unknown [engine] key {key!r}; "
-                                  f"allowed: {', '.join(_ENGINE_KEYS)}")
-            engine[key] = _parse_env_value(var, _ENGINE_KEYS[key], environ[var],
-                                           f"[engine]: key {key!r}")
-            engine_prov[key] = var
-            continue
-        name = scope.lower()
-        if key not in _SOURCE_KEYS or key == "name":
-            allowed = ", ".join(k for k in _SOURCE_KEYS if k != "name")
-            raise ConfigError(f"environment variable {var}: unknown source key {key!r}; "
-                              f"allowed: {allowed}")
-        value = _parse_env_value(var, _SOURCE_KEYS[key], environ[var],
-                                 f"source {name!r}: key {key!r}")
-        sources.setdefault(name, {})[key] = value
-        sources_prov.setdefault(name, {})[key] = var
-    return engine, sources, engine_prov, sources_prov
-
-
 def _resolve_local(path_or_uri: str, base: Path) -> str:
     if "://" in path_or_uri:
         return path_or_uri
@@ -520,6 +446,17 @@ def _resolve_state_url(url: str, base: Path) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class _File:
+    """What `load_config` read: the TOML data (empty without a file), where relative paths
+    start, the label messages name (the file, or "environment") and the file's path."""
+
+    data: Mapping[str, object]
+    base: Path
+    label: str
+    path: Path | None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -529,28 +466,39 @@ def load_config(
     come from the environment alone. An explicit path that does not exist is an error.
     """
     env = os.environ if environ is None else environ
-    explicit = path is not None
+    file = _read_file(path, env)
+    raw_engine, raw_sources = _sections(file)
+    env_engine, env_sources, env_engine_prov, env_sources_prov = env_overrides(
+        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS)
+    engine = _engine_config(file, raw_engine, env_engine, env_engine_prov)
+    sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov)
+               for name in _source_names(file, raw_sources, env_sources)]
+    check_sources_apart(sources, file.label)
+    return Config(engine=engine, sources=tuple(sources), path=file.path)
+
+
+def _read_file(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> _File:
     cfg_path = Path(path if path is not None else DEFAULT_CONFIG_PATH)
     label = str(cfg_path)
-    data: dict[str, object] = {}
-    if cfg_path.is_file():
-        try:
-            with cfg_path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{label}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{label}: cannot read the config file ({exc.strerror})") from None
-        base = cfg_path.resolve().parent
-    else:
-        if explicit or not any(k.startswith(ENV_PREFIX) for k in env):
+    if not cfg_path.is_file():
+        if path is not None or not any(k.startswith(ENV_PREFIX) for k in env):
             raise ConfigError(f"{label}: config file not found (pass --config PATH, or define "
                               "sources with CDCENGINE__<SOURCE>__<KEY> variables)")
-        base = Path.cwd()
-        cfg_path_opt: Path | None = None
-        label = "environment"
-    cfg_path_opt = cfg_path.resolve() if cfg_path.is_file() else None
+        return _File(data={}, base=Path.cwd(), label="environment", path=None)
+    try:
+        with cfg_path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read the config file ({exc.strerror})") from None
+    return _File(data=data, base=cfg_path.resolve().parent, label=label,
+                 path=cfg_path.resolve())
 
+
+def _sections(file: _File) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """The `[engine]` table and the `[[source]]` tables, their shapes checked."""
+    label, data = file.label, file.data
     unknown = sorted(set(data) - {"engine", "source"})
     if unknown:
         raise ConfigError(f"{label}: unknown top-level key {unknown[0]!r}; allowed: [engine] "
@@ -561,81 +509,62 @@ def load_config(
     raw_sources = data.get("source", [])
     if not isinstance(raw_sources, list) or not all(isinstance(s, dict) for s in raw_sources):
         raise ConfigError(f"{label}: 'source' must be an array of tables: write [[source]]")
+    return raw_engine, raw_sources
 
-    env_engine, env_sources, env_engine_prov, env_sources_prov = _env_overrides(env)
 
-    eng = dict(raw_engine)
-    for key in eng:
+def _engine_config(file: _File, raw: Mapping[str, object], env: Mapping[str, object],
+                   env_prov: Mapping[str, str]) -> EngineConfig:
+    for key in raw:
         if key not in _ENGINE_KEYS:
-            raise ConfigError(f"{label}: [engine]: unknown key {key!r}; allowed: "
+            raise ConfigError(f"{file.label}: [engine]: unknown key {key!r}; allowed: "
                               f"{', '.join(_ENGINE_KEYS)}")
-    eng_prov = {k: label for k in eng}
-    eng.update(env_engine)
-    eng_prov.update(env_engine_prov)
-    if "state" in eng and isinstance(eng["state"], str):
-        eng["state"] = _resolve_state_url(eng["state"], base)
-    elif "state" not in eng:
-        eng["state"] = _resolve_state_url(DEFAULT_STATE_URL, base)
-    engine = EngineConfig(provenance=eng_prov, origin=label, **eng)  # type: ignore[arg-type]
+    eng = {**raw, **env}
+    prov = {k: file.label for k in raw} | dict(env_prov)
+    state = eng.setdefault("state", DEFAULT_STATE_URL)
+    if isinstance(state, str):
+        eng["state"] = _resolve_state_url(state, file.base)
+    return EngineConfig(provenance=prov, origin=file.label, **eng)  # type: ignore[arg-type]
 
-    sources: list[SourceConfig] = []
+
+def _source_names(file: _File, raw_sources: Sequence[Mapping[str, object]],
+                  env_sources: Mapping[str, object]) -> list[str]:
+    """The sources' names: the file's (each with known keys, named, once), then those only
+    the environment defines."""
     names: list[str] = []
     for i, raw in enumerate(raw_sources):
         name = raw.get("name")
         who = f"source {name!r}" if isinstance(name, str) else f"[[source]] #{i + 1}"
         for key in raw:
             if key not in _SOURCE_KEYS:
-                raise ConfigError(f"{label}: {who}: unknown key {key!r}; allowed: "
+                raise ConfigError(f"{file.label}: {who}: unknown key {key!r}; allowed: "
                                   f"{', '.join(_SOURCE_KEYS)}")
         if not isinstance(name, str):
-            raise ConfigError(f"{label}: {who}: key 'name' is required: a name matching "
+            raise ConfigError(f"{file.label}: {who}: key 'name' is required: a name matching "
                               "[a-z][a-z0-9_]*")
         if name in names:
-            raise ConfigError(f"{label}: source {name!r}: key 'name': two sources share this "
-                              "name; names must be unique")
+            raise ConfigError(f"{file.label}: source {name!r}: key 'name': two sources share "
+                              "this name; names must be unique")
         names.append(name)
-    for env_name in env_sources:
-        if env_name not in names:
-            names.append(env_name)
-    for name in names:
-        raw: dict[str, object] = next(
-            (dict(r) for r in raw_sources if r.get("name") == name), {"name": name})
-        prov: dict[str, str] = {k: label for k in raw}
-        raw.update(env_sources.get(name, {}))
-        prov.update(env_sources_prov.get(name, {}))
-        origin = label if any(r.get("name") == name for r in raw_sources) else "environment"
-        missing = [k for k in ("dsn", "tables", "destination") if k not in raw]
-        if missing:
-            raise ConfigError(f"{origin}: source {name!r}: key {missing[0]!r} is required")
-        if isinstance(raw.get("destination"), str):
-            raw["destination"] = _resolve_local(str(raw["destination"]), base)
-        if isinstance(raw.get("tables"), list):
-            raw["tables"] = tuple(raw["tables"])
-        sources.append(SourceConfig(provenance=prov, origin=origin, **raw))  # type: ignore[arg-type]
-    check_sources_apart(sources, label)
-    return Config(engine=engine, sources=tuple(sources), path=cfg_path_opt)
+    return names + [n for n in env_sources if n not in names]
 
 
-def check_sources_apart(sources: Sequence[SourceConfig], label: str = "config") -> None:
-    """Sources of one install never share a slot, a publication or a Delta table: two streams
-    on one slot steal each other's changes, and two writers of one Delta table fight over its
-    commits (each one's progress is its own transaction id) -- refused here, before anything
-    runs, rather than failing later with a commit conflict or "this install did not create it"."""
-    owners: dict[tuple[str, str], str] = {}
-    for src in sources:
-        claims = [("slot_name", src.slot_name), ("publication_name", src.publication_name)]
-        for tc in src.table_configs:
-            if tc.mode.writes_consolidated:
-                claims.append(("Delta table", src.destination.rstrip("/")
-                               + tc.ref.delta_path("")))
-            if tc.mode.writes_append:
-                claims.append(("Delta table", src.destination.rstrip("/")
-                               + tc.ref.delta_path("", append=True)))
-        for what, value in claims:
-            key = (what, value.lower() if what == "Delta table" else value)
-            other = owners.setdefault(key, src.name)
-            if other != src.name:
-                fix = ("give one of them its own destination (or leave the table out of one)"
-                       if what == "Delta table" else f"set a distinct {what} for one of them")
-                raise ConfigError(f"{label}: sources {other!r} and {src.name!r} share the "
-                                  f"{what} {value}: {fix}")
+def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, object]],
+                   env: Mapping[str, Mapping[str, object]],
+                   env_prov: Mapping[str, Mapping[str, str]]) -> SourceConfig:
+    """One source: the file's keys, overridden by its environment variables."""
+    in_file = next((r for r in raw_sources if r.get("name") == name), None)
+    raw: dict[str, object] = dict(in_file) if in_file is not None else {"name": name}
+    prov: dict[str, str] = {k: file.label for k in raw}
+    raw.update(env.get(name, {}))
+    prov.update(env_prov.get(name, {}))
+    origin = file.label if in_file is not None else "environment"
+    missing = [k for k in ("dsn", "tables", "destination") if k not in raw]
+    if missing:
+        raise ConfigError(f"{origin}: source {name!r}: key {missing[0]!r} is required")
+    if isinstance(raw.get("destination"), str):
+        raw["destination"] = _resolve_local(str(raw["destination"]), file.base)
+    if isinstance(raw.get("tables"), list):
+        raw["tables"] = tuple(raw["tables"])  # type: ignore[arg-type]
+    return SourceConfig(provenance=prov, origin=origin, **raw)  # type: ignore[arg-type]
+
+

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cdcengine.api import SettingsResult, _effective_settings, update_cdc_settings
+from cdcengine.api import SettingsResult, update_cdc_settings
 from cdcengine.config import SourceConfig
 from cdcengine.errors import ConfigError, NotEnabled, Reason
 from cdcengine.state import StateStore, open_state
+from cdcengine.state.settings import effective_settings
 
 PASSWORD = "hunter22secret"
 
@@ -205,7 +206,7 @@ def test_changes_persist_and_show_as_overrides(store: StateStore, shop: SourceCo
     assert {k: v.value for k, v in stored.items()} == {"auto_drop_slot": False,
                                                        "lag_critical_threshold_mb": 4096}
     assert stored["auto_drop_slot"].value is False  # a bool stays a bool
-    eff = _effective_settings(shop, store)
+    eff = effective_settings(shop, store)
     assert eff["auto_drop_slot"][0] is False
     assert eff["auto_drop_slot"][1].startswith("settings (")
     assert eff["lag_critical_threshold_mb"][0] == 4096
@@ -234,7 +235,7 @@ def test_override_wins_over_a_changed_file(store: StateStore, shop: SourceConfig
 def test_file_origin_shown_when_not_overridden(store: StateStore) -> None:
     src = dataclasses.replace(make_source(), provenance={"auto_drop_slot": "cdc.toml"})
     enable(store, src)
-    eff = _effective_settings(src, store)
+    eff = effective_settings(src, store)
     assert eff["auto_drop_slot"] == (True, "cdc.toml")
     assert eff["lag_warning_threshold_mb"] == (512, "default")
 

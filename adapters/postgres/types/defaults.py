@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import psycopg
 
 from cdcengine.names import TableRef
-from cdcengine.source.adapter import ColumnDefault
+from cdcengine.source.adapter import ColumnDefault, DefaultKind
 from cdcengine_postgres.types.convert import to_arrow
 from cdcengine_postgres.types.mapping import load_types
 
@@ -38,13 +38,14 @@ def added_column_defaults(conn: psycopg.Connection, ref: TableRef,
             pgtype = types[int(oid)].with_typmod(int(typmod))
             converted = to_arrow([missing.encode()], pgtype)
             if converted.masked:  # the Delta type cannot hold it: old rows stay null
-                out[name] = ColumnDefault(kind="none", text=missing)
+                out[name] = ColumnDefault(kind=DefaultKind.NONE, text=missing)
             else:
-                out[name] = ColumnDefault(kind="fast", value=converted.array[0], text=missing)
+                out[name] = ColumnDefault(kind=DefaultKind.FAST, value=converted.array[0],
+                                          text=missing)
         elif has_missing or has_default or identity:
             # a rewrite gave each old row its own value (volatile default, identity), or a
             # missing value this read cannot decode: only a re-snapshot is exact
-            out[name] = ColumnDefault(kind="rewritten", text=missing)
+            out[name] = ColumnDefault(kind=DefaultKind.REWRITTEN, text=missing)
         else:
-            out[name] = ColumnDefault(kind="none")
+            out[name] = ColumnDefault(kind=DefaultKind.NONE)
     return out

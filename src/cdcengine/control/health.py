@@ -38,8 +38,9 @@ from cdcengine.control.prune import PruneReport, prune_removed
 from cdcengine.errors import LeaseHeld, Reason, classify_error
 from cdcengine.source.adapter import HealthProbe, SourceAdapter
 from cdcengine.source.registry import adapter_for
-from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
-from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState
+from cdcengine.state.access import StateArg, as_enabled, open_store
+from cdcengine.state.base import SourceRecord, SourceState, StateStore, StopReason, TableState
+from cdcengine.state.settings import with_overrides
 
 log = structlog.get_logger("cdcengine.control.health")
 
@@ -165,9 +166,6 @@ def resources_lost(store: StateStore, source: SourceConfig, probe: HealthProbe
     return None
 
 
-TABLE_GONE = "table_gone"  # a captured table no longer exists at the source
-
-
 class _Pass:
     def __init__(self, source: SourceConfig, store: StateStore, rec: SourceRecord,
                  probe: HealthProbe, t: Thresholds, *, adapter: SourceAdapter,
@@ -216,12 +214,13 @@ class _Pass:
                 continue
             self.store.set_table_state(
                 self.name, rec.name, TableState.STOPPED,
-                reason=f"{TABLE_GONE}: no table named {rec.name} exists at the source any "
-                       "more (dropped or renamed); its Delta tables keep their last state",
+                reason=f"{StopReason.TABLE_GONE}: no table named {rec.name} exists at the source "
+                       "any more (dropped or renamed); its Delta tables keep their last state",
                 remedy=f"remove {rec.name} from tables and run `cdcengine enable`, or "
                        f"recreate it and run `cdcengine resync --source {self.name} --table "
                        f"{rec.name}`")
-            log.warning("table_stopped", source=self.name, table=rec.name, reason=TABLE_GONE,
+            log.warning("table_stopped", source=self.name, table=rec.name,
+                        reason=str(StopReason.TABLE_GONE),
                         message="the table no longer exists at the source")
 
     # ---- lag ----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
-from cdcengine.api import COMMAND_LEASE_TTL_S, refuse_failed_checks
+from cdcengine.api.leases import COMMAND_LEASE_TTL_S
+from cdcengine.api.setup import refuse_failed_checks
 from cdcengine.config import SourceConfig
 from cdcengine.control.health import resources_lost
 from cdcengine.errors import (
@@ -30,8 +31,9 @@ from cdcengine.errors import (
 from cdcengine.lsn import parse_lsn
 from cdcengine.pipeline.resync import request_resync
 from cdcengine.source.registry import adapter_for
-from cdcengine.state.access import StateArg, as_enabled, open_store, with_overrides
+from cdcengine.state.access import StateArg, as_enabled, open_store
 from cdcengine.state.base import SourceRecord, StateStore, hold_lease
+from cdcengine.state.settings import with_overrides
 
 log = structlog.get_logger("cdcengine.control.recovery")
 

@@ -58,6 +58,7 @@ from cdcengine.sink.base import AddedColumns
 from cdcengine.sink.columns import COMMITTED_AT, LSN, OP, SEQ
 from cdcengine.sink.columns import UNCHANGED as UNCHANGED_LIST
 from cdcengine.sink.fold import UNCHANGED_TYPE
+from cdcengine.state.base import StopReason
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -95,7 +96,7 @@ class CaptureSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoppedTable:
     ref: TableRef
-    reason: str  # stable code: "primary_key_changed" | "schema_incompatible"
+    reason: str  # a `StopReason` or `Reason.SCHEMA_INCOMPATIBLE`
     message: str
     remedy: str
     lsn: int  # end LSN of the transaction that stopped it
@@ -246,7 +247,7 @@ class Batcher:
         retyped = tuple(n for n in after if n in before and before[n] != after[n])
         keyed = new.replica_identity in ("default", "index")
         if spec.key is None and keyed and old.relation.key_columns != new.key_columns:
-            self._stop(ref, "primary_key_changed",
+            self._stop(ref, StopReason.PRIMARY_KEY_CHANGED,
                        f"the key of {ref.qualified} changed from "
                        f"{list(old.relation.key_columns)} to {list(new.key_columns)}; rows "
                        "merged by the old key would be wrong, so the table stopped before "

@@ -23,11 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from cdcengine.config import TableConfig
+from cdcengine.errors import Reason
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
 from cdcengine.sink.base import AddedColumns
 from cdcengine.sink.fold import data_columns
-from cdcengine.source.adapter import ColumnDefault
+from cdcengine.source.adapter import ColumnDefault, DefaultKind
 
 DefaultsFn = Callable[[TableRef, Sequence[str]], Mapping[str, ColumnDefault]]
 """What rows existing before an ADD COLUMN hold in it (`SourceAdapter.added_column_defaults`)."""
@@ -76,10 +77,10 @@ class AddedColumnDefaults:
             if not new:
                 continue
             found = self._ask(ref, sorted(new))
-            rewritten = sorted(c for c, d in found.items() if d.kind == "rewritten")
+            rewritten = sorted(c for c, d in found.items() if d.kind is DefaultKind.REWRITTEN)
             if rewritten:
                 stops.append(StoppedTable(
-                    ref=ref, reason="schema_incompatible",
+                    ref=ref, reason=Reason.SCHEMA_INCOMPATIBLE,
                     message=f"column(s) {rewritten} of {ref.qualified} were added with a "
                             "volatile default (or as identity): PostgreSQL rewrote the table "
                             "and gave each existing row its own value, which the change stream "
@@ -87,7 +88,7 @@ class AddedColumnDefaults:
                     remedy="resync the table", lsn=batch.version))
                 continue
             values = {c: d.value for c, d in found.items()
-                      if d.kind == "fast" and d.value is not None}
+                      if d.kind is DefaultKind.FAST and d.value is not None}
             if values:
                 found_for[ref] = AddedColumns(
                     values=values, upto=min((c.lsn for c in changes), default=None))

@@ -49,7 +49,7 @@ from cdcengine.pipeline.activity import Activity
 from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch, StoppedTable
 from cdcengine.pipeline.defaults import AddedColumnDefaults, DefaultsFn
 from cdcengine.pipeline.progress import Progress
-from cdcengine.pipeline.resync import is_requested, resync_table
+from cdcengine.pipeline.resync import is_requested, run_resync
 from cdcengine.pipeline.runlog import RunLog
 from cdcengine.pipeline.snapshots import snapshot_table
 from cdcengine.pipeline.tablesets import Registrations, registered_changes, registrations
@@ -263,8 +263,8 @@ class Pipeline:
         started = time.monotonic()
         rec = next((t for t in store.list_tables(src.name) if t.name == tc.name), None)
         if rec is not None and is_requested(rec):
-            again = resync_table(self._adapter, src, tc, sink, store, stop=stop,
-                                 sink_factory=self.sink_factory)
+            again = run_resync(self._adapter, src, tc, sink, store, stop=stop,
+                               sink_factory=self.sink_factory)
             if not again.finished:
                 return None
             rows, version = again.rows, again.version

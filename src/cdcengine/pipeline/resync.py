@@ -4,11 +4,12 @@ A request is queued in the state store (`request_resync`: table state `pending`,
 `RESYNC_REASON`); the process holding the source's lease performs it: the daemon polls for
 requests while streaming, and `run` performs queued ones before it streams.
 
-`resync_table` loads the table's snapshot (consistent point C, temporary slot, chunked as
-usual) into a staging location `<destination>/_cdcengine_staging/<C>` first, then applies it
-to each Delta table in ONE commit carrying the txn action at C (`SnapshotSink.apply_resync`):
-readers never see a half-loaded table. The stream then applies the table's changes after C
-only (rows at or below a table's applied version are skipped, as after any restart).
+`run_resync` performs one: it loads the table's snapshot (consistent point C, temporary slot,
+chunked as usual) into a staging location `<destination>/_cdcengine_staging/<C>` first, then
+applies it to each Delta table in ONE commit carrying the txn action at C
+(`SnapshotSink.apply_resync`): readers never see a half-loaded table. The stream then applies
+the table's changes after C only (rows at or below a table's applied version are skipped, as
+after any restart).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def is_requested(rec: TableRecord) -> bool:
 
 
 def request_resync(store: StateStore, source: str, table: TableConfig) -> TableRecord:
+    """Queue the table's resync (what `cdcengine.api.resync_table` does); `run_resync` performs
+    it."""
     store.upsert_table(source, table.name, str(table.mode))
     return store.set_table_state(source, table.name, TableState.PENDING, reason=RESYNC_REASON,
                                  remedy="performed by the process streaming this source")
@@ -57,10 +60,10 @@ class ResyncOutcome:
     rows: int = 0
 
 
-def resync_table(adapter: SourceAdapter, source: SourceConfig, table: TableConfig,
-                 sink: SnapshotSink, store: StateStore, *,
-                 stop: threading.Event | None = None,
-                 sink_factory: SinkFactory = delta_sink) -> ResyncOutcome:
+def run_resync(adapter: SourceAdapter, source: SourceConfig, table: TableConfig,
+               sink: SnapshotSink, store: StateStore, *,
+               stop: threading.Event | None = None,
+               sink_factory: SinkFactory = delta_sink) -> ResyncOutcome:
     """Re-snapshot `table` and swap it in (see the module doc). Unfinished only on `stop`
     (nothing of it is visible then; the request stays queued). The staging sink comes from
     `sink_factory` (the source with the staging location as its destination)."""

@@ -43,14 +43,13 @@ from cdcengine.sink.base import (
     TableSpec,
     WriteResult,
 )
+from cdcengine.state.base import StopReason
 
 log = structlog.get_logger("cdcengine.pipeline.writer")
 
 #: Pauses between in-place retries of one Delta table's commit before its failure is judged:
 #: a passing hiccup clears within them, a failure that stays is the table's or the destination's.
 TABLE_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
-#: The stop reason of a table whose rows the destination keeps refusing.
-TABLE_WRITE_FAILED = "table_write_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +276,7 @@ class BatchWriter:
                         raise
                     kind = f" {exc.kind}" if exc.kind is not None else ""
                     return None, StoppedTable(
-                        ref=ref, reason=TABLE_WRITE_FAILED,
+                        ref=ref, reason=StopReason.TABLE_WRITE_FAILED,
                         message=f"{exc.message}; {len(TABLE_RETRY_PAUSES_S) + 1} attempts",
                         remedy=f"fix what the destination refuses in the Delta{kind} table "
                                f"of {ref.qualified} (see the message), then `cdcengine resync "

@@ -192,16 +192,25 @@ class ChunkRange:
                    estimated_rows=int(rows))  # type: ignore[call-overload]
 
 
+class DefaultKind(enum.StrEnum):
+    """What rows that existed before an `ADD COLUMN` hold in it (`ColumnDefault.kind`)."""
+
+    NONE = "none"  # no default: they hold NULL, which the stream already implies
+    # a constant default stored once in the catalog: they hold `ColumnDefault.value`
+    FAST = "fast"
+    # a volatile default or an identity column: the table was rewritten and each row got its
+    # own value, which only a re-snapshot can read
+    REWRITTEN = "rewritten"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ColumnDefault:
     """What rows that existed before an `ADD COLUMN` hold in it without any WAL saying so.
 
-    `kind`: "none" (no default: they hold NULL, which the stream already implies), "fast" (a
-    constant default stored once in the catalog: they hold `value`, typed as the column's Delta
-    type), "rewritten" (a volatile default or an identity column: the table was rewritten and
-    each row got its own value, which only a re-snapshot can read)."""
+    `kind`: see `DefaultKind`; for `fast`, `value` is the default, typed as the column's Delta
+    type."""
 
-    kind: str
+    kind: DefaultKind
     value: pa.Scalar | None = None
     text: str | None = None  # the source's text form of the default, for messages
 

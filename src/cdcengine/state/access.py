@@ -2,7 +2,8 @@
 
 These used to live in `cdcengine.api`, so the pipeline, the daemon's runner, monitor and
 watchdog and the health pass imported the library's façade to reach their own state store
-(issue 14). The façade re-exports them; the engine imports them from here.
+(issue 14). The façade re-exports them; the engine imports them from here. The settings
+overrides are applied by `cdcengine.state.settings`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cdcengine.config import DEFAULT_STATE_URL, SETTINGS_KEYS, SourceConfig
+from cdcengine.config import DEFAULT_STATE_URL, SourceConfig
 from cdcengine.state import open_state
 from cdcengine.state.base import SourceRecord, StateStore
 
-__all__ = ["StateArg", "as_enabled", "open_store", "with_overrides"]
+__all__ = ["StateArg", "as_enabled", "open_store"]
 
 #: A state store, or the URL to open one from (None: the engine default).
 StateArg = StateStore | str | None
@@ -33,13 +34,6 @@ def open_store(state: StateArg) -> Iterator[StateStore]:
             store.close()
     else:
         yield state
-
-
-def with_overrides(source: SourceConfig, store: StateStore) -> SourceConfig:
-    """The source with its `settings` overrides applied (they win over the file)."""
-    overrides = {k: v.value for k, v in store.get_settings(source.name).items()
-                 if k in SETTINGS_KEYS}
-    return dataclasses.replace(source, **overrides) if overrides else source  # type: ignore[arg-type]
 
 
 def as_enabled(rec: SourceRecord | None, source: SourceConfig) -> SourceConfig:

@@ -35,9 +35,13 @@ import math
 import os
 import socket
 from collections.abc import Mapping
+from typing import TypeVar
 
 from cdcengine.state.base import BatchRecord, RunRecord, RunStatus, holder_gone
+from cdcengine.state.dialect import DialectStore
 from cdcengine.state.records import Queries, Row, check_lsn, dt, dt_or_none, refuse
+
+C = TypeVar("C")  # the driver's connection type
 
 MAX_RUNS_PER_KIND = 100
 """Runs kept per source and kind (older ones are dropped as new ones start, unless running)."""
@@ -285,3 +289,59 @@ def _run_record(row: Row, status: RunStatus, now: float, rows: dict[str, int]) -
         holder=row["holder"],
         last_batch_at=dt_or_none(row["last_batch_at"]),
     )
+
+
+class RunHistorySQL(DialectStore[C]):
+    """The run history of `cdcengine.state.sql.SQLStateStore`, on the functions above."""
+
+    def start_run(self, source: str, *, kind: str, holder: str) -> int:
+        """A new run of `source`, started now by `holder` in this process; its id.
+
+        Prunes the source's oldest ended runs of the same kind beyond the retention limit."""
+        with self._write() as tx:
+            return start(tx, self._clock(), source, kind=kind, holder=holder)
+
+    def record_batch(
+        self,
+        run_id: int,
+        *,
+        first_lsn: int | None,
+        last_lsn: int,
+        rows: Mapping[str, int],
+        duration_s: float,
+        commit_latency_s: float | None = None,
+    ) -> None:
+        """One committed batch of the run: adds to the run's totals and keeps the batch row
+        (the source's oldest batch rows beyond the retention limit are dropped). A run that no
+        longer exists (pruned) is ignored: history must never stop a pipeline."""
+        check_batch(first_lsn, last_lsn, rows, duration_s, commit_latency_s)
+        with self._write() as tx:
+            add_batch(
+                tx,
+                self._clock(),
+                run_id,
+                first_lsn=first_lsn,
+                last_lsn=last_lsn,
+                rows=rows,
+                duration_s=duration_s,
+                commit_latency_s=commit_latency_s,
+            )
+
+    def end_run(
+        self, run_id: int, *, error_reason: str | None = None, error_message: str | None = None
+    ) -> None:
+        """The run ended now: `failed` with an error, else `ok`. The first end wins; ending an
+        unknown (pruned) run is a no-op."""
+        with self._write() as tx:
+            end(tx, self._clock(), run_id, error_reason, error_message)
+
+    def list_runs(self, source: str, *, limit: int = 20) -> list[RunRecord]:
+        """The source's most recent runs, newest first, with their derived status."""
+        check_limit(limit)
+        now = self._clock()
+        return self._read(lambda tx: select_runs(tx, now, source, limit))
+
+    def list_batches(self, run_id: int, *, limit: int = 50) -> list[BatchRecord]:
+        """The run's most recent batches still kept, newest first."""
+        check_limit(limit)
+        return self._read(lambda tx: select_batches(tx, run_id, limit))

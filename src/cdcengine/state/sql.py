@@ -5,28 +5,23 @@
 migrations). An engine's store subclasses it with a small dialect: how to open a connection, its
 placeholder style, how to begin a serialised write transaction, how to tell that a table exists,
 and which driver exceptions it raises. The migrations' SQL is accepted by both engines, so the
-schema is shared too. Run history queries live in `cdcengine.state.runs`.
+schema is shared too. Leases live in `cdcengine.state.sql_leases`, run history in
+`cdcengine.state.runs` (mixins of `SQLStateStore`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from typing import TypeVar
 
-from cdcengine.errors import LeaseHeld, Reason
-from cdcengine.state import runs
+from cdcengine.errors import Reason
 from cdcengine.state.base import (
     SETTING_KEYS,
-    BatchRecord,
     ChunkState,
     Lease,
-    RunRecord,
     SettingValue,
     SnapshotChunkRecord,
     SnapshotProgress,
@@ -37,15 +32,12 @@ from cdcengine.state.base import (
     TableRecord,
     TableState,
     hold_lease,
-    holder_gone,
-    lease_held_message,
 )
-from cdcengine.state.dialect import DialectStore, Tx
+from cdcengine.state.dialect import Tx
 from cdcengine.state.records import (
     check_lsn,
     chunk_record,
     dt,
-    lease_record,
     options_text,
     progress_record,
     refuse,
@@ -53,6 +45,8 @@ from cdcengine.state.records import (
     stall_detail,
     table_record,
 )
+from cdcengine.state.runs import RunHistorySQL
+from cdcengine.state.sql_leases import LeaseSQL
 
 C = TypeVar("C")  # the driver's connection type
 
@@ -62,7 +56,7 @@ _SETTABLE = frozenset(
 )
 
 
-class SQLStateStore(DialectStore[C]):
+class SQLStateStore(LeaseSQL[C], RunHistorySQL[C]):
     """A `StateStore` over one SQL connection; migrated to the latest schema on open.
 
     Subclasses set `driver_errors` and implement the dialect hooks of `DialectStore`.
@@ -364,6 +358,12 @@ class SQLStateStore(DialectStore[C]):
         with self._write() as tx:
             tx.run("DELETE FROM source_tables WHERE source = ? AND name = ?", (source, table))
 
+    def lease(
+        self, source: str, *, purpose: str, ttl_s: float = 60.0, wait_s: float = 0.0
+    ) -> AbstractContextManager[Lease]:
+        """Hold the source for a `with` block under a fresh holder id; see `hold_lease`."""
+        return hold_lease(self, source, purpose=purpose, ttl_s=ttl_s, wait_s=wait_s)
+
     # snapshot progress (display only) -------------------------------------------------------
 
     def record_snapshot_plan(
@@ -492,132 +492,3 @@ class SQLStateStore(DialectStore[C]):
             )
             for row in rows
         }
-
-    # leases -----------------------------------------------------------------------------------
-
-    def acquire_lease(self, source: str, *, holder: str, purpose: str, ttl_s: float) -> Lease:
-        """`holder` holds the source until `ttl_s` from now. Free and expired leases are taken,
-        the holder's own is renewed (keeping when it was first acquired); a live lease of another
-        holder raises `LeaseHeld` naming it. Epoch seconds, so expiry holds across processes and
-        machines; a holder found dead by pid is taken over only when it ran on this host."""
-        if ttl_s <= 0:
-            raise refuse(f"lease ttl must be positive, got {ttl_s}")
-        with self._write() as tx:
-            now = self._clock()
-            row = tx.one("SELECT * FROM leases WHERE source = ?", (source,))
-            if row is not None and row["holder"] != holder and row["expires_at"] >= now \
-                    and not holder_gone(row["host"], row["pid"]):
-                raise LeaseHeld(lease_held_message(lease_record(row)))
-            acquired_at = row["acquired_at"] if row is not None and row["holder"] == holder else now
-            lease = Lease(
-                source=source,
-                holder=holder,
-                purpose=purpose,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                acquired_at=dt(acquired_at),
-                expires_at=dt(now + ttl_s),
-            )
-            tx.run(
-                "INSERT INTO leases (source, holder, purpose, host, pid, acquired_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE"
-                " SET holder = excluded.holder, purpose = excluded.purpose,"
-                " host = excluded.host, pid = excluded.pid,"
-                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at",
-                (source, holder, purpose, lease.host, lease.pid, acquired_at, now + ttl_s),
-            )
-            return lease
-
-    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
-        """The lease now runs until `ttl_s` from now. Raises `LeaseHeld` if it was lost (released,
-        or expired and taken by another holder); a lapsed lease nobody took is still ours."""
-        if ttl_s <= 0:
-            raise refuse(f"lease ttl must be positive, got {ttl_s}")
-        with self._write() as tx:
-            row = tx.one("SELECT * FROM leases WHERE source = ?", (lease.source,))
-            if row is None or row["holder"] != lease.holder:
-                raise LeaseHeld(
-                    lease_held_message(lease_record(row))
-                    if row is not None
-                    else f"the lease on source {lease.source!r} was lost (released or taken over)"
-                )
-            expires_at = self._clock() + ttl_s
-            tx.run("UPDATE leases SET expires_at = ? WHERE source = ?", (expires_at, lease.source))
-            return replace(lease_record(row), expires_at=dt(expires_at))
-
-    def release_lease(self, lease: Lease) -> None:
-        """The source is free, unless someone else holds it by now (theirs is left alone)."""
-        with self._write() as tx:
-            tx.run(
-                "DELETE FROM leases WHERE source = ? AND holder = ?", (lease.source, lease.holder)
-            )
-
-    def get_lease(self, source: str) -> Lease | None:
-        """The live lease on the source, or None when it is free or its lease expired."""
-        now = self._clock()
-        row = self._read(
-            lambda tx: tx.one(
-                "SELECT * FROM leases WHERE source = ? AND expires_at >= ?", (source, now)
-            )
-        )
-        return None if row is None else lease_record(row)
-
-    def lease(
-        self, source: str, *, purpose: str, ttl_s: float = 60.0, wait_s: float = 0.0
-    ) -> AbstractContextManager[Lease]:
-        """Hold the source for a `with` block under a fresh holder id; see `hold_lease`."""
-        return hold_lease(self, source, purpose=purpose, ttl_s=ttl_s, wait_s=wait_s)
-
-    # run history (see cdcengine.state.runs) ---------------------------------------------------
-
-    def start_run(self, source: str, *, kind: str, holder: str) -> int:
-        """A new run of `source`, started now by `holder` in this process; its id.
-
-        Prunes the source's oldest ended runs of the same kind beyond the retention limit."""
-        with self._write() as tx:
-            return runs.start(tx, self._clock(), source, kind=kind, holder=holder)
-
-    def record_batch(
-        self,
-        run_id: int,
-        *,
-        first_lsn: int | None,
-        last_lsn: int,
-        rows: Mapping[str, int],
-        duration_s: float,
-        commit_latency_s: float | None = None,
-    ) -> None:
-        """One committed batch of the run: adds to the run's totals and keeps the batch row
-        (the source's oldest batch rows beyond the retention limit are dropped). A run that no
-        longer exists (pruned) is ignored: history must never stop a pipeline."""
-        runs.check_batch(first_lsn, last_lsn, rows, duration_s, commit_latency_s)
-        with self._write() as tx:
-            runs.add_batch(
-                tx,
-                self._clock(),
-                run_id,
-                first_lsn=first_lsn,
-                last_lsn=last_lsn,
-                rows=rows,
-                duration_s=duration_s,
-                commit_latency_s=commit_latency_s,
-            )
-
-    def end_run(
-        self, run_id: int, *, error_reason: str | None = None, error_message: str | None = None
-    ) -> None:
-        """The run ended now: `failed` with an error, else `ok`. The first end wins; ending an
-        unknown (pruned) run is a no-op."""
-        with self._write() as tx:
-            runs.end(tx, self._clock(), run_id, error_reason, error_message)
-
-    def list_runs(self, source: str, *, limit: int = 20) -> list[RunRecord]:
-        """The source's most recent runs, newest first, with their derived status."""
-        runs.check_limit(limit)
-        now = self._clock()
-        return self._read(lambda tx: runs.select_runs(tx, now, source, limit))
-
-    def list_batches(self, run_id: int, *, limit: int = 50) -> list[BatchRecord]:
-        """The run's most recent batches still kept, newest first."""
-        runs.check_limit(limit)
-        return self._read(lambda tx: runs.select_batches(tx, run_id, limit))
