@@ -29,9 +29,9 @@ if TYPE_CHECKING:  # the names for type checkers; at run time they load on first
         update_cdc_settings,
         verify,
     )
+    from cdcengine.api.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
     from cdcengine.config import Config, EngineConfig, SourceConfig, TableConfig, load_config
     from cdcengine.control.health import HealthReport, SweepResult, sweep
-    from cdcengine.control.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
     from cdcengine.errors import CDCError, Reason
     from cdcengine.source.adapter import Check, ColumnInfo, Severity, TableInfo
 
@@ -49,8 +49,8 @@ _EXPORTS: dict[str, str] = {
     "HealthReport": "cdcengine.control.health",
     "JobView": "cdcengine.api",
     "Reason": "cdcengine.errors",
-    "RepairResult": "cdcengine.control.recovery",
-    "ResumeResult": "cdcengine.control.recovery",
+    "RepairResult": "cdcengine.api.recovery",
+    "ResumeResult": "cdcengine.api.recovery",
     "SettingsResult": "cdcengine.api",
     "Severity": "cdcengine.source.adapter",
     "SourceConfig": "cdcengine.config",
@@ -67,8 +67,8 @@ _EXPORTS: dict[str, str] = {
     "enable_cdc": "cdcengine.api",
     "list_jobs": "cdcengine.api",
     "load_config": "cdcengine.config",
-    "repair_cdc": "cdcengine.control.recovery",
-    "resume_cdc": "cdcengine.control.recovery",
+    "repair_cdc": "cdcengine.api.recovery",
+    "resume_cdc": "cdcengine.api.recovery",
     "resync_table": "cdcengine.api",
     "sweep": "cdcengine.control.health",
     "update_cdc_settings": "cdcengine.api",

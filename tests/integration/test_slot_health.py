@@ -14,9 +14,9 @@ from cli_util import run_cli
 from test_pipeline import Running, live_rows, wait_for
 
 from cdcengine import api
+from cdcengine.api.recovery import repair_cdc, resume_cdc
 from cdcengine.config import SourceConfig
 from cdcengine.control.health import sweep
-from cdcengine.control.recovery import repair_cdc, resume_cdc
 from cdcengine.errors import CDCError, PrerequisitesFailed, Reason
 from cdcengine.pipeline.pipeline import Pipeline
 from cdcengine.source.registry import adapter_for

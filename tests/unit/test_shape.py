@@ -108,3 +108,13 @@ def test_the_data_path_never_imports_the_layers_above_it() -> None:
     upward = {m: sorted(t for t in targets if t.startswith(UPPER))
               for m, targets in _module_graph().items() if m.startswith(LOWER)}
     assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_the_operators_tools_never_import_the_facade_or_the_daemon() -> None:
+    """`control` (health, sweep, prune, verify, history) runs under the daemon, the CLI and the
+    library alike; the façade and the daemon build on it, not the other way round."""
+    from test_seams import _module_graph
+
+    upward = {m: sorted(t for t in targets if t.startswith(("cdcengine.api", "cdcengine.serve")))
+              for m, targets in _module_graph().items() if m.startswith("cdcengine.control")}
+    assert {m: t for m, t in upward.items() if t} == {}

@@ -8,7 +8,8 @@ store first, so a CLI call and a running daemon never act on one source at once;
 raises `LeaseHeld` (retryable) naming the holder.
 
 The functions live by concern: `setup` (check, tables, enable, disable), `status` (status,
-jobs), `operations` (settings, resync, verify); `leases` is how commands hold a source. Every
+jobs), `operations` (settings, resync, verify), `recovery` (repair, resume); `leases` is how
+commands hold a source. Every
 public name is re-exported here: `from cdcengine.api import enable_cdc`.
 """
 

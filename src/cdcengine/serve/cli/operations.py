@@ -8,9 +8,9 @@ import argparse
 from datetime import datetime
 
 from cdcengine import api
+from cdcengine.api.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
 from cdcengine.config import Config, SourceConfig
 from cdcengine.control.health import HealthReport, sweep
-from cdcengine.control.recovery import RepairResult, ResumeResult, repair_cdc, resume_cdc
 from cdcengine.errors import CDCError
 from cdcengine.serve.cli.output import (
     EXIT_FAILED,

@@ -35,7 +35,7 @@ from cdcengine.state.access import StateArg, as_enabled, open_store
 from cdcengine.state.base import SourceRecord, StateStore, hold_lease
 from cdcengine.state.settings import with_overrides
 
-log = structlog.get_logger("cdcengine.control.recovery")
+log = structlog.get_logger("cdcengine.api.recovery")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
