@@ -120,8 +120,8 @@ class PostgresBench:
             for lo in range(0, rows, step):
                 conn.execute(sql.SQL(  # type: ignore[arg-type]
                     "INSERT INTO {t} SELECT " + _row("g") +  # noqa: S608 - fixed text
-                    " FROM generate_series(%s::bigint, %s::bigint) g").format(t=t),
-                    [lo + 1, min(rows, lo + step)])
+                    " FROM generate_series({lo}::bigint, {hi}::bigint) g").format(
+                        t=t, lo=sql.Literal(lo + 1), hi=sql.Literal(min(rows, lo + step))))
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(t))
 
     def max_id(self, table: str) -> int:
