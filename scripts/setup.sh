@@ -4,7 +4,7 @@
 #   1. PostgreSQL server binaries (initdb/pg_ctl/postgres): the tests and `cdcengine demo`
 #      start throwaway servers from them. Installed with apt when none are found.
 #   2. .venv with Python >= 3.11.
-#   3. `pip install -e ".[test]"` into it -- skipped when pyproject.toml is unchanged since
+#   3. `pip install -e ".[test,bench]"` into it -- skipped when pyproject.toml is unchanged since
 #      the last successful install and the packages still import.
 #
 # Works as root or as a user with sudo, on a fresh Debian/Ubuntu machine.
@@ -77,12 +77,12 @@ fi
 stamp=.venv/.cdcengine-setup-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-  && .venv/bin/python -c 'import cdcengine, cdcengine_postgres, pytest' >/dev/null 2>&1; then
+  && .venv/bin/python -c 'import cdcengine, cdcengine_postgres, pytest, matplotlib, psutil' >/dev/null 2>&1; then
   say "cdcengine: installed (pyproject.toml unchanged)"
 else
-  say "installing cdcengine + test extras into .venv (pip install -e .[test])"
+  say "installing cdcengine + test and bench extras into .venv (pip install -e .[test,bench])"
   rm -f "$stamp"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
   echo "$want" >"$stamp"
 fi
 say "done"

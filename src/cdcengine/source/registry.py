@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, cast
 from cdcengine.errors import ConfigError
 
 if TYPE_CHECKING:
+    from cdcengine.bench.source import BenchFactory
     from cdcengine.config import SourceConfig
     from cdcengine.serve.demo import DemoFactory
     from cdcengine.source.adapter import SourceAdapter
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 ADAPTERS: dict[str, str] = {"postgres": "cdcengine_postgres.adapter:PostgresAdapter"}
 # engine name -> "module:attribute" of the engine's `cdcengine demo` part (a `DemoFactory`)
 DEMOS: dict[str, str] = {"postgres": "cdcengine_postgres.testing.demo:open_demo"}
+# engine name -> "module:attribute" of the engine's `cdcengine bench` part (a `BenchFactory`)
+BENCHES: dict[str, str] = {"postgres": "cdcengine_postgres.bench.source:open_bench"}
 
 
 def engine_of(source: SourceConfig) -> str:
@@ -48,3 +51,14 @@ def demo_for(engine: str = "postgres") -> DemoFactory:
         raise ConfigError(f"no demo for engine {engine!r} (known: {', '.join(DEMOS)})") from None
     module_name, _, attr = target.partition(":")
     return cast("DemoFactory", getattr(importlib.import_module(module_name), attr))
+
+
+def bench_for(engine: str = "postgres") -> BenchFactory:
+    """The engine's bench factory: `factory(dsn or None, say=print) -> BenchSource`."""
+    try:
+        target = BENCHES[engine]
+    except KeyError:
+        raise ConfigError(f"no bench for engine {engine!r} (known: {', '.join(BENCHES)})") \
+            from None
+    module_name, _, attr = target.partition(":")
+    return cast("BenchFactory", getattr(importlib.import_module(module_name), attr))

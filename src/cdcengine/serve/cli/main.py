@@ -40,7 +40,7 @@ from cdcengine.serve.http import unreachable_status
 from cdcengine.serve.logs import configure_logging
 from cdcengine.source.adapter import Check, Severity, TableInfo
 
-_NO_CONFIG = frozenset({"demo"})  # commands that bring their own source and need no config
+_NO_CONFIG = frozenset({"demo", "bench"})  # commands that bring their own source and need no config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +149,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the live workload runs (30)")
     c.add_argument("--keep", action="store_true",
                    help="with --dsn: leave the sample schema, slot and publication in place")
+    _bench_parser(cmd("bench", "benchmark the engine against its raw limits on a throwaway "
+                               "PostgreSQL (or --dsn); results, report and plots under "
+                               "benchmarks/results/<date>-<host>/"))
     return p
+
+
+def _bench_parser(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--dsn", metavar="URL", help="use this database instead of a throwaway "
+                   "server (its bench_* tables, slots and publications are replaced)")
+    c.add_argument("--workloads", metavar="W,…", default="default",
+                   help="comma-separated: insert, mixed, steady, bigtxn, snapshot, latency, "
+                        "merge, catchup; 'default' = all but steady; 'all' = all")
+    c.add_argument("--rows", type=int, default=1_000_000, metavar="N",
+                   help="rows of the insert/bigtxn/catch-up backlogs, the mixed and snapshot "
+                        "tables and the smaller merge table (1000000)")
+    c.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions (3)")
+    c.add_argument("--out", metavar="DIR", help="results folder "
+                   "(benchmarks/results/<date>-<host>)")
+    c.add_argument("--modes", default="consolidated,append,both", metavar="M,…",
+                   help="table modes of the insert workload (consolidated,append,both)")
+    c.add_argument("--snapshot-large", action="store_true",
+                   help="snapshot also 10× --rows pre-existing rows")
+    c.add_argument("--steady-rows", type=int, default=10_000_000, metavar="N")
+    c.add_argument("--steady-rate", type=int, default=5000, metavar="N",
+                   help="changes/s of the steady workload (5000)")
+    c.add_argument("--steady-seconds", type=_seconds, default=120.0, metavar="S")
+    c.add_argument("--latency-rate", type=int, default=1000, metavar="N",
+                   help="pgbench -R of the latency workload (1000)")
+    c.add_argument("--latency-seconds", type=_seconds, default=60.0, metavar="S")
+    c.add_argument("--engine-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="a source config key for every engine leg (TOML value), repeatable")
+    c.add_argument("--profile", action="store_true",
+                   help="on a missed goal, record a py-spy flame graph of an extra engine run")
+    c.add_argument("--keep-workdir", action="store_true",
+                   help="keep the engine configs, logs and Delta tables")
+    c.add_argument("--corrupt-checksum", action="store_true", help=argparse.SUPPRESS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -483,7 +518,38 @@ def cmd_demo(args: argparse.Namespace, _cfg: Config) -> int:
             signal.signal(sig, handler)
 
 
+def cmd_bench(args: argparse.Namespace, _cfg: Config) -> int:
+    import tomllib
+    from pathlib import Path
+
+    from cdcengine.bench.context import ALL_WORKLOADS, DEFAULT_WORKLOADS, BenchOptions
+    from cdcengine.bench.harness import run_bench
+
+    names = {"default": DEFAULT_WORKLOADS, "all": ALL_WORKLOADS}.get(args.workloads) or tuple(
+        w.strip() for w in args.workloads.split(",") if w.strip())
+    settings: dict[str, object] = {}
+    for item in args.engine_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bench: --engine-setting {item!r}: expected KEY=VALUE")
+        try:
+            settings[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            settings[key.strip()] = value
+    opts = BenchOptions(
+        workloads=names, rows=args.rows, repeat=args.repeat,
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
+        snapshot_large=args.snapshot_large, steady_rows=args.steady_rows,
+        steady_rate=args.steady_rate, steady_seconds=args.steady_seconds,
+        latency_rate=args.latency_rate, latency_seconds=args.latency_seconds,
+        engine_settings=settings, profile=args.profile, corrupt_checksum=args.corrupt_checksum)
+    return run_bench(opts, dsn=args.dsn, out=Path(args.out) if args.out else None,
+                     keep_workdir=args.keep_workdir,
+                     say=lambda text: print(text, flush=True))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "bench": cmd_bench,
     "check": cmd_check,
     "tables": cmd_tables,
     "enable": cmd_enable,

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
@@ -84,6 +85,26 @@ class DeltaSnapshot:
         if filter is None:
             return self._table.to_pyarrow_table(columns=cols)
         return self.dataset().to_table(columns=cols, filter=filter)
+
+    def file_stats(self) -> pa.Table:
+        """One row per data file from the log: `path`, `num_records`, `min.<col>`, `max.<col>`
+        (for the columns the table keeps statistics of: keys and `_cdc_lsn`)."""
+        return pa.table(self._table.get_add_actions(flatten=True))
+
+    def column_max(self, column: str) -> int | None:
+        """The largest value of `column` per the log's file statistics (no data read); None
+        when the table has no rows or no statistics of it."""
+        stats = self.file_stats()
+        name = f"max.{column}"
+        if stats.num_rows == 0 or name not in stats.column_names:
+            return None
+        value = pa.compute.max(stats.column(name)).as_py()
+        return None if value is None else int(value)
+
+    def commits(self) -> list[dict[str, object]]:
+        """The commit infos of the log, newest first: `version`, `timestamp` (ms since the
+        epoch, the writer's clock), `operation` and the engine's metadata (`cdcengine.lsn`)."""
+        return [dict(c) for c in self._table.history()]
 
     def count(self, *, live_only: bool = False) -> int:
         """Rows in the table; `live_only`: rows not soft-deleted (a consolidated table)."""
