@@ -353,3 +353,13 @@ def classify_error(exc: BaseException) -> CDCError:
         if isinstance(cur, CDCError):
             return cur
     return CDCError(reason=Reason.UNKNOWN)
+
+
+class StopReason(enum.StrEnum):
+    """Why a table stopped alone while the others stream on: its `reason` starts with one of
+    these (then ': ' and the details). A batch that does not fit the table's Delta schema stops
+    it with the error's own `cdcengine.errors.Reason` (`schema_incompatible`)."""
+
+    TABLE_GONE = "table_gone"  # no longer exists at the source (dropped or renamed)
+    TABLE_WRITE_FAILED = "table_write_failed"  # the destination keeps refusing its rows
+    PRIMARY_KEY_CHANGED = "primary_key_changed"  # its key columns changed at the source

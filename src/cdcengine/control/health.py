@@ -35,11 +35,11 @@ from cdcengine.control.lag import (
     level_of,
 )
 from cdcengine.control.prune import PruneReport, prune_removed
-from cdcengine.errors import LeaseHeld, Reason, classify_error
+from cdcengine.errors import LeaseHeld, Reason, StopReason, classify_error
 from cdcengine.source.adapter import HealthProbe, SourceAdapter
 from cdcengine.source.registry import adapter_for
 from cdcengine.state.access import StateArg, as_enabled, open_store
-from cdcengine.state.base import SourceRecord, SourceState, StateStore, StopReason, TableState
+from cdcengine.state.base import SourceRecord, SourceState, StateStore, TableState
 from cdcengine.state.settings import with_overrides
 
 log = structlog.get_logger("cdcengine.control.health")

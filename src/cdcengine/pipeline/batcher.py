@@ -32,6 +32,7 @@ from typing import Final, Protocol
 
 import pyarrow as pa
 
+from cdcengine.errors import StopReason
 from cdcengine.events import (
     UNCHANGED,
     Begin,
@@ -58,7 +59,6 @@ from cdcengine.sink.base import AddedColumns
 from cdcengine.sink.columns import COMMITTED_AT, LSN, OP, SEQ
 from cdcengine.sink.columns import UNCHANGED as UNCHANGED_LIST
 from cdcengine.sink.fold import UNCHANGED_TYPE
-from cdcengine.state.base import StopReason
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).

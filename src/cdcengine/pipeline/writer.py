@@ -31,6 +31,7 @@ import structlog
 
 from cdcengine import failpoints
 from cdcengine.config import TableConfig
+from cdcengine.errors import StopReason
 from cdcengine.lsn import format_lsn
 from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
@@ -43,7 +44,6 @@ from cdcengine.sink.base import (
     TableSpec,
     WriteResult,
 )
-from cdcengine.state.base import StopReason
 
 log = structlog.get_logger("cdcengine.pipeline.writer")
 

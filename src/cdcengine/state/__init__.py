@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from cdcengine.errors import Reason, StateStoreError
+from cdcengine.errors import Reason, StateStoreError, StopReason
 from cdcengine.secrets import mask_dsn
 from cdcengine.state.base import (
     SETTING_KEYS,
@@ -23,7 +23,6 @@ from cdcengine.state.base import (
     SourceRecord,
     SourceState,
     StateStore,
-    StopReason,
     TableRecord,
     TableState,
     hold_lease,

@@ -58,16 +58,6 @@ class TableState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-class StopReason(enum.StrEnum):
-    """Why a table stopped alone while the others stream on: its `reason` starts with one of
-    these (then ': ' and the details). A batch that does not fit the table's Delta schema stops
-    it with the error's own `cdcengine.errors.Reason` (`schema_incompatible`)."""
-
-    TABLE_GONE = "table_gone"  # no longer exists at the source (dropped or renamed)
-    TABLE_WRITE_FAILED = "table_write_failed"  # the destination keeps refusing its rows
-    PRIMARY_KEY_CHANGED = "primary_key_changed"  # its key columns changed at the source
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Marker:
     """Why a source is broken or paused, kept until an operator action clears it."""
