@@ -184,12 +184,13 @@ def test_a_peek_ends_on_a_transaction_boundary_and_the_next_one_completes_it(db)
     assert rest[-1] == b"C"
 
 
-# failpoint -> how often it is passed before the kill
+# failpoint -> how often it is passed before the kill: the backlog's first 1 MB chunks hold no
+# commit (the bulk insert is larger), the third holds the bulk insert, the fourth the rest
 CRASHES = {
-    "read": "catchup_chunk_read:2",
-    "durable": "catchup_chunk_durable:2",
-    "advanced": "catchup_chunk_advanced:2",
-    "batch": "batch_taken:3",
+    "read": "catchup_chunk_read:3",  # a chunk read whole, nothing of it durable
+    "durable": "catchup_chunk_durable:3",  # durable in Delta, the slot not advanced
+    "advanced": "catchup_chunk_advanced:3",  # advanced, the next chunk not begun
+    "batch": "batch_taken:2",  # inside a chunk: a batch cut, not written
 }
 
 
@@ -216,7 +217,9 @@ def test_kill_9_during_catchup_then_restart_is_exactly_once(db, tmp_path: Path,
             if crashing.poll() is None:
                 crashing.kill()
         assert crashing.returncode == -signal.SIGKILL
-        assert "catchup_started" in log.read_text()
+        died = log.read_text()
+        assert "catchup_started" in died and "catchup_finished" not in died
+        assert "messages=0 " not in died.splitlines()[-1]  # it died with changes in flight
         workload = Workload(db.dsn, seed=7)
         workload.next_id = 1_000_000  # above the backlog's keys
         with workload:  # changes go on while it catches up again
