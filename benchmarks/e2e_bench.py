@@ -38,6 +38,7 @@ like the daemon.
 
     .venv/bin/python benchmarks/e2e_bench.py [--rows 1000000] [--txn-rows 1000]
         [--flush-interval-ms N] [--max-batch-rows N] [--max-batch-mb N]
+        [--catchup-threshold-mb N] [--catchup-chunk-mb N]
         [--table-mode consolidated|append|both] [--baseline-runs 1] [--engine-first]
         [--profile] [--profile-top 25] [--json] [--dsn URL] [--workdir DIR] [--keep]
         [--timeout 900]
@@ -441,7 +442,8 @@ def prepare(
         "destination": str(work / "lake"),
         "table_mode": args.table_mode,
     }
-    for key in ("flush_interval_ms", "max_batch_rows", "max_batch_mb"):
+    for key in ("flush_interval_ms", "max_batch_rows", "max_batch_mb", "catchup_threshold_mb",
+                "catchup_chunk_mb"):
         if getattr(args, key) is not None:
             source[key] = getattr(args, key)
     src = SourceConfig(**source)
@@ -632,6 +634,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--flush-interval-ms", dest="flush_interval_ms", type=int)
     p.add_argument("--max-batch-rows", dest="max_batch_rows", type=int)
     p.add_argument("--max-batch-mb", dest="max_batch_mb", type=int)
+    p.add_argument("--catchup-threshold-mb", dest="catchup_threshold_mb", type=int,
+                   help="0: stream the backlog; default: catch up through SQL peeks (issue 15)")
+    p.add_argument("--catchup-chunk-mb", dest="catchup_chunk_mb", type=int)
     p.add_argument(
         "--table-mode", default="consolidated", choices=["consolidated", "append", "both"]
     )

@@ -25,6 +25,7 @@ from cdcengine_postgres.control.publications import publication_info, read_publi
 from cdcengine_postgres.control.slots import read_slot
 from cdcengine_postgres.control.verify import VerifyRead
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.replication.catchup import CatchupChanges
 from cdcengine_postgres.replication.changes import PostgresChanges
 from cdcengine_postgres.replication.snapshot import TableSnapshot
 from cdcengine_postgres.types import defaults
@@ -98,7 +99,10 @@ class PostgresAdapter:
         return VerifyRead(source, table)
 
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,
-                spill_dir: Path | None = None) -> PostgresChanges:
+                spill_dir: Path | None = None,
+                catchup: bool = False) -> PostgresChanges | CatchupChanges:
+        if catchup and source.catchup_threshold_mb > 0:
+            return CatchupChanges(source, start_lsn=start_lsn, spill_dir=spill_dir)
         return PostgresChanges(source, start_lsn=start_lsn, spill_dir=spill_dir)
 
     def added_column_defaults(self, source: SourceConfig, ref: TableRef,

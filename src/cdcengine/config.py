@@ -114,6 +114,7 @@ _SOURCE_KEYS: dict[str, Rule] = {
     "maintenance_interval_s": _OFF_OR_POSITIVE, "vacuum_retention_hours": _OFF_OR_POSITIVE,
     "snapshot_chunk_rows": _POSITIVE, "snapshot_workers": _POSITIVE,
     "stall_timeout_s": _POSITIVE, "replication_timeout_s": _POSITIVE,
+    "catchup_threshold_mb": _OFF_OR_POSITIVE, "catchup_chunk_mb": _POSITIVE,
 }
 # checked after the table list and before the derived names (slot, publication)
 _TUNING_KEYS = tuple(k for k, r in _SOURCE_KEYS.items()
@@ -184,6 +185,10 @@ class SourceConfig:
     # the replication connection: nothing heard from the server this long, although asked to
     # answer → the connection is dead or stalled (or the walsender frozen): reconnect
     replication_timeout_s: int = 60
+    # a session starting at least this far behind the server reads the backlog through SQL
+    # peeks of the slot, in chunks of WAL, then streams (issue 15); 0: always stream
+    catchup_threshold_mb: int = 64
+    catchup_chunk_mb: int = 256
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

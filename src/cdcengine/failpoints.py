@@ -20,7 +20,10 @@ Points (in the order a batch meets them):
 - `after_confirm`: the slot was told the batch is flushed;
 - `after_snapshot`: a table's snapshot is committed, its state not yet recorded;
 - `snapshot_chunk_committed`: one chunk of a table snapshot is committed to Delta (other chunks
-  may be mid-copy), the table not yet marked loaded.
+  may be mid-copy), the table not yet marked loaded;
+- catching up through SQL peeks of the slot (adapter `replication/catchup`): `catchup_chunk_read`
+  (a chunk read whole, not all of it durable), `catchup_chunk_durable` (all of it durable, the
+  slot not yet advanced), `catchup_chunk_advanced` (advanced, the next chunk not begun).
 """
 
 from __future__ import annotations

@@ -256,6 +256,19 @@ def test_idle_stream_gets_keepalives_and_answers_them(db: ScratchDatabase) -> No
         assert stream.keepalive_lsn > before
 
 
+def test_statuses_forced_often_do_not_keep_an_idle_server_from_being_asked(
+        db: ScratchDatabase) -> None:
+    """The pipeline sends a status every few seconds on its own; the periodic one (which asks
+    an idle server to answer) must still go out, or an idle stream hears nothing and its
+    silence timeout ends it although the server is fine."""
+    slot, pub = _setup(db)
+    with _stream(db, slot, [pub], status_interval_s=1.5, silence_timeout_s=4) as stream:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 7:
+            assert stream.read(0.5) is None  # raises when the silence timeout ends it
+            stream.send_status()  # more often than the status interval
+
+
 def test_waiting_read_does_not_hold_the_gil(db: ScratchDatabase) -> None:
     """Pitfall 2: with psycopg-binary a blocking PQgetCopyData keeps the GIL; a second thread
     must make progress while `read` waits for data that does not come."""

@@ -67,16 +67,21 @@ class PostgresChanges:
         self.source = source
         self._own_spill = spill_dir is None
         self._spill = Path(spill_dir or tempfile.mkdtemp(prefix="cdcengine-spill-"))
-        self._stream = ReplicationStream(
-            source.dsn, slot=source.slot_name, publications=[source.publication_name],
-            start_lsn=start_lsn, proto_version=proto_version, secrets=source.secrets(),
-            status_interval_s=min(status_interval_s, source.replication_timeout_s / 3),
-            silence_timeout_s=float(source.replication_timeout_s),
-            application_name=f"cdcengine:{source.name}")
+        self._proto_version, self._status_interval_s = proto_version, status_interval_s
+        self._stream = self._new_stream(start_lsn)
         self._assembler = TransactionAssembler(self._spill)
         self._in_block = False  # between Stream Start and Stream Stop
         self._types: dict[int, PgType] = {}
         self._primary_keys: dict[int, tuple[str, ...]] = {}  # relid -> key, for FULL tables
+
+    def _new_stream(self, start_lsn: int) -> ReplicationStream:
+        source = self.source
+        return ReplicationStream(
+            source.dsn, slot=source.slot_name, publications=[source.publication_name],
+            start_lsn=start_lsn, proto_version=self._proto_version, secrets=source.secrets(),
+            status_interval_s=min(self._status_interval_s, source.replication_timeout_s / 3),
+            silence_timeout_s=float(source.replication_timeout_s),
+            application_name=f"cdcengine:{source.name}")
 
     def __enter__(self) -> PostgresChanges:
         try:
@@ -85,6 +90,12 @@ class PostgresChanges:
             self.close()
             raise
         return self
+
+    def stream_from(self, start_lsn: int) -> None:
+        """Start streaming at `start_lsn` in a session that has only decoded so far (a
+        catch-up, `catchup.py`): the decoder's relation keys and type cache stay."""
+        self._stream = self._new_stream(start_lsn)
+        self.__enter__()
 
     def events(self, timeout_s: float) -> Iterator[Event]:
         """Events of whatever arrives within `timeout_s` (nothing when the stream is idle),
@@ -97,8 +108,12 @@ class PostgresChanges:
         time. Per Insert this loop does one prefix comparison and one append.
         """
         payloads = self._stream.read_payloads(timeout_s, DRAIN_FRAMES)
-        if not payloads:
-            return
+        if payloads:
+            yield from self.decode(payloads)
+
+    def decode(self, payloads: list[bytes]) -> Iterator[Event]:
+        """The events of raw pgoutput messages, whichever way they arrived (the replication
+        stream, or a catch-up's peek of the slot: `catchup.py`)."""
         feed = self._assembler.feed
         run: list[bytes] | None = None
         prefix = b""  # 'I' relid 'N' of the current run
@@ -161,6 +176,10 @@ class PostgresChanges:
     @property
     def keepalive_lsn(self) -> int:
         return self._stream.keepalive_lsn
+
+    @property
+    def draining(self) -> bool:
+        return False  # a stream never waits for the core
 
     def converters(self, relation: Relation) -> list[ColumnConverter]:
         """One text→Arrow converter per column, from the catalog's types (cached by oid)."""

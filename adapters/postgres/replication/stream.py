@@ -348,6 +348,7 @@ class ReplicationStream:
                     # a dead or stalled connection shows up as silence we can time
                     self._send_status_locked(pgconn, reply=now - self._heard_at
                                              >= self.status_interval_s)
+                    self._next_status = now + self.status_interval_s
                 n, buf = pgconn.get_copy_data(1)
                 if n > 0:
                     self._heard_at = now
@@ -569,10 +570,14 @@ class ReplicationStream:
                 raise RuntimeError(_NOT_RUNNING)
             if self._ended:
                 raise self._ended_error()
-            if not force and time.monotonic() < self._next_status:
+            now = time.monotonic()
+            if not force and now < self._next_status:
                 return False
-            with self._translator:
-                self._send_status_locked(pgconn)
+            with self._translator:  # the periodic one is due: as `read` would send it
+                self._send_status_locked(pgconn, reply=not force and now - self._heard_at
+                                         >= self.status_interval_s)
+            if not force:
+                self._next_status = now + self.status_interval_s
             return True
 
     def _send_status_locked(self, pgconn: pq.abc.PGconn, *, reply: bool = False) -> None:
@@ -583,6 +588,6 @@ class ReplicationStream:
         while pgconn.put_copy_data(frame) == 0:  # non-blocking libpq buffer full
             flush_out(pgconn, self._waiter, deadline)
         flush_out(pgconn, self._waiter, deadline)
-        now = time.monotonic()
-        self._last_status_at = now
-        self._next_status = now + self.status_interval_s
+        # not `_next_status`: statuses the caller forces more often than the interval must not
+        # postpone the periodic one, the only one asking an idle server to answer
+        self._last_status_at = time.monotonic()

@@ -328,7 +328,10 @@ class Pipeline:
                  for ref, tc in live.items()}
         spill = self._spill_dir or Path(tempfile.gettempdir())
         start = self.confirmed_lsn
-        with self._adapter.changes(src, spill_dir=spill, start_lsn=start) as changes:
+        # a slot far behind may be caught up faster than streaming, chunk by chunk, each made
+        # durable before the next: only when this session confirms as it goes (nothing held)
+        with self._adapter.changes(src, spill_dir=spill, start_lsn=start,
+                                   catchup=job is None) as changes:
             batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
                               max_bytes=src.max_batch_mb * 1024 * 1024,
                               flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
@@ -356,7 +359,7 @@ class Pipeline:
                             progress.received(event.end_lsn)
                             if batcher.ready():
                                 loop.submit()
-                    if batcher.ready():
+                    if batcher.ready() or (changes.draining and not batcher.in_transaction):
                         loop.submit()
                     loop.settle()
                     if time.monotonic() - renewed > STREAM_LEASE_TTL_S / 3:

@@ -294,6 +294,11 @@ class ChangeSession(Protocol):
     def send_status(self) -> None: ...
     @property
     def keepalive_lsn(self) -> int: ...
+    @property
+    def draining(self) -> bool:
+        """True while the session waits for everything it delivered to become durable before
+        it reads on (a catch-up chunk's end): the core should write what it buffers now."""
+        ...
 
 
 class SourceAdapter(Protocol):
@@ -388,8 +393,13 @@ class SourceAdapter(Protocol):
         ...
 
     def changes(self, source: SourceConfig, *, start_lsn: int = 0,
-                spill_dir: Path | None = None) -> ChangeSession:
-        """The change stream from the source's slot (start 0: where the slot confirmed)."""
+                spill_dir: Path | None = None, catchup: bool = False) -> ChangeSession:
+        """The change stream from the source's slot (start 0: where the slot confirmed).
+
+        `catchup`: the caller confirms everything durable as it goes (nothing held), so a
+        slot far behind (`catchup_threshold_mb`) may be read faster than streaming first; the
+        session then waits for durability at its chunks' ends (`ChangeSession.draining`) and
+        switches to streaming by itself."""
         ...
 
     def added_column_defaults(self, source: SourceConfig, ref: TableRef,
