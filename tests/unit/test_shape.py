@@ -110,3 +110,10 @@ def test_the_operators_tools_never_import_the_facade_or_the_daemon() -> None:
     upward = {m: sorted(t for t in targets if t.startswith(("cdcengine.api", "cdcengine.serve")))
               for m, targets in _module_graph().items() if m.startswith("cdcengine.control")}
     assert {m: t for m, t in upward.items() if t} == {}
+
+
+def test_test_files_have_unique_names() -> None:
+    """tests/ has no packages: pytest imports test files by basename, and two files of one name
+    (one in unit/, one in integration/) stop the whole run at collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
