@@ -24,7 +24,7 @@ def _bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(900)
 def test_bench_insert_and_mixed_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    done = _bench(out, "--workloads", "insert,mixed", "--rows", "20000", "--repeat", "1")
+    done = _bench(out, "--workloads", "insert,mixed,catchup", "--rows", "20000", "--repeat", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "insert: rep 1/1 engine consolidated" in done.stdout  # progress shown
     res = json.loads((out / "results.json").read_text())
@@ -46,7 +46,15 @@ def test_bench_insert_and_mixed_end_to_end(tmp_path: Path) -> None:
     mixed = res["workloads"]["mixed"]
     assert mixed["ops"] == {"U": 2000, "D": 200}
     engine_legs = [leg for leg in res["legs"] if leg["leg"] == "engine"]
-    assert len(engine_legs) == 5  # insert ×3 modes, mixed ×2 modes
+    assert len(engine_legs) == 6  # insert ×3 modes, mixed ×2 modes, catchup
+    # which read path each leg took, from the engine's own log: insert measures the streaming
+    # protocol, catchup the SQL catch-up path (forced on whatever the backlog's size)
+    paths = {(leg["workload"], leg["label"]): leg["read_path"] for leg in engine_legs}
+    assert {p for (w, _), p in paths.items() if w == "insert"} == {"streaming"}
+    assert paths[("catchup", "consolidated")] == "catch-up"
+    catchup = res["workloads"]["catchup"]["figures"]
+    assert catchup["sql_decoding"]["rate"]["n"] == 1
+    assert catchup["engine_consolidated"]["read_path"] == "catch-up"
     for leg in engine_legs:
         assert leg["ok"], leg
         assert leg["check"]["ok"] is True

@@ -140,6 +140,15 @@ class EngineSource:
         return timed_run(self.command(), done=done, timeout_s=timeout_s,
                          log=self.log_path(leg), poll_s=0.1, on_poll=on_poll)
 
+    def read_path(self, leg: str) -> str:
+        """How the leg read its backlog, from the engine's own log: `catch-up` when it logged
+        `catchup_started`, else `streaming`."""
+        try:
+            text = self.log_path(leg).read_text(errors="replace")
+        except FileNotFoundError:
+            return "unknown"
+        return "catch-up" if "catchup_started" in text else "streaming"
+
     def verify(self, source_checksum: Mapping[str, str], *, ops: Mapping[str, int] | None = None,
                inserts_only: bool = False, log_ops: bool = True) -> dict[str, object]:
         """The correctness check of a leg: consolidated live rows' checksum equals the source's;

@@ -36,14 +36,15 @@ def _goal_lines(goals: list[Mapping[str, Any]]) -> list[str]:
 
 def _throughput_table(figures: Mapping[str, Any]) -> list[str]:
     lines = ["| consumer | changes/s median (min–max) | seconds median | peak RSS MB max | "
-             "vs pg_recvlogical |", "|---|---|---|---|---|"]
+             "vs pg_recvlogical | read path |", "|---|---|---|---|---|---|"]
     for name, fig in figures.items():
         if not isinstance(fig, Mapping) or "rate" not in fig:
             continue
         lines.append(f"| {name} | {_rate_cell(fig)} | "
                      f"{_num(fig['seconds'].get('median'), '.2f')} | "
                      f"{_num(fig['peak_rss_mb'].get('max'), '.0f')} | "
-                     f"{_ratio(fig.get('ratio_vs_pg_recvlogical'))} |")
+                     f"{_ratio(fig.get('ratio_vs_pg_recvlogical'))} | "
+                     f"{fig.get('read_path') or '-'} |")
     return lines
 
 

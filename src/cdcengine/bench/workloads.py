@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cdcengine.bench.context import Bench, loadavg
@@ -21,6 +21,8 @@ from cdcengine.bench.source import Backlog
 from cdcengine.bench.stats import GOALS, ratio, summary
 
 SCHEMA = "public"
+#: The source setting that picks the read path: 0 = the streaming protocol only.
+STREAM_ONLY = ("catchup_threshold_mb", 0)
 
 
 def _median_rate(legs: Sequence[dict[str, Any]]) -> float | None:
@@ -48,14 +50,18 @@ def catchup_setting(settings: dict[str, object]) -> str | None:
 
 
 def _engines(bench: Bench, workload: str, table: str, modes: Sequence[str],
-             reps: int) -> dict[tuple[str, int], EngineSource]:
-    """Enable and prime one engine source per mode and repetition (before any backlog)."""
+             reps: int, settings: Mapping[str, object] | None = None,
+             ) -> dict[tuple[str, int], EngineSource]:
+    """Enable and prime one engine source per mode and repetition (before any backlog).
+
+    `settings`: the workload's own source settings (which read path it measures); the user's
+    `--engine-setting` values win over them."""
     engines: dict[tuple[str, int], EngineSource] = {}
     for rep in range(reps):
         for mode in modes:
             es = EngineSource(name=f"bench_{workload}_{mode[:4]}{rep}", workdir=bench.workdir,
                               dsn=bench.source.dsn, table=table, mode=mode,
-                              settings=dict(bench.options.engine_settings))
+                              settings={**(settings or {}), **bench.options.engine_settings})
             es.enable()
             seconds = es.prime(timeout_s=bench.options.timeout_s)
             bench.progress(workload, f"engine source {es.name} enabled and primed "
@@ -73,12 +79,14 @@ def _engine_leg(bench: Bench, workload: str, es: EngineSource, rep: int, backlog
     check = es.verify(checksum, ops=backlog.ops, inserts_only=inserts_only) if run.reached \
         else None
     return bench.record(workload, leg="engine", label=es.mode, rep=rep, run=run,
-                        changes=backlog.changes, load_before=before, check=check)
+                        changes=backlog.changes, load_before=before, check=check,
+                        extra={"read_path": es.read_path(f"{workload}-{rep}")})
 
 
 def backlog_workload(
     bench: Bench, workload: str, *, table_rows: int, modes: Sequence[str],
     write: Callable[[str], Backlog], sql_decode: bool = False, inserts_only: bool = False,
+    settings: Mapping[str, object] | None = None,
 ) -> dict[str, Any]:
     """A WAL backlog read by `pg_recvlogical` (and the SQL-decoding limit) and by the engine in
     each of `modes`, `--repeat` times, all from slots made before the backlog."""
@@ -90,8 +98,8 @@ def backlog_workload(
     src.create_table(table, table_rows)
     pub = f"{prefix}pub"
     src.create_publication(pub, table)
-    engines = _engines(bench, workload, table, modes, reps)
-    profilers = (_engines(bench, workload + "_prof", table, modes, 1)
+    engines = _engines(bench, workload, table, modes, reps, settings)
+    profilers = (_engines(bench, workload + "_prof", table, modes, 1, settings)
                  if bench.options.profile else {})
     for rep in range(reps):
         src.create_slot(f"{prefix}recv{rep}")
@@ -135,6 +143,7 @@ def _backlog_result(bench: Bench, workload: str, modes: Sequence[str],
     for mode in modes:
         mine = [leg for leg in legs if leg["leg"] == "engine" and leg["label"] == mode]
         fig = _figure(mine)
+        fig["read_path"] = "/".join(sorted({str(leg.get("read_path")) for leg in mine}))
         fig["ratio_vs_pg_recvlogical"] = ratio(_median_rate(mine), base_rate)
         if sql_legs:
             fig["ratio_vs_sql_decoding"] = ratio(_median_rate(mine), _median_rate(sql_legs))
@@ -159,8 +168,13 @@ def _backlog_result(bench: Bench, workload: str, modes: Sequence[str],
 
 def insert(bench: Bench) -> dict[str, Any]:
     o = bench.options
-    return backlog_workload(bench, "insert", table_rows=0, modes=o.modes, inserts_only=True,
-                            write=lambda t: bench.source.insert_backlog(t, o.rows, o.txn_rows))
+    # the streaming protocol against its raw limit: the backlog catch-up path has a workload of
+    # its own (`catchup`), so it is switched off here
+    res = backlog_workload(bench, "insert", table_rows=0, modes=o.modes, inserts_only=True,
+                           write=lambda t: bench.source.insert_backlog(t, o.rows, o.txn_rows),
+                           settings={STREAM_ONLY[0]: STREAM_ONLY[1]})
+    res["note"] = "streaming protocol only (`catchup_threshold_mb = 0`)"
+    return res
 
 
 def mixed(bench: Bench) -> dict[str, Any]:
@@ -185,10 +199,12 @@ def bigtxn(bench: Bench) -> dict[str, Any]:
 
 def catchup(bench: Bench) -> dict[str, Any]:
     o = bench.options
+    # the catch-up path whatever the backlog's size (the engine's default threshold is 64 MB)
     res = backlog_workload(bench, "catchup", table_rows=0, modes=["consolidated"],
                            sql_decode=True, inserts_only=True,
-                           write=lambda t: bench.source.insert_backlog(t, o.rows, o.txn_rows))
-    setting = catchup_setting(dict(o.engine_settings))
+                           write=lambda t: bench.source.insert_backlog(t, o.rows, o.txn_rows),
+                           settings={STREAM_ONLY[0]: 1})
+    setting = catchup_setting({STREAM_ONLY[0]: 1, **o.engine_settings})
     res["note"] = (f"engine catch-up path: {setting}" if setting else
                    "this engine has no backlog catch-up setting: the engine leg is plain "
                    "streaming")
