@@ -34,7 +34,7 @@ from cdcengine.lsn import parse_lsn
 from cdcengine.secrets import mask_dsn
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.testing.binaries import find_bindir
-from cdcengine_postgres.testing.cluster import ClusterError, TempCluster
+from cdcengine_postgres.testing.cluster import TempCluster, start_with_database
 
 __all__ = ["BENCH_DATABASE", "PostgresBench", "open_bench"]
 
@@ -340,23 +340,11 @@ def open_bench(dsn: str | None, *, say: Callable[[str], None] = print) -> Postgr
         return PostgresBench(dsn, description=f"PostgreSQL at {mask_dsn(dsn)}")
     base = Path(os.environ.get("CDCENGINE_BENCH_TMP", tempfile.gettempdir()))
     cluster = TempCluster(_SERVER, base_dir=base)
-    try:
-        say(f"starting a throwaway PostgreSQL server from {cluster.bindir} "
-            "(wal_level=logical, fsync off) ...")
-        cluster.start()
-        with connect(cluster.admin_dsn, application_name=_APP) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BENCH_DATABASE)))
-    except ClusterError as exc:
-        cluster.cleanup()
-        raise CDCError(f"could not start a throwaway PostgreSQL server: {exc}",
-                       reason=Reason.UNKNOWN,
-                       fix="Install the PostgreSQL server package (`bash scripts/setup.sh` "
-                           "does), or point the bench at a server with --dsn URL.") from None
-    except BaseException:
-        cluster.cleanup()
-        raise
+    dsn = start_with_database(cluster, BENCH_DATABASE, application_name=_APP, say=say,
+                              starting="wal_level=logical, fsync off",
+                              instead="point the bench at a server with --dsn URL")
     v = cluster.version
     return PostgresBench(
-        cluster.dsn(BENCH_DATABASE), cluster=cluster,
+        dsn, cluster=cluster,
         description=f"throwaway PostgreSQL {v // 10000}.{v % 10000} on {cluster.host}:"
                     f"{cluster.port} (fsync off, full_page_writes off; removed at the end)")

@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
@@ -470,3 +470,30 @@ class TempCluster:
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.release()
+
+
+def start_with_database(cluster: TempCluster, database: str, *, application_name: str,
+                        say: Callable[[str], None], starting: str, instead: str) -> str:
+    """Start `cluster` and create `database` in it for a front-end (the demo, the bench); its
+    dsn. On failure the cluster is removed and the error says how to do without it: `instead`
+    completes "…, or <instead>" (e.g. "run the demo against a server with --dsn URL")."""
+    from psycopg import sql
+
+    from cdcengine.errors import CDCError, Reason
+    from cdcengine_postgres.connection import connect
+
+    try:
+        say(f"starting a throwaway PostgreSQL server from {cluster.bindir} ({starting}) ...")
+        cluster.start()
+        with connect(cluster.admin_dsn, application_name=application_name) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    except ClusterError as exc:
+        cluster.cleanup()
+        raise CDCError(f"could not start a throwaway PostgreSQL server: {exc}",
+                       reason=Reason.UNKNOWN,
+                       fix="Install the PostgreSQL server package (`bash scripts/setup.sh` "
+                           f"does), or {instead}.") from None
+    except BaseException:
+        cluster.cleanup()
+        raise
+    return cluster.dsn(database)

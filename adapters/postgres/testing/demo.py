@@ -34,7 +34,7 @@ from cdcengine.errors import CDCError, Reason
 from cdcengine.secrets import dsn_password, mask_dsn
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.testing.cluster import ClusterError, TempCluster
+from cdcengine_postgres.testing.cluster import TempCluster, start_with_database
 
 if TYPE_CHECKING:
     # the engine's demo module loads deltalake; its tally is only a type here
@@ -388,23 +388,11 @@ def open_demo(dsn: str | None, *, say: Callable[[str], None] = print) -> Postgre
     if dsn is not None:
         return PostgresDemo(dsn, description=f"PostgreSQL at {mask_dsn(dsn)}")
     cluster = TempCluster()
-    try:
-        say("starting a throwaway PostgreSQL server from "
-            f"{cluster.bindir} (wal_level=logical) ...")
-        cluster.start()
-        with connect(cluster.admin_dsn, application_name=_APP) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEMO_DATABASE)))
-    except ClusterError as exc:
-        cluster.cleanup()
-        raise CDCError(f"could not start a throwaway PostgreSQL server: {exc}",
-                       reason=Reason.UNKNOWN,
-                       fix="Install the PostgreSQL server package (`bash scripts/setup.sh` "
-                           "does), or run the demo against a server with --dsn URL.") from None
-    except BaseException:
-        cluster.cleanup()
-        raise
+    demo_dsn = start_with_database(cluster, DEMO_DATABASE, application_name=_APP, say=say,
+                                   starting="wal_level=logical",
+                                   instead="run the demo against a server with --dsn URL")
     v = cluster.version
     return PostgresDemo(
-        cluster.dsn(DEMO_DATABASE), cluster=cluster,
+        demo_dsn, cluster=cluster,
         description=f"throwaway PostgreSQL {v // 10000}.{v % 10000} on "
                     f"{cluster.host}:{cluster.port} (database {DEMO_DATABASE}, removed at the end)")
