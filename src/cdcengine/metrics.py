@@ -12,7 +12,7 @@ reading and writing threads, the monitor from its timer, the HTTP server renders
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -60,9 +60,10 @@ class Metrics:
             "cdcengine_batch_latency_seconds", "From a batch being handed to the writer to all "
             "its Delta commits being durable.", ["source"], buckets=_DELAY_BUCKETS, registry=r)
         self._to_delta = Histogram(
-            "cdcengine_commit_to_delta_seconds", "From the source commit of a batch's newest "
-            "transaction to the batch being durable in Delta (clocks of the database and the "
-            "engine host).", ["source"], buckets=_DELAY_BUCKETS, registry=r)
+            "cdcengine_commit_to_delta_seconds", "From each source transaction's commit to "
+            "all its changes being durable in Delta, one observation per transaction (clocks "
+            "of the database and the engine host).", ["source"], buckets=_DELAY_BUCKETS,
+            registry=r)
         self._state = Gauge(
             "cdcengine_source_state", "1 for the source's current state, 0 for the others.",
             ["source", "state"], registry=r)
@@ -116,13 +117,16 @@ class Metrics:
         self._commit.labels(source).observe(max(seconds, 0.0))
 
     def observe_batch(self, source: str, *, seconds: float,
-                      commit_to_delta_s: float | None) -> None:
-        """A batch became durable `seconds` after it was taken; its newest source transaction had
-        committed `commit_to_delta_s` before (None: the batch wrote no row). Clock skew between
-        the database and this host can make that negative: it is counted as 0."""
+                      commit_to_delta_s: Sequence[float] = ()) -> None:
+        """A batch became durable `seconds` after it was taken; each source transaction it made
+        durable had committed `commit_to_delta_s[i]` before (one value per transaction, so the
+        histogram is the commit-to-visible distribution of transactions, not of batches: a
+        batch's newest transaction alone would hide how long its oldest waited). Clock skew
+        between the database and this host can make a value negative: it is counted as 0."""
         self._batch.labels(source).observe(max(seconds, 0.0))
-        if commit_to_delta_s is not None:
-            self._to_delta.labels(source).observe(max(commit_to_delta_s, 0.0))
+        to_delta = self._to_delta.labels(source)
+        for delay in commit_to_delta_s:
+            to_delta.observe(max(delay, 0.0))
 
     # ---- exposition ---------------------------------------------------------------------------
     def render(self) -> bytes:

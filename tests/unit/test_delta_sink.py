@@ -527,6 +527,10 @@ def test_write_leaves_out_what_each_kind_applied(sink: DeltaSink) -> None:
     assert (app.skipped, app.rows_in, cons.skipped, cons.rows_in) == (False, 1, False, 2)
     assert app.bytes_in > 0
     assert cons.newest_commit_us == int((T0 + timedelta(seconds=300)).timestamp() * 1_000_000)
+    # the transactions each kind made durable: only those above its applied version
+    at = lambda s: int((T0 + timedelta(seconds=s)).timestamp() * 1_000_000)  # noqa: E731
+    assert sorted(cons.transactions) == [(200, at(200)), (300, at(300))]
+    assert app.transactions == ((300, at(300)),)
     assert sink.row_count(REF, "append") == 3
     assert {k: r["v"] for k, r in consolidated(sink).items()} == {1: "b", 2: "c"}
     versions = (delta_version(sink), delta_version(sink, "append"))

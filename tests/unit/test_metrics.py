@@ -92,9 +92,9 @@ def test_write_path_rows_bytes_and_latency_histograms() -> None:
     m.count_applied("shop", "public.items", rows=1, nbytes=50)
     m.observe_commit("shop", 0.02)
     m.observe_commit("shop", 3.0)
-    m.observe_batch("shop", seconds=0.5, commit_to_delta_s=1.5)
-    m.observe_batch("shop", seconds=0.1, commit_to_delta_s=None)  # wrote no row
-    m.observe_batch("shop", seconds=0.1, commit_to_delta_s=-2.0)  # clock skew: counted as 0
+    m.observe_batch("shop", seconds=0.5, commit_to_delta_s=[1.5, 0.5])  # two transactions
+    m.observe_batch("shop", seconds=0.1)  # wrote no row
+    m.observe_batch("shop", seconds=0.1, commit_to_delta_s=[-2.0])  # clock skew: counted as 0
     got = samples(m)
     orders = (("source", "shop"), ("table", "public.orders"))
     assert got[("cdcengine_rows_applied_total", orders)] == 5
@@ -105,8 +105,8 @@ def test_write_path_rows_bytes_and_latency_histograms() -> None:
     assert got[("cdcengine_commit_latency_seconds_count", shop)] == 2
     assert got[("cdcengine_commit_latency_seconds_sum", shop)] == 3.02
     assert got[("cdcengine_batch_latency_seconds_count", shop)] == 3
-    assert got[("cdcengine_commit_to_delta_seconds_count", shop)] == 2
-    assert got[("cdcengine_commit_to_delta_seconds_sum", shop)] == 1.5
+    assert got[("cdcengine_commit_to_delta_seconds_count", shop)] == 3  # one per transaction
+    assert got[("cdcengine_commit_to_delta_seconds_sum", shop)] == 2.0
     assert got[("cdcengine_commit_latency_seconds_bucket", (("le", "0.025"), *shop))] == 1
     assert got[("cdcengine_commit_latency_seconds_bucket", (("le", "+Inf"), *shop))] == 2
     # no `_created` companion series: only noise in the text format

@@ -196,7 +196,10 @@ class BatchWriter:
 
     def _write(self, batch: ChangeBatch, taken: float) -> Durable:
         started = time.monotonic()
-        metrics, newest_us = self._metrics, None
+        metrics = self._metrics
+        # each source transaction that became durable with this batch, by its end LSN (one
+        # transaction may touch several tables): its commit time, for commit-to-visible
+        commit_us: dict[int, int] = {}
         written = 0
         touched: list[tuple[TableRef, TableKind]] = []
         tables = list(batch.tables.items())
@@ -228,14 +231,13 @@ class BatchWriter:
                 by_table[tc.name] = by_table.get(tc.name, 0) + first.rows_in
                 metrics.count_applied(self._source, tc.name, rows=first.rows_in,
                                       nbytes=first.bytes_in)
-                if first.newest_commit_us is not None:
-                    newest_us = max(first.newest_commit_us, newest_us or 0)
+                commit_us.update(first.transactions)
             if i < len(tables) - 1:
                 failpoints.hit("between_tables")
         failpoints.hit("after_commit")
-        metrics.observe_batch(
-            self._source, seconds=time.monotonic() - taken,
-            commit_to_delta_s=None if newest_us is None else time.time() - newest_us / 1e6)
+        now = time.time()
+        metrics.observe_batch(self._source, seconds=time.monotonic() - taken,
+                              commit_to_delta_s=[now - us / 1e6 for us in commit_us.values()])
         elapsed = time.monotonic() - started
         self.stats.batches += 1
         self.stats.transactions += batch.transactions

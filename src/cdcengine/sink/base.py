@@ -105,8 +105,9 @@ class CommitResult:
     below it; it may be below the batch's version when the table's last change came earlier).
     `delta_version` is the Delta table version that holds the commit (None when skipped).
     Row counts: `rows_in` change rows of the batch above the table's applied version (what the
-    call had to write; 0 when skipped), `bytes_in` their Arrow size and `newest_commit_us` their
-    newest source commit time (µs since the epoch; None without rows); `rows_written` rows in
+    call had to write; 0 when skipped), `bytes_in` their Arrow size, `newest_commit_us` their
+    newest source commit time (µs since the epoch; None without rows) and `transactions` the
+    (end LSN, commit µs) of each source transaction among them; `rows_written` rows in
     the commit's source (after folding, for a consolidated table); `inserted`/`updated`/
     `deleted` target rows as Delta reports them (a soft delete counts as an update).
     `unresolved_unchanged` counts rows that carried an unchanged-TOAST column whose value
@@ -122,6 +123,7 @@ class CommitResult:
     rows_in: int = 0
     bytes_in: int = 0
     newest_commit_us: int | None = None
+    transactions: tuple[tuple[int, int], ...] = ()
     rows_written: int = 0
     inserted: int = 0
     updated: int = 0

@@ -75,6 +75,16 @@ def newest_commit_us(batch: pa.Table) -> int | None:
     return None if found is None else int(found)
 
 
+def transaction_commits(batch: pa.Table) -> tuple[tuple[int, int], ...]:
+    """(end LSN, commit time in µs since the epoch) of each source transaction with rows in the
+    batch: every row of a transaction carries the same two values."""
+    if batch.num_rows == 0 or COMMITTED_AT not in batch.column_names:
+        return ()
+    pairs = pa.table({"lsn": batch[LSN], "at": batch[COMMITTED_AT].cast(pa.int64())})
+    found = pairs.group_by("lsn").aggregate([("at", "min")])
+    return tuple(zip(found["lsn"].to_pylist(), found["at_min"].to_pylist(), strict=True))
+
+
 def fill_before(batch: pa.Table, column: str, value: pa.Scalar, upto: int) -> pa.Table:
     """`column` set to `value` where it is null in the rows with `_cdc_lsn <= upto` (rows that
     existed before a source `ADD COLUMN … DEFAULT <constant>`, which wrote no WAL for them)."""

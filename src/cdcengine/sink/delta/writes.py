@@ -68,6 +68,7 @@ from cdcengine.sink.fold import (
     has_key_change_with_unchanged,
     newest_commit_us,
     rows_after,
+    transaction_commits,
     unresolved_rows,
 )
 
@@ -152,7 +153,8 @@ class ChangeWrites(StoredLookups):
                 exc.kind = exc.kind or kind
                 raise
             commits.append(replace(commit, rows_in=rows.num_rows, bytes_in=rows.nbytes,
-                                   newest_commit_us=newest_commit_us(rows)))
+                                   newest_commit_us=newest_commit_us(rows),
+                                   transactions=transaction_commits(rows)))
         durable = min((c.version for c in commits), default=version)
         return WriteResult(table=ref, version=max(version, durable), commits=tuple(commits))
 
