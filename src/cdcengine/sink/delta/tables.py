@@ -174,10 +174,13 @@ class DeltaTables:
         """A fresh handle on the table at `path` (None when there is none)."""
         return load_table(path, self._storage_options)
 
-    def _cached(self, path: str) -> DeltaTable | None:
+    def _cached(self, path: str, *, refresh: bool = True) -> DeltaTable | None:
+        """The table's handle, its log brought up to date (one listing of the log; on an
+        object store a request) unless `refresh` is False: the caller has just done it."""
         dt = self._tables.get(path)
         if dt is not None:
-            dt.update_incremental()
+            if refresh:
+                dt.update_incremental()
             return dt
         dt = self._load(path)
         if dt is not None:

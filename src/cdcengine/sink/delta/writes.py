@@ -145,10 +145,10 @@ class ChangeWrites(StoredLookups):
                     # the values as of before the batch
                     commit = self.write_append(
                         ref, rows, version=version, key=spec.key,
-                        fill_from_consolidated=TableKind.CONSOLIDATED in kinds)
+                        fill_from_consolidated=TableKind.CONSOLIDATED in kinds, _fresh=True)
                 else:
                     commit = self.write_consolidated(ref, rows, key=spec.key, version=version,
-                                                     hard_deletes=spec.hard_deletes)
+                                                     hard_deletes=spec.hard_deletes, _fresh=True)
             except SinkWriteError as exc:
                 exc.kind = exc.kind or kind
                 raise
@@ -185,6 +185,7 @@ class ChangeWrites(StoredLookups):
         key: Sequence[str],
         version: int,
         hard_deletes: bool = False,
+        _fresh: bool = False,
     ) -> CommitResult:
         """Merge one batch into the consolidated table in ONE Delta commit carrying the txn.
 
@@ -204,7 +205,9 @@ class ChangeWrites(StoredLookups):
         batch = _check_batch(batch, version, require=(OP, LSN, COMMITTED_AT))
         path = self._writable_path(ref, kind)
         with self._delta_errors(path, ref, kind):
-            dt = self._cached(path)
+            # `_fresh`: `write` read this log a moment ago on this thread; reading it again is
+            # one more listing (a request on an object store) per table kind and batch
+            dt = self._cached(path, refresh=not _fresh)
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
                 return self._skipped(ref, kind, applied, batch.num_rows, version)
@@ -259,6 +262,7 @@ class ChangeWrites(StoredLookups):
         version: int,
         key: Sequence[str] = (),
         fill_from_consolidated: bool = False,
+        _fresh: bool = False,
     ) -> CommitResult:
         """Append one batch to the change-log table in ONE Delta commit carrying the txn.
 
@@ -279,7 +283,9 @@ class ChangeWrites(StoredLookups):
         batch = _check_batch(batch, version, require=(OP, LSN, SEQ, COMMITTED_AT))
         path = self._writable_path(ref, kind)
         with self._delta_errors(path, ref, kind):
-            dt = self._cached(path)
+            # `_fresh`: `write` read this log a moment ago on this thread; reading it again is
+            # one more listing (a request on an object store) per table kind and batch
+            dt = self._cached(path, refresh=not _fresh)
             applied = None if dt is None else self._txn_version(dt, ref, kind)
             if applied is not None and version <= applied:
                 return self._skipped(ref, kind, applied, batch.num_rows, version)
