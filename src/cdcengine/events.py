@@ -11,11 +11,11 @@ Contract (the adapter guarantees it, the core relies on it):
   never NULL: the sink must keep the stored value.
 - LSNs are ints. `Commit.end_lsn` is the transaction's position: everything at or below it is
   applied once that transaction is durable.
-- Consecutive inserts into one relation may arrive packed, as one `PackedInserts` (a subclass
-  the adapter defines), instead of one `Insert` each: same rows, same order, same meaning. The
+- Consecutive changes to one relation may arrive packed, as one `PackedChanges` (a subclass
+  the adapter defines), instead of one event each: same rows, same order, same meaning. The
   core keeps such a run as it is and asks the adapter's class for the rows' text columns only
-  when it converts them (`PackedInserts.columns`: whole columns at once, no Python object per
-  value), which is what makes bulk inserts cheap.
+  when it converts them (`PackedChanges.columns`: whole columns at once, no Python object per
+  value), which is what makes bulk inserts, updates and deletes cheap.
 """
 
 from __future__ import annotations
@@ -131,35 +131,63 @@ class Message:
     content: bytes
 
 
-class PackedInserts:
-    """`count` consecutive inserts into relation `relid`, in the adapter's packed form.
+@dataclass(frozen=True, slots=True)
+class PackedColumns:
+    """The text columns of packed changes (`PackedChanges.columns`), one value per change."""
 
-    Equivalent to `count` `Insert` events in order (within one transaction). The core never
-    looks inside: it keeps runs as they are and, when it converts a table's rows, hands every
-    run of one class to that class's `columns`, which returns the text columns of all their rows
-    at once; `rows` gives the same rows as `Row` tuples for the cases that need them one by one.
-    `nbytes` is the packed size, for the core's memory budget.
+    columns: list[pa.Array]  # binary, null for SQL NULL and for an unchanged TOASTed value
+    # per change, the indices of the columns holding an unchanged TOASTed value (list<int32>,
+    # null when none); None when no change has any
+    unchanged: pa.Array | None = None
+
+
+class PackedChanges:
+    """`count` consecutive changes to relation `relid`, in the adapter's packed form.
+
+    Equivalent to `count` Insert/Update/Delete events in order (within one transaction), one
+    row each: `ops` holds each change's `_cdc_op` letter (b"I", b"U", b"D"); an update's row is
+    its new row (under REPLICA IDENTITY FULL with unchanged TOASTed values taken from the old
+    row), a delete's its old row. The adapter never packs an update that changed its key (two
+    rows); when `has_old` (some updates carry the whole old row), the core asks `keeps_keys`
+    with its key before keeping the run packed, and otherwise takes its `events()`.
+
+    The core never looks inside: it keeps runs as they are and, when it converts a table's
+    rows, hands every run of one class to that class's `columns`, which returns the text
+    columns of all their rows at once; `rows` gives the same rows as `Row` tuples for the
+    cases that need them one by one. `nbytes` is the packed size, for the core's memory budget.
     """
 
-    __slots__ = ("count", "nbytes", "relid")
+    __slots__ = ("count", "has_old", "nbytes", "ops", "relid")
 
     relid: int
     count: int
     nbytes: int
+    ops: bytes
+    has_old: bool
 
     def rows(self) -> list[Row]:
-        """The run's rows as `Insert.new` would carry them (decoding errors raise)."""
+        """The run's rows as the core keeps them (UNCHANGED markers included; decoding errors
+        raise)."""
+        raise NotImplementedError
+
+    def events(self) -> list[Change]:
+        """The run's changes as events, one by one (decoding errors raise)."""
+        raise NotImplementedError
+
+    def keeps_keys(self, key_idx: Sequence[int]) -> bool:
+        """False when an update of the run changes a value of the columns at `key_idx` (it
+        would make two rows), or when that cannot be told column-wise."""
         raise NotImplementedError
 
     @classmethod
-    def columns(cls, runs: Sequence[PackedInserts], ncols: int) -> list[pa.Array] | None:
+    def columns(cls, runs: Sequence[PackedChanges], ncols: int) -> PackedColumns | None:
         """The rows of `runs` (all of this class, in order) as `ncols` Arrow binary columns of
-        text values (null for SQL NULL), or None when any row has another number of columns or
-        a value that is not plain text (then the caller goes through `rows`)."""
+        text values, or None when any row has another number of columns or a value that is not
+        plain text, NULL or unchanged (then the caller goes through `rows`)."""
         raise NotImplementedError
 
 
 Change = Insert | Update | Delete | Truncate
 Event = (
-    Relation | Begin | Commit | Insert | PackedInserts | Update | Delete | Truncate | Message
+    Relation | Begin | Commit | Insert | PackedChanges | Update | Delete | Truncate | Message
 )

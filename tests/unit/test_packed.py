@@ -1,7 +1,7 @@
 """Packed inserts (`cdcengine_postgres.replication.packed`) against the row-by-row path they
 replace.
 
-Bulk inserts reach the batcher as `InsertRun`s of raw pgoutput messages whose columns are found
+Bulk inserts reach the batcher as `ChangeRun`s of raw pgoutput messages whose columns are found
 by vectorised offset arithmetic; every other change still goes through `pgoutput.decode`. These
 tests hold the two to the same answer on randomized input: the text columns themselves (NULLs,
 empty strings, multi-byte UTF-8, bytes that look like kind bytes, values of 100 kB and more,
@@ -53,7 +53,7 @@ from cdcengine.events import (
     Commit,
     Event,
     Insert,
-    PackedInserts,
+    PackedChanges,
     Relation,
     RelationColumn,
     Truncate,
@@ -65,13 +65,18 @@ from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch
 from cdcengine_postgres.replication import changes as changes_mod
 from cdcengine_postgres.replication import packed
 from cdcengine_postgres.replication.changes import PostgresChanges
-from cdcengine_postgres.replication.packed import InsertRun, split_inserts
+from cdcengine_postgres.replication.packed import ChangeRun, split_changes
 from cdcengine_postgres.replication.pgoutput import BinaryValue, PgoutputError
 from cdcengine_postgres.replication.transactions import TransactionAssembler
 from cdcengine_postgres.types.convert import to_arrow
 from cdcengine_postgres.types.mapping import PgType
 
 RELID = 16384
+
+
+def _columns(runs: Sequence[PackedChanges], ncols: int) -> list[pa.Array] | None:
+    found = ChangeRun.columns(runs, ncols)
+    return None if found is None else found.columns
 _UTF8 = ["€", "日本語", "ü", "🙂", "a\u0301", "ß"]
 
 
@@ -95,19 +100,19 @@ def _rows(rng: random.Random, n: int, ncols: int) -> list[tuple[bytes | None, ..
 
 
 def _runs(rng: random.Random, rows: Sequence[Sequence[Value]], relid: int = RELID,
-          ) -> list[InsertRun]:
+          ) -> list[ChangeRun]:
     """The rows' Insert messages, cut into runs at random places."""
     payloads = [insert(relid, *row) for row in rows]
-    out: list[InsertRun] = []
+    out: list[ChangeRun] = []
     start = 0
     while start < len(payloads):
         end = start + rng.randint(1, 40)
-        out.append(InsertRun(relid, payloads[start:end]))
+        out.append(ChangeRun.inserts(relid, payloads[start:end]))
         start = end
     return out
 
 
-def _row_columns(runs: Sequence[InsertRun], ncols: int) -> list[list[bytes | None]]:
+def _row_columns(runs: Sequence[ChangeRun], ncols: int) -> list[list[bytes | None]]:
     rows = [row for run in runs for row in run.rows()]
     return [[row[j] for row in rows] for j in range(ncols)]  # type: ignore[misc]
 
@@ -124,7 +129,7 @@ def test_columns_match_row_decoding(seed: int, group_bytes: int,
     ncols = rng.randint(1, 9)
     rows = _rows(rng, rng.randint(1, 250), ncols)
     runs = _runs(rng, rows)
-    columns = InsertRun.columns(runs, ncols)
+    columns = _columns(runs, ncols)
     assert columns is not None and len(columns) == ncols
     for column in columns:
         column.validate(full=True)
@@ -137,7 +142,7 @@ def test_columns_match_row_decoding(seed: int, group_bytes: int,
 
 def test_all_null_and_all_empty_columns() -> None:
     rows: list[tuple[bytes | None, ...]] = [(None, b"", b"x"), (None, b"", None)] * 50
-    columns = InsertRun.columns([InsertRun(RELID, [insert(RELID, *r) for r in rows])], 3)
+    columns = _columns([ChangeRun.inserts(RELID, [insert(RELID, *r) for r in rows])], 3)
     assert columns is not None
     assert columns[0].null_count == 100
     assert columns[1].to_pylist() == [b""] * 100 and columns[1].null_count == 0
@@ -145,10 +150,10 @@ def test_all_null_and_all_empty_columns() -> None:
 
 
 def test_no_runs_and_empty_input() -> None:
-    assert [c.to_pylist() for c in InsertRun.columns([], 2)] == [[], []]  # type: ignore[union-attr]
+    assert [c.to_pylist() for c in _columns([], 2)] == [[], []]  # type: ignore[union-attr]
     import numpy as np
 
-    assert [c.to_pylist() for c in split_inserts(b"", np.empty(0, np.int64), 3)] == [[], [], []]  # type: ignore[union-attr]
+    assert [c.to_pylist() for c in split_changes(b"", np.empty(0, np.int64), 3).columns] == [[], [], []]  # type: ignore[union-attr]
 
 
 def _malformed() -> list[tuple[str, bytes]]:
@@ -168,8 +173,8 @@ def _malformed() -> list[tuple[str, bytes]]:
 def test_malformed_messages_fall_back_and_raise_like_decode(name: str) -> None:
     bad = dict(_malformed())[name]
     good = insert(RELID, b"1", b"a")
-    run = InsertRun(RELID, [good, bad, good])
-    assert InsertRun.columns([run], 2) is None
+    run = ChangeRun.inserts(RELID, [good, bad, good])
+    assert _columns([run], 2) is None
     try:
         rows = run.rows()
     except PgoutputError:
@@ -189,8 +194,8 @@ def test_malformed_messages_fall_back_and_raise_like_decode(name: str) -> None:
 )
 def test_uncommon_shapes_fall_back_to_rows(row: tuple[Value, ...], ncols: int) -> None:
     rng = random.Random(1)
-    runs = [*_runs(rng, _rows(rng, 30, len(row))), InsertRun(RELID, [insert(RELID, *row)])]
-    assert InsertRun.columns(runs, ncols) is None
+    runs = [*_runs(rng, _rows(rng, 30, len(row))), ChangeRun.inserts(RELID, [insert(RELID, *row)])]
+    assert _columns(runs, ncols) is None
     assert runs[-1].rows() == [row]
 
 
@@ -381,7 +386,7 @@ def _pack(rng: random.Random, events: Sequence[Event]) -> Iterator[Event]:
     def flush() -> Iterator[Event]:
         while run:
             cut = rng.randint(1, len(run))
-            yield InsertRun(run[0].relid, [insert(i.relid, *i.new) for i in run[:cut]])
+            yield ChangeRun.inserts(run[0].relid, [insert(i.relid, *i.new) for i in run[:cut]])
             del run[:cut]
 
     for ev in events:
@@ -414,19 +419,19 @@ def test_batches_are_the_same_with_packed_runs(seed: int, budget: int, tmp_path:
     assert a is not None and b is not None
     _same(a, b)
     assert set(a.tables) == {ORDERS, ITEMS}
-    assert any(isinstance(ev, PackedInserts) for ev in _pack(random.Random(1), events))
+    assert any(isinstance(ev, PackedChanges) for ev in _pack(random.Random(1), events))
 
 
 def test_a_table_stopped_inside_a_transaction_drops_its_packed_rows(tmp_path: Path) -> None:
     b = _mixed_batcher(tmp_path, 10**12)
     b.add(_rel(1, "orders", ["id", "v"]))
     b.add(Begin(xid=1, final_lsn=10, commit_ts_us=0))
-    b.add(InsertRun(1, [insert(1, b"1", b"a"), insert(1, b"2", b"b")]))
+    b.add(ChangeRun.inserts(1, [insert(1, b"1", b"a"), insert(1, b"2", b"b")]))
     b.add(Commit(xid=1, commit_lsn=10, end_lsn=15, commit_ts_us=0))
     b.add(Begin(xid=2, final_lsn=20, commit_ts_us=0))
-    b.add(InsertRun(1, [insert(1, b"3", b"c")]))
+    b.add(ChangeRun.inserts(1, [insert(1, b"3", b"c")]))
     b.add(_rel(1, "orders", ["id2", "v"]))  # the key changed: the table stops here
-    b.add(InsertRun(1, [insert(1, b"4", b"d")]))
+    b.add(ChangeRun.inserts(1, [insert(1, b"4", b"d")]))
     b.add(Commit(xid=2, commit_lsn=20, end_lsn=25, commit_ts_us=0))
     batch = b.take()
     assert batch is not None
@@ -440,7 +445,7 @@ def test_a_batch_with_an_uncommon_run_converts_it_row_by_row(tmp_path: Path) -> 
     packed_ = _mixed_batcher(tmp_path, 10**12)
     upd = Update(relid=1, new=(b"1", UNCHANGED))
     for b, changes in ((decoded, [*(Insert(relid=1, new=r) for r in rows), upd]),
-                       (packed_, [InsertRun(1, [insert(1, *r) for r in rows]), upd])):
+                       (packed_, [ChangeRun.inserts(1, [insert(1, *r) for r in rows]), upd])):
         b.add(_rel(1, "orders", ["id", "v"]))
         b.add(Begin(xid=1, final_lsn=10, commit_ts_us=0))
         for ev in changes:
@@ -456,7 +461,7 @@ def test_a_malformed_packed_insert_fails_the_batch_like_decoding_would(tmp_path:
     b = _mixed_batcher(tmp_path, 10**12)
     b.add(_rel(1, "orders", ["id", "v"]))
     b.add(Begin(xid=1, final_lsn=10, commit_ts_us=0))
-    b.add(InsertRun(1, [insert(1, b"1", b"a"), insert(1, b"2", b"b")[:-3]]))
+    b.add(ChangeRun.inserts(1, [insert(1, b"1", b"a"), insert(1, b"2", b"b")[:-3]]))
     b.add(Commit(xid=1, commit_lsn=10, end_lsn=15, commit_ts_us=0))
     with pytest.raises(PgoutputError):
         b.take()
@@ -469,7 +474,7 @@ def test_buffer_truncate_turns_a_cut_run_into_rows() -> None:
     rel = _Relation(relation=_rel(1, "orders", ["id", "v"]), spec=CaptureSpec(ref=ORDERS),
                     key=("id",), key_idx=(0,), converters=[_text, _text])
     buf = TableBuffer(rel=rel)
-    run = InsertRun(1, [insert(1, str(i).encode(), b"v") for i in range(5)])
+    run = ChangeRun.inserts(1, [insert(1, str(i).encode(), b"v") for i in range(5)])
     buf.items += [(b"a", b"b"), run, (b"z", None)]
     buf.tail, buf.runs = 7, 1
     buf.ops += b"UIIIIID"
@@ -505,8 +510,8 @@ def _session(payloads: list[bytes], tmp: Path, rng: random.Random) -> PostgresCh
 def _unpacked(events: Iterator[Event]) -> list[Event]:
     out: list[Event] = []
     for ev in events:
-        if isinstance(ev, PackedInserts):
-            out += [Insert(relid=ev.relid, new=row) for row in ev.rows()]
+        if isinstance(ev, PackedChanges):
+            out += ev.events()
         else:
             out.append(ev)
     return out
@@ -533,7 +538,7 @@ def test_session_packs_plain_inserts_and_leaves_the_rest_to_the_assembler(
         got: list[Event] = []
         while session._stream._payloads:  # type: ignore[attr-defined]
             got += session.events(0)
-        assert any(isinstance(ev, PackedInserts) for ev in got)
+        assert any(isinstance(ev, PackedChanges) for ev in got)
         assert _unpacked(iter(got)) == expected
         session._assembler.close()
 
@@ -542,9 +547,9 @@ def test_session_hands_malformed_inserts_on_for_the_batch_to_reject(tmp_path: Pa
     bad = insert(1, b"1", b"a")[:-1]
     session = _session([relation(1), begin(1), bad, commit()], tmp_path, random.Random(0))
     events = [ev for _ in range(4) for ev in session.events(0)]
-    runs = [ev for ev in events if isinstance(ev, PackedInserts)]
+    runs = [ev for ev in events if isinstance(ev, PackedChanges)]
     assert len(runs) == 1
-    assert InsertRun.columns(runs, 2) is None
+    assert _columns(runs, 2) is None
     with pytest.raises(PgoutputError):
         runs[0].rows()
     # a message whose 'N' is missing is not packed: the assembler rejects it at once
@@ -562,7 +567,7 @@ def test_long_transactions_keep_exact_ops_and_sequence_numbers(tmp_path: Path) -
     n = 0
     ops: list[str] = []
     for size in (1, 9000, 60_000, 1, 5000):
-        b.add(InsertRun(1, [insert(1, str(n + i).encode(), None) for i in range(size)]))
+        b.add(ChangeRun.inserts(1, [insert(1, str(n + i).encode(), None) for i in range(size)]))
         n += size
         b.add(Update(relid=1, new=(str(n).encode(), b"u")))
         n += 1

@@ -6,9 +6,9 @@ catalog (a converter per relation column, text → Arrow). The core sees engine-
 converters; it never sees psycopg.
 
 The reading thread's hot path is here: frames come in bursts (`ReplicationStream.read_payloads`)
-and plain Inserts -- almost everything a bulk load sends -- bypass the per-message decoder: a
-run of them is handed on as one `packed.InsertRun` of raw messages, whose columns are split in
-bulk when the batch is converted (see `packed.py`).
+and changes -- almost everything a bulk load, update or delete sends -- bypass the per-message
+decoder: a run of them is handed on as one `packed.ChangeRun` of raw messages, whose columns are
+split in bulk when the batch is converted (see `packed.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from cdcengine.config import SourceConfig
 from cdcengine.events import Event, Relation
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.replication.packed import INSERT_HEADER, InsertRun
+from cdcengine_postgres.replication.packed import CHANGE_HEADER, PACKABLE, ChangeRun
+from cdcengine_postgres.replication.pgoutput import decode
 from cdcengine_postgres.replication.stream import ReplicationStream
 from cdcengine_postgres.replication.transactions import TransactionAssembler
 from cdcengine_postgres.types.convert import to_arrow
@@ -38,8 +39,9 @@ DRAIN_FRAMES = 2000  # frames per `events` call at most, so the caller still get
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 
 _RELID = struct.Struct(">I").unpack_from
-_INSERT = 0x49  # 'I'
-_NEW_TUPLE = 0x4E  # 'N'
+_CHANGE_KINDS = frozenset(b"IUD")
+_NOT_INSERT, _HAS_OLD = 1, 2  # packing flags of a message (`_prefixes`)
+RUN_LIMIT = 4096  # changes per run at most: the batcher budgets memory per run
 _STREAM_START = 0x53  # 'S'
 _STREAM_STOP = 0x45  # 'E'
 _RELATION = 0x52  # 'R'
@@ -69,10 +71,11 @@ class PostgresChanges:
         self._spill = Path(spill_dir or tempfile.mkdtemp(prefix="cdcengine-spill-"))
         self._proto_version, self._status_interval_s = proto_version, status_interval_s
         self._stream = self._new_stream(start_lsn)
-        self._assembler = TransactionAssembler(self._spill)
+        self._assembler = TransactionAssembler(self._spill, raw_changes=True)
         self._in_block = False  # between Stream Start and Stream Stop
         self._types: dict[int, PgType] = {}
         self._primary_keys: dict[int, tuple[str, ...]] = {}  # relid -> key, for FULL tables
+        self._tables: dict[bytes, dict[bytes, int]] = {}  # relid bytes -> `_prefixes`
 
     def _new_stream(self, start_lsn: int) -> ReplicationStream:
         source = self.source
@@ -102,10 +105,10 @@ class PostgresChanges:
         then of every frame already buffered, up to `DRAIN_FRAMES`: the caller's per-read
         bookkeeping runs once per drain, not once per row.
 
-        Consecutive plain Inserts into one relation (outside streamed blocks) come out as one
-        `InsertRun` of their raw messages, decoded later, column by column, for a whole batch
-        (`packed.py`); everything else goes through the transaction assembler one message at a
-        time. Per Insert this loop does one prefix comparison and one append.
+        Consecutive changes into one relation (outside streamed blocks, and in a streamed
+        transaction's replay) come out as one `ChangeRun` of their raw messages, decoded later,
+        column by column, for a whole batch (`packed.py`); everything else goes through the
+        transaction assembler one message at a time.
         """
         payloads = self._stream.read_payloads(timeout_s, DRAIN_FRAMES)
         if payloads:
@@ -114,33 +117,64 @@ class PostgresChanges:
     def decode(self, payloads: list[bytes]) -> Iterator[Event]:
         """The events of raw pgoutput messages, whichever way they arrived (the replication
         stream, or a catch-up's peek of the slot: `catchup.py`)."""
+        return self._pack(payloads, replay=False)
+
+    def _pack(self, items: Iterable[bytes | Event], *, replay: bool) -> Iterator[Event]:
+        """Runs of packable changes (`packed.PACKABLE`) into one relation as `ChangeRun`s,
+        everything else through the assembler (or, in a streamed transaction's replay, whose
+        changes come undecoded, through `decode`). Per change this loop does one slice, one
+        dict lookup and two appends."""
         feed = self._assembler.feed
         run: list[bytes] | None = None
-        prefix = b""  # 'I' relid 'N' of the current run
-        for payload in payloads:
+        table: dict[bytes, int] = {}  # the run's relation: message prefix -> packing flags
+        mix = 0
+        for item in items:
             if run is not None:
-                if payload.startswith(prefix):
-                    run.append(payload)
-                    continue
-                yield _run(prefix, run)
+                if type(item) is bytes:
+                    flags = table.get(item[:6])
+                    if flags is not None and len(run) < RUN_LIMIT:
+                        run.append(item)
+                        mix |= flags
+                        continue
+                yield _run(run, mix)
                 run = None
-            kind = payload[0]
-            if kind == _INSERT and not self._in_block and len(payload) >= INSERT_HEADER \
-                    and payload[5] == _NEW_TUPLE:
-                prefix = payload[:6]
-                run = [payload]
+            if type(item) is not bytes:  # a replay's decoded event
+                yield from self._keyed((item,)) if type(item) is Relation else (item,)
                 continue
-            if kind in (_RELATION, _STREAM_COMMIT):
-                yield from self._keyed(feed(payload))
+            kind = item[0]
+            if kind in _CHANGE_KINDS and (replay or not self._in_block) \
+                    and len(item) >= CHANGE_HEADER:
+                table = self._prefixes(item[1:5])
+                flags = table.get(item[:6])
+                if flags is not None:
+                    run, mix = [item], flags
+                    continue
+            if replay:  # a change not packed (an update that changed its key)
+                yield decode(item, in_stream=False)  # type: ignore[misc]
+            elif kind == _STREAM_COMMIT:
+                yield from self._pack(feed(item), replay=True)
+            elif kind == _RELATION:
+                yield from self._keyed(feed(item))  # type: ignore[arg-type]
             else:
-                yield from feed(payload)
+                yield from feed(item)  # type: ignore[misc]
             # the assembler accepted it: follow its stream blocks (it raises on any misuse)
             if kind == _STREAM_START:
                 self._in_block = True
             elif kind == _STREAM_STOP:
                 self._in_block = False
         if run is not None:
-            yield _run(prefix, run)
+            yield _run(run, mix)
+
+    def _prefixes(self, relid: bytes) -> dict[bytes, int]:
+        """Message prefix (kind, relid, marker) -> packing flags, for one relation."""
+        table = self._tables.get(relid)
+        if table is None:
+            table = self._tables[relid] = {
+                bytes((kind,)) + relid + bytes((marker,)):
+                    (0 if op == b"I"[0] else _NOT_INSERT) | (_HAS_OLD if marker == 0x4F
+                                                          and kind == 0x55 else 0)
+                for (kind, marker), op in PACKABLE.items()}
+        return table
 
     def _keyed(self, events: Iterable[Event]) -> Iterator[Event]:
         """Relations keyed on what identifies a row. Under REPLICA IDENTITY FULL pgoutput flags
@@ -207,8 +241,12 @@ class PostgresChanges:
         self.close()
 
 
-def _run(prefix: bytes, payloads: list[bytes]) -> InsertRun:
-    return InsertRun(_RELID(prefix, 1)[0], payloads)
+def _run(payloads: list[bytes], mix: int) -> ChangeRun:
+    relid = _RELID(payloads[0], 1)[0]
+    if not mix:
+        return ChangeRun.inserts(relid, payloads)
+    ops = bytes(p[0] for p in payloads)
+    return ChangeRun(relid, payloads, ops, has_old=bool(mix & _HAS_OLD))
 
 
 def _converter(pgtype: PgType) -> ColumnConverter:

@@ -74,6 +74,8 @@ _RECORD_OVERHEAD: Final = _LEN.size
 
 # Type bytes of the messages that carry a leading xid inside a stream.
 _STREAMED_KINDS: Final = frozenset(b"IUDRTMY")
+# Changes a replay hands on undecoded (see `feed`).
+_RAW_KINDS: Final = frozenset(b"IUD")
 _KIND_TYPE: Final = ord("Y")
 _KIND_MESSAGE: Final = ord("M")
 _KIND_STREAM_STOP: Final = ord("E")
@@ -110,13 +112,15 @@ class TransactionAssembler:
     """
 
     def __init__(
-        self, spill_dir: Path, *, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES
+        self, spill_dir: Path, *, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+        raw_changes: bool = False,
     ) -> None:
         if memory_limit_bytes < 0:
             raise ValueError("memory_limit_bytes must be >= 0")
         self._spill_root = Path(spill_dir)
         self._dir: Path | None = None  # private subdirectory, created on the first spill
         self._limit = memory_limit_bytes
+        self._raw_changes = raw_changes  # replays hand changes on undecoded (see `feed`)
         self._streams: dict[int, _Stream] = {}
         self._replaying: list[_Stream] = []  # committed, handed out for replay, not yet done
         self._current: _Stream | None = None  # the stream block being received
@@ -141,13 +145,18 @@ class TransactionAssembler:
         """Bytes of streamed messages currently held in memory (≤ memory_limit_bytes)."""
         return self._mem
 
-    def feed(self, payload: bytes | bytearray | memoryview) -> Iterator[Event]:
+    def feed(self, payload: bytes | bytearray | memoryview) -> Iterator[Event | bytes]:
         """Take one pgoutput message; return the events it completes, in order.
 
         Ordinary messages come back at once (an iterator of zero or one event). A Stream
         Commit returns an iterator that replays the whole transaction from its log: consume
         it fully before feeding the next message (the log is deleted when it is exhausted or
-        closed). Raises `PgoutputError` for undecodable messages and `AssemblyError` for
+        closed). With `raw_changes`, a replay's changes (Insert, Update, Delete) come back
+        undecoded, as `bytes` of the message they would be outside a stream (the in-stream
+        xid cut out): the change session packs runs of them column-wise (`packed.py`) and
+        decodes the rest with `decode(…, in_stream=False)`, which raises for a malformed one.
+        Raises
+        `PgoutputError` for undecodable messages and `AssemblyError` for
         impossible sequences.
         """
         buf = payload if type(payload) is bytes else bytes(payload)
@@ -285,7 +294,7 @@ class TransactionAssembler:
         self._truncate(stream, offset)
         stream.subxacts = {x: off for x, off in stream.subxacts.items() if off < offset}
 
-    def _stream_commit(self, msg: StreamCommit) -> Iterator[Event]:
+    def _stream_commit(self, msg: StreamCommit) -> Iterator[Event | bytes]:
         stream = self._streams.pop(msg.xid, None)
         if stream is None:
             raise AssemblyError(
@@ -294,10 +303,16 @@ class TransactionAssembler:
         self._replaying.append(stream)
         return self._replay(stream, msg)
 
-    def _replay(self, stream: _Stream, msg: StreamCommit) -> Iterator[Event]:
+    def _replay(self, stream: _Stream, msg: StreamCommit) -> Iterator[Event | bytes]:
+        raw = self._raw_changes
         try:
             yield Begin(xid=msg.xid, final_lsn=msg.commit_lsn, commit_ts_us=msg.commit_ts_us)
             for record in self._records(stream):
+                if raw and record[0] in _RAW_KINDS and len(record) >= 5:
+                    # a change: handed on as the message it would be outside a stream (the
+                    # xid cut out), for the caller to pack with its neighbours
+                    yield record[:1] + record[5:]
+                    continue
                 decoded = decode(record, in_stream=True)
                 if not isinstance(decoded, InStream):  # pragma: no cover - only those are logged
                     raise AssemblyError(f"unexpected {type(decoded).__name__} in a stream log")

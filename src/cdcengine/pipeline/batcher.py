@@ -8,8 +8,9 @@ after each `Commit`, and `take()`s a batch between transactions. Guarantees:
   durable, everything at or below it is applied;
 - the hot path keeps rows as the adapter's tuples of text `bytes` and converts each column once,
   at `take()`, through the adapter's converters (no per-value Python conversion here); runs of
-  inserts the adapter packed (`PackedInserts`) are kept packed, and their columns come from the
-  adapter's class as whole Arrow arrays, so a bulk insert costs no Python object per row;
+  changes the adapter packed (`PackedChanges`) are kept packed, and their columns come from the
+  adapter's class as whole Arrow arrays, so a bulk insert, update or delete costs no Python
+  object per row;
 - a table's changed shape (ALTER TABLE) is carried: each row keeps the columns it was sent with
   and the batch reports the change (`SchemaChange`); a changed key stops that table with a
   stated reason instead of being mis-applied; other tables go on.
@@ -41,8 +42,9 @@ from cdcengine.events import (
     Event,
     Insert,
     Message,
-    PackedInserts,
+    PackedChanges,
     Relation,
+    RelationColumn,
     Row,
     Truncate,
     Update,
@@ -63,7 +65,7 @@ from cdcengine.sink.fold import UNCHANGED_TYPE
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
 The values are a list of `bytes`, or an Arrow binary array (with nulls) when the rows include
-packed inserts (`PackedInserts`)."""
+packed changes (`PackedChanges`)."""
 
 ENGINE_SCHEMA = pa.schema([
     (OP, pa.string()),
@@ -189,7 +191,7 @@ class Batcher:
         cls = type(event)
         if cls is Insert:
             self._change(event.relid, _OP_I, event.new)  # type: ignore[union-attr]
-        elif isinstance(event, PackedInserts):
+        elif isinstance(event, PackedChanges):
             self._packed(event)
         elif cls is Update:
             self._update(event)  # type: ignore[arg-type]
@@ -323,10 +325,15 @@ class Batcher:
             rel.buf, rel.buf_batch = buf, self._batch_no
         return buf
 
-    def _packed(self, run: PackedInserts) -> None:
-        """A run of inserts, kept packed: per run, not per row, bookkeeping."""
+    def _packed(self, run: PackedChanges) -> None:
+        """A run of changes, kept packed: per run, not per row, bookkeeping."""
         rel = self._relations.get(run.relid)
         if rel is None or rel.stopped or not run.count:
+            return
+        if run.has_old and rel.key_idx and not run.keeps_keys(rel.key_idx):
+            # an update of the run changed its key: two rows (D, I), decided one by one
+            for event in run.events():
+                self.add(event)
             return
         buf = rel.buf
         if rel.buf_batch != self._batch_no or buf is None:
@@ -338,7 +345,7 @@ class Batcher:
         buf.items.append(run)
         buf.tail += n
         buf.runs += 1
-        buf.ops += _INSERT_OPS[:n] if n <= len(_INSERT_OPS) else b"I" * n
+        buf.ops += run.ops
         end = seq + n
         buf.seqs += _SEQS[seq:end] if end <= len(_SEQS) else array("q", range(seq, end))
         self._rows += n
@@ -361,9 +368,7 @@ class Batcher:
         seq = rel.seq
         rel.seq = seq + 1
         if from_update and UNCHANGED in row:  # only an update's new row can hold the marker
-            names = tuple(c.name for c, v in zip(rel.relation.columns, row, strict=False)
-                          if v is UNCHANGED)
-            buf.unchanged[buf.tail] = names
+            buf.unchanged[buf.tail] = tuple(i for i, v in enumerate(row) if v is UNCHANGED)
         buf.items.append(row)
         buf.tail += 1
         buf.ops.append(op)
@@ -466,8 +471,8 @@ class Batcher:
         soon as their text columns exist)."""
         rel, n = buf.rel, buf.tail
         columns = rel.relation.columns
-        transposed = tail_columns(buf, len(columns))
-        ops, seqs, unchanged = buf.ops, buf.seqs, buf.unchanged
+        transposed, unchanged = tail_columns(buf, len(columns))
+        ops, seqs = buf.ops, buf.seqs
         buf.clear_tail()
         selected = rel.spec.columns
         arrays: list[pa.Array] = []
@@ -482,8 +487,7 @@ class Batcher:
             arrays.append(converted)
             names.append(col.name)
         del transposed
-        marks = pa.array([list(unchanged[i]) if i in unchanged else None for i in range(n)],
-                         pa.list_(pa.string())) if unchanged \
+        marks = _column_names(unchanged, columns) if unchanged is not None \
             else pa.nulls(n, pa.list_(pa.string()))
         arrays += [ops_array(ops), pa.Array.from_buffers(pa.int64(), n,
                                                           [None, pa.py_buffer(seqs)]), marks]
@@ -507,7 +511,13 @@ class Batcher:
                                 stamps.cast(ENGINE_SCHEMA.field(COMMITTED_AT).type))
 
 
+def _column_names(marks: pa.Array, columns: Sequence[RelationColumn]) -> pa.Array:
+    """`_cdc_unchanged` from per-row column indices (list<int32>): the same lists of names."""
+    names = pa.array([c.name for c in columns], pa.string())
+    values = names.take(marks.values)
+    return pa.ListArray.from_arrays(marks.offsets, values, mask=marks.is_null())
+
+
 _OP_I, _OP_U, _OP_D, _OP_T = b"IUDT"
-# Prebuilt, sliced per run: a packed run's ops and `_cdc_seq` values cost no Python per row.
-_INSERT_OPS: Final = b"I" * 8192
+# Prebuilt, sliced per run: a packed run's `_cdc_seq` values cost no Python per row.
 _SEQS: Final = array("q", range(1 << 16))

@@ -1,7 +1,7 @@
 """One table's rows of the batch being built (`TableBuffer`), and turning them into Arrow.
 
 The batcher (`cdcengine.pipeline.batcher`) owns the buffers; here is what a buffer holds and the
-column-wise work on it: the text tail as columns (`tail_columns`, packed runs of inserts kept
+column-wise work on it: the text tail as columns (`tail_columns`, packed runs of changes kept
 as Arrow arrays, `interleave`), the one-letter `_cdc_op` array (`ops_array`), the per-row end
 LSN and commit time from per-transaction marks (`expand_segments`), and moving a converted part
 to a memory-mapped spill file (`spill`) when one transaction outgrows the memory budget.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cdcengine.events import UNCHANGED, PackedInserts, Row
+from cdcengine.events import UNCHANGED, PackedChanges, Row
 
 if TYPE_CHECKING:
     from cdcengine.pipeline.batcher import _Relation
@@ -31,7 +31,7 @@ _one_letter_offsets: pa.Buffer = pa.py_buffer(array("i", range(1 << 16)))
 @dataclass(slots=True)
 class TableBuffer:
     """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
-    a tail of text rows and packed runs of inserts (`items`; a run holds `run.count` rows, so
+    a tail of text rows and packed runs of changes (`items`; a run holds `run.count` rows, so
     `tail` counts rows, not items). Row positions count from the first part; `segments` give
     (rows so far, end LSN, commit time) per committed transaction; `unchanged` is keyed by
     tail row position."""
@@ -40,12 +40,13 @@ class TableBuffer:
     parts: list[pa.Table] = field(default_factory=list)
     converted: int = 0  # rows held in `parts`
     spilled: int = 0  # leading parts that live in (memory-mapped) spill files
-    items: list[Row | PackedInserts] = field(default_factory=list)
+    items: list[Row | PackedChanges] = field(default_factory=list)
     tail: int = 0  # rows in `items`
     runs: int = 0  # items that are packed runs
     ops: bytearray = field(default_factory=bytearray)  # one byte per row: b"I", b"U", ...
     seqs: array[int] = field(default_factory=lambda: array("q"))
-    unchanged: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # tail row position -> indices of its columns holding an unchanged-TOAST marker
+    unchanged: dict[int, tuple[int, ...]] = field(default_factory=dict)
     segments: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
@@ -82,12 +83,12 @@ class TableBuffer:
 
     def _cut_items(self, keep: int) -> None:
         """Keep the tail's first `keep` rows; a run cut in the middle becomes its rows."""
-        items: list[Row | PackedInserts] = []
+        items: list[Row | PackedChanges] = []
         rows = 0
         for item in self.items:
             if rows >= keep:
                 break
-            if isinstance(item, PackedInserts):
+            if isinstance(item, PackedChanges):
                 if rows + item.count <= keep:
                     items.append(item)
                     rows += item.count
@@ -98,7 +99,7 @@ class TableBuffer:
                 items.append(item)
                 rows += 1
         self.items = items
-        self.runs = sum(isinstance(item, PackedInserts) for item in items)
+        self.runs = sum(isinstance(item, PackedChanges) for item in items)
 
 
 def spill(part: pa.Table, directory: Path | None) -> pa.Table:
@@ -114,27 +115,60 @@ def spill(part: pa.Table, directory: Path | None) -> pa.Table:
         os.unlink(name)  # the mapping keeps the data
 
 
-def tail_columns(buf: TableBuffer, ncols: int) -> Sequence[Sequence[bytes | None] | pa.Array]:
-    """The tail's values column by column: lists of `bytes` when it holds decoded rows
-    only, Arrow binary arrays when it holds packed runs (all runs' columns come from their
-    class in one call; decoded rows in between are put back in place by one `take`)."""
+Columns = Sequence[Sequence[bytes | None] | pa.Array]
+_MARKS = pa.list_(pa.int32())
+
+
+def tail_columns(buf: TableBuffer, ncols: int) -> tuple[Columns, pa.Array | None]:
+    """The tail's values column by column -- lists of `bytes` when it holds decoded rows only,
+    Arrow binary arrays when it holds packed runs (all runs' columns come from their class in
+    one call; decoded rows in between are put back in place by one `take`) -- and per row the
+    indices of the columns whose value is an unchanged-TOAST marker (list<int32>, null when
+    none; None when no row has one). Marked values are null in the columns."""
     items = buf.items
     if buf.runs:
-        runs = [item for item in items if isinstance(item, PackedInserts)]
+        runs = [item for item in items if isinstance(item, PackedChanges)]
         cls = type(runs[0])
         packed = cls.columns(runs, ncols) if all(type(r) is cls for r in runs) else None
         if packed is not None:
             if buf.runs == len(items):
-                return packed
-            return interleave(buf, packed)
+                return packed.columns, packed.unchanged
+            return interleave(buf, packed.columns, packed.unchanged)
         # a row of another shape: every run row by row (they raise if malformed)
-        items = [row for item in items for row in
-                 (item.rows() if isinstance(item, PackedInserts) else (item,))]
-    rows: list[Row] = items  # type: ignore[assignment]
-    if buf.unchanged:
-        rows = [tuple(None if v is UNCHANGED else v for v in r) if i in buf.unchanged else r
-                for i, r in enumerate(rows)]
+        marks: list[tuple[int, ...] | None] = []
+        rows: list[Row] = []
+        for item in items:
+            if isinstance(item, PackedChanges):
+                for row in item.rows():
+                    marks.append(_unchanged_in(row) if UNCHANGED in row else None)
+                    rows.append(row)
+            else:
+                marks.append(buf.unchanged.get(len(rows)))
+                rows.append(item)
+        return _text_columns(rows, ncols, marks), _marks_array(marks)
+    rows = items  # type: ignore[assignment]
+    if not buf.unchanged:
+        return _text_columns(rows, ncols, None), None
+    marks = [buf.unchanged.get(i) for i in range(len(rows))]
+    return _text_columns(rows, ncols, marks), _marks_array(marks)
+
+
+def _unchanged_in(row: Row) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(row) if v is UNCHANGED)
+
+
+def _text_columns(rows: list[Row], ncols: int,
+                  marks: list[tuple[int, ...] | None] | None) -> Columns:
+    if marks is not None:
+        rows = [tuple(None if v is UNCHANGED else v for v in r) if m else r
+                for r, m in zip(rows, marks, strict=True)]
     return list(zip(*rows, strict=True)) if rows else [() for _ in range(ncols)]
+
+
+def _marks_array(marks: list[tuple[int, ...] | None]) -> pa.Array | None:
+    if not any(marks):
+        return None
+    return pa.array([list(m) if m else None for m in marks], _MARKS)
 
 
 def ops_array(ops: bytearray) -> pa.Array:
@@ -148,23 +182,27 @@ def ops_array(ops: bytearray) -> pa.Array:
                                                   pa.py_buffer(bytes(ops))])
 
 
-def interleave(buf: TableBuffer, packed: list[pa.Array]) -> list[pa.Array]:
-    """Columns of a tail mixing packed runs (their columns: `packed`) and decoded rows, in
-    tail order: the decoded rows' values are appended after the runs' and one `take` per
-    column puts every row back in place."""
+def interleave(buf: TableBuffer, packed: list[pa.Array],
+               packed_marks: pa.Array | None) -> tuple[list[pa.Array], pa.Array | None]:
+    """Columns (and unchanged marks) of a tail mixing packed runs (their columns: `packed`)
+    and decoded rows, in tail order: the decoded rows' values are appended after the runs' and
+    one `take` per column puts every row back in place."""
     rows: list[Row] = []
     order: list[int] = []
+    row_marks: list[tuple[int, ...] | None] = []
     packed_at = 0
     first_row = len(packed[0]) if packed else 0
     position = 0
     for item in buf.items:
-        if isinstance(item, PackedInserts):
+        if isinstance(item, PackedChanges):
             order += range(packed_at, packed_at + item.count)
             packed_at += item.count
             position += item.count
         else:
-            if position in buf.unchanged:
+            mark = buf.unchanged.get(position)
+            if mark:
                 item = tuple(None if v is UNCHANGED else v for v in item)
+            row_marks.append(mark)
             order.append(first_row + len(rows))
             rows.append(item)
             position += 1
@@ -176,7 +214,14 @@ def interleave(buf: TableBuffer, packed: list[pa.Array]) -> list[pa.Array]:
     for j, column in enumerate(packed):
         decoded = pa.array([r[j] for r in rows], column.type)
         out.append(pa.concat_arrays([column, decoded]).take(index))
-    return out
+    marks = None
+    if packed_marks is not None or any(row_marks):
+        first = packed_marks if packed_marks is not None else pa.nulls(first_row, _MARKS)
+        rest = _marks_array(row_marks)
+        if rest is None:
+            rest = pa.nulls(len(rows), _MARKS)
+        marks = pa.concat_arrays([first, rest]).take(index)
+    return out, marks
 
 
 def expand_segments(segments: list[tuple[int, int, int]], n: int) -> tuple[pa.Array, pa.Array]:
