@@ -85,3 +85,31 @@ def test_a_wrong_checksum_fails_the_run(tmp_path: Path) -> None:
     assert leg["rate"] is None  # never reported as a fast result
     assert leg["check"]["consolidated"]["differences"]["sum_id"]
     assert "FAILED" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(900)
+def test_a_before_build_runs_beside_this_one(tmp_path: Path) -> None:
+    """`--before-python`: every backlog and snapshot leg also runs with that interpreter's
+    build (here the same one), labelled `<mode>@before`, alternating, checked like the rest."""
+    out = tmp_path / "results"
+    done = _bench(out, "--workloads", "mixed,snapshot", "--rows", "5000", "--repeat", "2",
+                  "--before-python", sys.executable)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["ok"] is True and res["settings"]["before_python"] == sys.executable
+    legs = [(leg["workload"], leg["label"], leg["rep"]) for leg in res["legs"]
+            if leg["leg"] == "engine"]
+    mixed = [(label, rep) for w, label, rep in legs if w == "mixed"]
+    # alternating: this build first in even repetitions, the before build first in odd ones
+    assert [label for label, rep in mixed if rep == 0][:2] == ["consolidated",
+                                                               "consolidated@before"]
+    assert [label for label, rep in mixed if rep == 1][:2] == ["consolidated@before",
+                                                               "consolidated"]
+    figures = res["workloads"]["mixed"]["figures"]
+    for mode in ("consolidated", "append"):
+        assert figures[f"engine_{mode}@before"]["rate"]["n"] == 2
+        assert figures[f"engine_{mode}"]["ratio_vs_before"] > 0
+    snap = res["workloads"]["snapshot"]["sizes"]["5000"]
+    assert snap["engine_consolidated@before"]["rate"]["n"] == 2
+    assert snap["engine_consolidated"]["ratio_vs_before"] > 0
+    assert "vs before" in (out / "report.md").read_text()

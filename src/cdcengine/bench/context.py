@@ -38,6 +38,10 @@ class BenchOptions:
     latency_seconds: float = 60.0
     latency_rows: int = 100_000
     engine_settings: Mapping[str, object] = field(default_factory=dict)
+    # another build's interpreter (e.g. a checkout of the previous commit's .venv/bin/python):
+    # its engine runs beside this one on the backlog and snapshot workloads, labelled
+    # `<mode>@before`, so a before/after comparison comes from one run
+    before_python: str | None = None
     profile: bool = False
     timeout_s: float = 3600.0
     corrupt_checksum: bool = False  # tests: the run must fail when a checksum differs

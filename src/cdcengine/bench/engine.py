@@ -42,6 +42,11 @@ class EngineSource:
     mode: str = "consolidated"
     settings: Mapping[str, object] = field(default_factory=dict)
     primed_ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    python: str = sys.executable  # the build that runs (`--before-python`: another one)
+    label: str = ""  # how its legs are labelled; default: the mode
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.mode
 
     @property
     def config_path(self) -> Path:
@@ -77,7 +82,7 @@ class EngineSource:
         return self.config_path
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "cdcengine", "--config", str(self.config_path), "run"]
+        return [self.python, "-m", "cdcengine", "--config", str(self.config_path), "run"]
 
     def enable(self) -> None:
         from cdcengine import api

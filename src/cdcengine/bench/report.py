@@ -36,7 +36,7 @@ def _goal_lines(goals: list[Mapping[str, Any]]) -> list[str]:
 
 def _throughput_table(figures: Mapping[str, Any]) -> list[str]:
     lines = ["| consumer | changes/s median (min–max) | seconds median | peak RSS MB max | "
-             "vs pg_recvlogical | read path |", "|---|---|---|---|---|---|"]
+             "vs pg_recvlogical | vs before | read path |", "|---|---|---|---|---|---|---|"]
     for name, fig in figures.items():
         if not isinstance(fig, Mapping) or "rate" not in fig:
             continue
@@ -44,6 +44,7 @@ def _throughput_table(figures: Mapping[str, Any]) -> list[str]:
                      f"{_num(fig['seconds'].get('median'), '.2f')} | "
                      f"{_num(fig['peak_rss_mb'].get('max'), '.0f')} | "
                      f"{_ratio(fig.get('ratio_vs_pg_recvlogical'))} | "
+                     f"{_ratio(fig.get('ratio_vs_before'))} | "
                      f"{fig.get('read_path') or '-'} |")
     return lines
 
@@ -89,7 +90,12 @@ def render(results: Mapping[str, Any]) -> str:
                 lines += [f"{int(size):,} rows:", ""]
                 lines += _throughput_table(figs)
                 lines += [f"engine vs COPY binary: "
-                          f"{_ratio(figs['engine_consolidated'].get('ratio_vs_copy'))}", ""]
+                          f"{_ratio(figs['engine_consolidated'].get('ratio_vs_copy'))}"]
+                if "engine_consolidated@before" in figs:
+                    was = figs["engine_consolidated@before"]
+                    lines.append(f"; before build vs COPY binary: "
+                                 f"{_ratio(was.get('ratio_vs_copy'))}")
+                lines.append("")
         if name == "merge":
             lines += [f"{res['changes']:,} changes per leg; seconds median (min–max), engine "
                       "timed from process start:", "",

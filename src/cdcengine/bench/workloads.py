@@ -49,38 +49,55 @@ def catchup_setting(settings: dict[str, object]) -> str | None:
     return f"{names[0]} (engine default)" if names else None
 
 
+BEFORE = "@before"  # label suffix of the `--before-python` build's legs
+
+
 def _engines(bench: Bench, workload: str, table: str, modes: Sequence[str],
-             reps: int, settings: Mapping[str, object] | None = None,
-             ) -> dict[tuple[str, int], EngineSource]:
-    """Enable and prime one engine source per mode and repetition (before any backlog).
+             reps: int, settings: Mapping[str, object] | None = None, *,
+             before: bool = True) -> dict[tuple[str, int], EngineSource]:
+    """Enable and prime one engine source per mode and repetition (before any backlog), and
+    with `--before-python` one more per mode and repetition for that build (key `mode@before`).
 
     `settings`: the workload's own source settings (which read path it measures); the user's
     `--engine-setting` values win over them."""
     engines: dict[tuple[str, int], EngineSource] = {}
+    builds = [("", None)] + ([(BEFORE, bench.options.before_python)]
+                             if bench.options.before_python and before else [])
     for rep in range(reps):
         for mode in modes:
-            es = EngineSource(name=f"bench_{workload}_{mode[:4]}{rep}", workdir=bench.workdir,
-                              dsn=bench.source.dsn, table=table, mode=mode,
-                              settings={**(settings or {}), **bench.options.engine_settings})
-            es.enable()
-            seconds = es.prime(timeout_s=bench.options.timeout_s)
-            bench.progress(workload, f"engine source {es.name} enabled and primed "
-                                     f"({seconds:.1f} s)")
-            engines[(mode, rep)] = es
+            for suffix, python in builds:
+                es = EngineSource(name=f"bench_{workload}_{mode[:4]}{rep}{'b' if suffix else ''}",
+                                  workdir=bench.workdir, dsn=bench.source.dsn, table=table,
+                                  mode=mode, label=mode + suffix,
+                                  settings={**(settings or {}), **bench.options.engine_settings},
+                                  **({"python": python} if python else {}))
+                es.enable()
+                seconds = es.prime(timeout_s=bench.options.timeout_s)
+                bench.progress(workload, f"engine source {es.name} enabled and primed "
+                                         f"({seconds:.1f} s)")
+                engines[(mode + suffix, rep)] = es
     return engines
 
 
 def _engine_leg(bench: Bench, workload: str, es: EngineSource, rep: int, backlog: Backlog,
                 checksum: dict[str, str], *, inserts_only: bool) -> dict[str, Any]:
     before = loadavg()
-    bench.progress(workload, f"rep {rep + 1} engine {es.mode} ...")
+    bench.progress(workload, f"rep {rep + 1} engine {es.label} ...")
     run = es.run(es.caught_up(backlog.floor_lsn), leg=f"{workload}-{rep}",
                  timeout_s=bench.options.timeout_s)
     check = es.verify(checksum, ops=backlog.ops, inserts_only=inserts_only) if run.reached \
         else None
-    return bench.record(workload, leg="engine", label=es.mode, rep=rep, run=run,
+    return bench.record(workload, leg="engine", label=es.label, rep=rep, run=run,
                         changes=backlog.changes, load_before=before, check=check,
                         extra={"read_path": es.read_path(f"{workload}-{rep}")})
+
+
+def _labels(bench: Bench, mode: str, rep: int) -> list[str]:
+    """This build's and the before build's labels of a mode, in the order of repetition
+    `rep` (alternating, like baseline and engine)."""
+    if not bench.options.before_python:
+        return [mode]
+    return [mode, mode + BEFORE] if rep % 2 == 0 else [mode + BEFORE, mode]
 
 
 def backlog_workload(
@@ -99,7 +116,7 @@ def backlog_workload(
     pub = f"{prefix}pub"
     src.create_publication(pub, table)
     engines = _engines(bench, workload, table, modes, reps, settings)
-    profilers = (_engines(bench, workload + "_prof", table, modes, 1, settings)
+    profilers = (_engines(bench, workload + "_prof", table, modes, 1, settings, before=False)
                  if bench.options.profile else {})
     for rep in range(reps):
         src.create_slot(f"{prefix}recv{rep}")
@@ -121,8 +138,9 @@ def backlog_workload(
         if rep % 2 == 0:
             baselines()
         for mode in modes:
-            legs.append(_engine_leg(bench, workload, engines[(mode, rep)], rep, backlog,
-                                    checksum, inserts_only=inserts_only))
+            for label in _labels(bench, mode, rep):
+                legs.append(_engine_leg(bench, workload, engines[(label, rep)], rep, backlog,
+                                        checksum, inserts_only=inserts_only))
         if rep % 2 == 1:
             baselines()
     result = _backlog_result(bench, workload, modes, legs, backlog, profilers)
@@ -140,9 +158,17 @@ def _backlog_result(bench: Bench, workload: str, modes: Sequence[str],
     if sql_legs:
         figures["sql_decoding"] = _figure(sql_legs)
     goals = []
+    for mode in [m + BEFORE for m in modes if any(leg["label"] == m + BEFORE for leg in legs)]:
+        mine = [leg for leg in legs if leg["leg"] == "engine" and leg["label"] == mode]
+        fig = _figure(mine)
+        fig["ratio_vs_pg_recvlogical"] = ratio(_median_rate(mine), base_rate)
+        figures[f"engine_{mode}"] = fig
     for mode in modes:
         mine = [leg for leg in legs if leg["leg"] == "engine" and leg["label"] == mode]
         fig = _figure(mine)
+        was = [leg for leg in legs if leg["leg"] == "engine" and leg["label"] == mode + BEFORE]
+        if was:
+            fig["ratio_vs_before"] = ratio(_median_rate(mine), _median_rate(was))
         fig["read_path"] = "/".join(sorted({str(leg.get("read_path")) for leg in mine}))
         fig["ratio_vs_pg_recvlogical"] = ratio(_median_rate(mine), base_rate)
         if sql_legs:
@@ -216,7 +242,7 @@ def _snapshot_leg(bench: Bench, es: EngineSource, rep: int, size: int,
     before = loadavg()
     run = es.run(es.has_rows(size), leg=f"snapshot-{rep}", timeout_s=bench.options.timeout_s)
     check = es.verify(checksum) if run.reached else None
-    return bench.record("snapshot", leg="engine", label="consolidated", rep=rep, run=run,
+    return bench.record("snapshot", leg="engine", label=es.label, rep=rep, run=run,
                         changes=size, load_before=before, check=check, extra={"size": size})
 
 
@@ -226,6 +252,7 @@ def snapshot(bench: Bench) -> dict[str, Any]:
     o, src = bench.options, bench.source
     sizes = [o.rows, 10 * o.rows] if o.snapshot_large else [o.rows]
     out: dict[str, Any] = {"sizes": {}, "goals": []}
+    mode = "consolidated"
     for size in sizes:
         name = f"snapshot{size}"
         table = f"{SCHEMA}.bench_{name}"
@@ -235,22 +262,34 @@ def snapshot(bench: Bench) -> dict[str, Any]:
         checksum = bench.source_checksum(table)
         legs: list[dict[str, Any]] = []
         for rep in range(o.repeat):
-            es = EngineSource(name=f"bench_{name}_{rep}", workdir=bench.workdir, dsn=src.dsn,
-                              table=table, settings=dict(o.engine_settings))
-            es.enable()  # provisions the slot; the snapshot is the timed `run`
-
+            engines = []
+            for label in _labels(bench, mode, rep):
+                was = label.endswith(BEFORE)
+                es = EngineSource(name=f"bench_{name}_{rep}{'b' if was else ''}",
+                                  workdir=bench.workdir, dsn=src.dsn, table=table, label=label,
+                                  settings=dict(o.engine_settings),
+                                  **({"python": o.before_python} if was and o.before_python
+                                     else {}))
+                es.enable()  # provisions the slot; the snapshot is the timed `run`
+                engines.append(es)
             copy = src.copy_baseline(table)
             if rep % 2 == 0:
                 legs.append(bench.baseline("snapshot", "copy_binary", rep, copy, size))
-                legs.append(_snapshot_leg(bench, es, rep, size, checksum))
-            else:
-                legs.append(_snapshot_leg(bench, es, rep, size, checksum))
+            legs += [_snapshot_leg(bench, es, rep, size, checksum) for es in engines]
+            if rep % 2 == 1:
                 legs.append(bench.baseline("snapshot", "copy_binary", rep, copy, size))
         base = [leg for leg in legs if leg["leg"] == "baseline"]
-        mine = [leg for leg in legs if leg["leg"] == "engine"]
-        fig = {"copy_binary": _figure(base), "engine_consolidated": _figure(mine)}
-        fig["engine_consolidated"]["ratio_vs_copy"] = ratio(_median_rate(mine),
-                                                            _median_rate(base))
+        fig: dict[str, Any] = {"copy_binary": _figure(base)}
+        for label in (mode + BEFORE, mode):
+            mine = [leg for leg in legs if leg["leg"] == "engine" and leg["label"] == label]
+            if mine:
+                fig[f"engine_{label}"] = _figure(mine)
+                fig[f"engine_{label}"]["ratio_vs_copy"] = ratio(_median_rate(mine),
+                                                                _median_rate(base))
+        if f"engine_{mode}{BEFORE}" in fig:
+            fig[f"engine_{mode}"]["ratio_vs_before"] = ratio(
+                fig[f"engine_{mode}"]["rate"]["median"],
+                fig[f"engine_{mode}{BEFORE}"]["rate"]["median"])
         out["sizes"][str(size)] = fig
         out["goals"].append({**GOALS["snapshot"].evaluate(
             fig["engine_consolidated"]["ratio_vs_copy"]), "size": size})

@@ -180,6 +180,10 @@ def _bench_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("--latency-seconds", type=_seconds, default=60.0, metavar="S")
     c.add_argument("--engine-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="a source config key for every engine leg (TOML value), repeatable")
+    c.add_argument("--before-python", metavar="PYTHON",
+                   help="another build's Python (e.g. an older checkout's .venv/bin/python): "
+                        "its engine runs beside this one on the backlog and snapshot "
+                        "workloads, as `<mode>@before`, for before/after figures from one run")
     c.add_argument("--profile", action="store_true",
                    help="on a missed goal, record a py-spy flame graph of an extra engine run")
     c.add_argument("--keep-workdir", action="store_true",
@@ -542,7 +546,8 @@ def cmd_bench(args: argparse.Namespace, _cfg: Config) -> int:
         snapshot_large=args.snapshot_large, steady_rows=args.steady_rows,
         steady_rate=args.steady_rate, steady_seconds=args.steady_seconds,
         latency_rate=args.latency_rate, latency_seconds=args.latency_seconds,
-        engine_settings=settings, profile=args.profile, corrupt_checksum=args.corrupt_checksum)
+        engine_settings=settings, before_python=args.before_python, profile=args.profile,
+        corrupt_checksum=args.corrupt_checksum)
     return run_bench(opts, dsn=args.dsn, out=Path(args.out) if args.out else None,
                      keep_workdir=args.keep_workdir,
                      say=lambda text: print(text, flush=True))
