@@ -20,7 +20,6 @@ import structlog
 
 from cdcengine import api
 from cdcengine.config import Config, EngineConfig, SourceConfig, load_config
-from cdcengine.control.verify import format_key
 from cdcengine.errors import CDCError, ConfigError, Reason, UnknownSource, classify_error
 from cdcengine.secrets import dsn_password, scrub
 from cdcengine.serve import daemon
@@ -462,6 +461,8 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _show_verify(src: SourceConfig, res: api.VerifyResult) -> None:
+    from cdcengine.control.verify import format_key  # verify's module: loaded by verify only
+
     print(f"source {src.name} ({src.masked_dsn})")
     for t in res.tables:
         symbol = Severity.OK.symbol if t.ok else Severity.ERROR.symbol
