@@ -250,3 +250,24 @@ def test_an_invalidated_slot_breaks_the_source(make_cluster, tmp_path: Path) -> 
     status = api.cdc_status(src, state=state)
     assert status.state == "broken"
     assert status.broken is not None and status.broken.reason == "slot_invalidated"
+
+
+def test_a_burst_is_written_when_the_source_goes_quiet_a_trickle_waits_for_the_interval(
+        db, tmp_path: Path) -> None:
+    """Idle flush: once the source is quiet, many waiting rows (>= max_batch_rows / 20) are
+    written at once with the writer free, not after the flush interval; a single small
+    transaction still waits for the interval (one Delta commit per transaction would cost
+    files and requests)."""
+    db.execute("CREATE TABLE burst (id int PRIMARY KEY, v text)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["burst"], flush_interval_ms=20_000, max_batch_rows=2000)
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: api.cdc_status(src, state=state).tables[0].state == "streaming")
+        t0 = time.monotonic()
+        db.execute("INSERT INTO burst SELECT g, 'x' FROM generate_series(1, 500) g")
+        wait_for(lambda: len(live_rows(src, "burst")) == 500, timeout=15)
+        assert time.monotonic() - t0 < 15  # far below the 20 s flush interval
+        db.execute("INSERT INTO burst VALUES (501, 'trickle')")  # 1 row < 2000 / 20
+        time.sleep(3)
+        assert len(live_rows(src, "burst")) == 500

@@ -65,6 +65,13 @@ log = structlog.get_logger("cdcengine.pipeline.pipeline")
 
 STREAM_LEASE_TTL_S = 60.0  # renewed every third of it while streaming
 READ_TIMEOUT_S = 0.5
+# The source said nothing for this long while many committed rows wait (at least 1/20 of
+# max_batch_rows: the end of a burst or of a backlog) and the writer is free: write them now
+# instead of waiting out the flush interval. A trickle of small transactions still batches by
+# the flush interval (one Delta commit per transaction would cost files and object-store
+# requests); while the writer is busy, rows keep accumulating into the next batch as before.
+IDLE_FLUSH_S = 0.05
+IDLE_FLUSH_FRACTION = 20
 WORK_POLL_S = 2.0  # how often a session looks for `resync` requests and table-set changes
 
 Applied = dict[tuple[TableRef, TableKind], int]
@@ -352,14 +359,19 @@ class Pipeline:
             try:
                 add = batcher.add
                 while not stop.is_set() and not again:
-                    for event in changes.events(READ_TIMEOUT_S):
+                    idle = True
+                    # with rows waiting, a short silence already means the source is idle
+                    for event in changes.events(IDLE_FLUSH_S if loop.idle_flush_rows()
+                                                else READ_TIMEOUT_S):
+                        idle = False
                         add(event)
                         # batches close only between transactions: look only after commits
                         if type(event) is Commit:
                             progress.received(event.end_lsn)
                             if batcher.ready():
                                 loop.submit()
-                    if batcher.ready() or (changes.draining and not batcher.in_transaction):
+                    if batcher.ready() or (changes.draining and not batcher.in_transaction) \
+                            or (idle and loop.idle_flush()):
                         loop.submit()
                     loop.settle()
                     if time.monotonic() - renewed > STREAM_LEASE_TTL_S / 3:
@@ -464,6 +476,18 @@ class _Loop:
         self.pipeline._stopped(self.store, batch)
         self.progress.batch_started()
         self.writer.submit(batch, waiting=self.keep_alive)
+
+    def idle_flush_rows(self) -> bool:
+        """Enough rows wait for a quiet source to be worth a batch of their own."""
+        enough = max(1, self.pipeline.source.max_batch_rows // IDLE_FLUSH_FRACTION)
+        return self.batcher.pending_rows >= enough
+
+    def idle_flush(self) -> bool:
+        """The source went quiet: take what is committed now if the writer has nothing to do
+        and enough rows wait (see `IDLE_FLUSH_S`)."""
+        b = self.batcher
+        return self.idle_flush_rows() and not b.in_transaction and b.version is not None \
+            and self.progress.in_flight == 0
 
     def settle(self) -> None:
         """Move the flush LSN over what became durable; tell the server promptly."""
