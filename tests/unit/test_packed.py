@@ -153,7 +153,8 @@ def test_no_runs_and_empty_input() -> None:
     assert [c.to_pylist() for c in _columns([], 2)] == [[], []]  # type: ignore[union-attr]
     import numpy as np
 
-    assert [c.to_pylist() for c in split_changes(b"", np.empty(0, np.int64), 3).columns] == [[], [], []]  # type: ignore[union-attr]
+    empty = split_changes(b"", np.empty(0, np.int64), 3)
+    assert empty is not None and [c.to_pylist() for c in empty.columns] == [[], [], []]
 
 
 def _malformed() -> list[tuple[str, bytes]]:

@@ -121,7 +121,7 @@ def _payloads(rng: random.Random, txns: int) -> list[bytes]:
                 changes.append(gen.change(relid, xid if streamed else None))
         if t == txns // 2:
             changes.insert(0, added if not streamed else relation(
-                1, "orders", cols=_TEXT3 + (("x", 25, -1, False),), xid=xid))
+                1, "orders", cols=(*_TEXT3, ("x", 25, -1, False)), xid=xid))
         lsn += 0x100
         if streamed:
             cut = rng.randint(0, len(changes))
