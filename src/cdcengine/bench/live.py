@@ -219,13 +219,17 @@ def steady(bench: Bench) -> dict[str, Any]:
     load_from = min((t for t, _ in stats.wal), default=t0) if stats else t0  # load's start
     growth = lag_growth([(t - load_from, s) for t, s, _ in series], after=60.0,
                         until=o.steady_seconds)
+    # after the first minute: the start (first merges into the fresh snapshot's files, the
+    # source still busy from loading the table) is reported apart from the steady state
+    p99_late = percentile([s for t, s, _ in series if t - load_from > 60.0], 99)
     goals = [GOALS["steady.p99"].evaluate(p99 / merge_s if p99 is not None and merge_s
                                           else None),
              GOALS["steady.growth"].evaluate(growth)]
     return {"rows": o.steady_rows, "target_rate": o.steady_rate, "achieved_rate": achieved,
             "seconds": o.steady_seconds,
             "lag_s": {"max": max(lag_s, default=None), "p95": percentile(lag_s, 95),
-                      "p99": p99, "final": lag_s[-1] if lag_s else None},
+                      "p99": p99, "p99_after_60s": p99_late,
+                      "final": lag_s[-1] if lag_s else None},
             "merge_s": {"n": len(merges), "median": merge_s,
                         "max": max(merges, default=None)},
             "lag_growth": growth, "goals": goals, "ok": entry["ok"]}
