@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
-from test_delta_sink import REF, write
+from test_delta_sink import ENGINE, REF, changes, write
 
 from cdcengine.sink.delta import DeltaMaintenance, DeltaSink
-from cdcengine.sink.delta.cluster import cluster_key, key_overlap
+from cdcengine.sink.delta.cluster import cluster_key, key_overlap, sorts_by_arrival
 
 
 def _files(sink: DeltaSink) -> list[list[int]]:
@@ -86,3 +86,23 @@ def test_cluster_key_and_overlap_measure() -> None:
     parted = pa.table({"size_bytes": [10, 10], "min.id": [0, 0], "max.id": [9, 9],
                        "partition.day": ["a", "b"]})
     assert key_overlap(parted, "id").overlapping_files == 0  # ranges compare per partition
+
+
+def test_random_string_keys_keep_their_arrival_order(tmp_path: Path) -> None:
+    """Sorting by a UUID-like key would spread the newest rows over every file: not done."""
+    sink = DeltaSink(str(tmp_path / "dest"), source="src1",
+                     maintenance=DeltaMaintenance(vacuum_retention_hours=None))
+    schema = pa.schema([("id", pa.string()), ("v", pa.string()), *ENGINE])
+    rng = random.Random(3)
+    for lsn in range(1, 5):
+        rows = [{"_cdc_op": "I", "id": f"{rng.getrandbits(64):016x}", "v": "x"}
+                for _ in range(20)]
+        sink.write_consolidated(REF, changes(rows, lsn, schema), key=["id"], version=lsn)
+    overlap = key_overlap(DeltaTable(sink.path(REF, "consolidated"))
+                          .get_add_actions(flatten=True), "id")
+    assert overlap.fraction > 0.5
+    result = sink.maintain(REF, "consolidated")
+    assert not result.clustered
+    assert (result.files_removed, result.files_added) == (4, 1)  # bin-packed
+    assert sorts_by_arrival(pa.int32()) and sorts_by_arrival(pa.timestamp("us"))
+    assert not sorts_by_arrival(pa.string())

@@ -4,7 +4,9 @@ a sorting compaction orders by.
 Why: delta-rs rewrites every file a MERGE touches (copy-on-write; it writes no deletion
 vectors yet). The merge's key-range predicate (`sql._merge_predicate`) and delta-rs's early
 pruning skip a file only when its min/max key lies outside the batch's keys, so a batch of
-recent keys touches few files only while each file holds a narrow, separate key range. Plain
+recent keys touches few files only while each file holds a narrow, separate key range. That
+holds for keys handed out in increasing order (integers, dates, timestamps); a random key (a
+UUID) is left in arrival order, where recent rows already share files. Plain
 compaction (bin-packing) and the merges themselves mix ranges; a compaction that sorts by the
 key (`optimize.z_order` over the one key column is a sort by it) restores them. It rewrites
 the whole table, so it runs only when the ranges overlap enough to cost merges something.
@@ -45,6 +47,15 @@ def cluster_key(configuration: dict[str, str | None]) -> str | None:
     names = [_unquote(n) for n in _split(raw)]
     keys = [n for n in names if n != LSN and not n.startswith("_cdc_")]
     return keys[0] if len(keys) == 1 else None
+
+
+def sorts_by_arrival(type_: pa.DataType) -> bool:
+    """Whether sorting by a key of this type keeps rows that change together in few files:
+    integer and date/time keys are mostly handed out in increasing order (serial, identity,
+    a timestamp), so recent rows share a key range. A string key (a UUID, a code) is not:
+    sorted, the newest rows would spread over every file, while in arrival order (how the
+    engine appends them) they stay together — for those, `partition_by` a date column."""
+    return bool(pa.types.is_integer(type_) or pa.types.is_temporal(type_))
 
 
 def key_overlap(actions: Any, key: str) -> KeyOverlap:

@@ -12,7 +12,8 @@ from deltalake.exceptions import DeltaError
 
 from cdcengine.names import TableRef
 from cdcengine.sink.base import MaintenanceResult, SinkWriteError, TableKind
-from cdcengine.sink.delta.cluster import cluster_key, key_overlap
+from cdcengine.sink.delta.cluster import cluster_key, key_overlap, sorts_by_arrival
+from cdcengine.sink.delta.schema import _arrow_schema
 from cdcengine.sink.delta.tables import DeltaTables, _ms
 
 log = structlog.get_logger("cdcengine.sink")
@@ -31,7 +32,8 @@ class DeltaMaintenance:
       below the table's `delta.deletedFileRetentionDuration` (7 days) only with
       `enforce_retention_duration=False`.
     - `cleanup_log`: after a checkpoint, delete log files older than `delta.logRetentionDuration`.
-    - `cluster_overlap`: a consolidated table with a one-column key whose files' key ranges
+    - `cluster_overlap`: a consolidated table with a one-column integer or date/time key
+      (`cluster.sorts_by_arrival`) whose files' key ranges
       overlap for at least this fraction of its bytes is compacted by sorting on the key
       (`optimize.z_order`, which rewrites the table) instead of bin-packing, so merges of
       nearby keys touch few files again (`cluster`); None: never.
@@ -117,7 +119,7 @@ class Maintenance(DeltaTables):
         if threshold is None or kind is not TableKind.CONSOLIDATED:
             return None
         key = cluster_key(dt.metadata().configuration)
-        if key is None:
+        if key is None or not sorts_by_arrival(_arrow_schema(dt).field(key).type):
             return None
         overlap = key_overlap(dt.get_add_actions(flatten=True), key)
         log.debug("delta_key_overlap", path=dt.table_uri, key=key, files=overlap.files,
