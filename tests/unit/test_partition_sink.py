@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from structlog.testing import capture_logs
 
 from cdcengine.names import TableRef
 from cdcengine.sink.base import SinkSchemaError
@@ -54,3 +55,21 @@ def test_partition_column_of_a_type_delta_cannot_partition_by(tmp_path: Path) ->
         sink.write_consolidated(ref, _changes([{"_cdc_op": "I", "id": 1, "day": None}], 1),
                                 key=["id"], version=1)
     assert not (tmp_path / "public" / "ev").exists()
+
+
+def test_existing_table_keeps_its_layout_and_says_so_once(tmp_path: Path) -> None:
+    ref = TableRef("public", "ev")
+    plain = DeltaSink(str(tmp_path), source="s")
+    plain.write_consolidated(ref, _changes([{"_cdc_op": "I", "id": 1, "day": date(2024, 1, 1)}],
+                                           1), key=["id"], version=1)
+    sink = DeltaSink(str(tmp_path), source="s", partition_by={ref: ("day",)})
+    with capture_logs() as logs:
+        for lsn in (2, 3):
+            sink.write_consolidated(ref, _changes([{"_cdc_op": "U", "id": 1, "v": str(lsn),
+                                                    "day": date(2024, 1, 1)}], lsn),
+                                    key=["id"], version=lsn)
+    warned = [e for e in logs if e["event"] == "delta_partitioning_differs"]
+    assert len(warned) == 1
+    assert (warned[0]["configured"], warned[0]["stored"]) == (["day"], [])
+    assert DeltaTable(sink.path(ref, "consolidated")).metadata().partition_columns == []
+    assert sink.read_table(ref, "consolidated").column("v").to_pylist() == ["3"]

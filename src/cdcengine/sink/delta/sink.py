@@ -72,6 +72,7 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         )
         self._tables: dict[str, DeltaTable] = {}
         self._checkpointed_at: dict[str, int] = {}
+        self._partition_warned: set[str] = set()
         self.reader = DeltaReader(destination, storage_options=self._storage_options)
 
     @classmethod

@@ -62,6 +62,7 @@ class DeltaTables:
     _storage_options: dict[str, str] | None
     _tables: dict[str, DeltaTable]
     _checkpointed_at: dict[str, int]
+    _partition_warned: set[str]
 
     # --- names -------------------------------------------------------------------------
 
@@ -252,6 +253,15 @@ class DeltaTables:
             raise SinkSchemaError(
                 f"{path} lacks the engine column(s) {missing}", table=ref.qualified
             )
+        wanted = list(self.partition_by.get(ref, ())) if kind is TableKind.CONSOLIDATED else []
+        stored = list(dt.metadata().partition_columns)
+        if wanted != stored and path not in self._partition_warned:
+            # partitioning is fixed when a table is created: say so once, keep writing
+            self._partition_warned.add(path)
+            log.warning("delta_partitioning_differs", table=ref.qualified, kind=str(kind),
+                        configured=wanted, stored=stored,
+                        remedy="partition_by applies when the Delta table is created; "
+                               "recreate the table to change it")
 
     def _add_new_columns(
         self, dt: DeltaTable, ref: TableRef, batch: pa.Table, kind: TableKind
