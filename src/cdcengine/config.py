@@ -34,6 +34,7 @@ from cdcengine.config_validation import (
     choice_error,
     column_list,
     env_overrides,
+    partition_list,
 )
 from cdcengine.errors import ConfigError, UnknownSource
 from cdcengine.names import NameError_, TableRef, case_collisions
@@ -129,7 +130,7 @@ _ENGINE_KEYS: dict[str, Rule] = {
     "log_format": Rule(kind="str", choices=LogFormat,
                        error="must be console | json (got {value!r})"),
 }
-_TABLE_KEYS = ("mode", "columns", "primary_key")
+_TABLE_KEYS = ("mode", "columns", "primary_key", "partition_by")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +141,7 @@ class TableConfig:
     mode: TableMode
     columns: tuple[str, ...] | None = None  # None: every column
     primary_key: tuple[str, ...] | None = None  # None: the table's own primary key
+    partition_by: tuple[str, ...] | None = None  # consolidated table's Delta partition columns
 
     @property
     def name(self) -> str:
@@ -293,7 +295,7 @@ class SourceConfig:
                 raise fail(f"table.{key}", f"{ref.qualified} is overridden twice; merge its "
                            "per-table sections into one")
             if not isinstance(value, Mapping):
-                raise fail(f"table.{key}", "must be a table with keys mode, columns, primary_key")
+                raise fail(f"table.{key}", f"must be a table with keys {', '.join(_TABLE_KEYS)}")
             unknown = sorted(set(value) - set(_TABLE_KEYS))
             if unknown:
                 raise fail(f"table.{key}.{unknown[0]}",
@@ -316,7 +318,10 @@ class SourceConfig:
                 for a, b in case_collisions(cols):
                     raise fail(f"{prefix}.primary_key", f"columns {a!r} and {b!r} differ only "
                                "in case (Delta is case-insensitive)")
-            out.append(TableConfig(ref=ref, mode=mode, columns=cols, primary_key=pk))
+            parts = partition_list(o.get("partition_by"), f"{prefix}.partition_by", fail,
+                                   mode=mode, columns=cols)
+            out.append(TableConfig(ref=ref, mode=mode, columns=cols, primary_key=pk,
+                                   partition_by=parts))
         return tuple(out)
 
     def _check_delta_paths(self, fail: _Fail) -> None:
@@ -364,6 +369,8 @@ class SourceConfig:
                 o["columns"] = list(tc.columns)
             if tc.primary_key is not None:
                 o["primary_key"] = list(tc.primary_key)
+            if tc.partition_by is not None:
+                o["partition_by"] = list(tc.partition_by)
             overrides[tc.name] = o
         return replace(self, tables=tuple(tc.name for tc in tables), table=overrides)
 

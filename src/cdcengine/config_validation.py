@@ -21,7 +21,7 @@ from cdcengine.errors import ConfigError
 from cdcengine.names import case_collisions, is_engine_column
 
 if TYPE_CHECKING:  # cdcengine.config imports this module
-    from cdcengine.config import SourceConfig
+    from cdcengine.config import SourceConfig, TableMode
 
 ENV_PREFIX = "CDCENGINE__"
 
@@ -119,6 +119,28 @@ def column_list(value: object, key: str,
         raise fail(key, f"columns {a!r} and {b!r} differ only in case (Delta is "
                    "case-insensitive)")
     return tuple(cols)
+
+
+def partition_list(value: object, key: str, fail: Callable[[str, str], ConfigError], *,
+                   mode: TableMode, columns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A per-table `partition_by`: the consolidated table's Delta partition columns (a date
+    column, say, for a table whose changes concentrate on recent rows). Refused when the
+    table has no consolidated table, and when `columns` leaves a partition column out; that
+    the column exists and has a type Delta can partition by is checked when the table is
+    created (the table stops with the reason otherwise)."""
+    cols = column_list(value, key, fail)
+    if cols is None:
+        return None
+    if not mode.writes_consolidated:
+        raise fail(key, f"partitions the consolidated table, and mode {str(mode)!r} writes "
+                   "none (the change log is append-only: partitioning saves it nothing)")
+    if len(cols) > 2:
+        raise fail(key, f"lists {len(cols)} columns; use one (or two) coarse columns, such as "
+                   "a date: every partition value is a folder of files of its own")
+    missing = [c for c in cols if columns is not None and c not in columns]
+    if missing:
+        raise fail(key, f"column {missing[0]!r} is not captured: add it to 'columns'")
+    return cols
 
 
 def parse_env_value(var: str, kind: str, raw: str, where: str) -> object:

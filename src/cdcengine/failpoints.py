@@ -10,7 +10,8 @@ deltalake call or a COPY that never returns: until the file named by
 `CDCENGINE_FAILPOINT_RELEASE` exists (the test creates it to let the work go on), or for ever
 when that variable is unset. `name=fail` raises `FailpointError` there, at every arrival from
 the n-th on until that file exists: a failure that repeats on every retry. The watchdog tests use
-both (`cdcengine.serve.watchdog`).
+both (`cdcengine.serve.watchdog`). `name=sleep:SECONDS` makes every arrival from the n-th on
+sleep that long: a slow destination, for the adaptive batching tests (`pipeline.writer`).
 
 Points (in the order a batch meets them):
 - `batch_taken`: a batch was cut, nothing of it written;
@@ -34,7 +35,7 @@ import time
 
 ENV = "CDCENGINE_FAILPOINT"
 RELEASE_ENV = "CDCENGINE_FAILPOINT_RELEASE"
-KILL, HANG, FAIL = "kill", "hang", "fail"
+KILL, HANG, FAIL, SLEEP = "kill", "hang", "fail", "sleep"
 
 
 class FailpointError(RuntimeError):
@@ -47,8 +48,12 @@ def _parse(spec: str) -> dict[str, tuple[int, str]]:
         point, _, action = part.partition("=")
         name, _, nth = point.partition(":")
         action = action.strip() or KILL
-        if action not in (KILL, HANG, FAIL):
-            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} (kill | hang | fail)")
+        verb, _, seconds = action.partition(":")
+        if verb == SLEEP:
+            float(seconds)  # `sleep:SECONDS`: a malformed figure fails here, at arming
+        elif action not in (KILL, HANG, FAIL):
+            raise ValueError(f"{ENV}: unknown action {action!r} in {part!r} "
+                             "(kill | hang | fail | sleep:SECONDS)")
         points[name.strip()] = (int(nth) if nth else 1, action)
     return points
 
@@ -64,7 +69,9 @@ def hit(name: str) -> None:
     _armed[name] = (left - 1, action)
     if left - 1 > 0:
         return
-    if action == FAIL:
+    if action.startswith(SLEEP + ":"):
+        time.sleep(float(action.partition(":")[2]))  # stays armed: every later arrival too
+    elif action == FAIL:
         if not _released():
             raise FailpointError(f"failpoint {name}")
         del _armed[name]

@@ -119,7 +119,13 @@ def render(results: Mapping[str, Any]) -> str:
             lines += [f"{res['rows']:,} rows, {res['target_rate']:,}/s target "
                       f"({_num(res['achieved_rate'])}/s achieved) for {res['seconds']:.0f} s; "
                       f"lag max {_num(lag['max'], '.2f')} s, p95 {_num(lag['p95'], '.2f')} s, "
-                      f"at the end {_num(lag['final'], '.2f')} s", "", "![lag](lag.png)", ""]
+                      f"at the end {_num(lag['final'], '.2f')} s; p99 "
+                      f"{_num(lag.get('p99'), '.2f')} s (after the first minute "
+                      f"{_num(lag.get('p99_after_60s'), '.2f')} s); merges "
+                      f"{(res.get('merge_s') or {}).get('n', 0)}, median "
+                      f"{_num((res.get('merge_s') or {}).get('median'), '.2f')} s, max "
+                      f"{_num((res.get('merge_s') or {}).get('max'), '.2f')} s",
+                      "", "![lag](lag.png)", ""]
         lines += _goal_lines(res.get("goals", []))
         for mode, prof in (res.get("profiles") or {}).items():
             if prof:

@@ -4,6 +4,7 @@ goals of issue 15 each figure is held against (a miss is a miss)."""
 from __future__ import annotations
 
 import bisect
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,8 +127,38 @@ GOALS: Mapping[str, Goal] = {
     "latency.p99": Goal("commit→visible p99", 1.5, "<=", " s"),
     "merge.recent": Goal("merge 10k into 10× rows / into 1× rows (recent keys)", 3.0, "<=", "×"),
     "catchup": Goal("catch-up vs pg_recvlogical", 2.0),
+    "steady.p99": Goal("steady lag p99 / median merge time", 3.0, "<=", "×"),
+    "steady.growth": Goal("steady lag peak, last half / first half after minute 1", 1.2,
+                          "<=", "×"),
 }
 
 
-__all__ = ["GOALS", "Goal", "commit_to_visible", "lag_series", "percentile", "rate", "ratio",
-           "summary"]
+_COMMITTED = re.compile(r"delta_committed\b.*?\bduration_ms=([0-9.]+).*?\bkind=consolidated")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def merge_seconds(log_text: str) -> list[float]:
+    """Durations of the consolidated commits (merges) in an engine log (console format)."""
+    out = []
+    for line in log_text.splitlines():
+        m = _COMMITTED.search(_ANSI.sub("", line))
+        if m:
+            out.append(float(m.group(1)) / 1000)
+    return out
+
+
+def lag_growth(series: Sequence[tuple[float, float]], *, after: float,
+               until: float) -> float | None:
+    """Peak lag over the second half of (after, until] divided by the peak over its first
+    half: about 1 when the lag levelled off, above when it keeps growing. `series`: (t, lag)
+    with t on the same clock as `after`/`until`."""
+    mid = (after + until) / 2
+    first = [lag for t, lag in series if after < t <= mid]
+    second = [lag for t, lag in series if mid < t <= until]
+    if not first or not second or max(first) <= 0:
+        return None
+    return max(second) / max(first)
+
+
+__all__ = ["GOALS", "Goal", "commit_to_visible", "lag_growth", "lag_series", "merge_seconds",
+           "percentile", "rate", "ratio", "summary"]

@@ -339,9 +339,6 @@ class Pipeline:
         # durable before the next: only when this session confirms as it goes (nothing held)
         with self._adapter.changes(src, spill_dir=spill, start_lsn=start,
                                    catchup=job is None) as changes:
-            batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
-                              max_bytes=src.max_batch_mb * 1024 * 1024,
-                              flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill)
             progress = Progress(held=job is not None)
             defaults = self._added_column_defaults(sink, live)  # before the writer owns the sink
             writer = BatchWriter(sink, source=src.name, tables=live,
@@ -349,6 +346,12 @@ class Pipeline:
                                  maintenance_interval_s=src.maintenance_interval_s,
                                  on_durable=self._durable_hook(), metrics=self.metrics,
                                  on_commit=self.activity.stream.moved).start()
+            # the flush interval does not run while a batch is written: a slow destination
+            # gets bigger batches, not a queue of small ones (`BatchWriter.batch_clock`)
+            batcher = Batcher(specs, changes.converters, max_rows=src.max_batch_rows,
+                              max_bytes=src.max_batch_mb * 1024 * 1024,
+                              flush_interval_s=src.flush_interval_ms / 1000, spill_dir=spill,
+                              clock=writer.batch_clock())
             loop = _Loop(self, store, changes, batcher, progress, writer, defaults)
             _set_state(store, src.name, SourceState.STREAMING)
             self._streaming_since = time.monotonic()

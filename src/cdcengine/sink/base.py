@@ -167,6 +167,7 @@ class MaintenanceResult:
     files_removed: int = 0
     files_added: int = 0
     checkpointed: bool = False
+    clustered: bool = False  # compacted by sorting on the key (its files' ranges overlapped)
     vacuumed_files: int = 0
     duration_ms: float = 0.0
 

@@ -52,6 +52,7 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         target_file_size: int | None = None,
         spill_bytes: int = SPILL_BYTES,
         spill_dir: str | None = None,
+        partition_by: Mapping[TableRef, Sequence[str]] | None = None,
     ) -> None:
         if not destination:
             raise ValueError("DeltaSink needs a destination")
@@ -62,11 +63,16 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         self.maintenance = maintenance or DeltaMaintenance()
         self.target_file_size = target_file_size
         self.spill_bytes, self.spill_dir = spill_bytes, spill_dir
+        # per table: the consolidated table's partition columns (`partition_by` in the config),
+        # applied when the table is created
+        self.partition_by = {ref: tuple(cols) for ref, cols in (partition_by or {}).items()
+                             if cols}
         self._storage_options: dict[str, str] | None = (
             dict(storage_options) if storage_options else None
         )
         self._tables: dict[str, DeltaTable] = {}
         self._checkpointed_at: dict[str, int] = {}
+        self._partition_warned: set[str] = set()
         self.reader = DeltaReader(destination, storage_options=self._storage_options)
 
     @classmethod
@@ -74,7 +80,9 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         """The sink of a configured source (its destination and storage options), or of
         another `destination` under the same options (a staging area)."""
         return cls(destination or source.destination, source=source.name,
-                   storage_options=dict(source.destination_options) or None)
+                   storage_options=dict(source.destination_options) or None,
+                   partition_by={tc.ref: tc.partition_by for tc in source.table_configs
+                                 if tc.partition_by})
 
     def __repr__(self) -> str:
         return f"DeltaSink(destination={self.destination!r}, source={self.source!r})"

@@ -57,10 +57,12 @@ class DeltaTables:
     target_file_size: int | None
     spill_bytes: int
     spill_dir: str | None
+    partition_by: dict[TableRef, tuple[str, ...]]
     reader: DeltaReader
     _storage_options: dict[str, str] | None
     _tables: dict[str, DeltaTable]
     _checkpointed_at: dict[str, int]
+    _partition_warned: set[str]
 
     # --- names -------------------------------------------------------------------------
 
@@ -210,6 +212,8 @@ class DeltaTables:
             "delta.checkpointInterval": str(self.maintenance.checkpoint_interval),
         }
         _check_storable(schema, ref)
+        partitions = self.partition_by.get(ref, ()) if kind is TableKind.CONSOLIDATED else ()
+        _check_partitions(schema, partitions, ref)
         local = local_path(path)
         if local is not None and local.is_dir() and any(
                 p.name != "_delta_log" for p in local.iterdir()):
@@ -222,12 +226,14 @@ class DeltaTables:
             path,
             schema,
             mode="error",
+            partition_by=list(partitions) or None,
             configuration=configuration,
             storage_options=self._storage_options,
             raise_if_key_not_exists=False,
         )
         self._tables[path] = dt
-        log.info("delta_table_created", table=ref.qualified, kind=str(kind), path=path)
+        log.info("delta_table_created", table=ref.qualified, kind=str(kind), path=path,
+                 partition_by=list(partitions))
         return dt
 
     def _check_layout(self, dt: DeltaTable, ref: TableRef, path: str, kind: TableKind) -> None:
@@ -247,6 +253,15 @@ class DeltaTables:
             raise SinkSchemaError(
                 f"{path} lacks the engine column(s) {missing}", table=ref.qualified
             )
+        wanted = list(self.partition_by.get(ref, ())) if kind is TableKind.CONSOLIDATED else []
+        stored = list(dt.metadata().partition_columns)
+        if wanted != stored and path not in self._partition_warned:
+            # partitioning is fixed when a table is created: say so once, keep writing
+            self._partition_warned.add(path)
+            log.warning("delta_partitioning_differs", table=ref.qualified, kind=str(kind),
+                        configured=wanted, stored=stored,
+                        remedy="partition_by applies when the Delta table is created; "
+                               "recreate the table to change it")
 
     def _add_new_columns(
         self, dt: DeltaTable, ref: TableRef, batch: pa.Table, kind: TableKind
@@ -313,6 +328,24 @@ class DeltaTables:
         log.info("delta_columns_widened", table=ref.qualified, kind=str(kind),
                  columns={n: str(t) for n, t in wider.items()}, rows=table.num_rows,
                  duration_ms=_ms(started))
+
+
+def _check_partitions(schema: pa.Schema, partitions: tuple[str, ...], ref: TableRef) -> None:
+    """`partition_by` columns must be captured data columns of a type Delta keeps in a folder
+    name: a list, struct, binary or floating value cannot (or should not) be one."""
+    for name in partitions:
+        if name not in schema.names:
+            raise SinkSchemaError(
+                f"partition_by column {name!r} of {ref} is not among its captured columns "
+                f"({', '.join(n for n in schema.names if not is_engine_column(n))}); fix "
+                "partition_by in the config, then resync the table", table=ref.qualified)
+        type_ = schema.field(name).type
+        if (pa.types.is_nested(type_) or pa.types.is_binary(type_)
+                or pa.types.is_large_binary(type_) or pa.types.is_floating(type_)):
+            raise SinkSchemaError(
+                f"partition_by column {name!r} of {ref} has type {type_}, which Delta cannot "
+                "partition by; choose a date, integer, string or boolean column",
+                table=ref.qualified)
 
 
 def _ms(started: float) -> float:
