@@ -360,7 +360,9 @@ class ChangeWrites(StoredLookups):
         stamped with its LSN and time) in the same commit; `source` holds what came after it.
         """
         is_delete = pc.fill_null(pc.equal(source.column(OP), "D"), False)
-        upserts = source.filter(pc.invert(is_delete))
+        # without deletes (an insert-only transaction) the upserts are the source itself: a
+        # filter would copy every column of it
+        upserts = source.filter(pc.invert(is_delete)) if pc.any(is_delete).as_py() else source
         if truncate is not None and source.num_rows == 0:
             return self._truncate_only(dt, truncate, target, props, hard_deletes=hard_deletes)
         if created or (source.num_rows == 0 and truncate is None):
