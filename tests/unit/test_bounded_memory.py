@@ -151,3 +151,38 @@ def test_a_transaction_past_the_conversion_piece_is_converted_in_pieces_exactly(
     assert table["_cdc_seq"].to_pylist() == list(range(n))
     assert set(table["_cdc_lsn"].to_pylist()) == {100}
     assert set(table["v"].to_pylist()) == {value.decode()}
+
+
+def _ints(values: Sequence[bytes | None] | pa.Array) -> tuple[pa.Array, int]:
+    text, _ = _text(values)
+    return text.cast(pa.int64()), 0
+
+
+def test_a_transaction_over_max_batch_mb_is_spilled_and_lands_exactly_in_one_commit(
+        tmp_path: Path, sink: DeltaSink) -> None:
+    relation = Relation(relid=1, schema="public", name="orders", replica_identity="default",
+                        columns=(RelationColumn(name="id", type_oid=20, typmod=-1, key=True),
+                                 RelationColumn(name="v", type_oid=25, typmod=-1, key=False)))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    batcher = Batcher({REF: CaptureSpec(ref=REF)}, lambda r: [_ints, _text],
+                      max_rows=10**7, max_bytes=200_000, flush_interval_s=60, spill_dir=spill)
+    sink.write_consolidated(REF, inserts([-1], 50), key=["id"], version=50)
+    n = 20_000
+    batcher.add(relation)
+    batcher.add(Begin(xid=1, final_lsn=92, commit_ts_us=0))
+    for i in range(n):
+        batcher.add(Insert(relid=1, new=(str(i).encode(), b"v%d" % i)))
+    batcher.add(Commit(xid=1, commit_lsn=92, end_lsn=100, commit_ts_us=0))
+    assert batcher.spilled_bytes > 200_000  # most of it went to spill files
+    assert list(spill.iterdir()) == []  # unlinked at once: nothing left after a crash
+    batch = batcher.take()
+    assert batch is not None and batch.tables[REF].num_rows == n
+    before = DeltaTable(sink.path(REF, "consolidated")).version()
+    result = sink.write_consolidated(REF, batch.tables[REF], key=["id"], version=100)
+    dt = DeltaTable(sink.path(REF, "consolidated"))
+    assert dt.version() == before + 1 and result.inserted == n
+    assert dt.transaction_version(sink.app_id(REF, "consolidated")) == 100
+    rows = live(sink)
+    assert len(rows) == n + 1
+    assert all(rows[i] == (f"v{i}", False, 100) for i in range(n))
