@@ -62,7 +62,11 @@ def rows_after(batch: pa.Table, applied: int | None) -> pa.Table:
     """The rows with `_cdc_lsn` above `applied` (all of them when None or 0): what a Delta
     table whose applied version is `applied` still lacks. After a restart batches are cut
     differently, so a replayed batch can straddle the applied version."""
-    if not applied or applied <= 0:
+    if not applied or applied <= 0 or batch.num_rows == 0:
+        return batch
+    # the usual case is a batch wholly above: no filter, which would copy every column (a
+    # large transaction's batch twice over in memory, for nothing)
+    if pc.min(batch[LSN]).as_py() > applied:
         return batch
     return batch.filter(pc.greater(batch[LSN], pa.scalar(applied, pa.int64())))
 

@@ -96,6 +96,36 @@ class StoredLookups(DeltaTables):
         return total - int(found.num_rows)
 
 
+def keys_absent(dt: DeltaTable, source: pa.Table, keys: list[str]) -> bool:
+    """Whether no row of `dt` can hold a key of `source`, from the log's file statistics alone
+    (no data read): one integer key column without nulls in `source`, and every file's
+    [min, max] of it (the key is a statistics column) disjoint from the source's range. A
+    file without statistics, or any other key, answers False (the caller merges)."""
+    if len(keys) != 1 or source.num_rows == 0:
+        return False
+    key = keys[0]
+    column = source.column(key)
+    if not pa.types.is_integer(column.type) or column.null_count:
+        return False
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    stats = pa.table(dt.get_add_actions(flatten=True))
+    if stats.num_rows == 0:
+        return True
+    lows, highs = f"min.{key}", f"max.{key}"
+    if lows not in stats.column_names or highs not in stats.column_names:
+        return False
+    rows = pc.fill_null(stats.column("num_records"), 1)
+    stats = stats.filter(pc.greater(rows, 0))  # an empty file holds no key
+    if stats.num_rows == 0:
+        return True
+    if stats.column(lows).null_count or stats.column(highs).null_count:
+        return False
+    overlap = pc.and_(pc.less_equal(stats.column(lows), high),
+                      pc.greater_equal(stats.column(highs), low))
+    return not pc.any(overlap).as_py()
+
+
 def _scan_keys(dataset: pads.Dataset, target: pa.Schema, wanted: pa.Table, keys: list[str],
                columns: list[str]) -> pa.Table:
     """The live rows of `dataset` whose key columns take the values of `wanted` (a superset for
