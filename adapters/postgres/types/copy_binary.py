@@ -73,6 +73,12 @@ _MAX_DAY: Final = 2_932_896 - _PG_EPOCH_DAYS
 PIECE_PAD: Final = b"\x00" * 16
 
 
+# Row L (0–12): the little-endian masks of the three 4-byte lanes keeping a value's first L bytes.
+_LANE_MASKS: Final = np.array(
+    [[(1 << (8 * max(0, min(4, n - 4 * lane)))) - 1 for lane in range(3)] for n in range(13)],
+    dtype="<u4")
+
+
 @dataclass(frozen=True, slots=True)
 class BinaryColumn:
     """How one column is read from a binary COPY: `decoder` is a fixed-width kind ('int8',
@@ -162,10 +168,17 @@ def _decode(col: BinaryColumn, u8: np.ndarray, data: pa.Buffer, start: np.ndarra
             if (u8[start[valid]] != 1).any():
                 raise FramingError("unknown jsonb binary version")
             start, size = start + 1, np.where(valid, size - 1, size)
-        raw = _binary(data, u8, start, size, valid)
+        view = _binary_view(data, u8, start, size, valid)
         if decoder == "bytea":
-            return Converted(raw, 0)
-        return to_arrow(raw, col.pg_type)
+            return Converted(view.cast(pa.binary()), 0)
+        if pa.types.is_string(arrow_type(col.pg_type)):
+            # `to_arrow` of a string column is this cast when every value is valid UTF-8: one
+            # pass instead of compacting, then validating
+            try:
+                return Converted(view.cast(pa.string()), 0)
+            except pa.ArrowInvalid:
+                pass  # invalid UTF-8: to_arrow masks (and counts) exactly those values
+        return to_arrow(view.cast(pa.binary()), col.pg_type)
     target = arrow_type(col.pg_type)
     _, width, dtype = _DIRECT[_base(col.pg_type).oid]
     if (size[valid] != width).any():
@@ -205,25 +218,23 @@ def _array(values: np.ndarray, valid: np.ndarray, target: pa.DataType) -> pa.Arr
     return pa.array(values, type=target, mask=~valid)
 
 
-def _binary(data: pa.Buffer, u8: np.ndarray, start: np.ndarray, size: np.ndarray,
-            valid: np.ndarray) -> pa.Array:
-    """The fields [start, start + size) as a pa.binary() array: Arrow binary_view structs
+def _binary_view(data: pa.Buffer, u8: np.ndarray, start: np.ndarray, size: np.ndarray,
+                 valid: np.ndarray) -> pa.Array:
+    """The fields [start, start + size) as a pa.binary_view() array into `data`: the structs
     (16 bytes: int32 length, then the value inline and zero-padded when ≤ 12 bytes, else a
     4-byte prefix, buffer index 0 and the int32 offset) built for all rows at once as four int32
-    lanes, then compacted by Arrow's cast (one memcpy per value, in C++)."""
+    lanes; a cast to binary or string compacts it (one memcpy per value, in C++)."""
     n = len(start)
     length = np.where(valid, size, 0).astype(np.int32)
     head = _be(u8, start, 12, "V12").view("<u4").reshape(n, 3)  # the first 12 bytes, raw
-    # inline values keep only their own bytes: lane k holds bytes 4k..4k+3
-    kept = np.clip(length[:, None] - np.array([0, 4, 8], np.int32), 0, 4).astype(np.uint64)
-    head = head & ((np.uint64(1) << (kept * np.uint64(8))) - np.uint64(1)).astype(np.uint32)
     out_of_line = length > 12
     views = np.empty((n, 4), dtype="<u4")
     views[:, 0] = length
-    views[:, 1] = head[:, 0]
-    views[:, 2] = np.where(out_of_line, 0, head[:, 1])
-    views[:, 3] = np.where(out_of_line, start.astype(np.uint32), head[:, 2])
+    # inline values keep only their own bytes (out-of-line ones: the 4-byte prefix)
+    views[:, 1:] = head & _LANE_MASKS[np.minimum(length, 12)]
+    if out_of_line.any():
+        views[:, 2] = np.where(out_of_line, 0, views[:, 2])
+        views[:, 3] = np.where(out_of_line, start.astype(np.uint32), views[:, 3])
     bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
-    array = pa.Array.from_buffers(pa.binary_view(), n, [bitmap, pa.py_buffer(views), data],
-                                  null_count=n - int(np.count_nonzero(valid)))
-    return array.cast(pa.binary())
+    return pa.Array.from_buffers(pa.binary_view(), n, [bitmap, pa.py_buffer(views), data],
+                                 null_count=n - int(np.count_nonzero(valid)))
