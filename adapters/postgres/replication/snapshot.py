@@ -60,7 +60,11 @@ from cdcengine_postgres.control.slots import (
     temp_slot_name,
 )
 from cdcengine_postgres.errors import translate_errors
-from cdcengine_postgres.replication.copy_reader import CopyPiece, read_copy
+from cdcengine_postgres.replication.copy_reader import (
+    CopyPiece,
+    bound_malloc_retention,
+    read_copy,
+)
 from cdcengine_postgres.types.convert import to_arrow
 from cdcengine_postgres.types.copy_binary import (
     TEXT_CAST_SQL,
@@ -121,6 +125,7 @@ class TableSnapshot:
 
     def __enter__(self) -> TableSnapshot:
         secrets = self.source.secrets()
+        bound_malloc_retention()  # bounded RSS however many pieces go through (see there)
         try:
             self._rconn = connect(self.source.dsn, replication=True, secrets=secrets)
             row = self._create_slot(temp_slot_name(self.source.slot_name, "snapshot"))

@@ -121,7 +121,8 @@ class FramingError(ValueError):
 
 
 def decode_copy_binary(
-    piece: bytes, row_lengths: Sequence[int] | np.ndarray, columns: Sequence[BinaryColumn]
+    piece: bytes | bytearray, row_lengths: Sequence[int] | np.ndarray,
+    columns: Sequence[BinaryColumn],
 ) -> list[Converted]:
     """Decode whole binary-COPY rows (no header, no trailer) into one `Converted` per column.
 
