@@ -160,3 +160,19 @@ def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path) ->
     _assert_same(text, binary)
     assert bs.masked == ts.masked
     assert {"d", "ts", "tz", "n122"} <= set(bs.masked)  # the masking paths were taken
+
+
+def test_an_abandoned_copy_is_cancelled_and_drained(db: ScratchDatabase, tmp_path: Path) -> None:
+    """A consumer that stops after one piece (a stop, a failed write) cancels the COPY; the
+    reader drains it and lets go of the connection, which can then run its next command."""
+    db.execute("CREATE TABLE big (id bigint PRIMARY KEY, v text);"
+               "INSERT INTO big SELECT g, repeat('x', 50) FROM generate_series(1, 200000) g")
+    src = source_for(db.dsn, tmp_path, ["big"])
+    with TableSnapshot(src, src.table_config("big"), piece_rows=1_000) as snap:
+        pieces = snap.chunks()
+        first = next(pieces)
+        assert first.num_rows == 1_000 and snap.copy_format == "binary"
+        pieces.close()  # abandoned mid-copy: cancel, drain, join the reader
+        conn = snap._workers[0]
+        conn.rollback()  # the cancelled COPY failed the transaction; the connection lives on
+        assert conn.execute("SELECT 1").fetchone() == (1,)
