@@ -60,7 +60,18 @@ from cdcengine_postgres.control.slots import (
     temp_slot_name,
 )
 from cdcengine_postgres.errors import translate_errors
+from cdcengine_postgres.replication.copy_reader import (
+    CopyPiece,
+    bound_malloc_retention,
+    read_copy,
+)
 from cdcengine_postgres.types.convert import to_arrow
+from cdcengine_postgres.types.copy_binary import (
+    TEXT_CAST_SQL,
+    BinaryColumn,
+    decode_copy_binary,
+    plan_binary,
+)
 from cdcengine_postgres.types.copy_text import parse_copy_text
 
 log = structlog.get_logger("cdcengine.postgres.snapshot")
@@ -79,6 +90,9 @@ class TableSnapshot:
 
     After `__enter__`: `consistent_point` (int LSN C) and `columns` (the captured columns, in
     table order: generated columns are not captured, `columns` selection applied, key kept).
+    `copy_format`: 'auto' copies as binary COPY when every column can be decoded from it exactly
+    (`types.copy_binary`), else as text; 'text' always as text. `copy_format` (after
+    `__enter__`): which one it is.
     `masked` counts values the Arrow types could not hold, per column; `rows` counts rows
     converted (both totals over every worker).
     """
@@ -86,8 +100,12 @@ class TableSnapshot:
     def __init__(self, source: SourceConfig, table: TableConfig, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  piece_rows: int = DEFAULT_PIECE_ROWS,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 copy_format: str = "auto") -> None:
+        if copy_format not in ("auto", "text"):
+            raise ValueError("copy_format must be 'auto' (binary where exact) or 'text'")
         self.source, self.table, self._stop = source, table, stop
+        self._copy_format_wanted = copy_format
         self._what = f"snapshot of {table.name}"  # names the table in every error
         self.chunk_bytes, self.piece_rows = chunk_bytes, piece_rows
         self.consistent_point = 0
@@ -103,9 +121,11 @@ class TableSnapshot:
         self._facts: TableFacts | None = None
         self._chunk_key: ColumnFacts | None = None
         self._layout: SnapshotLayout | None = None
+        self._binary: list[BinaryColumn] | None = None  # set: COPY binary (see `_copy_format`)
 
     def __enter__(self) -> TableSnapshot:
         secrets = self.source.secrets()
+        bound_malloc_retention()  # bounded RSS however many pieces go through (see there)
         try:
             self._rconn = connect(self.source.dsn, replication=True, secrets=secrets)
             row = self._create_slot(temp_slot_name(self.source.slot_name, "snapshot"))
@@ -123,6 +143,7 @@ class TableSnapshot:
             self.columns = tuple(c for c in facts.columns if not c.generated and (
                 wanted is None or c.name in wanted or c.name in self.key))
             self._workers = [self._conn]
+            self._binary = self._copy_format()
         except BaseException:
             self.close()
             raise
@@ -183,6 +204,45 @@ class TableSnapshot:
             conn.close()
             raise
         return conn
+
+    def _copy_format(self) -> list[BinaryColumn] | None:
+        """The columns' binary-COPY decoders, or None to copy as text (see `types.copy_binary`):
+        binary COPY is decoded column-wise without per-value Python work and costs the server
+        less; text stays for tables with a column whose `::text` would not be its output text."""
+        assert self._conn is not None
+        if self._copy_format_wanted == "text":
+            return None
+        plan = plan_binary([(c.name, c.pg_type) for c in self.columns])
+        why = "a domain over a type read as text" if plan is None else ""
+        if plan is not None:
+            cast = sorted({c.pg_type.oid for c in plan if c.as_text})
+            if cast:
+                with translate_errors(secrets=self.source.secrets(),
+                                      context=f"{self._what}: reading casts to text"):
+                    rows = self._conn.execute(TEXT_CAST_SQL, [cast]).fetchall()
+                if rows:
+                    plan = None
+                    why = "a column whose cast to text is not its output function"
+        log.info("snapshot_copy_format", source=self.source.name, table=self.table.name,
+                 format="text" if plan is None else "binary",
+                 **({"reason": why} if plan is None else {}))
+        return plan
+
+    @property
+    def copy_format(self) -> str:
+        return "text" if self._binary is None else "binary"
+
+    def _select_list(self) -> sql.Composable:
+        if self._binary is None:
+            return sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        return sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier(c.name)) if c.as_text
+            else sql.Identifier(c.name) for c in self._binary)
+
+    def _copy_query(self, ref: TableRef, where: sql.Composable) -> sql.Composable:
+        return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT{}").format(
+            self._select_list(), sql.Identifier(ref.schema, ref.name), where,
+            sql.SQL("" if self._binary is None else " (FORMAT binary)"))
 
     # ---- layout and plan ----------------------------------------------------------------------
     def layout(self) -> SnapshotLayout:
@@ -292,7 +352,7 @@ class TableSnapshot:
     # ---- copying ------------------------------------------------------------------------------
     def empty(self) -> pa.Table:
         """The typed empty table of the captured columns."""
-        return self._convert(b"")
+        return self._convert(CopyPiece(b""))
 
     def open_workers(self, n: int) -> int:
         """Up to `n` connections importing the exported snapshot (the first: the session's)."""
@@ -308,10 +368,7 @@ class TableSnapshot:
         Each worker connection must be used by one thread at a time."""
         conn = self._workers[worker]
         ref = TableRef.parse(chunk.leaf)
-        query = sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT").format(
-            sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns),
-            sql.Identifier(ref.schema, ref.name), self._where(chunk))
-        yield from self._copy(conn, query)
+        yield from self._copy(conn, self._copy_query(ref, self._where(chunk)))
 
     def _where(self, chunk: ChunkRange) -> sql.Composable:
         if chunk.lo is None and chunk.hi is None:
@@ -333,10 +390,7 @@ class TableSnapshot:
     def chunks(self) -> Iterator[pa.Table]:
         """The whole table on the session's connection, as Arrow tables of bounded size."""
         assert self._conn is not None, "use TableSnapshot as a context manager"
-        query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-            sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns),
-            sql.Identifier(self.table.ref.schema, self.table.ref.name))
-        yield from self._copy(self._conn, query)
+        yield from self._copy(self._conn, self._copy_query(self.table.ref, sql.SQL("")))
 
     def _copy(self, conn: psycopg.Connection[Any], query: sql.Composable) -> Iterator[pa.Table]:
         """Run the COPY in a reader thread (so the server keeps sending while this thread
@@ -354,24 +408,14 @@ class TableSnapshot:
             return False
 
         def read() -> None:
-            limit_rows, limit_bytes = self.piece_rows, self.chunk_bytes
             try:
                 with translate_errors(secrets=self.source.secrets(),
-                                      context=f"copying table {self.table.name}"), \
-                        conn.cursor().copy(query) as copy:
-                    buf = bytearray()
-                    rows = 0
-                    for data in copy:  # one CopyData message per row: the unavoidable per-row step
-                        buf += data
-                        rows += 1
-                        if rows >= limit_rows or len(buf) >= limit_bytes:
-                            if not put(bytes(buf)):
-                                return
-                            buf.clear()
-                            rows = 0
-                    if buf and not put(bytes(buf)):
-                        return
-                put(_END)
+                                      context=f"copying table {self.table.name}"):
+                    done = read_copy(conn, query.as_bytes(conn), binary=self._binary is not None,
+                                     piece_rows=self.piece_rows, piece_bytes=self.chunk_bytes,
+                                     put=put)
+                if done:
+                    put(_END)
             except BaseException as exc:  # noqa: BLE001 - raised in the consuming thread
                 put(exc)
 
@@ -385,11 +429,11 @@ class TableSnapshot:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, bytes)
+                assert isinstance(item, CopyPiece)
                 yield self._convert(item)
                 yielded = True
             if not yielded:
-                yield self._convert(b"")
+                yield self._convert(CopyPiece(b""))
         finally:
             if reader.is_alive():  # abandoned mid-copy: stop the server sending
                 stop.set()
@@ -397,12 +441,15 @@ class TableSnapshot:
                     conn.cancel_safe()
             reader.join()
 
-    def _convert(self, chunk: bytes) -> pa.Table:
-        raw = parse_copy_text(chunk, len(self.columns))
+    def _convert(self, piece: CopyPiece) -> pa.Table:
+        if self._binary is not None:
+            converted = decode_copy_binary(piece.data, piece.row_lengths, self._binary)
+        else:
+            converted = [to_arrow(values, col.pg_type) for col, values in zip(
+                self.columns, parse_copy_text(piece.data, len(self.columns)), strict=True)]
         arrays: list[pa.Array] = []
         masked: dict[str, int] = {}
-        for col, values in zip(self.columns, raw, strict=True):
-            done = to_arrow(values, col.pg_type)
+        for col, done in zip(self.columns, converted, strict=True):
             if done.masked:
                 masked[col.name] = done.masked
             arrays.append(done.array)
