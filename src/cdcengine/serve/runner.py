@@ -71,6 +71,11 @@ class SourceRunner:
         self._resume_lsn = 0  # the flush position the last run confirmed (see Pipeline)
         # set while this daemon's monitor holds the source's lease for a pass
         self.monitor_pass = threading.Event()
+        # until the first pipeline run has tried to take the lease: the monitor's first pass
+        # only reads meanwhile, instead of taking the lease and making the start wait for it
+        # (building the first pipeline imports the adapter: the monitor's thread was often
+        # first, and every start lost its health check's round trips plus a standby poll)
+        self._launching = True
 
     # ---- for the monitor ----------------------------------------------------------------------
     def holds_lease(self) -> bool:
@@ -78,7 +83,9 @@ class SourceRunner:
         return p is not None and p.holding.is_set()
 
     def starting(self) -> bool:
-        """A pipeline run began and is about to take the lease."""
+        """A pipeline run began (or the first one is about to) and will take the lease."""
+        if self._launching:
+            return True
         p = self._pipeline
         return p is not None and not p.holding.is_set()
 
@@ -103,6 +110,7 @@ class SourceRunner:
         backoff = BACKOFF_START_S
         while not self.stop.is_set():
             if self._halted.is_set() or self._wait_for_operator():
+                self._launching = False
                 self.stop.wait(MARKER_POLL_S)
                 continue
             try:
@@ -111,6 +119,7 @@ class SourceRunner:
                 if not self._halted.is_set():
                     return  # a requested stop
             except Exception as exc:  # classified: retry, wait or give up
+                self._launching = False
                 err = classify_error(exc)
                 if isinstance(err, LeaseHeld):
                     self._standby(err)
@@ -148,6 +157,7 @@ class SourceRunner:
             pipeline = Pipeline(self.source, state=self.state, metrics=self.metrics,  # type: ignore[arg-type]
                                 resume_lsn=self._resume_lsn, activity=self.activity)
             self._pipeline = pipeline
+            self._launching = False  # from here `starting` asks the pipeline
             self._idle.clear()
         try:
             pipeline.run(self._session)
