@@ -177,8 +177,9 @@ def _backlog_result(bench: Bench, workload: str, modes: Sequence[str],
         key = workload if workload in ("bigtxn", "catchup") else f"{workload}.{mode}"
         if key in GOALS:
             goals.append(GOALS[key].evaluate(fig["ratio_vs_pg_recvlogical"]))
-        if workload == "bigtxn":
-            goals.append(GOALS["bigtxn.rss"].evaluate(fig["peak_rss_mb"]["max"]))
+        if f"{workload}.rss" in GOALS:  # memory goals: bigtxn, insert, mixed
+            rss = GOALS[f"{workload}.rss"].evaluate(fig["peak_rss_mb"]["max"])
+            goals.append({**rss, "goal": f"{rss['goal']} ({mode})", "mode": mode})
     out: dict[str, Any] = {"changes": backlog.changes, "ops": dict(backlog.ops),
                            "figures": figures, "goals": goals}
     missed = [g for g in goals if g["met"] is False]
@@ -293,6 +294,8 @@ def snapshot(bench: Bench) -> dict[str, Any]:
         out["sizes"][str(size)] = fig
         out["goals"].append({**GOALS["snapshot"].evaluate(
             fig["engine_consolidated"]["ratio_vs_copy"]), "size": size})
+        rss = GOALS["snapshot.rss"].evaluate(fig["engine_consolidated"]["peak_rss_mb"]["max"])
+        out["goals"].append({**rss, "goal": f"{rss['goal']} ({size:,} rows)", "size": size})
         src.drop_slots(f"bench_{name}_")
     return out
 
