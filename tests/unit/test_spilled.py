@@ -21,6 +21,8 @@ from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch
 from cdcengine.sink.base import SpilledTable, TableKind, TableSpec
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.sink.delta.streamed import key_check
+from cdcengine.sink.spilled import SpillWriter
 
 REF = TableRef("public", "orders")
 BUDGET = 1 << 20  # max_batch_mb = 1
@@ -210,3 +212,21 @@ def test_a_spilled_transaction_with_an_added_column_is_the_in_memory_batch(spill
     assert isinstance(spilled, SpilledTable) and isinstance(held, pa.Table)
     assert spilled.ops == {"I": 60_000, "D": 1}
     assert spilled.to_table().equals(held)
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["while_spilling", "own_pass"])
+def test_key_check_over_a_spill(spill: Path, gathered: bool) -> None:
+    def spilled(ids: list[int | None]) -> SpilledTable:
+        table = pa.table({"id": pa.array(ids, pa.int64())})
+        writer = SpillWriter(table.schema, spill, key="id" if gathered else None)
+        for start in range(0, len(ids), 1000):
+            writer.write(table.slice(start, 1000))
+        return writer.finish()
+
+    n = 5000
+    ascending = key_check(spilled(list(range(n))), "id")
+    assert (ascending.unique, ascending.low, ascending.high) == (True, 0, n - 1)
+    shuffled = key_check(spilled([(i * 7919) % n for i in range(n)]), "id", temp_dir=str(spill))
+    assert (shuffled.unique, shuffled.low, shuffled.high) == (True, 0, n - 1)
+    assert not key_check(spilled([*range(n), 17]), "id").unique
+    assert not key_check(spilled([1, None, 2]), "id").unique

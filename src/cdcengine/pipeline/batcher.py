@@ -549,7 +549,8 @@ class Batcher:
             out = out.insert(out.get_field_index(SEQ), ENGINE_SCHEMA.field(LSN))
             out = out.insert(out.get_field_index(UNCHANGED_LIST),
                              ENGINE_SCHEMA.field(COMMITTED_AT))
-            writer = SpillWriter(out, self._spill_dir)
+            key = buf.rel.key[0] if len(buf.rel.key) == 1 else None  # its range, in this pass
+            writer = SpillWriter(out, self._spill_dir, key=key)
             try:
                 start = 0
                 for piece in spilled_pieces(raws, buf.spill_keep, buf.parts):

@@ -113,7 +113,7 @@ def spill_parts(buf: TableBuffer, directory: Path | None) -> int:
     moved = 0
     for part in buf.parts:
         if not buf.spills or buf.spills[-1].schema != part.schema:
-            buf.spills.append(SpillWriter(part.schema, directory))
+            buf.spills.append(SpillWriter(part.schema, directory, summarise=False))
         buf.spills[-1].write(part)
         buf.spilled_rows += part.num_rows
         moved += part.nbytes

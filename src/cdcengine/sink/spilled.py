@@ -68,6 +68,19 @@ def _close_and_remove(fd: int, name: str) -> None:
         os.unlink(name)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyStats:
+    """One integer key column over a spilled table, gathered while it was written: its range,
+    its nulls, and whether it strictly ascends in row order (then no value repeats: a bulk
+    insert of serial or identity ids, checked unique without another pass)."""
+
+    column: str
+    low: int | None
+    high: int | None
+    nulls: int
+    ascending: bool
+
+
 @dataclass(frozen=True, kw_only=True)
 class SpilledTable:
     """A change batch's rows of one table in a spill file: what `ChangeBatch.tables` holds
@@ -77,7 +90,8 @@ class SpilledTable:
     computed while the file was written, so a consumer can decide how to write it without
     reading it: `ops` rows per `_cdc_op`, `unchanged_rows` rows listing an unchanged-TOAST
     column, the `_cdc_lsn` range, the newest commit time (µs) and each source transaction's
-    (end LSN, commit µs). `reader()` streams the rows in pieces of at most `PIECE_ROWS`;
+    (end LSN, commit µs), and `key` the `KeyStats` of a single integer key column when the
+    writer was told the key. `reader()` streams the rows in pieces of at most `PIECE_ROWS`;
     `to_table()` materialises them (the whole batch in memory). The owner (the pipeline's
     writer) calls `close()` once the batch is durable or dropped."""
 
@@ -91,6 +105,7 @@ class SpilledTable:
     transactions: tuple[tuple[int, int], ...] = ()
     ops: Mapping[str, int] = field(default_factory=dict)
     unchanged_rows: int = 0
+    key: KeyStats | None = None
 
     @property
     def column_names(self) -> list[str]:
@@ -115,11 +130,22 @@ class SpilledTable:
 
 class SpillWriter:
     """Writes record batches of one schema to a new `SpillFile` (re-cut into pieces of at most
-    `PIECE_ROWS`) and summarises them; `finish()` returns the `SpilledTable`. A writer that is
-    not finished releases its file on `abort()` (or when collected)."""
+    `PIECE_ROWS`) and summarises them (unless `summarise` is False: an intermediate file);
+    `key`: a key column whose `KeyStats` to gather when it is one integer column. `finish()`
+    returns the `SpilledTable`. A writer that is not finished releases its file on `abort()`
+    (or when collected)."""
 
-    def __init__(self, schema: pa.Schema, directory: str | Path | None = None) -> None:
-        self.schema = schema
+    def __init__(self, schema: pa.Schema, directory: str | Path | None = None, *,
+                 summarise: bool = True, key: str | None = None) -> None:
+        self.schema, self._summarising = schema, summarise
+        integer = key is not None and key in schema.names \
+            and pa.types.is_integer(schema.field(key).type)
+        self._key = key if integer else None
+        self._key_low: int | None = None
+        self._key_high: int | None = None
+        self._key_last: int | None = None
+        self._key_nulls = 0
+        self._ascending = True
         self.file = SpillFile(directory)
         self._sink = pa.OSFile(self.file.path, "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema)
@@ -133,7 +159,10 @@ class SpillWriter:
         table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
         if table.num_rows == 0:
             return
-        self._summarise(table)
+        if self._summarising:
+            self._summarise(table)
+        if self._key is not None:
+            self._key_stats(table[self._key])
         for piece in table.to_batches(max_chunksize=PIECE_ROWS):
             self._writer.write_batch(piece)
             self.nbytes += piece.nbytes
@@ -172,6 +201,24 @@ class SpillWriter:
             lengths = pc.fill_null(pc.list_value_length(table[UNCHANGED]), 0)
             self.unchanged_rows += int(pc.sum(pc.greater(lengths, 0)).as_py() or 0)
 
+    def _key_stats(self, column: pa.ChunkedArray) -> None:
+        self._key_nulls += column.null_count
+        if column.null_count == len(column):
+            return
+        bounds = pc.min_max(column)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        self._key_low = low if self._key_low is None else min(self._key_low, low)
+        self._key_high = high if self._key_high is None else max(self._key_high, high)
+        if not self._ascending or column.null_count:
+            self._ascending = False
+            return
+        values = column.combine_chunks()
+        first = values[0].as_py()
+        rises = pc.all(pc.greater(values.slice(1), values.slice(0, len(values) - 1))).as_py()
+        if (self._key_last is not None and first <= self._key_last) or rises is False:
+            self._ascending = False
+        self._key_last = values[len(values) - 1].as_py()
+
     def _close(self) -> None:
         self._writer.close()
         self._sink.close()
@@ -183,7 +230,10 @@ class SpillWriter:
                             file=self.file, min_lsn=low, max_lsn=high,
                             newest_commit_us=self._newest,
                             transactions=tuple(sorted(self._txns.items())),
-                            ops=dict(self._ops), unchanged_rows=self.unchanged_rows)
+                            ops=dict(self._ops), unchanged_rows=self.unchanged_rows,
+                            key=None if self._key is None else KeyStats(
+                                column=self._key, low=self._key_low, high=self._key_high,
+                                nulls=self._key_nulls, ascending=self._ascending))
 
     def abort(self) -> None:
         if not self._sink.closed:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable
@@ -70,7 +69,15 @@ def key_check(spilled: SpilledTable, key: str, *, temp_dir: str | None = None) -
     of serial or identity ids does): then it is unique, at O(1) memory. Otherwise DuckDB
     counts distinct keys over a second pass with its memory limit (`DUCKDB_MEMORY`; its
     aggregate spills to disk past it): exact, bounded, slower. A sorted check alone would
-    have to materialise or sort externally; a Python set would grow with the batch."""
+    have to materialise or sort externally; a Python set would grow with the batch. The
+    batcher gathers the first pass's figures while it writes the spill (`SpilledTable.key`):
+    then there is no pass here at all unless the keys do not ascend."""
+    stats = spilled.key
+    if stats is not None and stats.column == key:
+        if stats.nulls or stats.ascending:
+            return KeyCheck(unique=not stats.nulls, low=stats.low, high=stats.high,
+                            nulls=stats.nulls)
+        return _distinct(spilled, key, stats.low, stats.high, temp_dir)
     low: int | None = None
     high: int | None = None
     nulls = 0
@@ -94,6 +101,15 @@ def key_check(spilled: SpilledTable, key: str, *, temp_dir: str | None = None) -
                 last = column[len(column) - 1].as_py()
     if nulls or increasing:
         return KeyCheck(unique=not nulls, low=low, high=high, nulls=nulls)
+    return _distinct(spilled, key, low, high, temp_dir)
+
+
+def _distinct(spilled: SpilledTable, key: str, low: int | None, high: int | None,
+              temp_dir: str | None) -> KeyCheck:
+    """Whether no value of `key` repeats, counted by DuckDB in bounded memory (see
+    `key_check`)."""
+    import duckdb  # only here: loading it costs every process ~0.2 s and memory at start
+
     config: dict[str, str | int | bool | float] = {"memory_limit": DUCKDB_MEMORY, "threads": 1}
     if temp_dir is not None:
         config["temp_directory"] = temp_dir
@@ -103,7 +119,7 @@ def key_check(spilled: SpilledTable, key: str, *, temp_dir: str | None = None) -
         # the key is a column name, quoted as an identifier; no value is interpolated
         query = f"SELECT count(*) - count(DISTINCT {quoted}) FROM spill"  # noqa: S608
         found = con.execute(query).fetchone()
-    return KeyCheck(unique=found is not None and found[0] == 0, low=low, high=high, nulls=nulls)
+    return KeyCheck(unique=found is not None and found[0] == 0, low=low, high=high, nulls=0)
 
 
 def append_streamable(spilled: SpilledTable) -> str | None:
