@@ -32,10 +32,12 @@ from cdcengine.names import TableRef
 from cdcengine.pipeline.pipeline import Pipeline
 from cdcengine.sink.base import (
     AddedColumns,
+    BatchTable,
     CommitResult,
     MaintenanceResult,
     SinkWriteError,
     SnapshotSink,
+    SpilledTable,
     TableKind,
     TableSpec,
     WriteResult,
@@ -115,8 +117,10 @@ class FakeSink:
         with self.lake.lock:
             return self.lake.columns.get(self._key(ref, kind))
 
-    def write(self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int,
+    def write(self, ref: TableRef, batch: BatchTable, *, spec: TableSpec, version: int,
               added: AddedColumns | None = None) -> WriteResult:
+        if isinstance(batch, SpilledTable):  # a transaction past max_batch_mb: a sink may
+            batch = batch.to_table()  # read it whole (the Delta sink streams what it can)
         lake = self.lake
         with lake.lock:
             if lake.refuse:

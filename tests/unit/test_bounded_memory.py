@@ -16,6 +16,7 @@ from deltalake import DeltaTable
 from cdcengine.events import Begin, Commit, Insert, Relation, RelationColumn
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import CONVERT_BYTES, Batcher, CaptureSpec
+from cdcengine.sink.base import SpilledTable, TableSpec
 from cdcengine.sink.delta import DeltaSink
 from cdcengine.sink.delta.spool import ROW_GROUP_ROWS
 from cdcengine.sink.fold import rows_after
@@ -179,7 +180,9 @@ def test_a_transaction_over_max_batch_mb_is_spilled_and_lands_exactly_in_one_com
     batch = batcher.take()
     assert batch is not None and batch.tables[REF].num_rows == n
     before = DeltaTable(sink.path(REF, "consolidated")).version()
-    result = sink.write_consolidated(REF, batch.tables[REF], key=["id"], version=100)
+    spilled = batch.tables[REF]
+    assert isinstance(spilled, SpilledTable)  # handed over as a spill file, not in memory
+    result = sink.write(REF, spilled, spec=TableSpec(key=("id",)), version=100).commits[0]
     dt = DeltaTable(sink.path(REF, "consolidated"))
     assert dt.version() == before + 1 and result.inserted == n
     assert dt.transaction_version(sink.app_id(REF, "consolidated")) == 100

@@ -62,6 +62,7 @@ from cdcengine.events import (
 )
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch
+from cdcengine.sink.base import BatchTable, SpilledTable
 from cdcengine_postgres.replication import changes as changes_mod
 from cdcengine_postgres.replication import packed
 from cdcengine_postgres.replication.changes import PostgresChanges
@@ -283,11 +284,16 @@ def _values(column: pa.ChunkedArray | pa.Array) -> list[object]:
     return ["NaN" if isinstance(v, float) and math.isnan(v) else v for v in column.to_pylist()]
 
 
+def in_memory(table: BatchTable) -> pa.Table:
+    """A batch table as a `pa.Table` (a spilled one read whole)."""
+    return table.to_table() if isinstance(table, SpilledTable) else table
+
+
 def _same(a: ChangeBatch, b: ChangeBatch) -> None:
     assert a.version == b.version and a.transactions == b.transactions
     assert a.tables.keys() == b.tables.keys()
-    for ref, table in a.tables.items():
-        other = b.tables[ref]
+    for ref, spilled in a.tables.items():
+        table, other = in_memory(spilled), in_memory(b.tables[ref])
         assert table.schema == other.schema
         for name in table.column_names:
             assert _values(table[name]) == _values(other[name]), name

@@ -52,15 +52,18 @@ from cdcengine.events import (
 from cdcengine.names import TableRef
 from cdcengine.pipeline.buffer import (
     TableBuffer,
+    expand_range,
     expand_segments,
     ops_array,
-    spill,
+    spill_parts,
+    spilled_pieces,
     tail_columns,
 )
-from cdcengine.sink.base import AddedColumns
+from cdcengine.sink.base import AddedColumns, BatchTable, SpilledTable
 from cdcengine.sink.columns import COMMITTED_AT, LSN, OP, SEQ
 from cdcengine.sink.columns import UNCHANGED as UNCHANGED_LIST
 from cdcengine.sink.fold import UNCHANGED_TYPE
+from cdcengine.sink.spilled import SpillWriter
 
 ColumnConverter = Callable[[Sequence[bytes | None] | pa.Array], tuple[pa.Array, int]]
 """Text values of one column (None = NULL) → (typed Arrow array, number of masked values).
@@ -123,7 +126,8 @@ class SchemaChange:
 class ChangeBatch:
     version: int  # end LSN of the last transaction included
     transactions: int
-    tables: dict[TableRef, pa.Table]
+    # a table's rows in memory, or in a spill file when its transaction outgrew the budget
+    tables: dict[TableRef, BatchTable]
     keys: dict[TableRef, tuple[str, ...]]
     masked: dict[tuple[TableRef, str], int] = field(default_factory=dict)
     stopped: tuple[StoppedTable, ...] = ()
@@ -135,6 +139,12 @@ class ChangeBatch:
     @property
     def rows(self) -> int:
         return sum(t.num_rows for t in self.tables.values())
+
+    def release(self) -> None:
+        """Delete the batch's spill files (once it is durable, or dropped). Safe twice."""
+        for table in self.tables.values():
+            if isinstance(table, SpilledTable):
+                table.close()
 
 
 @dataclass(slots=True)
@@ -392,15 +402,12 @@ class Batcher:
         """Inside a transaction whose text tails reached `CONVERT_BYTES` (a batch cannot close
         there): convert them to Arrow parts, smaller, and in pieces that bound what a
         conversion holds; once converted parts exceed the budget (`max_bytes`) as well, move
-        them to spill files that stay memory-mapped (clean pages the kernel can drop), so one
+        them to spill files (read back piece by piece at `take`, never mapped whole), so one
         huge transaction still lands in one batch without holding it in RAM."""
         self._seal_tails()
         if self._part_bytes >= self._budget:
             for buf in self._buffers.values():
-                for i in range(buf.spilled, len(buf.parts)):
-                    self.spilled_bytes += buf.parts[i].nbytes
-                    buf.parts[i] = spill(buf.parts[i], self._spill_dir)
-                buf.spilled = len(buf.parts)
+                self.spilled_bytes += spill_parts(buf, self._spill_dir)
             self._part_bytes = 0
 
     def _seal_tails(self) -> None:
@@ -454,10 +461,13 @@ class Batcher:
             raise RuntimeError("take() inside a transaction would split it")
         if self._version is None:
             return None
-        tables: dict[TableRef, pa.Table] = {}
+        tables: dict[TableRef, BatchTable] = {}
         keys: dict[TableRef, tuple[str, ...]] = {}
         for ref, buf in self._buffers.items():
-            if buf.count:
+            if buf.count and buf.spills:
+                tables[ref] = self._to_spilled(buf)
+                keys[ref] = buf.rel.key
+            elif buf.count:
                 tables[ref] = self._to_arrow(buf)
                 keys[ref] = buf.rel.key
         batch = ChangeBatch(version=self._version, transactions=self._txns, tables=tables,
@@ -518,6 +528,52 @@ class Batcher:
         table = table.add_column(table.schema.get_field_index(SEQ), LSN, lsns)
         return table.add_column(table.schema.get_field_index(UNCHANGED_LIST), COMMITTED_AT,
                                 stamps.cast(ENGINE_SCHEMA.field(COMMITTED_AT).type))
+
+
+    def _to_spilled(self, buf: TableBuffer) -> SpilledTable:
+        """A buffer that spilled, as one spill file in the batch layout: its spill files and
+        in-memory parts are read piece by piece, given one shape (as `_to_arrow`'s concat
+        does) and their `_cdc_lsn` / `_cdc_committed_at`, and written out; at most one piece
+        of a part is in memory at a time. The raw files are released as soon as they are read."""
+        if buf.tail:
+            self._seal(buf)
+        raws = [w.finish() for w in buf.spills]
+        buf.spills = []
+        try:
+            shape = pa.unify_schemas([r.schema for r in raws] + [p.schema for p in buf.parts],
+                                     promote_options="permissive")
+            engine = [OP, SEQ, UNCHANGED_LIST]
+            fields = [f for f in shape if f.name not in engine] + [shape.field(n)
+                                                                   for n in engine]
+            out = pa.schema(fields)
+            out = out.insert(out.get_field_index(SEQ), ENGINE_SCHEMA.field(LSN))
+            out = out.insert(out.get_field_index(UNCHANGED_LIST),
+                             ENGINE_SCHEMA.field(COMMITTED_AT))
+            key = buf.rel.key[0] if len(buf.rel.key) == 1 else None  # its range, in this pass
+            writer = SpillWriter(out, self._spill_dir, key=key)
+            try:
+                start = 0
+                for piece in spilled_pieces(raws, buf.spill_keep, buf.parts):
+                    n = piece.num_rows
+                    lsns, stamps = expand_range(buf.segments, start, n)
+                    columns = {LSN: lsns,
+                               COMMITTED_AT: stamps.cast(ENGINE_SCHEMA.field(COMMITTED_AT).type)}
+                    have = piece.schema.names
+                    writer.write(pa.RecordBatch.from_arrays(
+                        [columns[f.name] if f.name in columns
+                         else piece.column(f.name).cast(f.type) if f.name in have
+                         else pa.nulls(n, f.type) for f in out], schema=out))
+                    start += n
+                if start != buf.count:
+                    raise RuntimeError(f"spilled {start} rows of a table holding {buf.count}")
+                return writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            for raw in raws:
+                raw.close()
+            buf.parts = []
 
 
 def _column_names(marks: pa.Array, columns: Sequence[RelationColumn]) -> pa.Array:

@@ -3,16 +3,14 @@
 The batcher (`cdcengine.pipeline.batcher`) owns the buffers; here is what a buffer holds and the
 column-wise work on it: the text tail as columns (`tail_columns`, packed runs of changes kept
 as Arrow arrays, `interleave`), the one-letter `_cdc_op` array (`ops_array`), the per-row end
-LSN and commit time from per-transaction marks (`expand_segments`), and moving a converted part
-to a memory-mapped spill file (`spill`) when one transaction outgrows the memory budget.
+LSN and commit time from per-transaction marks (`expand_segments`, `expand_range`), and moving
+converted parts to spill files (`spill_parts`) when one transaction outgrows the memory budget.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdcengine.events import UNCHANGED, PackedChanges, Row
+from cdcengine.sink.spilled import SpilledTable, SpillWriter
 
 if TYPE_CHECKING:
     from cdcengine.pipeline.batcher import _Relation
@@ -30,16 +29,20 @@ _one_letter_offsets: pa.Buffer = pa.py_buffer(array("i", range(1 << 16)))
 
 @dataclass(slots=True)
 class TableBuffer:
-    """One table's rows: converted `parts` (Arrow, maybe memory-mapped from a spill file), then
-    a tail of text rows and packed runs of changes (`items`; a run holds `run.count` rows, so
-    `tail` counts rows, not items). Row positions count from the first part; `segments` give
+    """One table's rows: converted rows moved to spill files (`spills`, one per shape, in
+    order: `spilled_rows` rows, of which the first `spill_keep` count when set), then converted
+    `parts` in memory, then a tail of text rows and packed runs of changes (`items`; a run holds
+    `run.count` rows, so `tail` counts rows, not items). Row positions count from the first
+    spilled row; `segments` give
     (rows so far, end LSN, commit time) per committed transaction; `unchanged` is keyed by
     tail row position."""
 
     rel: _Relation  # the table's current relation (shape, converters) in the batcher
     parts: list[pa.Table] = field(default_factory=list)
-    converted: int = 0  # rows held in `parts`
-    spilled: int = 0  # leading parts that live in (memory-mapped) spill files
+    converted: int = 0  # rows held in `spills` and `parts`
+    spills: list[SpillWriter] = field(default_factory=list)
+    spilled_rows: int = 0
+    spill_keep: int | None = None  # an aborted transaction's spilled rows are cut at take
     items: list[Row | PackedChanges] = field(default_factory=list)
     tail: int = 0  # rows in `items`
     runs: int = 0  # items that are packed runs
@@ -72,14 +75,15 @@ class TableBuffer:
             return
         self.clear_tail()
         kept: list[pa.Table] = []
-        left = upto
+        left = upto - self.spilled_rows
+        if left < 0:  # rows already in spill files: cut when they are read back
+            self.spill_keep = upto
         for part in self.parts:
             if left <= 0:
                 break
             kept.append(part.slice(0, min(left, part.num_rows)))
             left -= kept[-1].num_rows
         self.parts, self.converted = kept, upto
-        self.spilled = min(self.spilled, len(kept))
 
     def _cut_items(self, keep: int) -> None:
         """Keep the tail's first `keep` rows; a run cut in the middle becomes its rows."""
@@ -102,17 +106,19 @@ class TableBuffer:
         self.runs = sum(isinstance(item, PackedChanges) for item in items)
 
 
-def spill(part: pa.Table, directory: Path | None) -> pa.Table:
-    """`part` written to an Arrow file in `directory` and read back memory-mapped (clean pages
-    the kernel can drop); the file is unlinked at once, so nothing is left after a crash."""
-    fd, name = tempfile.mkstemp(prefix="cdcengine-batch-", suffix=".arrow", dir=directory)
-    os.close(fd)
-    try:
-        with pa.OSFile(name, "wb") as sink, pa.ipc.new_file(sink, part.schema) as writer:
-            writer.write_table(part)
-        return pa.ipc.open_file(pa.memory_map(name)).read_all()
-    finally:
-        os.unlink(name)  # the mapping keeps the data
+def spill_parts(buf: TableBuffer, directory: Path | None) -> int:
+    """Move `buf`'s converted parts to its spill files (a new file when the shape changed: an
+    ALTER TABLE inside the transaction); returns their Arrow bytes. The files are anonymous
+    (`SpillFile`): nothing is left after a crash."""
+    moved = 0
+    for part in buf.parts:
+        if not buf.spills or buf.spills[-1].schema != part.schema:
+            buf.spills.append(SpillWriter(part.schema, directory, summarise=False))
+        buf.spills[-1].write(part)
+        buf.spilled_rows += part.num_rows
+        moved += part.nbytes
+    buf.parts = []
+    return moved
 
 
 Columns = Sequence[Sequence[bytes | None] | pa.Array]
@@ -248,3 +254,35 @@ def expand_segments(segments: list[tuple[int, int, int]], n: int) -> tuple[pa.Ar
         return pc.run_end_decode(encoded)
 
     return decode(lsns), decode(stamps)
+
+
+def expand_range(segments: list[tuple[int, int, int]], start: int,
+                 n: int) -> tuple[pa.Array, pa.Array]:
+    """`expand_segments` for the rows [start, start + n) only: a piece of a spilled table gets
+    its columns without the whole batch's per-row arrays in memory."""
+    end = start + n
+    cut: list[tuple[int, int, int]] = []
+    for upto, lsn, ts in segments:
+        if upto <= start:
+            continue
+        cut.append((min(upto, end) - start, lsn, ts))
+        if upto >= end:
+            break
+    return expand_segments(cut, n)
+
+
+def spilled_pieces(raws: Sequence[SpilledTable], keep: int | None,
+            parts: Sequence[pa.Table]) -> Iterator[pa.RecordBatch]:
+    """The record batches of spill files (their first `keep` rows when set), then of parts."""
+    left = keep
+    for raw in raws:
+        with raw.reader() as reader:
+            for piece in reader:
+                if left is not None:
+                    if left <= 0:
+                        return
+                    piece = piece.slice(0, left)
+                    left -= piece.num_rows
+                yield piece
+    for part in parts:
+        yield from part.to_batches()

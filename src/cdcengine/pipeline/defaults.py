@@ -26,7 +26,7 @@ from cdcengine.config import TableConfig
 from cdcengine.errors import Reason
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
-from cdcengine.sink.base import AddedColumns
+from cdcengine.sink.base import AddedColumns, SpilledTable
 from cdcengine.sink.fold import data_columns
 from cdcengine.source.adapter import ColumnDefault, DefaultKind
 
@@ -61,7 +61,7 @@ class AddedColumnDefaults:
         for ref, table in batch.tables.items():
             if ref not in self._known:
                 continue  # no consolidated table: no stored rows to fill
-            columns = data_columns(table)
+            columns = data_columns(table.schema)
             known = self._known[ref]
             if known is None:  # a new Delta table: no old rows
                 self._known[ref] = {c.lower() for c in columns}
@@ -95,6 +95,10 @@ class AddedColumnDefaults:
         if not stops and not found_for:
             return batch, []
         gone = {s.ref for s in stops}
+        for ref in gone:  # a stopped table's spill file is not needed any more
+            dropped = batch.tables.get(ref)
+            if isinstance(dropped, SpilledTable):
+                dropped.close()
         return replace(
             batch,
             tables={r: t for r, t in batch.tables.items() if r not in gone},

@@ -12,13 +12,12 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-import pyarrow.compute as pc
 import structlog
 
 from cdcengine.errors import classify_error
 from cdcengine.pipeline.batcher import ChangeBatch
 from cdcengine.pipeline.writer import Durable
-from cdcengine.sink.columns import LSN
+from cdcengine.sink.spilled import min_lsn
 from cdcengine.state.base import StateStore
 
 log = structlog.get_logger("cdcengine.pipeline.runlog")
@@ -51,8 +50,7 @@ class RunLog:
     def durable(self, batch: ChangeBatch, done: Durable) -> None:
         """Writer thread: a batch's commits are done."""
         rows = {ref.qualified: t.num_rows for ref, t in batch.tables.items() if t.num_rows}
-        lows = [pc.min(t[LSN]).as_py() for t in batch.tables.values()
-                if t.num_rows and LSN in t.column_names]
+        lows = [min_lsn(t) for t in batch.tables.values()]
         entry = _Entry(first_lsn=min((v for v in lows if v is not None), default=None),
                        last_lsn=batch.version, rows=rows, duration_s=done.duration_ms / 1000,
                        commit_latency_s=None)

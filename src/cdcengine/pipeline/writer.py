@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 import structlog
 
 from cdcengine import failpoints
@@ -37,6 +36,7 @@ from cdcengine.metrics import Metrics
 from cdcengine.names import TableRef
 from cdcengine.pipeline.batcher import ChangeBatch, StoppedTable
 from cdcengine.sink.base import (
+    BatchTable,
     Sink,
     SinkSchemaError,
     SinkWriteError,
@@ -203,9 +203,11 @@ class BatchWriter:
         self._abort_wait.set()
         while True:
             try:
-                self._queue.get_nowait()
+                dropped = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(dropped, tuple):
+                dropped[0].release()
         self._queue.put(_STOP)
         self._thread.join()
 
@@ -221,10 +223,12 @@ class BatchWriter:
                 done = self._write(batch, taken)
             except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
                 self._error = exc
+                batch.release()  # a restart replays it from the source
                 return
             self._done.put(done)
             if self._on_durable is not None:
                 self._on_durable(batch, done)
+            batch.release()  # durable: its spill files are not needed any more
 
     def _write(self, batch: ChangeBatch, taken: float) -> Durable:
         started = time.monotonic()
@@ -285,7 +289,7 @@ class BatchWriter:
         self._upkeep(touched)
         return done
 
-    def _commit(self, ref: TableRef, rows: pa.Table, spec: TableSpec,
+    def _commit(self, ref: TableRef, rows: BatchTable, spec: TableSpec,
                 batch: ChangeBatch) -> tuple[WriteResult | None, StoppedTable | None]:
         """Write one table's rows of the batch (`Sink.write`); a StoppedTable when the table
         must stop.

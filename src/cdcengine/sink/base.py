@@ -38,6 +38,13 @@ Change batch columns (typed Arrow, SPEC §6): the data columns plus `_cdc_op` ('
 snapshot read; 'T' truncate, append tables only), `_cdc_lsn` int64, `_cdc_seq` int64,
 `_cdc_committed_at` timestamp[us, UTC] and `_cdc_unchanged` list<string> (see `sink.fold`, which
 names them once).
+
+A batch table is a `pa.Table`, or a `SpilledTable` (`sink.spilled`) when the transaction
+outgrew the pipeline's memory budget: the same rows in a local Arrow IPC stream file, with a
+summary (row counts per op, LSN range, transactions) and a C++ `reader()` that yields pieces of
+at most `PIECE_ROWS` rows. A sink may write it piece by piece (still ONE commit per kind) or
+materialise it with `to_table()`; it never closes it (the writer does, once the batch is
+durable or dropped).
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ import pyarrow as pa
 from cdcengine.config import SourceConfig, TableMode
 from cdcengine.errors import CDCError, Reason
 from cdcengine.names import TableRef
+
+# part of the seam: a batch table may be spilled (re-exported for sinks)
+from cdcengine.sink.spilled import BatchTable
+from cdcengine.sink.spilled import SpilledTable as SpilledTable
 
 
 class TableKind(enum.StrEnum):
@@ -258,10 +269,11 @@ class Sink(Protocol):
         ...
 
     def write(
-        self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int,
+        self, ref: TableRef, batch: BatchTable, *, spec: TableSpec, version: int,
         added: AddedColumns | None = None,
     ) -> WriteResult:
-        """Make `batch` durable in every table `spec.mode` writes (append first), once.
+        """Make `batch` (a `pa.Table` or a `SpilledTable`) durable in every table `spec.mode`
+        writes (append first), once.
 
         Per kind: the rows at or below the kind's applied version are left out; when rows are
         left, ONE atomic commit holds them and records `version` as the kind's applied version;

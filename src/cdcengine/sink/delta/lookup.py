@@ -108,7 +108,13 @@ def keys_absent(dt: DeltaTable, source: pa.Table, keys: list[str]) -> bool:
     if not pa.types.is_integer(column.type) or column.null_count:
         return False
     bounds = pc.min_max(column)
-    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    return range_absent(dt, key, bounds["min"].as_py(), bounds["max"].as_py())
+
+
+def range_absent(dt: DeltaTable, key: str, low: int, high: int) -> bool:
+    """Whether no row of `dt` can hold a value of the integer column `key` in [low, high], from
+    the file statistics alone (`keys_absent` for a batch whose range is already known, such as
+    a spilled one)."""
     stats = pa.table(dt.get_add_actions(flatten=True))
     if stats.num_rows == 0:
         return True

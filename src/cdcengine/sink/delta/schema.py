@@ -5,7 +5,10 @@ laying out a batch as a table's rows (`_conform`, `_to_target`, ...).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable, Field
 
 from cdcengine.names import TableRef, is_engine_column
@@ -176,3 +179,33 @@ def _to_target(rows: pa.Table, target: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.nulls(n, f.type))
     return pa.Table.from_arrays(columns, schema=target)
+
+
+_MAX_VERSION = (1 << 63) - 1
+
+
+def _check_batch(batch: pa.Table, version: int, *, require: Sequence[str]) -> pa.Table:
+    """Validate a change batch and coerce the engine columns' types; ValueError on a bug."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"version must be an int LSN, got {version!r}")
+    if not 0 <= version <= _MAX_VERSION:
+        raise ValueError(f"version {version} is outside 0..2^63-1")
+    missing = [c for c in require if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"change batch lacks engine column(s) {missing}")
+    wanted = {
+        LSN: pa.int64(),
+        SEQ: pa.int64(),
+        OP: pa.string(),
+        COMMITTED_AT: TIMESTAMP_UTC,
+        UNCHANGED: UNCHANGED_TYPE,
+    }
+    for name, type_ in wanted.items():
+        if name in batch.column_names and batch.schema.field(name).type != type_:
+            index = batch.schema.get_field_index(name)
+            batch = batch.set_column(index, name, batch.column(name).cast(type_))
+    if batch.num_rows:
+        top = pc.max(batch.column(LSN)).as_py()
+        if top is not None and top > version:
+            raise ValueError(f"batch holds {LSN} {top} above its version {version}")
+    return batch

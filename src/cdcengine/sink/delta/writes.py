@@ -21,8 +21,10 @@ from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef
 from cdcengine.sink.base import (
     AddedColumns,
+    BatchTable,
     CommitResult,
     SinkWriteError,
+    SpilledTable,
     TableKind,
     TableSpec,
     WriteResult,
@@ -36,13 +38,12 @@ from cdcengine.sink.columns import (
     LSN,
     OP,
     SEQ,
-    UNCHANGED,
 )
-from cdcengine.sink.delta.lookup import StoredLookups, keys_absent
+from cdcengine.sink.delta.lookup import keys_absent
 from cdcengine.sink.delta.schema import (
-    TIMESTAMP_UTC,
     _append_schema,
     _arrow_schema,
+    _check_batch,
     _conform,
     _consolidated_rows,
     _consolidated_schema,
@@ -58,9 +59,9 @@ from cdcengine.sink.delta.sql import (
     _Truncate,
     _value_assignments,
 )
+from cdcengine.sink.delta.streamed import StreamedWrites, append_streamable
 from cdcengine.sink.delta.tables import _ms
 from cdcengine.sink.fold import (
-    UNCHANGED_TYPE,
     append_rows,
     data_columns,
     fill_before,
@@ -75,8 +76,6 @@ from cdcengine.sink.fold import (
 log = structlog.get_logger("cdcengine.sink")
 
 
-_MAX_VERSION = (1 << 63) - 1
-
 
 @dataclass(frozen=True, slots=True)
 class _Applied:
@@ -86,7 +85,7 @@ class _Applied:
     unresolved_unchanged: int = 0
 
 
-class ChangeWrites(StoredLookups):
+class ChangeWrites(StreamedWrites):
     """Progress and change batches (see the module docstring)."""
 
     # --- progress ----------------------------------------------------------------------
@@ -110,7 +109,7 @@ class ChangeWrites(StoredLookups):
     # --- writing -----------------------------------------------------------------------
 
     def write(
-        self, ref: TableRef, batch: pa.Table, *, spec: TableSpec, version: int,
+        self, ref: TableRef, batch: BatchTable, *, spec: TableSpec, version: int,
         added: AddedColumns | None = None,
     ) -> WriteResult:
         """The stream's write (the `Sink` protocol): `write_append` and/or `write_consolidated`
@@ -122,8 +121,14 @@ class ChangeWrites(StoredLookups):
         kinds committed before it stay (a retry skips them). The returned version is the
         durable position: the batch's version, or the minimum of the kinds' applied versions
         when that is higher (a replay).
+
+        A `SpilledTable` is written piece by piece where `streamed` can (bulk inserts, and
+        change-log rows that need no other row); otherwise it is materialised first, once for
+        every kind, and `spill_materialised` says why.
         """
         kinds = kinds_for(spec.mode)
+        if isinstance(batch, SpilledTable):
+            return self._write_spilled(ref, batch, spec=spec, version=version, added=added)
         consolidated = batch
         if added is not None and added.values and TableKind.CONSOLIDATED in kinds:
             consolidated = self._backfill_added(ref, batch, added)
@@ -157,6 +162,66 @@ class ChangeWrites(StoredLookups):
                                    transactions=transaction_commits(rows)))
         durable = min((c.version for c in commits), default=version)
         return WriteResult(table=ref, version=max(version, durable), commits=tuple(commits))
+
+    def _write_spilled(self, ref: TableRef, spilled: SpilledTable, *, spec: TableSpec,
+                       version: int, added: AddedColumns | None) -> WriteResult:
+        """`write` of a spilled batch: each kind streamed when it can be (see `streamed`);
+        the first kind that cannot materialises the batch, and the rest goes the usual way."""
+        kinds = kinds_for(spec.mode)
+        if added is not None and added.values and TableKind.CONSOLIDATED in kinds:
+            return self.write(ref, self._materialise(ref, spilled, "added_column_default"),
+                              spec=spec, version=version, added=added)
+        commits: list[CommitResult] = []
+        for j, kind in enumerate(kinds):
+            if j:
+                failpoints.hit("between_kinds")
+            path = self.path(ref, kind)
+            with self._delta_errors(path, ref, kind):
+                dt = self._cached(path)
+                applied = None if dt is None else self._txn_version(dt, ref, kind)
+            if applied is not None and (version <= applied or spilled.max_lsn is None
+                                        or spilled.max_lsn <= applied):
+                commits.append(self._skipped(ref, kind, applied, 0, version))
+                continue
+            reason: str | None = None
+            if applied is not None and spilled.min_lsn is not None \
+                    and spilled.min_lsn <= applied:
+                reason = "replay_straddles_applied"
+            try:
+                commit: CommitResult | str
+                if reason is not None:
+                    commit = reason
+                elif kind is TableKind.APPEND:
+                    reason = append_streamable(spilled)
+                    commit = reason or self._append_spilled(ref, spilled, version=version,
+                                                            key=spec.key)
+                else:
+                    commit = self._consolidated_spilled(ref, spilled, version=version,
+                                                        key=spec.key)
+            except SinkWriteError as exc:
+                exc.kind = exc.kind or kind
+                raise
+            if isinstance(commit, str):  # materialised: this kind and the rest as usual
+                rest = replace(spec, mode=_mode_of(kinds[j:]))
+                table = self._materialise(ref, spilled, commit, kind=kind)
+                done = self.write(ref, table, spec=rest, version=version, added=added)
+                commits += done.commits
+                break
+            self._log_commit(commit)
+            commits.append(replace(commit, bytes_in=spilled.nbytes,
+                                   newest_commit_us=spilled.newest_commit_us,
+                                   transactions=spilled.transactions))
+        durable = min((c.version for c in commits), default=version)
+        return WriteResult(table=ref, version=max(version, durable), commits=tuple(commits))
+
+    def _materialise(self, ref: TableRef, spilled: SpilledTable, reason: str, *,
+                     kind: TableKind | None = None) -> pa.Table:
+        """The spilled batch in memory, said in the log: this write is NOT bounded by
+        `max_batch_mb` (README, memory)."""
+        log.warning("spill_materialised", table=ref.qualified,
+                    kind=None if kind is None else str(kind), reason=reason,
+                    rows=spilled.num_rows, bytes=spilled.nbytes)
+        return spilled.to_table()
 
     def _backfill_added(self, ref: TableRef, batch: pa.Table, added: AddedColumns) -> pa.Table:
         """Columns added at the source whose older rows hold a constant default (SPEC §6): the
@@ -488,31 +553,11 @@ class ChangeWrites(StoredLookups):
         )
 
 
-def _check_batch(batch: pa.Table, version: int, *, require: Sequence[str]) -> pa.Table:
-    """Validate a change batch and coerce the engine columns' types; ValueError on a bug."""
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"version must be an int LSN, got {version!r}")
-    if not 0 <= version <= _MAX_VERSION:
-        raise ValueError(f"version {version} is outside 0..2^63-1")
-    missing = [c for c in require if c not in batch.column_names]
-    if missing:
-        raise ValueError(f"change batch lacks engine column(s) {missing}")
-    wanted = {
-        LSN: pa.int64(),
-        SEQ: pa.int64(),
-        OP: pa.string(),
-        COMMITTED_AT: TIMESTAMP_UTC,
-        UNCHANGED: UNCHANGED_TYPE,
-    }
-    for name, type_ in wanted.items():
-        if name in batch.column_names and batch.schema.field(name).type != type_:
-            index = batch.schema.get_field_index(name)
-            batch = batch.set_column(index, name, batch.column(name).cast(type_))
-    if batch.num_rows:
-        top = pc.max(batch.column(LSN)).as_py()
-        if top is not None and top > version:
-            raise ValueError(f"batch holds {LSN} {top} above its version {version}")
-    return batch
+def _mode_of(kinds: Sequence[TableKind]) -> TableMode:
+    """The table mode that writes exactly `kinds` (a suffix of `kinds_for(mode)`)."""
+    if len(kinds) == 2:
+        return TableMode.BOTH
+    return TableMode.APPEND if kinds[0] is TableKind.APPEND else TableMode.CONSOLIDATED
 
 
 def _assert_unique(folded: pa.Table, keys: list[str], ref: TableRef) -> None:
