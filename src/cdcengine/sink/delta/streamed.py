@@ -146,26 +146,14 @@ class StreamedWrites(StoredLookups):
             dt = self._cached(path, refresh=False)
             shape = append_rows(_check_batch(spilled.schema.empty_table(), version,
                                              require=require), key)
-            added: tuple[str, ...] = ()
-            if dt is None:
-                dt = self._create(path, ref, kind, _append_schema(shape), list(key))
-            else:
-                self._check_layout(dt, ref, path, kind)
-                added = self._add_new_columns(dt, ref, shape, kind)
-                self._widen(dt, ref, kind, shape)
+            dt, added = self._table_for(dt, path, ref, kind, shape, _append_schema(shape), key)
             target = _arrow_schema(dt)
 
             def shaped(piece: pa.Table) -> pa.Table:
                 rows = append_rows(_check_batch(piece, version, require=require), key)
                 return _to_target(_conform(rows, target, ref), target)
 
-            written = self._write_pieces(dt, spilled, shaped,
-                                         self._commit_properties(ref, kind, version))
-            self._after_commit(ref, kind, version)
-        return CommitResult(table=ref, kind=kind, version=version, skipped=False,
-                            delta_version=dt.version(), rows_in=spilled.num_rows,
-                            rows_written=written, inserted=written, columns_added=added,
-                            duration_ms=_ms(started))
+            return self._commit_pieces(dt, ref, kind, version, spilled, shaped, added, started)
 
     def _consolidated_spilled(self, ref: TableRef, spilled: SpilledTable, *, version: int,
                               key: Sequence[str]) -> CommitResult | str:
@@ -190,13 +178,8 @@ class StreamedWrites(StoredLookups):
             require = (OP, LSN, COMMITTED_AT)
             shape = fold_for_merge(_check_batch(spilled.schema.empty_table(), version,
                                                 require=require), keys)
-            added: tuple[str, ...] = ()
-            if dt is None:
-                dt = self._create(path, ref, kind, _consolidated_schema(shape), keys)
-            else:
-                self._check_layout(dt, ref, path, kind)
-                added = self._add_new_columns(dt, ref, shape, kind)
-                self._widen(dt, ref, kind, shape)
+            dt, added = self._table_for(dt, path, ref, kind, shape, _consolidated_schema(shape),
+                                        keys)
             target = _arrow_schema(dt)
 
             def shaped(piece: pa.Table) -> pa.Table:
@@ -205,9 +188,16 @@ class StreamedWrites(StoredLookups):
                 source = _with_missing_as_null(_conform(folded, target, ref), target)
                 return _to_target(_consolidated_rows(source), target)
 
-            written = self._write_pieces(dt, spilled, shaped,
-                                         self._commit_properties(ref, kind, version))
-            self._after_commit(ref, kind, version)
+            return self._commit_pieces(dt, ref, kind, version, spilled, shaped, added, started)
+
+    def _commit_pieces(self, dt: DeltaTable, ref: TableRef, kind: TableKind, version: int,
+                       spilled: SpilledTable, shaped: Callable[[pa.Table], pa.Table],
+                       added: tuple[str, ...], started: float) -> CommitResult:
+        """Write `spilled` piece by piece, each `shaped` for the table, in one commit carrying
+        `version`; what was committed."""
+        written = self._write_pieces(dt, spilled, shaped,
+                                     self._commit_properties(ref, kind, version))
+        self._after_commit(ref, kind, version)
         return CommitResult(table=ref, kind=kind, version=version, skipped=False,
                             delta_version=dt.version(), rows_in=spilled.num_rows,
                             rows_written=written, inserted=written, columns_added=added,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +235,19 @@ class DeltaTables:
         log.info("delta_table_created", table=ref.qualified, kind=str(kind), path=path,
                  partition_by=list(partitions))
         return dt
+
+    def _table_for(self, dt: DeltaTable | None, path: str, ref: TableRef, kind: TableKind,
+                   shape: pa.Table, schema: pa.Schema, key: Sequence[str],
+                   ) -> tuple[DeltaTable, tuple[str, ...]]:
+        """The Delta table rows shaped like `shape` are written into, and the columns this
+        added to it: created with `schema` when missing; else its layout checked, the batch's
+        new columns added and widened types applied."""
+        if dt is None:
+            return self._create(path, ref, kind, schema, list(key)), ()
+        self._check_layout(dt, ref, path, kind)
+        added = self._add_new_columns(dt, ref, shape, kind)
+        self._widen(dt, ref, kind, shape)
+        return dt, added
 
     def _check_layout(self, dt: DeltaTable, ref: TableRef, path: str, kind: TableKind) -> None:
         layout = dt.metadata().configuration.get(LAYOUT_PROPERTY)

@@ -285,13 +285,8 @@ class ChangeWrites(StreamedWrites):
             folded = fold_for_merge(batch, keys)
             _assert_unique(folded, keys, ref)
             created = dt is None
-            if dt is None:
-                dt = self._create(path, ref, kind, _consolidated_schema(folded), keys)
-                added: tuple[str, ...] = ()
-            else:
-                self._check_layout(dt, ref, path, kind)
-                added = self._add_new_columns(dt, ref, folded, kind)
-                self._widen(dt, ref, kind, folded)
+            dt, added = self._table_for(dt, path, ref, kind, folded,
+                                        _consolidated_schema(folded), keys)
             target = _arrow_schema(dt)
             # a stored column the batch lacks was dropped at the source: null from now on
             source = _with_missing_as_null(_conform(folded, target, ref), target)
@@ -360,13 +355,7 @@ class ChangeWrites(StreamedWrites):
                 else None
             )
             rows = append_rows(batch, key, prior=prior)
-            if dt is None:
-                dt = self._create(path, ref, kind, _append_schema(rows), list(key))
-                added: tuple[str, ...] = ()
-            else:
-                self._check_layout(dt, ref, path, kind)
-                added = self._add_new_columns(dt, ref, rows, kind)
-                self._widen(dt, ref, kind, rows)
+            dt, added = self._table_for(dt, path, ref, kind, rows, _append_schema(rows), key)
             target = _arrow_schema(dt)
             out_rows = _to_target(_conform(rows, target, ref), target)
             _write_delta(
