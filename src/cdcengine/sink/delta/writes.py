@@ -134,12 +134,7 @@ class ChangeWrites(StreamedWrites):
             consolidated = self._backfill_added(ref, batch, added)
         commits: list[CommitResult] = []
         for j, kind in enumerate(kinds):
-            if j:
-                failpoints.hit("between_kinds")
-            path = self.path(ref, kind)
-            with self._delta_errors(path, ref, kind):
-                dt = self._cached(path)
-                applied = None if dt is None else self._txn_version(dt, ref, kind)
+            applied = self._applied_before(ref, kind, j)
             rows = rows_after(consolidated if kind is TableKind.CONSOLIDATED else batch, applied)
             if applied is not None and (version <= applied or rows.num_rows == 0):
                 commits.append(self._skipped(ref, kind, applied, 0, version))
@@ -163,6 +158,16 @@ class ChangeWrites(StreamedWrites):
         durable = min((c.version for c in commits), default=version)
         return WriteResult(table=ref, version=max(version, durable), commits=tuple(commits))
 
+    def _applied_before(self, ref: TableRef, kind: TableKind, j: int) -> int | None:
+        """The applied version of the `j`-th table kind a batch is written to (a fresh read of
+        its log); between two kinds a test may "crash" (`between_kinds`)."""
+        if j:
+            failpoints.hit("between_kinds")
+        path = self.path(ref, kind)
+        with self._delta_errors(path, ref, kind):
+            dt = self._cached(path)
+            return None if dt is None else self._txn_version(dt, ref, kind)
+
     def _write_spilled(self, ref: TableRef, spilled: SpilledTable, *, spec: TableSpec,
                        version: int, added: AddedColumns | None) -> WriteResult:
         """`write` of a spilled batch: each kind streamed when it can be (see `streamed`);
@@ -173,12 +178,7 @@ class ChangeWrites(StreamedWrites):
                               spec=spec, version=version, added=added)
         commits: list[CommitResult] = []
         for j, kind in enumerate(kinds):
-            if j:
-                failpoints.hit("between_kinds")
-            path = self.path(ref, kind)
-            with self._delta_errors(path, ref, kind):
-                dt = self._cached(path)
-                applied = None if dt is None else self._txn_version(dt, ref, kind)
+            applied = self._applied_before(ref, kind, j)
             if applied is not None and (version <= applied or spilled.max_lsn is None
                                         or spilled.max_lsn <= applied):
                 commits.append(self._skipped(ref, kind, applied, 0, version))
