@@ -245,8 +245,7 @@ def _run(payloads: list[bytes], mix: int) -> ChangeRun:
     relid = _RELID(payloads[0], 1)[0]
     if not mix:
         return ChangeRun.inserts(relid, payloads)
-    ops = bytes(p[0] for p in payloads)
-    return ChangeRun(relid, payloads, ops, has_old=bool(mix & _HAS_OLD))
+    return ChangeRun(relid, payloads, has_old=bool(mix & _HAS_OLD))
 
 
 def _converter(pgtype: PgType) -> ColumnConverter:

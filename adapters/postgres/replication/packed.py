@@ -93,13 +93,16 @@ class ChangeRun(PackedChanges):
 
     __slots__ = ("data", "sizes")
 
-    def __init__(self, relid: int, payloads: Sequence[bytes], ops: bytes,
+    def __init__(self, relid: int, payloads: Sequence[bytes], ops: bytes | None = None,
                  has_old: bool = False) -> None:
         self.relid = relid
         self.data = b"".join(payloads)
         self.sizes = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
         self.count = len(payloads)
         self.nbytes = len(self.data)
+        if ops is None:  # each message's type byte is its op letter: read them all at once
+            starts = np.cumsum(self.sizes) - self.sizes
+            ops = np.frombuffer(self.data, dtype=np.uint8)[starts].tobytes()
         self.ops = ops
         self.has_old = has_old
 
@@ -197,8 +200,8 @@ class _Tuples:
         self.ends = ends  # position after the tuple, per row
 
     @staticmethod
-    def locate(buf: np.ndarray, data: bytes, pos: np.ndarray, ends: np.ndarray, ncols: int,
-               *, unchanged: bool) -> _Tuples | None:
+    def locate(buf: np.ndarray, data: bytes, pos: np.ndarray, ends: np.ndarray,
+               ncols: int) -> _Tuples | None:
         """The tuples starting (at their ncols field) at `pos`, or None when any is not of the
         common shape (see the module docstring)."""
         n = len(pos)
@@ -225,8 +228,8 @@ class _Tuples:
                 start = pos + 5
                 end = start + length
             else:
-                other = (kind == _KIND_NULL) | (kind == _KIND_UNCHANGED) if unchanged \
-                    else kind == _KIND_NULL
+                # which tuple may hold unchanged markers is the caller's check
+                other = (kind == _KIND_NULL) | (kind == _KIND_UNCHANGED)
                 if not bool((text | other).all()):
                     return None  # 'b' or garbage: the row-by-row path decides
                 start = pos + np.where(text, 5, 1)
@@ -264,7 +267,7 @@ class _Split:
         if ncols <= 0:
             return None
         full = (kind == 0x55) & (mark == _MARK_OLD)
-        first = _Tuples.locate(buf, data, starts + 6, ends, ncols, unchanged=True)
+        first = _Tuples.locate(buf, data, starts + 6, ends, ncols)
         if first is None:
             return None
         # only an update's new tuple holds unchanged markers (an old tuple is sent whole, an
@@ -281,7 +284,7 @@ class _Split:
             if bool((at + 1 > ends[rows]).any()) or bool((buf[np.minimum(at, len(data) - 1)]
                                                           != _MARK_NEW).any()):
                 return None
-            new = _Tuples.locate(buf, data, at + 1, ends[rows], ncols, unchanged=True)
+            new = _Tuples.locate(buf, data, at + 1, ends[rows], ncols)
             if new is None:
                 return None
             old = _Tuples(first.bounds[rows], first.kinds[rows], first.ends[rows])
