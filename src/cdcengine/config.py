@@ -38,10 +38,12 @@ from cdcengine.config_validation import (
 )
 from cdcengine.errors import ConfigError, UnknownSource
 from cdcengine.names import NameError_, TableRef, case_collisions
+from cdcengine.object_store import StorageOptionsError, storage_plan
 from cdcengine.secrets import (
     UNPARSEABLE_DSN,
     display_dsn,
     dsn_password,
+    environment_secrets,
     mask_dsn,
     option_secrets,
     scrub,
@@ -276,6 +278,10 @@ class SourceConfig:
                 raise fail("destination_options", "must map names to strings, numbers or "
                            "booleans (values are masked)")
             clean_opts[k] = str(v).lower() if isinstance(v, bool) else str(v)
+        try:  # options that allow an unsafe commit fail here, not at the first write
+            storage_plan(self.destination, clean_opts)
+        except StorageOptionsError as exc:
+            raise fail("destination_options", str(exc)) from None
         object.__setattr__(self, "destination_options", clean_opts)
 
     def _resolve_tables(self, refs: list[TableRef], fail: _Fail) -> tuple[TableConfig, ...]:
@@ -349,7 +355,8 @@ class SourceConfig:
         raise ConfigError(f"source {self.name!r}: table {ref.qualified} is not in its 'tables'")
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret this config holds, for `scrub`: the dsn password, option values."""
+        """Every secret this config holds, for `scrub`: the dsn password, option values and,
+        for an object-store destination, the credentials in the environment."""
         out: list[str] = []
         if isinstance(self.dsn, str):
             pw = dsn_password(self.dsn)
@@ -358,6 +365,8 @@ class SourceConfig:
         opts = self.destination_options
         if isinstance(opts, Mapping):
             out.extend(option_secrets(opts))
+        if isinstance(self.destination, str) and "://" in self.destination:
+            out.extend(environment_secrets())  # credentials delta-rs takes from the environment
         return tuple(out)
 
     def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:

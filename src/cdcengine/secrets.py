@@ -12,6 +12,7 @@ Two layers, both pure functions:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -87,6 +88,21 @@ def option_secrets(options: Mapping[str, object] | None) -> list[str]:
     return [str(v) for v in (options or {}).values()
             if len(str(v)) >= 4 and str(v).lower() not in ("true", "false")
             and not str(v).isdigit()]
+
+
+#: Environment variables holding object-store credentials: delta-rs reads them when the
+#: destination's options do not set the key, so their values are secrets of every object-store
+#: destination (ids such as AWS_ACCESS_KEY_ID are not secret and stay readable).
+CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY",
+                  "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_KEY",
+                  "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN", "AZURE_CLIENT_SECRET",
+                  "GOOGLE_SERVICE_ACCOUNT_KEY")
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The object-store credentials set in the environment (`CREDENTIAL_ENV`), for `scrub`."""
+    env = os.environ if environ is None else environ
+    return [v for k in CREDENTIAL_ENV if len(v := env.get(k, "").strip()) >= 4]
 
 
 # libpq's key/value form: `key = value` pairs, values bare or single-quoted (with \' escapes)

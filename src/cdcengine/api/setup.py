@@ -70,7 +70,8 @@ def check_prerequisites(source: SourceConfig, *, state: StateArg = None) -> list
         checks = adapter_for(source).check_prerequisites(
             as_enabled(rec, with_overrides(source, store)), install_id=store.install_id(),
             known_slot=known_slot(rec, source))
-    return [*checks, *check_destination(source.name, source.destination)]
+    return [*checks, *check_destination(source.name, source.destination,
+                                          source.destination_options)]
 
 
 def discover_tables(source: SourceConfig) -> list[TableInfo]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from cdcengine.object_store import CommitSafety, StorageOptionsError, storage_plan
 from cdcengine.source.adapter import Check, Severity
 
 __all__ = ["LOW_SPACE_BYTES", "check_destination", "foreign_entries", "local_path"]
@@ -75,13 +77,29 @@ def _is_table_dir(path: Path) -> bool:
         return False
 
 
-def check_destination(source_name: str, destination: str) -> list[Check]:
+_SAFETY_TEXT: Final = {
+    CommitSafety.CONDITIONAL_PUT: "S3 conditional put (If-None-Match)",
+    CommitSafety.DYNAMODB_LOCK: "the DynamoDB commit lock",
+    CommitSafety.COPY_IF_NOT_EXISTS: "the store's copy-if-not-exists",
+    CommitSafety.NATIVE: "the store's own conditional create",
+}
+
+
+def check_destination(
+    source_name: str, destination: str, options: Mapping[str, str] | None = None
+) -> list[Check]:
     """The destination's checks (see the module docstring); never raises."""
     root = local_path(destination)
     if root is None:
+        try:
+            safety = _SAFETY_TEXT.get(storage_plan(destination, options).commit_safety)
+        except StorageOptionsError:  # refused when the config was loaded; not reached
+            safety = None
+        commits = f"; concurrent commits are kept apart by {safety}" if safety else ""
         return [Check(name=_NAME, severity=Severity.OK,
                       message=f"destination {destination} is an object store: not probed by "
-                              "check (credentials and writes are verified by the first write)")]
+                              "check (credentials and writes are verified by the first write)"
+                              + commits)]
     if root.exists() and not root.is_dir():
         return [Check(name=_NAME, severity=Severity.ERROR,
                       message=f"destination {root} is a file, not a directory",

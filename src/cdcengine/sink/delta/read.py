@@ -20,13 +20,23 @@ import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
 from cdcengine.names import TableRef
+from cdcengine.object_store import storage_plan
 from cdcengine.sink.base import TableKind
 from cdcengine.sink.columns import DELETED
 
 
+def delta_options(
+    location: str, storage_options: Mapping[str, str] | None
+) -> dict[str, str] | None:
+    """The options every deltalake call of the engine gets for `location` (a destination or a
+    table path): the user's, with the engine's commit-safety rule applied
+    (`cdcengine.object_store`: conditional put on S3). None when there are none."""
+    return storage_plan(location, storage_options).options or None
+
+
 def load_table(path: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable | None:
     """A fresh deltalake handle on the table at `path`; None when there is no Delta table."""
-    options = dict(storage_options) if storage_options else None
+    options = delta_options(path, storage_options)
     if not DeltaTable.is_deltatable(path, storage_options=options):
         return None
     return DeltaTable(path, storage_options=options)
@@ -123,9 +133,8 @@ class DeltaReader:
         self, destination: str | None = None, *, storage_options: Mapping[str, str] | None = None
     ) -> None:
         self.destination = destination
-        self._storage_options: dict[str, str] | None = (
-            dict(storage_options) if storage_options else None
-        )
+        self._storage_options = (delta_options(destination, storage_options) if destination
+                                 else dict(storage_options or {}) or None)
 
     def __repr__(self) -> str:
         return f"DeltaReader(destination={self.destination!r})"
@@ -198,4 +207,4 @@ class DeltaReader:
             rows=snapshot.count(live_only=kind is TableKind.CONSOLIDATED))
 
 
-__all__ = ["DeltaReader", "DeltaSnapshot", "DeltaTableInfo", "load_table"]
+__all__ = ["DeltaReader", "DeltaSnapshot", "DeltaTableInfo", "delta_options", "load_table"]

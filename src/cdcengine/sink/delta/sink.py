@@ -25,7 +25,7 @@ from cdcengine.config import SourceConfig
 from cdcengine.names import TableRef
 from cdcengine.sink.base import TableKind
 from cdcengine.sink.delta.maintain import DeltaMaintenance, Maintenance
-from cdcengine.sink.delta.read import DeltaReader, DeltaTableInfo
+from cdcengine.sink.delta.read import DeltaReader, DeltaTableInfo, delta_options
 from cdcengine.sink.delta.resync import Resyncs
 from cdcengine.sink.delta.snapshot import SnapshotLoads
 from cdcengine.sink.delta.spool import SPILL_BYTES
@@ -35,11 +35,12 @@ from cdcengine.sink.delta.writes import ChangeWrites
 class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
     """Writes change batches of one source into Delta tables under `destination`, exactly once.
 
-    `source` names the source in every app id; `storage_options` go to delta-rs unchanged
-    (object-store credentials: never logged, never in a repr). One writer thread owns an instance
-    (it caches open table handles); `read_table`, `row_count`, `exists`, `table_info`,
-    `dataset` and `applied_version` open fresh handles and may be called from any thread, as may
-    `reader` (the sink's `DeltaReader`).
+    `source` names the source in every app id; `storage_options` go to delta-rs with the
+    engine's commit-safety rule applied (`cdcengine.object_store`: on S3, conditional put unless
+    a DynamoDB lock is configured; unsafe options refused) and are never logged nor in a repr.
+    One writer thread owns an instance (it caches open table handles); `read_table`,
+    `row_count`, `exists`, `table_info`, `dataset` and `applied_version` open fresh handles and
+    may be called from any thread, as may `reader` (the sink's `DeltaReader`).
     """
 
     def __init__(
@@ -67,9 +68,8 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         # applied when the table is created
         self.partition_by = {ref: tuple(cols) for ref, cols in (partition_by or {}).items()
                              if cols}
-        self._storage_options: dict[str, str] | None = (
-            dict(storage_options) if storage_options else None
-        )
+        # the user's options under the engine's commit-safety rule (S3: conditional put)
+        self._storage_options = delta_options(destination, storage_options)
         self._tables: dict[str, DeltaTable] = {}
         self._checkpointed_at: dict[str, int] = {}
         self._partition_warned: set[str] = set()

@@ -18,7 +18,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef, is_engine_column
-from cdcengine.secrets import option_secrets, scrub
+from cdcengine.secrets import environment_secrets, option_secrets, scrub
 from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind
 from cdcengine.sink.columns import COMMITTED_AT, LSN
 from cdcengine.sink.delta.read import load_table
@@ -378,7 +378,8 @@ _DESTINATION_FAILURE = re.compile(
 def _first_line(exc: BaseException, options: Mapping[str, str] | None) -> str:
     """The first line of a destination's message, credentials scrubbed, at most 300 chars."""
     lines = str(exc).strip().splitlines()
-    return scrub(lines[0][:300], option_secrets(options)) if lines else ""
+    secrets = [*option_secrets(options), *environment_secrets()]
+    return scrub(lines[0][:300], secrets) if lines else ""
 
 
 def _table_specific(exc: BaseException) -> bool:
