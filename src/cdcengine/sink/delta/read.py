@@ -11,6 +11,7 @@ Every call opens a fresh handle (no cache), so a reader may be used from any thr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,10 +19,12 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
 
 from cdcengine.names import TableRef
 from cdcengine.object_store import storage_plan
-from cdcengine.sink.base import TableKind
+from cdcengine.secrets import environment_secrets, option_secrets, scrub
+from cdcengine.sink.base import SinkWriteError, TableKind
 from cdcengine.sink.columns import DELETED
 
 
@@ -34,12 +37,51 @@ def delta_options(
     return storage_plan(location, storage_options).options or None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_S3_ERROR = re.compile(r"<Code>([^<]{1,100})</Code>\s*(?:<Message>([^<]{0,200})</Message>)?")
+
+
+def error_detail(exc: BaseException, options: Mapping[str, str] | None) -> str:
+    """What a destination's message says, in one line of at most 300 characters, with every
+    option value that may be secret and the object-store credentials of the environment
+    scrubbed (a store's error may quote the request, never its keys; a driver might).
+
+    delta-rs's object-store errors are a chain, one cause a line (`Generic S3 error` /
+    `↳ Error performing list request` / … / `↳ Connection refused (os error 111)`), and an S3
+    refusal ends in the store's XML: the first line is kept with the root cause (the XML's
+    `Code: Message`, else the last line), which is what tells a user what to fix.
+    """
+    text = _ANSI.sub("", str(exc))
+    lines = [ln.strip().lstrip("↳").strip() for ln in text.strip().splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return ""
+    s3 = _S3_ERROR.search(text)
+    cause = f"{s3[1]}: {s3[2]}" if s3 and s3[2] else s3[1] if s3 else lines[-1]
+    detail = lines[0] if cause == lines[0] else f"{lines[0]}: {cause}"
+    return scrub(detail[:300], [*option_secrets(options), *environment_secrets()])
+
+
 def load_table(path: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable | None:
-    """A fresh deltalake handle on the table at `path`; None when there is no Delta table."""
+    """A fresh deltalake handle on the table at `path`; None when there is no Delta table.
+
+    The destination failing the read (unreachable endpoint, missing bucket, refused
+    credentials) raises `SinkWriteError` (`destination_failed`, retryable) naming the table and
+    the store's own words, scrubbed: never a bare OSError, whose message may be all a user sees.
+    """
     options = delta_options(path, storage_options)
-    if not DeltaTable.is_deltatable(path, storage_options=options):
-        return None
-    return DeltaTable(path, storage_options=options)
+    try:
+        if not DeltaTable.is_deltatable(path, storage_options=options):
+            return None
+        return DeltaTable(path, storage_options=options)
+    except (DeltaError, OSError) as exc:
+        detail = error_detail(exc, options)
+        raise SinkWriteError(
+            f"cannot read the Delta table at {path} ({type(exc).__name__}"
+            f"{': ' + detail if detail else ''})", detail=detail,
+            fix="Check the destination and destination_options (endpoint, bucket, region, "
+                "credentials); for S3 the keys come from destination_options or "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,10 +18,9 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 
 from cdcengine.lsn import format_lsn
 from cdcengine.names import TableRef, is_engine_column
-from cdcengine.secrets import environment_secrets, option_secrets, scrub
 from cdcengine.sink.base import SinkSchemaError, SinkWriteError, TableKind
 from cdcengine.sink.columns import COMMITTED_AT, LSN
-from cdcengine.sink.delta.read import load_table
+from cdcengine.sink.delta.read import error_detail, load_table
 from cdcengine.sink.delta.schema import (
     APPEND_ENGINE_FIELDS,
     CONSOLIDATED_ENGINE_FIELDS,
@@ -377,9 +376,7 @@ _DESTINATION_FAILURE = re.compile(
 
 def _first_line(exc: BaseException, options: Mapping[str, str] | None) -> str:
     """The first line of a destination's message, credentials scrubbed, at most 300 chars."""
-    lines = str(exc).strip().splitlines()
-    secrets = [*option_secrets(options), *environment_secrets()]
-    return scrub(lines[0][:300], secrets) if lines else ""
+    return error_detail(exc, options)
 
 
 def _table_specific(exc: BaseException) -> bool:
