@@ -95,8 +95,8 @@ def option_secrets(options: Mapping[str, object] | None) -> list[str]:
 #: destination (ids such as AWS_ACCESS_KEY_ID are not secret and stay readable).
 CREDENTIAL_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY",
                   "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_KEY",
-                  "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN", "AZURE_CLIENT_SECRET",
-                  "GOOGLE_SERVICE_ACCOUNT_KEY")
+                  "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN", "AZURE_STORAGE_CLIENT_SECRET",
+                  "AZURE_CLIENT_SECRET", "GOOGLE_SERVICE_ACCOUNT_KEY")
 
 
 def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
