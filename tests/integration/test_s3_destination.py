@@ -394,3 +394,16 @@ def test_the_plan_is_applied_to_every_handle(bucket: S3Bucket) -> None:
     assert sink._storage_options["aws_conditional_put"] == "etag"
     assert sink.reader._storage_options == sink._storage_options
     assert dataclasses.asdict(src)["destination_options"] == bucket.options()  # config untouched
+
+
+def test_a_destination_error_never_echoes_an_option_value(bucket: S3Bucket) -> None:
+    """delta-rs quotes an option value it cannot parse: the engine's error names the problem
+    and masks the value (here the secret key, pasted into the wrong option)."""
+    from cdcengine.sink.base import SinkWriteError
+
+    sink = DeltaSink(bucket.uri(), source="echo",
+                     storage_options=bucket.options(aws_conditional_put=SECRET_KEY))
+    with pytest.raises(SinkWriteError) as err:
+        sink.exists(TableRef("public", "t"), "consolidated")
+    assert "S3PutConditional" in err.value.message and "***" in err.value.message
+    assert SECRET_KEY not in f"{err.value.message} {err.value.detail} {err.value}"
