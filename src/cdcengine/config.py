@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from cdcengine.config_engine import _ENGINE_KEYS, DEFAULT_STATE_URL, EngineConfig
+from cdcengine.config_engine import LogFormat as LogFormat  # re-exported: part of the config API
 from cdcengine.config_validation import (
     ENV_PREFIX,
     Invalid,
@@ -35,20 +37,20 @@ from cdcengine.config_validation import (
     column_list,
     env_overrides,
     partition_list,
+    where,
 )
 from cdcengine.errors import ConfigError, UnknownSource
+from cdcengine.hostpolicy import HostNotAllowed, HostPolicy, dsn_hosts
 from cdcengine.names import NameError_, TableRef, case_collisions
 from cdcengine.secrets import (
     UNPARSEABLE_DSN,
     display_dsn,
     dsn_password,
-    mask_dsn,
     option_secrets,
     scrub,
 )
 
 DEFAULT_CONFIG_PATH = "cdcengine.toml"
-DEFAULT_STATE_URL = "sqlite:///.cdcengine/state.db"
 
 _OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://",
                          "adl://", "azure://", "file://", "memory://")
@@ -71,11 +73,6 @@ class TableMode(enum.StrEnum):
     @property
     def writes_append(self) -> bool:
         return self in (TableMode.APPEND, TableMode.BOTH)
-
-
-class LogFormat(enum.StrEnum):
-    CONSOLE = "console"
-    JSON = "json"
 
 
 SETTINGS_KEYS = ("auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb")
@@ -120,16 +117,6 @@ _SOURCE_KEYS: dict[str, Rule] = {
 # checked after the table list and before the derived names (slot, publication)
 _TUNING_KEYS = tuple(k for k, r in _SOURCE_KEYS.items()
                      if r.checked and k not in ("name", "slot_name", "publication_name"))
-_ENGINE_KEYS: dict[str, Rule] = {
-    "state": _STR,
-    "http_port": Rule(kind="int", minimum=0, maximum=65535,
-                      error="must be an integer 0-65535, 0 = off (got {value!r})"),
-    "http_host": Rule(kind="str", pattern=re.compile(r"^[A-Za-z0-9.:_-]{1,253}$"),
-                      error="must be an address or host name to listen on, such as "
-                            "127.0.0.1, 0.0.0.0 or ::1 (got {value!r})"),
-    "log_format": Rule(kind="str", choices=LogFormat,
-                       error="must be console | json (got {value!r})"),
-}
 _TABLE_KEYS = ("mode", "columns", "primary_key", "partition_by")
 
 
@@ -146,11 +133,6 @@ class TableConfig:
     @property
     def name(self) -> str:
         return self.ref.qualified
-
-
-def _where(provenance: Mapping[str, str], default: str, key: str) -> str:
-    # `table.<t>.mode` came from wherever `table` came from
-    return provenance.get(key) or provenance.get(key.split(".", 1)[0], default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,6 +174,9 @@ class SourceConfig:
     catchup_threshold_mb: int = 64
     catchup_chunk_mb: int = 256
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
+    # The engine's host policy ([engine] allowed_hosts / denied_networks), carried by every
+    # source so each connection the adapter opens for it is checked (load_config fills it in).
+    host_policy: HostPolicy = field(default_factory=HostPolicy, repr=False, compare=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     origin: str = field(default="SourceConfig()", repr=False, compare=False)
@@ -199,9 +184,9 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         def fail(key: str, what: str) -> ConfigError:
-            where = _where(self.provenance, self.origin, key)
+            origin = where(self.provenance, self.origin, key)
             who = f"source {self.name!r}" if isinstance(self.name, str) else "source"
-            return ConfigError(scrub(f"{where}: {who}: key {key!r}: {what}", self.secrets()))
+            return ConfigError(scrub(f"{origin}: {who}: key {key!r}: {what}", self.secrets()))
 
         set_ = object.__setattr__
 
@@ -217,6 +202,7 @@ class SourceConfig:
         if len(self.name) > 53:
             raise fail("name", "must be at most 53 characters (the default slot name adds 10)")
         self._check_dsn(fail)
+        self._check_hosts(fail)
         refs = self._table_refs(fail)
         set_(self, "tables", tuple(r.qualified for r in refs))
         self._check_destination(fail)
@@ -243,6 +229,21 @@ class SourceConfig:
                        "write postgresql://user:password@host:5432/dbname (is the '@' before "
                        "the host missing? percent-encode / ? # @ : in a password, e.g. / as "
                        "%2F) or key=value pairs such as host=… dbname=…")
+
+    def _check_hosts(self, fail: _Fail) -> None:
+        """The host policy's static check of every host the dsn names (no DNS here: the adapter
+        checks the resolved addresses at connect). A dsn naming no host means the local unix
+        socket ($PGHOST or the default), which the policy refuses unless listed."""
+        if not isinstance(self.host_policy, HostPolicy):
+            raise ConfigError("SourceConfig: host_policy must be a cdcengine.hostpolicy.HostPolicy")
+        if not self.host_policy.enabled:
+            return
+        default = os.environ.get("PGHOST") or "/var/run/postgresql"
+        for host in dsn_hosts(self.dsn, default=default):
+            try:
+                self.host_policy.check_host(host)
+            except HostNotAllowed as exc:
+                raise HostNotAllowed(fail("dsn", exc.message).message, fix=exc.fix) from None
 
     def _table_refs(self, fail: _Fail) -> list[TableRef]:
         tables = self.tables
@@ -388,38 +389,6 @@ class _Fail(Protocol):  # the signature of SourceConfig.__post_init__'s `fail`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class EngineConfig:
-    state: str = DEFAULT_STATE_URL
-    http_port: int = 9790
-    # loopback by default: /status names databases and tables; "0.0.0.0" in a container
-    http_host: str = "127.0.0.1"
-    log_format: LogFormat = LogFormat.CONSOLE
-    provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-    origin: str = field(default="EngineConfig()", repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        def fail(key: str, what: str) -> ConfigError:
-            return ConfigError(f"{_where(self.provenance, self.origin, key)}: [engine]: key "
-                               f"{key!r}: {what}")
-
-        if not isinstance(self.state, str) or not self.state.startswith(
-            ("sqlite://", "postgresql://", "postgres://")
-        ):
-            raise fail("state", "must be a sqlite:///path URL or a postgresql:// URL "
-                       f"(got {mask_dsn(str(self.state))!r})")
-        for key in ("http_port", "http_host", "log_format"):
-            try:
-                object.__setattr__(self, key, check(_ENGINE_KEYS[key], getattr(self, key)))
-            except Invalid as exc:
-                raise fail(key, str(exc)) from None
-
-    def __repr__(self) -> str:  # a postgresql:// state URL may carry a password
-        return (f"EngineConfig(state={mask_dsn(self.state)!r}, http_port={self.http_port!r}, "
-                f"http_host={self.http_host!r}, "
-                f"log_format={self.log_format!r})")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     engine: EngineConfig
     sources: tuple[SourceConfig, ...]
@@ -483,7 +452,8 @@ def load_config(
     env_engine, env_sources, env_engine_prov, env_sources_prov = env_overrides(
         env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS)
     engine = _engine_config(file, raw_engine, env_engine, env_engine_prov)
-    sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov)
+    sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov,
+                              engine.host_policy)
                for name in _source_names(file, raw_sources, env_sources)]
     check_sources_apart(sources, file.label)
     return Config(engine=engine, sources=tuple(sources), path=file.path)
@@ -562,7 +532,8 @@ def _source_names(file: _File, raw_sources: Sequence[Mapping[str, object]],
 
 def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, object]],
                    env: Mapping[str, Mapping[str, object]],
-                   env_prov: Mapping[str, Mapping[str, str]]) -> SourceConfig:
+                   env_prov: Mapping[str, Mapping[str, str]],
+                   host_policy: HostPolicy) -> SourceConfig:
     """One source: the file's keys, overridden by its environment variables."""
     in_file = next((r for r in raw_sources if r.get("name") == name), None)
     raw: dict[str, object] = dict(in_file) if in_file is not None else {"name": name}
@@ -577,6 +548,7 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
         raw["destination"] = _resolve_local(str(raw["destination"]), file.base)
     if isinstance(raw.get("tables"), list):
         raw["tables"] = tuple(raw["tables"])  # type: ignore[arg-type]
-    return SourceConfig(provenance=prov, origin=origin, **raw)  # type: ignore[arg-type]
+    return SourceConfig(provenance=prov, origin=origin, host_policy=host_policy,
+                        **raw)  # type: ignore[arg-type]
 
 

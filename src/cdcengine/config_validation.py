@@ -36,7 +36,14 @@ __all__ = [
     "column_list",
     "env_overrides",
     "parse_env_value",
+    "where",
 ]
+
+
+def where(provenance: Mapping[str, str], default: str, key: str) -> str:
+    """Where a key's value came from (a file, an environment variable), for messages."""
+    # `table.<t>.mode` came from wherever `table` came from
+    return provenance.get(key) or provenance.get(key.split(".", 1)[0], default)
 
 
 class Invalid(ValueError):

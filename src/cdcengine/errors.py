@@ -25,6 +25,7 @@ class Reason(enum.StrEnum):
     HOST_UNREACHABLE = "host_unreachable"
     DSN_INVALID = "dsn_invalid"
     DATABASE_MISSING = "database_missing"
+    HOST_NOT_ALLOWED = "host_not_allowed"
     # rights and server set-up
     PERMISSION_DENIED = "permission_denied"
     WAL_LEVEL_NOT_LOGICAL = "wal_level_not_logical"
@@ -93,6 +94,11 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The database named in the dsn does not exist.",
         "Fix the database name in the dsn.",
+    ),
+    Reason.HOST_NOT_ALLOWED: ReasonPolicy(
+        False,
+        "The host is not allowed by this engine's host policy.",
+        "Use a host this service allows ([engine] allowed_hosts / denied_networks).",
     ),
     Reason.PERMISSION_DENIED: ReasonPolicy(
         False,
