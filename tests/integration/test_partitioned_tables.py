@@ -8,19 +8,17 @@ table already holds: `verify` finds that drift and `resync` repairs it (what the
 
 from __future__ import annotations
 
-import signal
+import json
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import structlog.testing
-from cdc_util import TransactionLoop, daemon_config, logs_on_failure, query, source_for, \
-    start_daemon, store
+from cdc_util import daemon_config, one, query, source_for, store
+from cli_util import run_cli
 from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
-from test_snapshot_chunks import _events
 
 from cdcengine import api
 from cdcengine.config import SourceConfig
@@ -28,7 +26,9 @@ from cdcengine.control import history
 from cdcengine.control.verify import TableVerify
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
+from cdcengine.source.adapter import Severity
 from cdcengine.state.base import TableState
+from cdcengine_postgres.control.discovery import NOTE_PARTITION_DRIFT
 
 WAIT_S = 45.0
 KEY = ["id", "day"]
@@ -194,3 +194,46 @@ def test_partition_ddl_drift_is_found_by_verify_and_repaired_by_resync(
                    "COMMIT")
         wait_for(lambda: delta_rows(src) == source_rows(db.dsn), timeout=60)
     assert list(delta_rows(src)) == [(9001, date(2024, 2, 2), "eu")]
+
+
+def test_tables_and_check_say_what_postgresql_does_not_publish(db, tmp_path: Path) -> None:
+    """The root is capturable (its primary key, which includes the partition keys, cascades to
+    every leaf as its replica identity); a leaf is refused with the root to list instead; a
+    root whose identity is FULL on the root only is refused with the leaves to fix."""
+    db.execute(SCHEMA)
+    db.execute("CREATE TABLE logs (at date, msg text) PARTITION BY RANGE (at);"
+               "CREATE TABLE logs_2024 PARTITION OF logs FOR VALUES FROM ('2024-01-01')"
+               " TO ('2025-01-01');"
+               "ALTER TABLE logs REPLICA IDENTITY FULL")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["events", "events_01", "logs"],
+                     table={"public.logs": {"primary_key": ["at", "msg"]}})
+    cfg = daemon_config(tmp_path, src, state, src.tables)
+    listed = run_cli(cfg, "tables", "--json")
+    infos = {t["qualified"]: t for t in json.loads(listed.stdout)["sources"][0]["tables"]}
+    events = infos["public.events"]
+    assert events["capturable"] and events["kind"] == "partitioned table", events
+    assert NOTE_PARTITION_DRIFT in events["notes"]
+    assert "ATTACH" in NOTE_PARTITION_DRIFT and "resync" in NOTE_PARTITION_DRIFT
+    assert events["replica_identity_columns"] == KEY_COLUMNS
+    leaf = infos["public.events_02_h0"]
+    assert not leaf["capturable"] and leaf["partition_of"] == "public.events"
+    assert "captured only through its root public.events" in leaf["reasons"][0]
+
+    checks = api.check_prerequisites(src, state=state)
+    warning = one(checks, "partitioned_table", "public.events")
+    assert warning.severity is Severity.WARNING
+    assert "ATTACH" in warning.message and "DETACH" in warning.message
+    assert f"cdcengine resync --source {src.name} --table public.events" in warning.fix
+    assert one(checks, "replica_identity", "public.events").ok
+    assert one(checks, "table_kind", "public.events_01").severity is Severity.ERROR
+    assert "Capture public.events" in one(checks, "table_kind", "public.events_01").fix
+    # the declared key is fine on the root, but its only partition has no identity of its own:
+    # enabling would make every UPDATE and DELETE there fail for the application
+    assert one(checks, "primary_key", "public.logs").ok
+    bare = one(checks, "replica_identity", "public.logs")
+    assert bare.severity is Severity.ERROR and "public.logs_2024" in bare.message, bare
+    assert "REPLICA IDENTITY FULL" in bare.fix
+    db.execute("ALTER TABLE logs_2024 REPLICA IDENTITY FULL")
+    checks = api.check_prerequisites(src, state=state)
+    assert one(checks, "replica_identity", "public.logs").ok
