@@ -167,6 +167,7 @@ def test_partition_ddl_drift_is_found_by_verify_and_repaired_by_resync(
     src = source_for(db.dsn, tmp_path, ["events"], table_mode=mode, flush_interval_ms=100)
     api.enable_cdc(src, state=state)
     us_march = {r[0] for r in query(db.dsn, "SELECT id FROM events_03_us")}
+    eu_march = {r[0] for r in query(db.dsn, "SELECT id FROM events_03_eu")}
     january = {r[0] for r in query(db.dsn, "SELECT id FROM events_01")}
     with Running(src, state):
         wait_for(lambda: len(delta_rows(src)) == 1800, timeout=60)
@@ -175,22 +176,28 @@ def test_partition_ddl_drift_is_found_by_verify_and_repaired_by_resync(
                    " FOR VALUES FROM ('2024-04-01') TO ('2024-05-01')")
         db.execute("ALTER TABLE events DETACH PARTITION events_01")
         db.execute("TRUNCATE events_03_us")
-        # ...but what follows is: through the root into the attached partition, and not
-        # into the detached table (no longer part of the published root)
+        db.execute("DROP TABLE events_03_eu")
+        # ...but what follows is: through the root into the attached partition and into a
+        # partition created meanwhile, and not into the detached table (no longer part of the
+        # published root)
+        db.execute("CREATE TABLE events_05 PARTITION OF events"
+                   " FOR VALUES FROM ('2024-05-01') TO ('2024-06-01')")
         db.execute("INSERT INTO events VALUES (8001, '2024-04-10', 'us', 'after attach');"
                    "INSERT INTO events_01 VALUES (8002, '2024-01-10', 'eu', 'detached');"
+                   "INSERT INTO events VALUES (8004, '2024-05-10', 'eu', 'new partition');"
                    "INSERT INTO events VALUES (8003, '2024-03-10', 'us', 'after truncate')")
         wait_for(lambda: any(k[0] == 8003 for k in delta_rows(src)), timeout=60)
         rows = delta_rows(src)
-        assert any(k[0] == 8001 for k in rows) and not any(k[0] == 8002 for k in rows)
+        assert {k[0] for k in rows if k[0] > 8000} == {8001, 8003, 8004}
         drift = verified(src, state)
         assert drift.status == "different", drift
         cmp = drift.comparison
         assert cmp is not None
         assert cmp.missing_in_delta == 40  # the rows events_04 held when it was attached
-        assert cmp.extra_in_delta == len(january) + len(us_march)
+        assert cmp.extra_in_delta == len(january) + len(us_march) + len(eu_march)
+        assert cmp.different == 0
         assert keys_of(cmp.missing_examples) <= set(range(7001, 7041))
-        assert keys_of(cmp.extra_examples) <= january | us_march
+        assert keys_of(cmp.extra_examples) <= january | us_march | eu_march
         assert drift.fix is not None and "resync" in drift.fix
         res = api.resync_table(src, "events", state=state)
         assert res.queued and res.daemon_running
@@ -199,6 +206,10 @@ def test_partition_ddl_drift_is_found_by_verify_and_repaired_by_resync(
                  == {"public.events": TableState.STREAMING}, timeout=30)
         repaired = verified(src, state)
         assert repaired.status == "equal", repaired
+        if mode == "consolidated":  # the detached partition's rows are kept, marked deleted
+            stored = DeltaSink(src.destination, source=src.name).read_table(REF, "consolidated")
+            gone = {r["id"] for r in stored.to_pylist() if r["_cdc_deleted"]}
+            assert january <= gone
         # a TRUNCATE of the root is published (for every leaf) and applied at its position
         db.execute("BEGIN; TRUNCATE events;"
                    "INSERT INTO events VALUES (9001, '2024-02-02', 'eu', 'after root truncate');"
