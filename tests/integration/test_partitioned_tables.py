@@ -29,7 +29,7 @@ from cdc_util import (
 )
 from cli_util import run_cli
 from test_append import replay_matches_consolidated
-from test_pipeline import Running, wait_for
+from test_pipeline import Running, live_rows, wait_for
 
 from cdcengine import api
 from cdcengine.config import SourceConfig
@@ -259,6 +259,40 @@ def test_tables_and_check_say_what_postgresql_does_not_publish(db, tmp_path: Pat
     db.execute("ALTER TABLE logs_2024 REPLICA IDENTITY FULL")
     checks = api.check_prerequisites(src, state=state)
     assert one(checks, "replica_identity", "public.logs").ok
+
+
+
+def test_replica_identity_full_on_root_and_leaves_with_a_declared_key(db, tmp_path: Path
+                                                                      ) -> None:
+    """No primary key (it would have to include the partition key): REPLICA IDENTITY FULL on
+    the root and on every partition, rows matched on the declared `primary_key`."""
+    db.execute("CREATE TABLE logs (id int NOT NULL, at date NOT NULL, msg text)"
+               " PARTITION BY RANGE (at);"
+               "CREATE TABLE logs_h1 PARTITION OF logs FOR VALUES FROM ('2024-01-01')"
+               " TO ('2024-07-01');"
+               "CREATE TABLE logs_h2 PARTITION OF logs FOR VALUES FROM ('2024-07-01')"
+               " TO ('2025-01-01');"
+               "ALTER TABLE logs REPLICA IDENTITY FULL; ALTER TABLE logs_h1 REPLICA IDENTITY FULL;"
+               "ALTER TABLE logs_h2 REPLICA IDENTITY FULL;"
+               "INSERT INTO logs SELECT i, date '2024-01-01' + i, 'm' || i"
+               " FROM generate_series(1, 300) i")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["logs"], flush_interval_ms=100,
+                     table={"public.logs": {"primary_key": ["id"]}})
+    api.enable_cdc(src, state=state)
+    with Running(src, state):
+        wait_for(lambda: len(live_rows(src, "logs")) == 300, timeout=60)
+        db.execute("UPDATE logs SET msg = 'changed' WHERE id = 3;"
+                   "UPDATE logs SET at = '2024-12-01', msg = 'moved' WHERE id = 4;"  # h1 → h2
+                   "DELETE FROM logs WHERE id = 250;"
+                   "INSERT INTO logs VALUES (301, '2024-02-02', 'new')")
+        wait_for(lambda: 250 not in live_rows(src, "logs") and 301 in live_rows(src, "logs"),
+                 timeout=60)
+        assert verified(src, state).status == "equal"
+    rows = live_rows(src, "logs")
+    assert (rows[3]["msg"], rows[4]["msg"], str(rows[4]["at"])) == (
+        "changed", "moved", "2024-12-01")
+    assert len(rows) == 300
 
 
 class PartitionWorkload(TransactionLoop):
