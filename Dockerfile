@@ -54,7 +54,8 @@ ENV PATH=/opt/cdcengine/bin:$PATH \
     TMPDIR=/tmp \
     HOME=/tmp
 USER 10001:10001
-WORKDIR /tmp
+# `docker exec … cdcengine status` finds the mounted config here without --config
+WORKDIR /etc/cdcengine
 # /health, /status and /metrics: [engine] http_port (default 9790). The config must set
 # http_host = "0.0.0.0" (the default listens on loopback only) for anything outside the
 # container to reach them; the health check below runs inside it and uses loopback.
