@@ -12,6 +12,7 @@ probes' Python snippets behave as documented against the real HTTP endpoints.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -391,6 +392,19 @@ def test_the_image_runs_the_daemon_as_a_fixed_non_root_user() -> None:
     assert instruction("EXPOSE") == str(DEFAULT_PORT)
     hc = instruction("HEALTHCHECK")
     assert f"/health' % os.environ.get('CDCENGINE__ENGINE__HTTP_PORT', '{DEFAULT_PORT}')" in hc
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the image is Linux; only there the CLI "
+                    "selects jemalloc")
+def test_the_cli_gets_jemalloc_from_pyarrows_wheel_alone() -> None:
+    """The image installs no libjemalloc2: the allocator the command line selects for Arrow
+    (`cdcengine.serve.cli`) is the one built into pyarrow's wheel."""
+    code = ("import cdcengine.serve.cli, pyarrow as pa; "
+            "print(pa.default_memory_pool().backend_name)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARROW_", "JE_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "jemalloc"), proc.stderr
 
 
 def test_the_dockerignore_keeps_what_the_wheel_build_needs() -> None:
