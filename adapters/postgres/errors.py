@@ -336,8 +336,11 @@ def _safe_context(context: str | None, secrets: Iterable[str]) -> str | None:
     return scrub(context, secrets)[:MAX_MESSAGE_CHARS]
 
 
-def _make(reason: Reason, context: str | None, exc: BaseException | None = None) -> CDCError:
+def _make(reason: Reason, context: str | None, exc: BaseException | None = None,
+          secrets: Iterable[str] = ()) -> CDCError:
     message, fix = _specific(reason, exc) or (POLICY[reason].message, None)
+    if fix is not None:  # a specific text may quote a host name or a file path from the dsn
+        message, fix = scrub(message, secrets), scrub(fix, secrets)
     if context:
         message = _truncate(f"{context}: {message}")
     return error_class_for(reason)(message, reason=reason, fix=fix)
@@ -427,7 +430,7 @@ def postgres_error(
     if isinstance(found, CDCError):
         return found
     if found is not None:
-        return _make(found[0], ctx, found[1])
+        return _make(found[0], ctx, found[1], secrets)
     sqlstate = getattr(exc, "sqlstate", None)
     summary = type(exc).__name__ + (f" {sqlstate}" if isinstance(sqlstate, str) else "")
     prefix = ctx or POLICY[Reason.UNKNOWN].message.rstrip(".")
