@@ -7,8 +7,8 @@ console command (`check`, `enable`, `run` as a daemon process, `verify`), rows a
 Delta. Certificate failures (wrong CA, wrong host name, missing or unreadable files, a client
 certificate the server does not trust) must come back as `ssl_verify_failed` (or `auth_failed`
 for pg_hba `cert` without a certificate) with a fix naming the dsn parameter to correct, and
-never with the password. `check`'s `encryption` line warns (⚠️) only for a source across the
-network reached without encryption.
+never with the password; the daemon pauses such a source until `resume`. `check`'s
+`encryption` line warns (⚠️) only for a source across the network reached without encryption.
 """
 
 from __future__ import annotations
@@ -349,3 +349,50 @@ def test_check_reports_a_non_local_tls_connection_as_encrypted(tls_server: TlsSe
                     "tls_remote_prefer")
     assert prefer.severity is Severity.OK, prefer
     assert "Encrypted with TLS" in prefer.message and "not verified" in prefer.message, prefer
+
+
+# ---- a running source whose certificate stops checking out ---------------------------------------
+
+
+def test_a_source_whose_ca_no_longer_matches_is_paused_with_the_reason(
+        tls_server: TlsServer, tmp_path: Path) -> None:
+    """Enabled with the right CA, then run with the wrong one (a rotated server certificate, a
+    mistyped path): the daemon does not retry a file in a loop; the source is paused with
+    `ssl_verify_failed`, and `status` says so without the password."""
+    tls_server.new_database("tls_rotated")
+    good = tls_server.verified("tls_rotated")
+    _table(good, 3)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    src = source_for(good, tmp_path, ["public.items"], name="tls_rotated")
+    api.enable_cdc(src, state=state)
+    wrong = tls_server.dsn("tls_rotated", sslmode="verify-full",
+                           sslrootcert=tls_server.pki.other_ca_cert)
+    cfg = daemon_config(tmp_path, source_for(wrong, tmp_path, ["public.items"],
+                                             name="tls_rotated"), state, ["public.items"])
+    log = tmp_path / "daemon.log"
+    proc = start_daemon(cfg, log)
+    try:
+        with logs_on_failure(log):
+            wait_for(lambda: "source_waiting" in log.read_text(), timeout=DAEMON_TIMEOUT_S)
+            status = run_cli(cfg, "status", "--json")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    waiting = next(line for line in log.read_text().splitlines() if "source_waiting" in line)
+    assert "reason=ssl_verify_failed" in waiting and "state=paused" in waiting, waiting
+    assert "sslrootcert" in log.read_text()  # the fix is in the log too
+    assert status.json()["sources"][0]["error"]["reason"] == "ssl_verify_failed", status
+    assert_no_secret([status], [tls_server.password])
+    assert tls_server.password not in log.read_text()
+
+    # the CA put right, `resume` and the daemon snapshots as if nothing happened
+    cfg = daemon_config(tmp_path, src, state, ["public.items"])
+    assert run_cli(cfg, "resume", "--source", src.name).returncode == 0
+    proc = start_daemon(cfg, log)
+    try:
+        with logs_on_failure(log):
+            wait_for(lambda: set(live_rows(src, "public.items")) == {1, 2, 3},
+                     timeout=DAEMON_TIMEOUT_S)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
