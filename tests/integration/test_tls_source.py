@@ -68,7 +68,9 @@ class TlsServer:
 
     def verified(self, dbname: str, **params: str | Path) -> str:
         """The dsn a user should write: sslmode=verify-full against the fixture's CA."""
-        return self.dsn(dbname, sslmode="verify-full", sslrootcert=self.pki.ca_cert, **params)
+        return tls_dsn("localhost", self.cluster.port, dbname, user="postgres",
+                       password=self.password, sslmode="verify-full",
+                       sslrootcert=self.pki.ca_cert, **params)
 
     def new_database(self, name: str, owner: str = "postgres") -> None:
         with self.admin() as conn:
