@@ -21,6 +21,7 @@ class Reason(enum.StrEnum):
     # reaching the source
     AUTH_FAILED = "auth_failed"
     SSL_REQUIRED = "ssl_required"
+    SSL_VERIFY_FAILED = "ssl_verify_failed"
     CONNECTION_FAILED = "connection_failed"
     HOST_UNREACHABLE = "host_unreachable"
     DSN_INVALID = "dsn_invalid"
@@ -73,6 +74,14 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The server and the client disagree about SSL.",
         "Add sslmode=require (or verify-full) to the dsn, or allow this host without SSL.",
+    ),
+    # A certificate problem in the TLS handshake, on either side: retrying cannot fix a file.
+    Reason.SSL_VERIFY_FAILED: ReasonPolicy(
+        False,
+        "The TLS certificate check failed (the server's certificate is not trusted or not for "
+        "this host name, or the client certificate or key was refused).",
+        "Check sslrootcert (the CA that signed the server's certificate), that the dsn's host "
+        "is a name in that certificate, and sslcert/sslkey.",
     ),
     Reason.CONNECTION_FAILED: ReasonPolicy(
         True,

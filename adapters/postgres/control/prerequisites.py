@@ -33,6 +33,7 @@ from cdcengine_postgres.control.replication_checks import (
 )
 from cdcengine_postgres.control.server_checks import (
     check_create_privilege,
+    check_encryption,
     check_not_standby,
     check_replication_privilege,
     check_server_version,
@@ -65,6 +66,7 @@ def check_prerequisites(
 _CHECKS: tuple[Callable[[CheckContext], list[Check]], ...] = (
     check_server_version,
     check_not_standby,
+    check_encryption,
     check_wal_level,
     check_replication_privilege,
     check_create_privilege,
