@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from cdcengine import ssh_tunnel as ssh
 from cdcengine.config_validation import (
     ENV_PREFIX,
     Invalid,
@@ -34,6 +35,7 @@ from cdcengine.config_validation import (
     choice_error,
     column_list,
     env_overrides,
+    merge_env,
     partition_list,
 )
 from cdcengine.errors import ConfigError, UnknownSource
@@ -96,6 +98,7 @@ _SOURCE_KEYS: dict[str, Rule] = {
     "name": Rule(kind="str", pattern=re.compile(r"^[a-z][a-z0-9_]*$"),
                  error="must match [a-z][a-z0-9_]* (got {value!r})"),
     "dsn": _STR, "tables": _LIST, "destination": _STR, "destination_options": _DICT,
+    "ssh_tunnel": _DICT,  # checked by cdcengine.ssh_tunnel
     "management_mode": Rule(kind="str", choices=ManagementMode,
                             error=choice_error(ManagementMode)),
     # PostgreSQL: slot names are lower-case letters, digits and underscores, at most 63 bytes.
@@ -192,6 +195,7 @@ class SourceConfig:
     catchup_threshold_mb: int = 64
     catchup_chunk_mb: int = 256
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
+    ssh_tunnel: ssh.SshTunnel | None = None  # every connection to the source goes through it
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     origin: str = field(default="SourceConfig()", repr=False, compare=False)
@@ -217,6 +221,7 @@ class SourceConfig:
         if len(self.name) > 53:
             raise fail("name", "must be at most 53 characters (the default slot name adds 10)")
         self._check_dsn(fail)
+        set_(self, "ssh_tunnel", ssh.parse_ssh_tunnel(self.ssh_tunnel, fail))
         refs = self._table_refs(fail)
         set_(self, "tables", tuple(r.qualified for r in refs))
         self._check_destination(fail)
@@ -349,7 +354,8 @@ class SourceConfig:
         raise ConfigError(f"source {self.name!r}: table {ref.qualified} is not in its 'tables'")
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret this config holds, for `scrub`: the dsn password, option values."""
+        """Every secret this config holds, for `scrub`: the dsn password, option values, the
+        tunnel's password and key passphrase."""
         out: list[str] = []
         if isinstance(self.dsn, str):
             pw = dsn_password(self.dsn)
@@ -358,7 +364,7 @@ class SourceConfig:
         opts = self.destination_options
         if isinstance(opts, Mapping):
             out.extend(option_secrets(opts))
-        return tuple(out)
+        return (*out, *ssh.tunnel_secrets(self.ssh_tunnel))
 
     def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:
         """This source capturing exactly `tables` (each with its own mode and options)."""
@@ -481,7 +487,8 @@ def load_config(
     file = _read_file(path, env)
     raw_engine, raw_sources = _sections(file)
     env_engine, env_sources, env_engine_prov, env_sources_prov = env_overrides(
-        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS)
+        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS,
+        nested={"ssh_tunnel": ssh.SSH_TUNNEL_KEYS})
     engine = _engine_config(file, raw_engine, env_engine, env_engine_prov)
     sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov)
                for name in _source_names(file, raw_sources, env_sources)]
@@ -567,7 +574,7 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
     in_file = next((r for r in raw_sources if r.get("name") == name), None)
     raw: dict[str, object] = dict(in_file) if in_file is not None else {"name": name}
     prov: dict[str, str] = {k: file.label for k in raw}
-    raw.update(env.get(name, {}))
+    merge_env(raw, env.get(name, {}))
     prov.update(env_prov.get(name, {}))
     origin = file.label if in_file is not None else "environment"
     missing = [k for k in ("dsn", "tables", "destination") if k not in raw]
@@ -575,6 +582,8 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
         raise ConfigError(f"{origin}: source {name!r}: key {missing[0]!r} is required")
     if isinstance(raw.get("destination"), str):
         raw["destination"] = _resolve_local(str(raw["destination"]), file.base)
+    if "ssh_tunnel" in raw:
+        raw["ssh_tunnel"] = ssh.resolve_paths(raw["ssh_tunnel"], file.base)
     if isinstance(raw.get("tables"), list):
         raw["tables"] = tuple(raw["tables"])  # type: ignore[arg-type]
     return SourceConfig(provenance=prov, origin=origin, **raw)  # type: ignore[arg-type]
