@@ -445,7 +445,8 @@ class Pipeline:
         if exc.reason in (Reason.SLOT_MISSING, Reason.SLOT_INVALIDATED, Reason.SOURCE_CHANGED,
                           Reason.PUBLICATION_MISSING):
             store.set_broken(name, str(exc.reason), exc.message)
-        elif exc.reason in (Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED):
+        elif exc.reason in (Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED,
+                            Reason.SSH_AUTH_FAILED, Reason.SSH_HOST_KEY_MISMATCH):
             store.set_paused(name, str(exc.reason), exc.message)
         log.error("source_failed", source=name, reason=str(exc.reason), message=exc.message)
 
