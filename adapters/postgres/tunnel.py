@@ -86,16 +86,19 @@ def _load_key(tunnel: SshTunnel) -> paramiko.PKey | None:
         return None
     path = Path(tunnel.private_key_file)
     where = f"ssh_tunnel.private_key_file {path}"
+    passphrase = tunnel.private_key_passphrase.encode() if tunnel.private_key_passphrase else None
     try:
-        return paramiko.PKey.from_path(path, passphrase=(tunnel.private_key_passphrase or None))
-    except paramiko.PasswordRequiredException:
+        return paramiko.PKey.from_path(path, passphrase)  # type: ignore[arg-type]
+    except (paramiko.PasswordRequiredException, TypeError):
+        # cryptography raises TypeError ("Key is password-protected, but password was not
+        # provided") for an encrypted OpenSSH key loaded without a passphrase
         raise ConfigError(f"{where}: the key is encrypted: set ssh_tunnel."
                           "private_key_passphrase (e.g. through CDCENGINE__<SOURCE>__SSH_TUNNEL__"
                           "PRIVATE_KEY_PASSPHRASE)") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read the key file ({exc.strerror or 'unreadable'}); "
                           "check the path and that this user may read it") from None
-    except (paramiko.SSHException, ValueError, TypeError):
+    except (paramiko.SSHException, ValueError):
         raise ConfigError(f"{where}: not a private key this engine can read, or the passphrase "
                           "is wrong; use an OpenSSH or PEM key (ed25519, ecdsa or rsa)") from None
 
