@@ -77,6 +77,13 @@ def tunneled(db, ssh: SshServer) -> bool:  # type: ignore[no-untyped-def]
     return bool(engine_backends(db, walsender=True)) and ports <= ssh.forwarded_ports()
 
 
+def streamed(log: Path) -> bool:
+    """The daemon committed changes to Delta after its stream started."""
+    text = log.read_text()
+    start = text.find("stream_started")
+    return start >= 0 and "delta_committed" in text[start:]
+
+
 def test_snapshot_and_stream_through_the_tunnel_and_resume_exactly_after_it_drops(
         tcp_db, tmp_path: Path, sshd_server: SshServer) -> None:
     db, ssh = tcp_db, sshd_server
@@ -102,6 +109,7 @@ def test_snapshot_and_stream_through_the_tunnel_and_resume_exactly_after_it_drop
             try:
                 wait_for(lambda: all(sink.exists(TableRef("public", t), "consolidated")
                                      for t in TABLES), timeout=90)
+                wait_for(lambda: streamed(log), timeout=60)  # changes applied from the stream
                 wait_for(lambda: tunneled(db, ssh), timeout=60)
                 before = engine_backends(db, walsender=True)
                 assert ssh.kill_sessions() > 0  # every SSH connection drops, mid-stream
