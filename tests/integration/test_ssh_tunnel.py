@@ -26,6 +26,7 @@ from sshd import PASSPHRASE, SshServer, sshd_server
 from test_crash import COLUMNS, TABLES, Workload, delta_rows, replay_log, source_rows
 from test_pipeline import wait_for
 
+from cdcengine import api
 from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError
 from cdcengine.names import TableRef
@@ -170,6 +171,39 @@ def test_a_changed_or_unknown_host_key_is_refused(tcp_db, tmp_path: Path,
     assert "Accepted publickey" not in ssh.log()  # refused before logging in
     assert query(db.dsn, "SELECT count(*) FROM pg_replication_slots "
                          "WHERE slot_name = %s", [src.slot_name]) == [(0,)]
+
+
+def test_a_host_key_that_changes_under_the_daemon_pauses_the_source(
+        tcp_db, tmp_path: Path, sshd_server: SshServer) -> None:
+    """SPEC §7: a failure an operator must look at pauses the source (the daemon keeps running,
+    waiting for `resume`) rather than retrying a bastion that may be an impostor."""
+    db, ssh = tcp_db, sshd_server
+    db.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.items"])
+    known = tmp_path / "known_hosts"
+    known.write_text(ssh.known_hosts.read_text())
+    cfg = tunnel_config(tmp_path, src, state, ssh.tunnel(known_hosts=str(known)))
+    enable = run_cli(cfg, "enable")
+    assert enable.returncode == 0, enable
+    known.write_text(ssh.other_known_hosts.read_text())  # the bastion "changed" its key
+    log = tmp_path / "daemon.log"
+
+    def paused() -> str | None:
+        with api.open_store(state) as store:
+            rec = store.get_source(src.name)
+        return rec.paused.reason if rec is not None and rec.paused is not None else None
+
+    with logs_on_failure(log):
+        daemon = start_daemon(cfg, log)
+        try:
+            wait_for(lambda: paused() is not None, timeout=60)
+            assert daemon.poll() is None  # waiting for an operator, not gone
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    assert paused() == "ssh_host_key_mismatch"
+    assert daemon.returncode == 0, log.read_text()[-3000:]
 
 
 def test_a_rejected_login_says_so_without_the_password(tcp_db, tmp_path: Path,
