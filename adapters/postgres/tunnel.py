@@ -86,9 +86,10 @@ def _load_key(tunnel: SshTunnel) -> paramiko.PKey | None:
         return None
     path = Path(tunnel.private_key_file)
     where = f"ssh_tunnel.private_key_file {path}"
+    # bytes: paramiko hands it to cryptography as is (its `str` annotation notwithstanding)
     passphrase = tunnel.private_key_passphrase.encode() if tunnel.private_key_passphrase else None
     try:
-        return paramiko.PKey.from_path(path, passphrase)  # type: ignore[arg-type]
+        return paramiko.PKey.from_path(path, passphrase)
     except (paramiko.PasswordRequiredException, TypeError):
         # cryptography raises TypeError ("Key is password-protected, but password was not
         # provided") for an encrypted OpenSSH key loaded without a passphrase
