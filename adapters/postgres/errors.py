@@ -76,6 +76,9 @@ _SOURCE_UNREACHABLE = frozenset(
         Reason.HOST_UNREACHABLE,
         Reason.DSN_INVALID,
         Reason.DATABASE_MISSING,
+        Reason.SSH_TUNNEL_FAILED,
+        Reason.SSH_AUTH_FAILED,
+        Reason.SSH_HOST_KEY_MISMATCH,
     }
 )
 _REPLICATION_RESOURCE = frozenset(

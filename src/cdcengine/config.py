@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from cdcengine import ssh_tunnel as ssh
 from cdcengine.config_engine import _ENGINE_KEYS, DEFAULT_STATE_URL, EngineConfig
 from cdcengine.config_engine import LogFormat as LogFormat  # re-exported: part of the config API
 from cdcengine.config_validation import (
@@ -36,6 +37,7 @@ from cdcengine.config_validation import (
     choice_error,
     column_list,
     env_overrides,
+    merge_env,
     partition_list,
     where,
 )
@@ -93,6 +95,7 @@ _SOURCE_KEYS: dict[str, Rule] = {
     "name": Rule(kind="str", pattern=re.compile(r"^[a-z][a-z0-9_]*$"),
                  error="must match [a-z][a-z0-9_]* (got {value!r})"),
     "dsn": _STR, "tables": _LIST, "destination": _STR, "destination_options": _DICT,
+    "ssh_tunnel": _DICT,  # checked by cdcengine.ssh_tunnel
     "management_mode": Rule(kind="str", choices=ManagementMode,
                             error=choice_error(ManagementMode)),
     # PostgreSQL: slot names are lower-case letters, digits and underscores, at most 63 bytes.
@@ -174,6 +177,7 @@ class SourceConfig:
     catchup_threshold_mb: int = 64
     catchup_chunk_mb: int = 256
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
+    ssh_tunnel: ssh.SshTunnel | None = None  # every connection to the source goes through it
     # The engine's host policy ([engine] allowed_hosts / denied_networks), carried by every
     # source so each connection the adapter opens for it is checked (load_config fills it in).
     host_policy: HostPolicy = field(default_factory=HostPolicy, repr=False, compare=False)
@@ -202,6 +206,7 @@ class SourceConfig:
         if len(self.name) > 53:
             raise fail("name", "must be at most 53 characters (the default slot name adds 10)")
         self._check_dsn(fail)
+        set_(self, "ssh_tunnel", ssh.parse_ssh_tunnel(self.ssh_tunnel, fail))
         self._check_hosts(fail)
         refs = self._table_refs(fail)
         set_(self, "tables", tuple(r.qualified for r in refs))
@@ -238,12 +243,18 @@ class SourceConfig:
             raise ConfigError("SourceConfig: host_policy must be a cdcengine.hostpolicy.HostPolicy")
         if not self.host_policy.enabled:
             return
-        default = os.environ.get("PGHOST") or "/var/run/postgresql"
-        for host in dsn_hosts(self.dsn, default=default):
+        if self.ssh_tunnel is not None:
+            # the bastion resolves and reaches the database, in the tunnel owner's network (a
+            # private address there is the point of a bastion): the bastion is what is checked
+            checks = [("ssh_tunnel", "SSH tunnel host", self.ssh_tunnel.host)]
+        else:
+            default = os.environ.get("PGHOST") or "/var/run/postgresql"
+            checks = [("dsn", "database host", h) for h in dsn_hosts(self.dsn, default=default)]
+        for key, what, host in checks:
             try:
-                self.host_policy.check_host(host)
+                self.host_policy.check_host(host, what=what)
             except HostNotAllowed as exc:
-                raise HostNotAllowed(fail("dsn", exc.message).message, fix=exc.fix) from None
+                raise HostNotAllowed(fail(key, exc.message).message, fix=exc.fix) from None
 
     def _table_refs(self, fail: _Fail) -> list[TableRef]:
         tables = self.tables
@@ -350,7 +361,8 @@ class SourceConfig:
         raise ConfigError(f"source {self.name!r}: table {ref.qualified} is not in its 'tables'")
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret this config holds, for `scrub`: the dsn password, option values."""
+        """Every secret this config holds, for `scrub`: the dsn password, option values, the
+        tunnel's password and key passphrase."""
         out: list[str] = []
         if isinstance(self.dsn, str):
             pw = dsn_password(self.dsn)
@@ -359,7 +371,7 @@ class SourceConfig:
         opts = self.destination_options
         if isinstance(opts, Mapping):
             out.extend(option_secrets(opts))
-        return tuple(out)
+        return (*out, *ssh.tunnel_secrets(self.ssh_tunnel))
 
     def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:
         """This source capturing exactly `tables` (each with its own mode and options)."""
@@ -450,7 +462,8 @@ def load_config(
     file = _read_file(path, env)
     raw_engine, raw_sources = _sections(file)
     env_engine, env_sources, env_engine_prov, env_sources_prov = env_overrides(
-        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS)
+        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS,
+        nested={"ssh_tunnel": ssh.SSH_TUNNEL_KEYS})
     engine = _engine_config(file, raw_engine, env_engine, env_engine_prov)
     sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov,
                               engine.host_policy)
@@ -538,7 +551,7 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
     in_file = next((r for r in raw_sources if r.get("name") == name), None)
     raw: dict[str, object] = dict(in_file) if in_file is not None else {"name": name}
     prov: dict[str, str] = {k: file.label for k in raw}
-    raw.update(env.get(name, {}))
+    merge_env(raw, env.get(name, {}))
     prov.update(env_prov.get(name, {}))
     origin = file.label if in_file is not None else "environment"
     missing = [k for k in ("dsn", "tables", "destination") if k not in raw]
@@ -546,6 +559,8 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
         raise ConfigError(f"{origin}: source {name!r}: key {missing[0]!r} is required")
     if isinstance(raw.get("destination"), str):
         raw["destination"] = _resolve_local(str(raw["destination"]), file.base)
+    if "ssh_tunnel" in raw:
+        raw["ssh_tunnel"] = ssh.resolve_paths(raw["ssh_tunnel"], file.base)
     if isinstance(raw.get("tables"), list):
         raw["tables"] = tuple(raw["tables"])  # type: ignore[arg-type]
     return SourceConfig(provenance=prov, origin=origin, host_policy=host_policy,

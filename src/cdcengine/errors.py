@@ -27,6 +27,10 @@ class Reason(enum.StrEnum):
     DSN_INVALID = "dsn_invalid"
     DATABASE_MISSING = "database_missing"
     HOST_NOT_ALLOWED = "host_not_allowed"
+    # the source's SSH tunnel (`ssh_tunnel`)
+    SSH_TUNNEL_FAILED = "ssh_tunnel_failed"
+    SSH_AUTH_FAILED = "ssh_auth_failed"
+    SSH_HOST_KEY_MISMATCH = "ssh_host_key_mismatch"
     # rights and server set-up
     PERMISSION_DENIED = "permission_denied"
     WAL_LEVEL_NOT_LOGICAL = "wal_level_not_logical"
@@ -55,6 +59,16 @@ class Reason(enum.StrEnum):
     LEASE_HELD = "lease_held"
     STATE_STORE_FAILED = "state_store_failed"
     UNKNOWN = "unknown"
+
+
+# What a running source's failure becomes (the pipeline's `_record_failure`): broken — the slot
+# or publication is gone or not ours, `repair` is the way back; paused — the operator must fix
+# credentials, certificates, the tunnel or the host policy and then `resume`.
+BREAKING_REASONS = frozenset({Reason.SLOT_MISSING, Reason.SLOT_INVALIDATED,
+                              Reason.SOURCE_CHANGED, Reason.PUBLICATION_MISSING})
+PAUSING_REASONS = frozenset({Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED,
+                             Reason.SSL_VERIFY_FAILED, Reason.SSH_AUTH_FAILED,
+                             Reason.SSH_HOST_KEY_MISMATCH, Reason.HOST_NOT_ALLOWED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +122,28 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The host is not allowed by this engine's host policy.",
         "Use a host this service allows ([engine] allowed_hosts / denied_networks).",
+    ),
+    # Retryable: a bastion that is down or restarting, or a dropped SSH connection, comes back;
+    # the next connect opens a new SSH connection. A refused login or host key does not.
+    Reason.SSH_TUNNEL_FAILED: ReasonPolicy(
+        True,
+        "Could not reach the database through the SSH tunnel (the bastion refused, timed out or "
+        "dropped the connection, or could not open a channel to the database).",
+        "Check that the bastion in ssh_tunnel is up and reachable from this machine, and that it "
+        "may forward to the dsn's host and port (sshd AllowTcpForwarding / PermitOpen).",
+    ),
+    Reason.SSH_AUTH_FAILED: ReasonPolicy(
+        False,
+        "The SSH bastion rejected the login (wrong user, key, passphrase or password).",
+        "Check ssh_tunnel's user and private_key_file (or password), and that the key's public "
+        "half is in the user's authorized_keys on the bastion; then `cdcengine resume`.",
+    ),
+    Reason.SSH_HOST_KEY_MISMATCH: ReasonPolicy(
+        False,
+        "The SSH bastion's host key is not the one in ssh_tunnel's known_hosts file (unknown or "
+        "changed): the connection was refused, since it may not be the real bastion.",
+        "Confirm the bastion's key fingerprint with its administrator, then add it to the "
+        "known_hosts file (ssh-keyscan -p PORT HOST >> known_hosts); then `cdcengine resume`.",
     ),
     Reason.PERMISSION_DENIED: ReasonPolicy(
         False,

@@ -21,7 +21,7 @@ import psycopg
 
 from cdcengine.config import SourceConfig
 from cdcengine.source.adapter import Check
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.check_context import ERR, CheckContext, gather_context
 from cdcengine_postgres.control.replication_checks import (
     check_lag_thresholds,
@@ -49,7 +49,7 @@ def check_prerequisites(
     source: SourceConfig, *, install_id: str, known_slot: bool = False
 ) -> list[Check]:
     secrets = source.secrets()
-    with connect(source.dsn, secrets=secrets) as conn:
+    with connect_source(source) as conn:
         ctx = gather_context(conn, source, install_id, known_slot)
         checks: list[Check] = []
         for fn in _CHECKS:
