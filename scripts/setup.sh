@@ -3,6 +3,7 @@
 #
 #   1. PostgreSQL server binaries (initdb/pg_ctl/postgres): the tests and `cdcengine demo`
 #      start throwaway servers from them. Installed with apt when none are found.
+#      OpenSSH's sshd (openssh-server, with ssh-keygen): the SSH tunnel tests start one.
 #   2. .venv with Python >= 3.11.
 #   3. `pip install -e ".[test,bench]"` into it -- skipped when pyproject.toml is unchanged since
 #      the last successful install and the packages still import.
@@ -49,6 +50,13 @@ else
   have_pg_server || die "postgresql installed but no initdb found"
 fi
 
+# --- 1b. OpenSSH server: the SSH tunnel tests (tests/sshd.py) start a throwaway sshd ------
+if [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null 2>&1; then
+  say "OpenSSH server (sshd): found"
+else
+  apt_install openssh-server
+fi
+
 # --- 2. Python >= 3.11 and .venv ---------------------------------------------------------
 python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 
@@ -77,7 +85,7 @@ fi
 stamp=.venv/.cdcengine-setup-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-  && .venv/bin/python -c 'import cdcengine, cdcengine_postgres, pytest, matplotlib, psutil' >/dev/null 2>&1; then
+  && .venv/bin/python -c 'import cdcengine, cdcengine_postgres, pytest, matplotlib, psutil, paramiko' >/dev/null 2>&1; then
   say "cdcengine: installed (pyproject.toml unchanged)"
 else
   say "installing cdcengine + test and bench extras into .venv (pip install -e .[test,bench])"

@@ -9,8 +9,9 @@ Fixtures (the helpers behind them live in pgutil.py):
 * ``db`` (function) -- a `pgutil.ScratchDatabase`: ``name``, ``dsn``, ``server``,
   ``execute(sql, params=None)``, ``create_role(...) -> (rolename, dsn)``. Slots, database and
   roles are dropped afterwards.
-* ``make_cluster`` (function) -- ``make_cluster(settings=None, *, timezone=None)`` starts an
-  extra `TempCluster` (e.g. ``{"wal_level": "replica"}``) and cleans it up afterwards.
+* ``make_cluster`` (function) -- ``make_cluster(settings=None, *, timezone=None, hba=None,
+  files=None)`` starts an extra `TempCluster` (e.g. ``{"wal_level": "replica"}``; ``hba`` lines
+  replace its pg_hba.conf, ``files`` go into its data directory) and cleans it up afterwards.
 
 With no DSN, no Docker and no binaries the server fixtures *fail* (with the install hint)
 rather than skip: the integration tier silently skipping would turn a broken CI machine green.
@@ -18,7 +19,7 @@ rather than skip: the integration tier silently skipping would turn a broken CI 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import structlog
@@ -95,13 +96,14 @@ def make_cluster() -> Iterator[MakeCluster]:
     clusters: list[TempCluster] = []
 
     def factory(
-        settings: Mapping[str, str | int] | None = None, *, timezone: str | None = None
+        settings: Mapping[str, str | int] | None = None, *, timezone: str | None = None,
+        hba: Sequence[str] | None = None, files: Mapping[str, bytes] | None = None,
     ) -> TempCluster:
         try:
             find_bindir()
         except ClusterError as exc:
             pytest.skip(f"needs local PostgreSQL server binaries: {exc}")
-        cluster = TempCluster(settings, timezone=timezone)
+        cluster = TempCluster(settings, timezone=timezone, hba=hba, files=files)
         clusters.append(cluster)
         return cluster.start()
 

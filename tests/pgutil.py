@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 from urllib.parse import quote, urlencode
@@ -45,7 +45,8 @@ class MakeCluster(Protocol):
     """Type of the ``make_cluster`` fixture."""
 
     def __call__(
-        self, settings: Mapping[str, str | int] | None = None, *, timezone: str | None = None
+        self, settings: Mapping[str, str | int] | None = None, *, timezone: str | None = None,
+        hba: Sequence[str] | None = None, files: Mapping[str, bytes] | None = None,
     ) -> TempCluster: ...
 
 

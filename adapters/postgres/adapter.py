@@ -19,7 +19,7 @@ from cdcengine.source.adapter import (
     TableInfo,
     TeardownResult,
 )
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control import discovery, health, prerequisites, provision
 from cdcengine_postgres.control.publications import publication_info, read_publication
 from cdcengine_postgres.control.slots import read_slot
@@ -49,7 +49,7 @@ class PostgresAdapter:
                                                  known_slot=known_slot)
 
     def discover_tables(self, source: SourceConfig) -> list[TableInfo]:
-        with connect(source.dsn, secrets=source.secrets()) as conn, \
+        with connect_source(source) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading the catalog"):
             return discovery.discover_tables(conn, source)
 
@@ -71,20 +71,20 @@ class PostgresAdapter:
                                   wait_s=wait_s)
 
     def slot_status(self, source: SourceConfig) -> SlotInfo:
-        with connect(source.dsn, secrets=source.secrets()) as conn, \
+        with connect_source(source) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading the slot"):
             return read_slot(conn, source.slot_name).info
 
     def publication_status(self, source: SourceConfig, *, install_id: str | None = None
                            ) -> PublicationInfo:
-        with connect(source.dsn, secrets=source.secrets()) as conn, \
+        with connect_source(source) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading the publication"):
             return publication_info(read_publication(conn, source.publication_name),
                                     install_id=install_id, source=source.name)
 
     def probe_health(self, source: SourceConfig, *, install_id: str | None = None
                      ) -> HealthProbe:
-        with connect(source.dsn, secrets=source.secrets()) as conn, \
+        with connect_source(source) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading the slot's health"):
             return health.probe(conn, source, install_id=install_id)
 
@@ -107,6 +107,6 @@ class PostgresAdapter:
 
     def added_column_defaults(self, source: SourceConfig, ref: TableRef,
                               columns: Sequence[str]) -> dict[str, ColumnDefault]:
-        with connect(source.dsn, secrets=source.secrets()) as conn, \
+        with connect_source(source) as conn, \
                 translate_errors(secrets=source.secrets(), context="reading column defaults"):
             return defaults.added_column_defaults(conn, ref, columns)

@@ -18,8 +18,9 @@ outermost first, and a `CDCError` already in it is returned as is):
 2. Errors raised while *connecting* have no SQLSTATE: libpq reports a failed connection through
    `PQerrorMessage` only, so psycopg raises a bare `OperationalError` whose `sqlstate` is None
    (checked with psycopg 3.3 / libpq 18 against PostgreSQL 15: wrong password, missing role or
-   database, refused port, SSL mismatch). Those are classified by libpq's and the server's message
-   markers, definite server answers (auth, SSL, missing database) before transient network ones,
+   database, refused port, SSL mismatch, certificate failures). Those are classified by libpq's
+   and the server's message markers (certificate failures by `tls_errors`), definite server
+   answers (auth, SSL, certificates, missing database) before transient network ones,
    so that a multi-address attempt whose first address refused and whose second rejected the
    password is `auth_failed`, not a retryable `connection_failed`.
 3. A `psycopg.ProgrammingError` raised by `conninfo_to_dict` (libpq's `PQconninfoParse`) is
@@ -55,6 +56,7 @@ from cdcengine.errors import (
     iter_chain,
 )
 from cdcengine.secrets import scrub
+from cdcengine_postgres.tls_errors import tls_reason, tls_specific
 
 __all__ = [
     "classify_postgres_error",
@@ -69,10 +71,14 @@ _SOURCE_UNREACHABLE = frozenset(
     {
         Reason.AUTH_FAILED,
         Reason.SSL_REQUIRED,
+        Reason.SSL_VERIFY_FAILED,
         Reason.CONNECTION_FAILED,
         Reason.HOST_UNREACHABLE,
         Reason.DSN_INVALID,
         Reason.DATABASE_MISSING,
+        Reason.SSH_TUNNEL_FAILED,
+        Reason.SSH_AUTH_FAILED,
+        Reason.SSH_HOST_KEY_MISMATCH,
     }
 )
 _REPLICATION_RESOURCE = frozenset(
@@ -286,6 +292,10 @@ def _classify_client(exc: psycopg.Error) -> Reason | None:
         return Reason.AUTH_FAILED
     if _has(text, _AUTH):
         return Reason.AUTH_FAILED
+    # Certificate failures (tls_errors) before the generic SSL and network rules: "SSL error:
+    # certificate verify failed" is a definite answer that no retry changes.
+    if tls := tls_reason(text):
+        return tls
     if _has(text, _SSL):
         return Reason.SSL_REQUIRED
     if _has(text, _DSN_OPTION) or _DSN_OPTION_VALUE.search(text):
@@ -329,8 +339,11 @@ def _safe_context(context: str | None, secrets: Iterable[str]) -> str | None:
     return scrub(context, secrets)[:MAX_MESSAGE_CHARS]
 
 
-def _make(reason: Reason, context: str | None, exc: BaseException | None = None) -> CDCError:
+def _make(reason: Reason, context: str | None, exc: BaseException | None = None,
+          secrets: Iterable[str] = ()) -> CDCError:
     message, fix = _specific(reason, exc) or (POLICY[reason].message, None)
+    if fix is not None:  # a specific text may quote a host name or a file path from the dsn
+        message, fix = scrub(message, secrets), scrub(fix, secrets)
     if context:
         message = _truncate(f"{context}: {message}")
     return error_class_for(reason)(message, reason=reason, fix=fix)
@@ -343,6 +356,8 @@ def _specific(reason: Reason, exc: BaseException | None) -> tuple[str, str] | No
     if exc is None:
         return None
     text = str(exc).lower()
+    if tls := tls_specific(reason, str(exc)):
+        return tls
     if reason is Reason.AUTH_FAILED and "no pg_hba.conf entry" in text:
         with_ssl, without = _has(text, _HBA_WITH_SSL), _has(text, _HBA_WITHOUT_SSL)
         if with_ssl and without:
@@ -418,7 +433,7 @@ def postgres_error(
     if isinstance(found, CDCError):
         return found
     if found is not None:
-        return _make(found[0], ctx, found[1])
+        return _make(found[0], ctx, found[1], secrets)
     sqlstate = getattr(exc, "sqlstate", None)
     summary = type(exc).__name__ + (f" {sqlstate}" if isinstance(sqlstate, str) else "")
     prefix = ctx or POLICY[Reason.UNKNOWN].message.rstrip(".")

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+from cdcengine import ssh_tunnel as ssh
+from cdcengine.config_engine import _ENGINE_KEYS, DEFAULT_STATE_URL, EngineConfig
+from cdcengine.config_engine import LogFormat as LogFormat  # re-exported: part of the config API
 from cdcengine.config_validation import (
     ENV_PREFIX,
     Invalid,
@@ -34,9 +37,12 @@ from cdcengine.config_validation import (
     choice_error,
     column_list,
     env_overrides,
+    merge_env,
     partition_list,
+    where,
 )
 from cdcengine.errors import ConfigError, UnknownSource
+from cdcengine.hostpolicy import HostNotAllowed, HostPolicy, dsn_hosts
 from cdcengine.names import NameError_, TableRef, case_collisions
 from cdcengine.object_store import StorageOptionsError, storage_plan
 from cdcengine.secrets import (
@@ -44,13 +50,11 @@ from cdcengine.secrets import (
     display_dsn,
     dsn_password,
     environment_secrets,
-    mask_dsn,
     option_secrets,
     scrub,
 )
 
 DEFAULT_CONFIG_PATH = "cdcengine.toml"
-DEFAULT_STATE_URL = "sqlite:///.cdcengine/state.db"
 
 _OBJECT_STORE_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "abfss://",
                          "adl://", "azure://", "file://", "memory://")
@@ -75,11 +79,6 @@ class TableMode(enum.StrEnum):
         return self in (TableMode.APPEND, TableMode.BOTH)
 
 
-class LogFormat(enum.StrEnum):
-    CONSOLE = "console"
-    JSON = "json"
-
-
 SETTINGS_KEYS = ("auto_drop_slot", "lag_warning_threshold_mb", "lag_critical_threshold_mb")
 #: The largest lag threshold (1 PiB of retained WAL, in MB): beyond it a threshold means "never"
 #: and would overflow the byte arithmetic and the state store's 64-bit integers.
@@ -98,6 +97,7 @@ _SOURCE_KEYS: dict[str, Rule] = {
     "name": Rule(kind="str", pattern=re.compile(r"^[a-z][a-z0-9_]*$"),
                  error="must match [a-z][a-z0-9_]* (got {value!r})"),
     "dsn": _STR, "tables": _LIST, "destination": _STR, "destination_options": _DICT,
+    "ssh_tunnel": _DICT,  # checked by cdcengine.ssh_tunnel
     "management_mode": Rule(kind="str", choices=ManagementMode,
                             error=choice_error(ManagementMode)),
     # PostgreSQL: slot names are lower-case letters, digits and underscores, at most 63 bytes.
@@ -122,16 +122,6 @@ _SOURCE_KEYS: dict[str, Rule] = {
 # checked after the table list and before the derived names (slot, publication)
 _TUNING_KEYS = tuple(k for k, r in _SOURCE_KEYS.items()
                      if r.checked and k not in ("name", "slot_name", "publication_name"))
-_ENGINE_KEYS: dict[str, Rule] = {
-    "state": _STR,
-    "http_port": Rule(kind="int", minimum=0, maximum=65535,
-                      error="must be an integer 0-65535, 0 = off (got {value!r})"),
-    "http_host": Rule(kind="str", pattern=re.compile(r"^[A-Za-z0-9.:_-]{1,253}$"),
-                      error="must be an address or host name to listen on, such as "
-                            "127.0.0.1, 0.0.0.0 or ::1 (got {value!r})"),
-    "log_format": Rule(kind="str", choices=LogFormat,
-                       error="must be console | json (got {value!r})"),
-}
 _TABLE_KEYS = ("mode", "columns", "primary_key", "partition_by")
 
 
@@ -148,11 +138,6 @@ class TableConfig:
     @property
     def name(self) -> str:
         return self.ref.qualified
-
-
-def _where(provenance: Mapping[str, str], default: str, key: str) -> str:
-    # `table.<t>.mode` came from wherever `table` came from
-    return provenance.get(key) or provenance.get(key.split(".", 1)[0], default)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +179,10 @@ class SourceConfig:
     catchup_threshold_mb: int = 64
     catchup_chunk_mb: int = 256
     table: Mapping[str, Mapping[str, object]] = field(default_factory=dict, repr=False)
+    ssh_tunnel: ssh.SshTunnel | None = None  # every connection to the source goes through it
+    # The engine's host policy ([engine] allowed_hosts / denied_networks), carried by every
+    # source so each connection the adapter opens for it is checked (load_config fills it in).
+    host_policy: HostPolicy = field(default_factory=HostPolicy, repr=False, compare=False)
     # Where each key came from ("cdcengine.toml", "CDCENGINE__SHOP__DSN"), for error messages.
     provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     origin: str = field(default="SourceConfig()", repr=False, compare=False)
@@ -201,9 +190,9 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         def fail(key: str, what: str) -> ConfigError:
-            where = _where(self.provenance, self.origin, key)
+            origin = where(self.provenance, self.origin, key)
             who = f"source {self.name!r}" if isinstance(self.name, str) else "source"
-            return ConfigError(scrub(f"{where}: {who}: key {key!r}: {what}", self.secrets()))
+            return ConfigError(scrub(f"{origin}: {who}: key {key!r}: {what}", self.secrets()))
 
         set_ = object.__setattr__
 
@@ -219,6 +208,8 @@ class SourceConfig:
         if len(self.name) > 53:
             raise fail("name", "must be at most 53 characters (the default slot name adds 10)")
         self._check_dsn(fail)
+        set_(self, "ssh_tunnel", ssh.parse_ssh_tunnel(self.ssh_tunnel, fail))
+        self._check_hosts(fail)
         refs = self._table_refs(fail)
         set_(self, "tables", tuple(r.qualified for r in refs))
         self._check_destination(fail)
@@ -245,6 +236,27 @@ class SourceConfig:
                        "write postgresql://user:password@host:5432/dbname (is the '@' before "
                        "the host missing? percent-encode / ? # @ : in a password, e.g. / as "
                        "%2F) or key=value pairs such as host=… dbname=…")
+
+    def _check_hosts(self, fail: _Fail) -> None:
+        """The host policy's static check of every host the dsn names (no DNS here: the adapter
+        checks the resolved addresses at connect). A dsn naming no host means the local unix
+        socket ($PGHOST or the default), which the policy refuses unless listed."""
+        if not isinstance(self.host_policy, HostPolicy):
+            raise ConfigError("SourceConfig: host_policy must be a cdcengine.hostpolicy.HostPolicy")
+        if not self.host_policy.enabled:
+            return
+        if self.ssh_tunnel is not None:
+            # the bastion resolves and reaches the database, in the tunnel owner's network (a
+            # private address there is the point of a bastion): the bastion is what is checked
+            checks = [("ssh_tunnel", "SSH tunnel host", self.ssh_tunnel.host)]
+        else:
+            default = os.environ.get("PGHOST") or "/var/run/postgresql"
+            checks = [("dsn", "database host", h) for h in dsn_hosts(self.dsn, default=default)]
+        for key, what, host in checks:
+            try:
+                self.host_policy.check_host(host, what=what)
+            except HostNotAllowed as exc:
+                raise HostNotAllowed(fail(key, exc.message).message, fix=exc.fix) from None
 
     def _table_refs(self, fail: _Fail) -> list[TableRef]:
         tables = self.tables
@@ -355,8 +367,9 @@ class SourceConfig:
         raise ConfigError(f"source {self.name!r}: table {ref.qualified} is not in its 'tables'")
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret this config holds, for `scrub`: the dsn password, option values and,
-        for an object-store destination, the credentials in the environment."""
+        """Every secret this config holds, for `scrub`: the dsn password, option values, the
+        tunnel's password and key passphrase and, for an object-store destination, the
+        credentials in the environment."""
         out: list[str] = []
         if isinstance(self.dsn, str):
             pw = dsn_password(self.dsn)
@@ -367,7 +380,7 @@ class SourceConfig:
             out.extend(option_secrets(opts))
         if isinstance(self.destination, str) and "://" in self.destination:
             out.extend(environment_secrets())  # credentials delta-rs takes from the environment
-        return tuple(out)
+        return (*out, *ssh.tunnel_secrets(self.ssh_tunnel))
 
     def with_tables(self, tables: Sequence[TableConfig]) -> SourceConfig:
         """This source capturing exactly `tables` (each with its own mode and options)."""
@@ -394,38 +407,6 @@ class SourceConfig:
 
 class _Fail(Protocol):  # the signature of SourceConfig.__post_init__'s `fail`
     def __call__(self, key: str, what: str) -> ConfigError: ...
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EngineConfig:
-    state: str = DEFAULT_STATE_URL
-    http_port: int = 9790
-    # loopback by default: /status names databases and tables; "0.0.0.0" in a container
-    http_host: str = "127.0.0.1"
-    log_format: LogFormat = LogFormat.CONSOLE
-    provenance: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-    origin: str = field(default="EngineConfig()", repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        def fail(key: str, what: str) -> ConfigError:
-            return ConfigError(f"{_where(self.provenance, self.origin, key)}: [engine]: key "
-                               f"{key!r}: {what}")
-
-        if not isinstance(self.state, str) or not self.state.startswith(
-            ("sqlite://", "postgresql://", "postgres://")
-        ):
-            raise fail("state", "must be a sqlite:///path URL or a postgresql:// URL "
-                       f"(got {mask_dsn(str(self.state))!r})")
-        for key in ("http_port", "http_host", "log_format"):
-            try:
-                object.__setattr__(self, key, check(_ENGINE_KEYS[key], getattr(self, key)))
-            except Invalid as exc:
-                raise fail(key, str(exc)) from None
-
-    def __repr__(self) -> str:  # a postgresql:// state URL may carry a password
-        return (f"EngineConfig(state={mask_dsn(self.state)!r}, http_port={self.http_port!r}, "
-                f"http_host={self.http_host!r}, "
-                f"log_format={self.log_format!r})")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -490,9 +471,11 @@ def load_config(
     file = _read_file(path, env)
     raw_engine, raw_sources = _sections(file)
     env_engine, env_sources, env_engine_prov, env_sources_prov = env_overrides(
-        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS)
+        env, source_keys=_SOURCE_KEYS, engine_keys=_ENGINE_KEYS,
+        nested={"ssh_tunnel": ssh.SSH_TUNNEL_KEYS})
     engine = _engine_config(file, raw_engine, env_engine, env_engine_prov)
-    sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov)
+    sources = [_source_config(file, name, raw_sources, env_sources, env_sources_prov,
+                              engine.host_policy)
                for name in _source_names(file, raw_sources, env_sources)]
     check_sources_apart(sources, file.label)
     return Config(engine=engine, sources=tuple(sources), path=file.path)
@@ -571,12 +554,13 @@ def _source_names(file: _File, raw_sources: Sequence[Mapping[str, object]],
 
 def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, object]],
                    env: Mapping[str, Mapping[str, object]],
-                   env_prov: Mapping[str, Mapping[str, str]]) -> SourceConfig:
+                   env_prov: Mapping[str, Mapping[str, str]],
+                   host_policy: HostPolicy) -> SourceConfig:
     """One source: the file's keys, overridden by its environment variables."""
     in_file = next((r for r in raw_sources if r.get("name") == name), None)
     raw: dict[str, object] = dict(in_file) if in_file is not None else {"name": name}
     prov: dict[str, str] = {k: file.label for k in raw}
-    raw.update(env.get(name, {}))
+    merge_env(raw, env.get(name, {}))
     prov.update(env_prov.get(name, {}))
     origin = file.label if in_file is not None else "environment"
     missing = [k for k in ("dsn", "tables", "destination") if k not in raw]
@@ -584,8 +568,11 @@ def _source_config(file: _File, name: str, raw_sources: Sequence[Mapping[str, ob
         raise ConfigError(f"{origin}: source {name!r}: key {missing[0]!r} is required")
     if isinstance(raw.get("destination"), str):
         raw["destination"] = _resolve_local(str(raw["destination"]), file.base)
+    if "ssh_tunnel" in raw:
+        raw["ssh_tunnel"] = ssh.resolve_paths(raw["ssh_tunnel"], file.base)
     if isinstance(raw.get("tables"), list):
         raw["tables"] = tuple(raw["tables"])  # type: ignore[arg-type]
-    return SourceConfig(provenance=prov, origin=origin, **raw)  # type: ignore[arg-type]
+    return SourceConfig(provenance=prov, origin=origin, host_policy=host_policy,
+                        **raw)  # type: ignore[arg-type]
 
 

@@ -35,8 +35,16 @@ __all__ = [
     "choice_error",
     "column_list",
     "env_overrides",
+    "merge_env",
     "parse_env_value",
+    "where",
 ]
+
+
+def where(provenance: Mapping[str, str], default: str, key: str) -> str:
+    """Where a key's value came from (a file, an environment variable), for messages."""
+    # `table.<t>.mode` came from wherever `table` came from
+    return provenance.get(key) or provenance.get(key.split(".", 1)[0], default)
 
 
 class Invalid(ValueError):
@@ -179,9 +187,16 @@ EnvOverrides = tuple[
 
 
 def env_overrides(environ: Mapping[str, str], *, source_keys: Mapping[str, Rule],
-                  engine_keys: Mapping[str, Rule]) -> EnvOverrides:
+                  engine_keys: Mapping[str, Rule],
+                  nested: Mapping[str, Mapping[str, str]] | None = None) -> EnvOverrides:
     """The `CDCENGINE__<SOURCE>__<KEY>` / `CDCENGINE__ENGINE__<KEY>` variables: engine values,
-    values per source, and the variable each came from (engine, then per source)."""
+    values per source, and the variable each came from (engine, then per source).
+
+    `nested` names the source keys that are tables whose entries can be set one by one, with
+    each entry's kind: `CDCENGINE__SHOP__SSH_TUNNEL__PASSWORD` is entry `password` of table
+    `ssh_tunnel`, returned under the dotted key `ssh_tunnel.password` (see `merge_env`), so a
+    Kubernetes Secret can supply just the password of a tunnel the config file describes."""
+    nested = nested or {}
     engine: dict[str, object] = {}
     engine_prov: dict[str, str] = {}
     sources: dict[str, dict[str, object]] = {}
@@ -203,6 +218,17 @@ def env_overrides(environ: Mapping[str, str], *, source_keys: Mapping[str, Rule]
                                            f"[engine]: key {key!r}")
             engine_prov[key] = var
             continue
+        outer_scope, _, outer = scope.rpartition("__")
+        if outer_scope and outer.lower() in nested:
+            table, name = outer.lower(), outer_scope.lower()
+            if key not in nested[table]:
+                raise ConfigError(f"environment variable {var}: unknown {table} key {key!r}; "
+                                  f"allowed: {', '.join(nested[table])}")
+            dotted = f"{table}.{key}"
+            sources.setdefault(name, {})[dotted] = parse_env_value(
+                var, nested[table][key], environ[var], f"source {name!r}: key {dotted!r}")
+            sources_prov.setdefault(name, {})[dotted] = var
+            continue
         name = scope.lower()
         if key not in source_keys or key == "name":
             allowed = ", ".join(k for k in source_keys if k != "name")
@@ -213,6 +239,18 @@ def env_overrides(environ: Mapping[str, str], *, source_keys: Mapping[str, Rule]
         sources.setdefault(name, {})[key] = value
         sources_prov.setdefault(name, {})[key] = var
     return engine, sources, engine_prov, sources_prov
+
+
+def merge_env(raw: dict[str, object], values: Mapping[str, object]) -> None:
+    """Apply one source's environment values to its file values, in place: a dotted key
+    (`ssh_tunnel.password`) sets one entry of that table, keeping the file's other entries."""
+    for key, value in values.items():
+        table, dot, entry = key.partition(".")
+        if not dot:
+            raw[key] = value
+            continue
+        current = raw.get(table)
+        raw[table] = {**(current if isinstance(current, Mapping) else {}), entry: value}
 
 
 def check_sources_apart(sources: Sequence[SourceConfig], label: str = "config") -> None:

@@ -21,10 +21,16 @@ class Reason(enum.StrEnum):
     # reaching the source
     AUTH_FAILED = "auth_failed"
     SSL_REQUIRED = "ssl_required"
+    SSL_VERIFY_FAILED = "ssl_verify_failed"
     CONNECTION_FAILED = "connection_failed"
     HOST_UNREACHABLE = "host_unreachable"
     DSN_INVALID = "dsn_invalid"
     DATABASE_MISSING = "database_missing"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    # the source's SSH tunnel (`ssh_tunnel`)
+    SSH_TUNNEL_FAILED = "ssh_tunnel_failed"
+    SSH_AUTH_FAILED = "ssh_auth_failed"
+    SSH_HOST_KEY_MISMATCH = "ssh_host_key_mismatch"
     # rights and server set-up
     PERMISSION_DENIED = "permission_denied"
     WAL_LEVEL_NOT_LOGICAL = "wal_level_not_logical"
@@ -55,6 +61,16 @@ class Reason(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+# What a running source's failure becomes (the pipeline's `_record_failure`): broken — the slot
+# or publication is gone or not ours, `repair` is the way back; paused — the operator must fix
+# credentials, certificates, the tunnel or the host policy and then `resume`.
+BREAKING_REASONS = frozenset({Reason.SLOT_MISSING, Reason.SLOT_INVALIDATED,
+                              Reason.SOURCE_CHANGED, Reason.PUBLICATION_MISSING})
+PAUSING_REASONS = frozenset({Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED,
+                             Reason.SSL_VERIFY_FAILED, Reason.SSH_AUTH_FAILED,
+                             Reason.SSH_HOST_KEY_MISMATCH, Reason.HOST_NOT_ALLOWED})
+
+
 @dataclass(frozen=True, slots=True)
 class ReasonPolicy:
     retryable: bool
@@ -72,6 +88,14 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The server and the client disagree about SSL.",
         "Add sslmode=require (or verify-full) to the dsn, or allow this host without SSL.",
+    ),
+    # A certificate problem in the TLS handshake, on either side: retrying cannot fix a file.
+    Reason.SSL_VERIFY_FAILED: ReasonPolicy(
+        False,
+        "The TLS certificate check failed (the server's certificate is not trusted or not for "
+        "this host name, or the client certificate or key was refused).",
+        "Check sslrootcert (the CA that signed the server's certificate), that the dsn's host "
+        "is a name in that certificate, and sslcert/sslkey.",
     ),
     Reason.CONNECTION_FAILED: ReasonPolicy(
         True,
@@ -93,6 +117,33 @@ POLICY: dict[Reason, ReasonPolicy] = {
         False,
         "The database named in the dsn does not exist.",
         "Fix the database name in the dsn.",
+    ),
+    Reason.HOST_NOT_ALLOWED: ReasonPolicy(
+        False,
+        "The host is not allowed by this engine's host policy.",
+        "Use a host this service allows ([engine] allowed_hosts / denied_networks).",
+    ),
+    # Retryable: a bastion that is down or restarting, or a dropped SSH connection, comes back;
+    # the next connect opens a new SSH connection. A refused login or host key does not.
+    Reason.SSH_TUNNEL_FAILED: ReasonPolicy(
+        True,
+        "Could not reach the database through the SSH tunnel (the bastion refused, timed out or "
+        "dropped the connection, or could not open a channel to the database).",
+        "Check that the bastion in ssh_tunnel is up and reachable from this machine, and that it "
+        "may forward to the dsn's host and port (sshd AllowTcpForwarding / PermitOpen).",
+    ),
+    Reason.SSH_AUTH_FAILED: ReasonPolicy(
+        False,
+        "The SSH bastion rejected the login (wrong user, key, passphrase or password).",
+        "Check ssh_tunnel's user and private_key_file (or password), and that the key's public "
+        "half is in the user's authorized_keys on the bastion; then `cdcengine resume`.",
+    ),
+    Reason.SSH_HOST_KEY_MISMATCH: ReasonPolicy(
+        False,
+        "The SSH bastion's host key is not the one in ssh_tunnel's known_hosts file (unknown or "
+        "changed): the connection was refused, since it may not be the real bastion.",
+        "Confirm the bastion's key fingerprint with its administrator, then add it to the "
+        "known_hosts file (ssh-keyscan -p PORT HOST >> known_hosts); then `cdcengine resume`.",
     ),
     Reason.PERMISSION_DENIED: ReasonPolicy(
         False,

@@ -447,3 +447,12 @@ def unkeyable_columns(f: TableFacts, key: Sequence[str]) -> list[ColumnFacts]:
     """The key columns whose type rows cannot be keyed on (arrays: see `key_type_supported`)."""
     cols = (f.column(name) for name in key)
     return [c for c in cols if c is not None and not key_type_supported(arrow_type(c.pg_type))]
+
+
+def lacks_identity(f: TableFacts) -> bool:
+    """No old-row key for UPDATE/DELETE: DEFAULT without a PK, NOTHING, or a dropped index."""
+    return (
+        (f.replica_identity == "default" and not f.primary_key)
+        or f.replica_identity == "nothing"
+        or (f.replica_identity == "index" and not f.identity_columns)
+    )

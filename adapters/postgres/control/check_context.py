@@ -30,7 +30,7 @@ class CheckContext:
     user: str
     database: str
     superuser: bool
-    facts: dict[TableRef, TableFacts]
+    facts: dict[TableRef, TableFacts]  # the configured tables and their partitions' leaves
     slot: SlotState
     publication: PublicationState
 
@@ -57,9 +57,16 @@ def gather_context(conn: psycopg.Connection, source: SourceConfig, install_id: s
     ).fetchone()
     assert row is not None
     refs = [tc.ref for tc in source.table_configs]
+    facts = load_table_facts(conn, refs)
+    # A partitioned root's leaves too: UPDATE/DELETE on a leaf need the leaf's own replica
+    # identity (the root's does not cascade), so the identity check reads each leaf's facts.
+    leaves = sorted({leaf for f in facts.values() for leaf in f.leaf_partitions} - facts.keys(),
+                    key=lambda r: (r.schema, r.name))
+    if leaves:
+        facts.update(load_table_facts(conn, leaves))
     return CheckContext(
         conn=conn, source=source, install_id=install_id, known_slot=known_slot,
         version=row[0], user=row[1], database=row[2], superuser=bool(row[3]),
-        facts=load_table_facts(conn, refs), slot=read_slot(conn, source.slot_name),
+        facts=facts, slot=read_slot(conn, source.slot_name),
         publication=read_publication(conn, source.publication_name),
     )

@@ -34,6 +34,7 @@ from cdcengine_postgres.control.catalog import (
     ColumnFacts,
     TableFacts,
     effective_key,
+    lacks_identity,
     load_table_facts,
     unkeyable_columns,
 )
@@ -63,9 +64,13 @@ NOTE_MULTI_DIM = (
     "declared multi-dimensional: Delta arrays are one-dimensional, so a multi-dimensional value "
     "is captured as null (logged as values_masked); store it as jsonb or text to keep it"
 )
+# PostgreSQL publishes no event for these (pgoutput skips a leaf's TRUNCATE under
+# publish_via_partition_root; ATTACH/DETACH are DDL): the Delta table drifts silently until
+# `verify` compares it and `resync` re-copies the root.
 NOTE_PARTITION_DRIFT = (
-    "a TRUNCATE or DETACH of a single partition is not published by PostgreSQL; "
-    "`cdcengine verify` finds that drift"
+    "a TRUNCATE or DETACH of a single partition, and the rows a table already holds when it is "
+    "ATTACHed, are not published by PostgreSQL; `cdcengine verify` finds that drift and "
+    "`cdcengine resync` repairs it"
 )
 
 
@@ -309,7 +314,7 @@ def _identity(
     reasons: list[str] = []
     notes: list[str] = []
     identity = f.replica_identity
-    if _lacks_identity(f):
+    if lacks_identity(f):
         what = {
             "default": "it has no primary key and its replica identity is DEFAULT",
             "nothing": "its replica identity is NOTHING",
@@ -424,7 +429,7 @@ def _leaf_reasons(
         leaf = facts.get(leaf_ref)
         if leaf is None or leaf.relkind not in ("r", "p"):
             continue
-        if _lacks_identity(leaf):
+        if lacks_identity(leaf):
             bad.append(leaf_ref)
     if not bad:
         return []
@@ -435,11 +440,3 @@ def _leaf_reasons(
         f"ALTER TABLE {_qualified_sql(bad[0], conn)} REPLICA IDENTITY FULL"
     ]
 
-
-def _lacks_identity(f: TableFacts) -> bool:
-    """No old-row key for UPDATE/DELETE: DEFAULT without a PK, NOTHING, or a dropped index."""
-    return (
-        (f.replica_identity == "default" and not f.primary_key)
-        or f.replica_identity == "nothing"
-        or (f.replica_identity == "index" and not f.identity_columns)
-    )

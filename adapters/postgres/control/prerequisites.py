@@ -21,7 +21,7 @@ import psycopg
 
 from cdcengine.config import SourceConfig
 from cdcengine.source.adapter import Check
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.check_context import ERR, CheckContext, gather_context
 from cdcengine_postgres.control.replication_checks import (
     check_lag_thresholds,
@@ -33,6 +33,7 @@ from cdcengine_postgres.control.replication_checks import (
 )
 from cdcengine_postgres.control.server_checks import (
     check_create_privilege,
+    check_encryption,
     check_not_standby,
     check_replication_privilege,
     check_server_version,
@@ -48,7 +49,7 @@ def check_prerequisites(
     source: SourceConfig, *, install_id: str, known_slot: bool = False
 ) -> list[Check]:
     secrets = source.secrets()
-    with connect(source.dsn, secrets=secrets) as conn:
+    with connect_source(source) as conn:
         ctx = gather_context(conn, source, install_id, known_slot)
         checks: list[Check] = []
         for fn in _CHECKS:
@@ -65,6 +66,7 @@ def check_prerequisites(
 _CHECKS: tuple[Callable[[CheckContext], list[Check]], ...] = (
     check_server_version,
     check_not_standby,
+    check_encryption,
     check_wal_level,
     check_replication_privilege,
     check_create_privilege,

@@ -22,7 +22,7 @@ from cdcengine.config import ManagementMode, SourceConfig
 from cdcengine.errors import CDCError, Reason, ReplicationResourceError
 from cdcengine.names import TableRef
 from cdcengine.source.adapter import ProvisionResult, SourceIdentity, TeardownResult
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.catalog import TableFacts, load_table_facts
 from cdcengine_postgres.control.publications import (
     PublicationState,
@@ -40,7 +40,7 @@ log = structlog.get_logger("cdcengine.postgres.provision")
 
 def identify(source: SourceConfig) -> SourceIdentity:
     """IDENTIFY_SYSTEM over a replication connection: system identifier and timeline."""
-    with connect(source.dsn, replication=True, secrets=source.secrets()) as rconn, \
+    with connect_source(source, replication=True) as rconn, \
             translate_errors(secrets=source.secrets(), context="IDENTIFY_SYSTEM"):
         row = rconn.execute("IDENTIFY_SYSTEM").fetchone()
         assert row is not None
@@ -108,7 +108,7 @@ def provision(
     refs = [tc.ref for tc in source.table_configs]
     created_pub = created_slot = adopted_pub = adopted_slot = False
     consistent_point: str | None = None
-    with connect(source.dsn, secrets=secrets) as conn:
+    with connect_source(source) as conn:
         try:
             with translate_errors(secrets=secrets, context="reading slot and publication"):
                 pub = read_publication(conn, source.publication_name)
@@ -153,7 +153,7 @@ def provision(
             else:
                 with translate_errors(secrets=secrets, context="creating the replication slot"):
                     consistent_point = create_slot(
-                        lambda: connect(source.dsn, secrets=secrets), source.slot_name,
+                        lambda: connect_source(source), source.slot_name,
                         wait_s=slot_wait_s)
                 created_slot = True
                 log.info("slot_created", source=source.name, slot=source.slot_name,
@@ -169,7 +169,7 @@ def provision(
 
 def undo_provision(source: SourceConfig, result: ProvisionResult) -> None:
     """Drop what `result` says was created (used when a later step, e.g. the state store, fails)."""
-    with connect(source.dsn, secrets=source.secrets()) as conn:
+    with connect_source(source) as conn:
         _undo(conn, source, slot_created=result.slot_created,
               publication_created=result.publication_created)
 
@@ -196,7 +196,7 @@ def teardown(
     notes: list[str] = []
     slot_dropped = pub_dropped = False
     terminated: Sequence[int] = ()
-    with connect(source.dsn, secrets=secrets) as conn, \
+    with connect_source(source) as conn, \
             translate_errors(secrets=secrets, context="dropping slot and publication"):
         pub = read_publication(conn, source.publication_name)
         slot = read_slot(conn, source.slot_name)

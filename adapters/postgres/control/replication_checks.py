@@ -8,7 +8,7 @@ from psycopg import sql
 
 from cdcengine.control.lag import effective_thresholds
 from cdcengine.source.adapter import Check
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.check_context import ERR, OK, WARN, CheckContext
 from cdcengine_postgres.control.health import retention_cap_mb
 from cdcengine_postgres.control.publications import table_list_sql
@@ -61,9 +61,8 @@ def check_wal_senders(ctx: CheckContext) -> list[Check]:
 
 
 def check_replication_connection(ctx: CheckContext) -> list[Check]:
-    secrets = ctx.source.secrets()
     try:
-        with connect(ctx.source.dsn, replication=True, secrets=secrets) as rconn:
+        with connect_source(ctx.source, replication=True) as rconn:
             row = rconn.execute("IDENTIFY_SYSTEM").fetchone()
     except Exception as exc:  # noqa: BLE001 - every failure here is a reportable ❌
         from cdcengine.errors import classify_error

@@ -1,15 +1,17 @@
-"""Prerequisite checks of the server and the connecting role: version, primary, wal_level,
-the REPLICATION and CREATE privileges."""
+"""Prerequisite checks of the server and the connecting role: version, primary, encryption,
+wal_level, the REPLICATION and CREATE privileges."""
 
 from __future__ import annotations
+
+import ipaddress
 
 import psycopg
 
 from cdcengine.source.adapter import Check
 from cdcengine_postgres.control.check_context import ERR, OK, WARN, CheckContext
 
-__all__ = ["check_create_privilege", "check_not_standby", "check_replication_privilege",
-           "check_server_version", "check_wal_level"]
+__all__ = ["check_create_privilege", "check_encryption", "check_not_standby",
+           "check_replication_privilege", "check_server_version", "check_wal_level"]
 
 
 def check_server_version(ctx: CheckContext) -> list[Check]:
@@ -43,6 +45,70 @@ def check_not_standby(ctx: CheckContext) -> list[Check]:
                               "publications and slots must be created on the primary.",
                       fix="Point the dsn at the primary server.")]
     return [Check(name="not_standby", severity=OK, message="Connected to a primary.")]
+
+
+def _is_local(host: str, hostaddr: str) -> bool:
+    """A unix socket or a loopback address: traffic that never leaves this machine. `hostaddr` is
+    the address libpq actually connected to (psycopg resolves names before connecting), so a
+    name such as `db.internal` that resolves to 127.0.0.1 counts as local, and `localhost`
+    resolving elsewhere does not."""
+    if not host or host.startswith(("/", "@")):  # "@" is a Linux abstract-namespace socket
+        return True
+    try:
+        return ipaddress.ip_address(hostaddr or host).is_loopback
+    except ValueError:
+        return False
+
+
+def _option(conn: psycopg.Connection, keyword: str) -> str:
+    """The value libpq uses for a connection option (the dsn's, else libpq's default)."""
+    for opt in conn.pgconn.info:
+        if opt.keyword.decode() == keyword:
+            return (opt.val or opt.compiled or b"").decode()
+    return ""
+
+
+def _gss_encrypted(conn: psycopg.Connection) -> bool:
+    """GSSAPI encryption (gssencmode) protects the link as well as TLS does. A pooler or a
+    PostgreSQL-compatible server without pg_stat_gssapi counts as not encrypted."""
+    try:
+        row = conn.execute(
+            "SELECT encrypted FROM pg_stat_gssapi WHERE pid = pg_backend_pid()").fetchone()
+    except psycopg.Error:
+        return False
+    return bool(row and row[0])
+
+
+def check_encryption(ctx: CheckContext) -> list[Check]:
+    """⚠️ when a source across the network is reached without encryption: the password (for
+    `password`/`md5` auth) and every replicated row then travel in clear text. Decided from what
+    the connection actually did (libpq's SSL state), not from the dsn: sslmode=prefer may or may
+    not end up encrypted. Every connection the engine opens uses the same dsn, so the control
+    connection's answer holds for the replication connections too."""
+    conn = ctx.conn
+    mode = _option(conn, "sslmode") or "prefer"
+    if conn.pgconn.ssl_in_use:
+        if mode == "verify-full":
+            how = "the server's certificate and host name are verified (sslmode=verify-full)"
+        elif mode == "verify-ca":
+            how = ("the server's certificate is verified but not its host name "
+                   "(sslmode=verify-ca)")
+        else:
+            how = f"the server's certificate is not verified (sslmode={mode})"
+        return [Check(name="encryption", severity=OK, message=f"Encrypted with TLS; {how}.")]
+    if _is_local(conn.info.host, conn.info.hostaddr):
+        return [Check(name="encryption", severity=OK,
+                      message="Not encrypted, which is fine here: the source is on this "
+                              "machine (unix socket or loopback address).")]
+    if _gss_encrypted(conn):
+        return [Check(name="encryption", severity=OK, message="Encrypted with GSSAPI.")]
+    return [Check(name="encryption", severity=WARN,
+                  message=f"The connection to {conn.info.hostaddr or conn.info.host} is not "
+                          f"encrypted (sslmode={mode}): credentials and every replicated row "
+                          "cross the network in clear text.",
+                  fix="Add sslmode=verify-full and sslrootcert=<the CA certificate that "
+                      "signed the server's certificate> to the dsn (and ssl = on at the "
+                      "server if it is off).")]
 
 
 def check_wal_level(ctx: CheckContext) -> list[Check]:

@@ -11,7 +11,12 @@ from collections.abc import Iterable
 from cdcengine.config import TableConfig
 from cdcengine.names import TableRef, case_collisions, is_engine_column
 from cdcengine.source.adapter import Check, Severity
-from cdcengine_postgres.control.catalog import TableFacts, effective_key, unkeyable_columns
+from cdcengine_postgres.control.catalog import (
+    TableFacts,
+    effective_key,
+    lacks_identity,
+    unkeyable_columns,
+)
 from cdcengine_postgres.control.check_context import ERR, OK, WARN, CheckContext
 from cdcengine_postgres.control.publications import table_list_sql
 
@@ -83,9 +88,13 @@ def _table_checks(ctx: CheckContext, tc: TableConfig, f: TableFacts) -> list[Che
                 f"{ctx.q(ctx.user)};, or use management_mode = \"self_managed\")")
     if f.relkind == "p":
         add("partitioned_table", WARN, f"{name} is partitioned: it is captured through its root "
-            "and each leaf is copied on its own; a TRUNCATE or DETACH of a single partition is "
-            "not published by PostgreSQL, and `cdcengine verify` finds that drift.",
-            "Prefer TRUNCATE on the root table; run `cdcengine verify` after partition DDL.")
+            "and each leaf is copied on its own; a TRUNCATE or DETACH of a single partition, and "
+            "the rows a table already holds when it is ATTACHed, are not published by "
+            "PostgreSQL, and `cdcengine verify` finds that drift.",
+            "Prefer TRUNCATE on the root table and attach empty partitions (insert through the "
+            "root afterwards); after other partition DDL run `cdcengine verify`, then "
+            f"`cdcengine resync --source {ctx.source.name} --table {tc.name}` where it reports "
+            "drift.")
     if tc.columns is not None and ctx.version < 150000:
         add("column_list", WARN, f"{name}: publication column lists need PostgreSQL 15; every "
             "column travels in WAL and the engine keeps only the selected ones.")
@@ -157,6 +166,15 @@ def _key_checks(ctx: CheckContext, tc: TableConfig, f: TableFacts) -> list[Check
             "and DELETE on it would fail for the application.",
             f"ALTER TABLE {q} ADD PRIMARY KEY (…);  or ALTER TABLE {q} REPLICA IDENTITY "
             f"USING INDEX <unique index>;  or ALTER TABLE {q} REPLICA IDENTITY FULL;")
+    elif bare := [r for r in f.leaf_partitions if r in ctx.facts and lacks_identity(
+            ctx.facts[r])]:
+        add("replica_identity", ERR, f"{name}: partition(s) "
+            f"{', '.join(r.qualified for r in bare)} have no replica identity of their own (the "
+            "root's does not cascade to existing partitions): once published, UPDATE and DELETE "
+            "there would fail for the application.",
+            f"ALTER TABLE {q} ADD PRIMARY KEY (…) including the partition key (it cascades to "
+            f"every partition);  or ALTER TABLE {ctx.q(bare[0])} REPLICA IDENTITY FULL; for "
+            "each of them")
     elif ctx.managed:
         add("replica_identity", OK, f"{name}: replica identity {f.replica_identity} keeps "
             "UPDATE and DELETE working once published.")

@@ -29,7 +29,7 @@ from psycopg import sql
 from cdcengine.config import SourceConfig, TableConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.lsn import parse_lsn
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.catalog import ColumnFacts, load_table_facts
 from cdcengine_postgres.control.slots import temp_slot_name
 from cdcengine_postgres.errors import translate_errors
@@ -64,8 +64,8 @@ class VerifyRead:
         secrets = self.source.secrets()
         rconn = None
         try:
-            rconn = connect(self.source.dsn, replication=True, secrets=secrets,
-                            application_name="cdcengine verify")
+            rconn = connect_source(self.source, replication=True,
+                                   application_name="cdcengine verify")
             slot = temp_slot_name(self.source.slot_name, "verify")
             with translate_errors(secrets=secrets, context="creating the verify snapshot slot"):
                 # simple query protocol only on a replication connection; the name is [a-z0-9_]
@@ -73,8 +73,8 @@ class VerifyRead:
                                     "(SNAPSHOT 'export')").fetchone()
             assert row is not None
             self.consistent_point, snapshot_name = parse_lsn(row[1]), row[2]
-            self._conn = connect(self.source.dsn, autocommit=False, secrets=secrets,
-                                 application_name="cdcengine verify")
+            self._conn = connect_source(self.source, autocommit=False,
+                                        application_name="cdcengine verify")
             self._conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self._conn.read_only = True
             with translate_errors(secrets=secrets, context="importing the verify snapshot"):

@@ -49,7 +49,7 @@ from cdcengine.config import SourceConfig
 from cdcengine.errors import CDCError, Reason
 from cdcengine.events import Event, Relation
 from cdcengine.lsn import format_lsn, parse_lsn
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.errors import translate_errors
 from cdcengine_postgres.replication.changes import DRAIN_FRAMES, ColumnConverter, PostgresChanges
 from cdcengine_postgres.replication.peek import PeekCopy, peek_query
@@ -116,9 +116,9 @@ class CatchupChanges:
     # ---- the session ---------------------------------------------------------------------------
     def __enter__(self) -> CatchupChanges:
         try:
-            self._conn = self._sql(lambda: connect(
-                self.source.dsn, secrets=self._secrets,
-                application_name=f"cdcengine:{self.source.name}:catchup"), "connecting")
+            self._conn = self._sql(lambda: connect_source(
+                self.source, application_name=f"cdcengine:{self.source.name}:catchup"),
+                "connecting")
             pos = self._position()
             if self._start > pos.confirmed:  # what this process confirmed last: durable
                 self._advance(self._start)

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from cdcengine.config import SourceConfig
 from cdcengine.events import Event, Relation
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.errors import translate_errors
 from cdcengine_postgres.replication.packed import CHANGE_HEADER, PACKABLE, ChangeRun
 from cdcengine_postgres.replication.pgoutput import decode
@@ -82,6 +82,7 @@ class PostgresChanges:
         return ReplicationStream(
             source.dsn, slot=source.slot_name, publications=[source.publication_name],
             start_lsn=start_lsn, proto_version=self._proto_version, secrets=source.secrets(),
+            tunnel=source.ssh_tunnel,
             status_interval_s=min(self._status_interval_s, source.replication_timeout_s / 3),
             silence_timeout_s=float(source.replication_timeout_s),
             application_name=f"cdcengine:{source.name}")
@@ -195,7 +196,7 @@ class PostgresChanges:
         key = self._primary_keys.get(relid)
         if key is None:
             secrets = self.source.secrets()
-            with connect(self.source.dsn, secrets=secrets) as conn, \
+            with connect_source(self.source) as conn, \
                     translate_errors(secrets=secrets, context="reading the primary key"):
                 rows = conn.execute(_PRIMARY_KEY_SQL, [relid]).fetchall()
             key = self._primary_keys[relid] = tuple(r[0] for r in rows)
@@ -219,7 +220,7 @@ class PostgresChanges:
         """One text→Arrow converter per column, from the catalog's types (cached by oid)."""
         missing = {c.type_oid for c in relation.columns} - set(self._types)
         if missing:
-            with connect(self.source.dsn, secrets=self.source.secrets()) as conn, \
+            with connect_source(self.source) as conn, \
                     translate_errors(secrets=self.source.secrets(), context="reading types"):
                 self._types.update(load_types(conn, missing))
         out: list[ColumnConverter] = []

@@ -51,7 +51,7 @@ from cdcengine.lsn import parse_lsn
 from cdcengine.names import TableRef
 from cdcengine.pipeline.snapshots import ranges_from_points, split_points
 from cdcengine.source.adapter import ChunkRange, SnapshotLayout, SnapshotStopped
-from cdcengine_postgres.connection import connect
+from cdcengine_postgres.connection import connect_source
 from cdcengine_postgres.control.catalog import ColumnFacts, TableFacts, load_table_facts
 from cdcengine_postgres.control.slots import (
     WaitAbandoned,
@@ -127,7 +127,7 @@ class TableSnapshot:
         secrets = self.source.secrets()
         bound_malloc_retention()  # bounded RSS however many pieces go through (see there)
         try:
-            self._rconn = connect(self.source.dsn, replication=True, secrets=secrets)
+            self._rconn = connect_source(self.source, replication=True)
             row = self._create_slot(temp_slot_name(self.source.slot_name, "snapshot"))
             self.consistent_point, self._snapshot_name = parse_lsn(row[1]), row[2]
             self._conn = self._import_snapshot()
@@ -181,7 +181,7 @@ class TableSnapshot:
 
     def _report_wait(self, pid: int, waited_s: float) -> None:
         try:
-            with connect(self.source.dsn, autocommit=True, secrets=self.source.secrets()) as c:
+            with connect_source(self.source, autocommit=True) as c:
                 blockers = [b.describe() for b in blocking_backends(c, pid)]
         except (psycopg.Error, CDCError) as exc:  # the report is best effort
             blockers = [f"(not readable: {type(exc).__name__})"]
@@ -193,7 +193,7 @@ class TableSnapshot:
 
     def _import_snapshot(self) -> psycopg.Connection[Any]:
         secrets = self.source.secrets()
-        conn = connect(self.source.dsn, autocommit=False, secrets=secrets)
+        conn = connect_source(self.source, autocommit=False)
         try:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True

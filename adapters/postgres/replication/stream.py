@@ -55,6 +55,7 @@ from psycopg import pq
 from psycopg.rows import TupleRow
 
 from cdcengine.errors import CDCError, Reason, SourceUnreachable
+from cdcengine.ssh_tunnel import SshTunnel
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.errors import translate_errors
 from cdcengine_postgres.replication.copy_both import (
@@ -103,7 +104,8 @@ class ReplicationStream:
     Construction validates the arguments (ValueError) and does no I/O; `start()` (or entering
     the `with` block) connects and runs START_REPLICATION. The server starts at
     max(`start_lsn`, the slot's confirmed_flush_lsn) and sends every transaction whose commit
-    ends after that point (0 = "from the slot's confirmed position").
+    ends after that point (0 = "from the slot's confirmed position"). `tunnel`: the source's
+    `ssh_tunnel`, which this connection goes through like every other (`connection.connect`).
 
     `proto_version` 2 asks for `streaming 'on'` (large in-progress transactions arrive as
     'S'/'E' segments followed by 'c' Stream Commit or 'A' Stream Abort, pitfall 9) unless
@@ -130,6 +132,7 @@ class ReplicationStream:
         secrets: Iterable[str] = (),
         application_name: str = "cdcengine",
         connect_timeout: int = 10,
+        tunnel: SshTunnel | None = None,
     ) -> None:
         streaming = proto_version >= 2 if streaming is None else streaming
         # Validate everything now: a bad name must fail before any connection is opened.
@@ -148,6 +151,7 @@ class ReplicationStream:
                              f"{silence_timeout_s!r}")
         self.silence_timeout_s: Final = silence_timeout_s
         self._dsn = dsn
+        self._tunnel = tunnel  # the source's ssh_tunnel: the stream goes through it too
         self._secrets = tuple(s for s in secrets if s)
         self._application_name = application_name
         self._connect_timeout = connect_timeout
@@ -257,6 +261,7 @@ class ReplicationStream:
             self._dsn,
             replication=True,
             secrets=self._secrets,
+            tunnel=self._tunnel,
             application_name=self._application_name,
             connect_timeout=self._connect_timeout,
         )

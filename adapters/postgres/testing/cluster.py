@@ -30,7 +30,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
@@ -96,6 +96,10 @@ class TempCluster:
     ``settings`` override `DEFAULT_SETTINGS` (e.g. ``{"wal_level": "replica"}`` or
     ``{"max_replication_slots": 2}``); ``timezone`` is a shortcut for the `timezone` setting.
     ``base_dir`` is where the temporary directory is created (default: the system temp dir).
+    ``hba`` replaces the pg_hba.conf initdb wrote (one entry per line), and ``files`` are
+    written into the data directory before the first start, owned by the server's OS user with
+    mode 0600 -- what a TLS server needs for ``ssl_cert_file``/``ssl_key_file``/``ssl_ca_file``
+    (relative paths in those settings resolve against the data directory).
 
     Use as a context manager, or call `start()` and later `cleanup()`. Nothing is created until
     `start()`.
@@ -107,7 +111,11 @@ class TempCluster:
         *,
         base_dir: Path | None = None,
         timezone: str | None = None,
+        hba: Sequence[str] | None = None,
+        files: Mapping[str, bytes] | None = None,
     ) -> None:
+        self._hba = list(hba) if hba is not None else None
+        self._files = dict(files or {})
         self._settings: dict[str, str] = dict(DEFAULT_SETTINGS)
         for key, value in (settings or {}).items():
             self._settings[key] = _format_value(value)
@@ -234,6 +242,7 @@ class TempCluster:
             if first:
                 self._prepare_root()
                 self._initdb()
+                self._install_files()
             self._start_server()
         except BaseException:
             if first:
@@ -406,6 +415,18 @@ class TempCluster:
             raise ClusterError(f"initdb failed in {self.data_dir}:\n{output}")
         finally:
             pwfile.unlink(missing_ok=True)
+
+    def _install_files(self) -> None:
+        """Write ``files`` and ``hba`` into the fresh data directory, as the server's user."""
+        files = dict(self._files)
+        if self._hba is not None:
+            files["pg_hba.conf"] = ("\n".join(self._hba) + "\n").encode()
+        for name, content in files.items():
+            path = self.data_dir / name
+            path.write_bytes(content)
+            path.chmod(0o600)  # the server refuses a key file others can read
+            if self._run_as is not None:
+                os.chown(path, *self._run_as)
 
     def _server_options(self, port: int) -> str:
         settings = self._settings | {

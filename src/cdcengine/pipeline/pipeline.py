@@ -48,6 +48,7 @@ from cdcengine.names import TableRef
 from cdcengine.pipeline.activity import Activity
 from cdcengine.pipeline.batcher import Batcher, CaptureSpec, ChangeBatch, StoppedTable
 from cdcengine.pipeline.defaults import AddedColumnDefaults, DefaultsFn
+from cdcengine.pipeline.failures import record_failure
 from cdcengine.pipeline.progress import Progress
 from cdcengine.pipeline.resync import is_requested, run_resync
 from cdcengine.pipeline.runlog import RunLog
@@ -190,7 +191,7 @@ class Pipeline:
                 if not again:
                     break
         except CDCError as exc:
-            self._record_failure(store, exc)
+            record_failure(store, self.source.name, exc)
             raise
 
     # ---- identity -----------------------------------------------------------------------------
@@ -435,20 +436,6 @@ class Pipeline:
         for (ref, column), count in batch.masked.items():
             log.warning("values_masked", source=self.source.name, table=ref.qualified,
                         column=column, count=count)
-
-    # ---- failures -----------------------------------------------------------------------------
-    def _record_failure(self, store: StateStore, exc: CDCError) -> None:
-        """Non-retryable problems become visible states; retryable ones are the caller's."""
-        name = self.source.name
-        if exc.retryable:
-            return
-        if exc.reason in (Reason.SLOT_MISSING, Reason.SLOT_INVALIDATED, Reason.SOURCE_CHANGED,
-                          Reason.PUBLICATION_MISSING):
-            store.set_broken(name, str(exc.reason), exc.message)
-        elif exc.reason in (Reason.AUTH_FAILED, Reason.PERMISSION_DENIED, Reason.SSL_REQUIRED):
-            store.set_paused(name, str(exc.reason), exc.message)
-        log.error("source_failed", source=name, reason=str(exc.reason), message=exc.message)
-
 
 class _Loop:
     """The reader side of one streaming run: hand batches to the writer, confirm what is durable.

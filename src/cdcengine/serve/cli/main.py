@@ -197,7 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = (Config(engine=EngineConfig(), sources=()) if args.command in _NO_CONFIG
                else load_config(args.config))
     except CDCError as exc:
-        print(f"cdcengine: {exc.message}", file=sys.stderr)
+        if exc.reason is Reason.CONFIG_INVALID:
+            print(f"cdcengine: {exc.message}", file=sys.stderr)
+        else:  # e.g. host_not_allowed: the code a script can match, and the fix
+            print(f"cdcengine: {exc.reason}: {exc.message}\n  fix: {exc.fix}", file=sys.stderr)
         return EXIT_USAGE
     secrets = [s for src in cfg.sources for s in src.secrets()]
     if getattr(args, "dsn", None):
