@@ -176,3 +176,20 @@ def sshd_server(tmp_path: Path) -> Iterator[SshServer]:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def fresh_tunnel_pool() -> Iterator[None]:
+    """In-process connections share the module's SSH connections: none outlives its test."""
+    from cdcengine_postgres.tunnel import POOL
+
+    yield
+    POOL.close()
+
+
+@pytest.fixture
+def tcp_db(db):  # type: ignore[no-untyped-def]
+    """The test database, reached over TCP (a tunnel forwards TCP, not a unix socket)."""
+    if db.server.host.startswith("/"):
+        pytest.skip("the test server is reached over a unix socket; a tunnel forwards TCP")
+    return db

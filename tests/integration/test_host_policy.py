@@ -5,14 +5,13 @@ tunnel's bastion checked instead of the database behind it."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cdc_util import source_for
 from cli_util import run_cli
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from sshd import SshServer, sshd_server
+from sshd import SshServer, fresh_tunnel_pool, sshd_server, tcp_db
 
 from cdcengine.config import EngineConfig
 from cdcengine.errors import CDCError
@@ -20,20 +19,12 @@ from cdcengine.hostpolicy import HostNotAllowed, HostPolicy
 from cdcengine_postgres.connection import connect, connect_source
 from cdcengine_postgres.tunnel import POOL
 
-__all__ = ["sshd_server"]  # the fixture, imported for pytest
+__all__ = ["fresh_tunnel_pool", "sshd_server", "tcp_db"]  # fixtures, imported for pytest
+pytestmark = pytest.mark.usefixtures("fresh_tunnel_pool")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_pool() -> Iterator[None]:
-    yield
-    POOL.close()
 
 
-@pytest.fixture
-def tcp_db(db):  # type: ignore[no-untyped-def]
-    if db.server.host.startswith("/"):
-        pytest.skip("the test server is reached over a unix socket")
-    return db
 
 
 def with_host(dsn: str, host: str) -> str:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cdc_util import daemon_config, logs_on_failure, query, source_for, start_daemon
 from cli_util import assert_no_secret, closed_port, run_cli
-from sshd import PASSPHRASE, SshServer, sshd_server
+from sshd import PASSPHRASE, SshServer, fresh_tunnel_pool, sshd_server, tcp_db
 from test_crash import COLUMNS, TABLES, Workload, delta_rows, replay_log, source_rows
 from test_pipeline import wait_for
 
@@ -32,25 +31,13 @@ from cdcengine.errors import CDCError
 from cdcengine.names import TableRef
 from cdcengine.sink.delta import DeltaSink
 from cdcengine_postgres.connection import connect_source
-from cdcengine_postgres.tunnel import POOL
 
-pytestmark = pytest.mark.slow
-
-__all__ = ["sshd_server"]  # the fixture, imported for pytest
+__all__ = ["fresh_tunnel_pool", "sshd_server", "tcp_db"]  # fixtures, imported for pytest
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_tunnel_pool")]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_pool() -> Iterator[None]:
-    """In-process connections share the module's SSH connections: none outlives its test."""
-    yield
-    POOL.close()
 
 
-@pytest.fixture
-def tcp_db(db):  # type: ignore[no-untyped-def]
-    if db.server.host.startswith("/"):
-        pytest.skip("the test server is reached over a unix socket; a tunnel forwards TCP")
-    return db
 
 
 def tunnel_config(tmp_path: Path, src: SourceConfig, state: str, tunnel: dict[str, object],
