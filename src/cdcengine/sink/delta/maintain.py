@@ -14,6 +14,7 @@ from cdcengine.names import TableRef
 from cdcengine.sink.base import MaintenanceResult, SinkWriteError, TableKind
 from cdcengine.sink.delta.cluster import cluster_key, key_overlap, sorts_by_arrival
 from cdcengine.sink.delta.schema import _arrow_schema
+from cdcengine.sink.delta.spool import WRITER_PROPERTIES
 from cdcengine.sink.delta.tables import DeltaTables, _ms
 
 log = structlog.get_logger("cdcengine.sink")
@@ -75,10 +76,12 @@ class Maintenance(DeltaTables):
                 key = self._cluster_key(dt, kind)
                 if key is not None:
                     metrics = dt.optimize.z_order([key], target_size=policy.target_file_size,
-                                                  max_spill_size=policy.cluster_memory_bytes)
+                                                  max_spill_size=policy.cluster_memory_bytes,
+                                                  writer_properties=WRITER_PROPERTIES)
                     clustered = True
                 else:
-                    metrics = dt.optimize.compact(target_size=policy.target_file_size)
+                    metrics = dt.optimize.compact(target_size=policy.target_file_size,
+                                                  writer_properties=WRITER_PROPERTIES)
                 removed = int(metrics.get("numFilesRemoved", 0))
                 added = int(metrics.get("numFilesAdded", 0))
             current = dt.version()
