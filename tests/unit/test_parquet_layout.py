@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
 from test_delta_sink import REF, changes
 
 from cdcengine.config import TableMode
 from cdcengine.names import TableRef
 from cdcengine.sink import TableSpec
 from cdcengine.sink.delta import DeltaMaintenance, DeltaSink
+from cdcengine.sink.delta.spool import TARGET_FILE_BYTES
 
 
 def layouts(table_dir: str) -> set[tuple[str, bool]]:
@@ -50,4 +52,7 @@ def test_every_write_path_writes_zstd_without_dictionaries(tmp_path: Path) -> No
     for ref, kind in ((REF, "append"), (REF, "consolidated"), (snap, "consolidated"),
                       (snap, "append")):
         assert layouts(sink.path(ref, kind)) == {("ZSTD", False)}, (ref, kind)
+        # the file size merges and compaction aim at is the table's own property
+        config = DeltaTable(sink.path(ref, kind)).metadata().configuration
+        assert config["delta.targetFileSize"] == str(TARGET_FILE_BYTES) == str(32 * 1024 * 1024)
     sink.close()

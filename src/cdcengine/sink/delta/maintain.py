@@ -14,7 +14,7 @@ from cdcengine.names import TableRef
 from cdcengine.sink.base import MaintenanceResult, SinkWriteError, TableKind
 from cdcengine.sink.delta.cluster import cluster_key, key_overlap, sorts_by_arrival
 from cdcengine.sink.delta.schema import _arrow_schema
-from cdcengine.sink.delta.spool import WRITER_PROPERTIES
+from cdcengine.sink.delta.spool import TARGET_FILE_BYTES, WRITER_PROPERTIES
 from cdcengine.sink.delta.tables import DeltaTables, _ms
 
 log = structlog.get_logger("cdcengine.sink")
@@ -24,7 +24,8 @@ log = structlog.get_logger("cdcengine.sink")
 class DeltaMaintenance:
     """What `DeltaSink.maintain` does; the defaults are safe for readers of the last 7 days.
 
-    - `compact`: rewrite small files into `target_file_size` files (None: delta-rs default,
+    - `compact`: rewrite small files into `target_file_size` files (default `TARGET_FILE_BYTES`,
+      32 MB: see spool.py; None: delta-rs default,
       the table's `delta.targetFileSize` or 100 MB). Compaction commits with dataChange=false.
     - `checkpoint_interval`: write a checkpoint when at least this many commits happened since
       the last one this sink wrote (also stored as `delta.checkpointInterval` on new tables,
@@ -41,7 +42,7 @@ class DeltaMaintenance:
     """
 
     compact: bool = True
-    target_file_size: int | None = None
+    target_file_size: int | None = TARGET_FILE_BYTES
     checkpoint_interval: int = 100
     vacuum_retention_hours: int | None = 168
     enforce_retention_duration: bool = True

@@ -28,7 +28,7 @@ from cdcengine.sink.delta.maintain import DeltaMaintenance, Maintenance
 from cdcengine.sink.delta.read import DeltaReader, DeltaTableInfo, delta_options
 from cdcengine.sink.delta.resync import Resyncs
 from cdcengine.sink.delta.snapshot import SnapshotLoads
-from cdcengine.sink.delta.spool import SPILL_BYTES
+from cdcengine.sink.delta.spool import SPILL_BYTES, TARGET_FILE_BYTES
 from cdcengine.sink.delta.writes import ChangeWrites
 
 
@@ -50,7 +50,7 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         source: str,
         storage_options: Mapping[str, str] | None = None,
         maintenance: DeltaMaintenance | None = None,
-        target_file_size: int | None = None,
+        target_file_size: int | None = TARGET_FILE_BYTES,
         spill_bytes: int = SPILL_BYTES,
         spill_dir: str | None = None,
         partition_by: Mapping[TableRef, Sequence[str]] | None = None,

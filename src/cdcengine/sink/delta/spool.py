@@ -33,6 +33,13 @@ Arrow, one write, CPU seconds / file size): dictionary + uncompressed (the old d
 high-cardinality columns (keys, hashes, text) is most of the cost, and zstd compresses the
 repeats a dictionary would have caught. Every Delta reader (Spark 3.2+, Databricks — whose new
 tables default to zstd —, DuckDB, Polars, Trino, delta-rs) reads zstd."""
+TARGET_FILE_BYTES = 32 * 1024 * 1024
+"""The size the engine's writes and compaction aim at per data file (delta-rs's default is 100
+MB). A consolidated table is copy-on-write: a MERGE rewrites every file holding a changed key
+whole, so a file's rows are the unit of a merge's cost. zstd made files ~4× denser than the
+uncompressed ones before, so 100 MB files held ~3.5M bench rows and a recent-keys merge into 10M
+rows rewrote that many (bench `merge`, 10M vs 1M: 1.26× → 1.68×); 32 MB holds ~1.1M, what a
+100 MB file held before. (Databricks picks 32 MB for tables tuned for rewrites, the same trade.)"""
 WRITER_PROPERTIES = WriterProperties(
     max_row_group_size=ROW_GROUP_ROWS,
     compression=PARQUET_COMPRESSION[0],

@@ -210,6 +210,10 @@ class DeltaTables:
             "delta.dataSkippingStatsColumns": ",".join(quote_ident(c) for c in stats),
             "delta.checkpointInterval": str(self.maintenance.checkpoint_interval),
         }
+        if self.target_file_size:
+            # merges and optimize read it from the table (`spool.TARGET_FILE_BYTES`: the rows
+            # of one file are what a copy-on-write merge rewrites per touched file)
+            configuration["delta.targetFileSize"] = str(self.target_file_size)
         _check_storable(schema, ref)
         partitions = self.partition_by.get(ref, ()) if kind is TableKind.CONSOLIDATED else ()
         _check_partitions(schema, partitions, ref)
