@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -106,6 +107,18 @@ def start_daemon(cfg: Path, log: Path, failpoint: str | None = None) -> subproce
     return subprocess.Popen([sys.executable, "-m", "cdcengine", "--config", str(cfg), "run"],
                             cwd=cfg.parent, env=env, stdout=log.open("a"),
                             stderr=subprocess.STDOUT, text=True)
+
+
+def crash_at(cfg: Path, log: Path, failpoint: str, *, timeout: float = 120) -> None:
+    """`cdcengine run` armed to SIGKILL itself at `failpoint`; returns once it did (fails the
+    test, with the log's tail, when it ended any other way or not in time)."""
+    crashing = start_daemon(cfg, log, failpoint)
+    try:
+        crashing.wait(timeout=timeout)
+    finally:
+        if crashing.poll() is None:
+            crashing.kill()
+    assert crashing.returncode == -signal.SIGKILL, log.read_text()[-3000:]
 
 
 def daemon_config(tmp_path: Path, src: SourceConfig, state: str, tables: Sequence[str], *,

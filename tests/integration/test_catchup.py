@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import daemon_config, logs_on_failure, query, start_daemon
+from cdc_util import crash_at, daemon_config, logs_on_failure, query, start_daemon
 from structlog.testing import capture_logs
 from test_crash import TABLES, Workload, delta_rows
 from test_pipeline import Running, wait_for
@@ -212,13 +212,7 @@ def test_kill_9_during_catchup_then_restart_is_exactly_once(db, tmp_path: Path,
         with Running(src, state):  # the first snapshot
             wait_for(lambda: caught_up(src, db.dsn), timeout=60)
         backlog(db.dsn)
-        crashing = start_daemon(cfg, log, CRASHES[case])
-        try:
-            crashing.wait(timeout=120)
-        finally:
-            if crashing.poll() is None:
-                crashing.kill()
-        assert crashing.returncode == -signal.SIGKILL
+        crash_at(cfg, log, CRASHES[case])
         died = log.read_text()
         assert "catchup_started" in died and "catchup_finished" not in died
         assert "messages=0 " not in died.splitlines()[-1]  # it died with changes in flight

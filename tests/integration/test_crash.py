@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, daemon_config, query, source_for, start_daemon
+from cdc_util import TransactionLoop, crash_at, daemon_config, query, source_for, start_daemon
 from test_pipeline import wait_for
 
 from cdcengine import api
@@ -125,13 +125,7 @@ def test_kill_9_then_restart_is_exactly_once(db, tmp_path: Path, failpoint: str)
 
     with Workload(db.dsn, seed=hash(failpoint) & 0xFFFF):
         log = tmp_path / "daemon.log"
-        crashing = start_daemon(cfg, log, CASES[failpoint])
-        try:
-            crashing.wait(timeout=90)
-        finally:
-            if crashing.poll() is None:
-                crashing.kill()
-        assert crashing.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        crash_at(cfg, log, CASES[failpoint], timeout=90)
         before = {t: lsns(sink, t) for t in TABLES}
         daemon = start_daemon(cfg, log)
         try:

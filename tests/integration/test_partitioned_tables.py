@@ -19,6 +19,7 @@ import pytest
 import structlog.testing
 from cdc_util import (
     TransactionLoop,
+    crash_at,
     daemon_config,
     logs_on_failure,
     one,
@@ -333,13 +334,7 @@ def test_kill_9_mid_stream_then_restart_is_exactly_once(db, tmp_path: Path) -> N
     log = tmp_path / "daemon.log"
     with logs_on_failure(log):
         with PartitionWorkload(db.dsn, seed=17):
-            crashing = start_daemon(cfg, log, "after_commit:6")
-            try:
-                crashing.wait(timeout=90)
-            finally:
-                if crashing.poll() is None:
-                    crashing.kill()
-            assert crashing.returncode == -signal.SIGKILL
+            crash_at(cfg, log, "after_commit:6", timeout=90)
             sink = DeltaSink(src.destination, source=src.name)
             before = sink.applied_version(REF, "consolidated") or 0
             daemon = start_daemon(cfg, log)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from cdc_util import logs_on_failure, start_daemon, store
+from cdc_util import crash_at, logs_on_failure, start_daemon, store
 from cli_util import CliResult, assert_no_secret, closed_port, run_cli, write_config
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
@@ -119,13 +119,7 @@ def test_s3_snapshot_stream_kill9_restart_is_exact(db, moto: MotoServer, bucket:
     workload = Workload(db.dsn, seed=17)
     workload.next_id = 100_000  # its new keys above the seeded ones
     with logs_on_failure(log), workload:
-        crashing = start_daemon(cfg, log, "after_commit:6")  # SIGKILL after a stream commit
-        try:
-            crashing.wait(timeout=120)
-        finally:
-            if crashing.poll() is None:
-                crashing.kill()
-        assert crashing.returncode == -signal.SIGKILL
+        crash_at(cfg, log, "after_commit:6")  # SIGKILL after a stream commit
         daemon = start_daemon(cfg, log)
         wait_for(lambda: all(sink.exists(TableRef("public", t), "consolidated")
                              for t in TABLES), timeout=60)

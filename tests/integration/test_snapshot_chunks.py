@@ -10,7 +10,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from cdc_util import TransactionLoop, daemon_config, query, source_for, start_daemon, store
+from cdc_util import (
+    TransactionLoop,
+    crash_at,
+    daemon_config,
+    query,
+    source_for,
+    start_daemon,
+    store,
+)
 from test_append import replay_matches_consolidated
 from test_pipeline import Running, wait_for
 
@@ -335,13 +343,7 @@ def test_kill_9_mid_snapshot_resumes_from_finished_chunks(db, tmp_path: Path) ->
     cfg = _config(tmp_path, src, state)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     with Writer(db.dsn, "kill", first_id=n, top=n, seed=11):
-        crashing = start_daemon(cfg, first_log, "snapshot_chunk_committed:4")
-        try:
-            crashing.wait(timeout=120)
-        finally:
-            if crashing.poll() is None:
-                crashing.kill()
-        assert crashing.returncode == -signal.SIGKILL, first_log.read_text()[-3000:]
+        crash_at(cfg, first_log, "snapshot_chunk_committed:4")
         daemon = start_daemon(cfg, second_log)
         try:
             wait_for(lambda: bool(_events(second_log, "table_snapshotted")), timeout=120)
