@@ -162,8 +162,8 @@ class HostPolicy:
         these (pinning them), never to a second resolution. Raises `HostNotAllowed`, or
         `OSError` when the name does not resolve (the connect attempt reports that as usual)."""
         self.check_host(host, what=what)
-        if _address(host) is not None:
-            return (str(_address(host)),)
+        if (literal := _address(host)) is not None:
+            return (str(literal),)
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
         for a in addrs:

@@ -27,9 +27,10 @@ PARQUET_COMPRESSION = ("ZSTD", 1)
 """How the engine's Parquet files are compressed: zstd level 1, without dictionary encoding.
 deltalake's writer otherwise writes UNCOMPRESSED pages and tries a dictionary for every column
 (falling back per page when it overflows). Measured on 1M rows of the bench table (146 MB of
-Arrow, one write, CPU seconds / file size): dictionary + uncompressed (the old default)
-0.32-0.45 s / 116 MB; no dictionary + zstd 1: 0.30-0.37 s / 29 MB; + snappy 0.26 s / 67 MB;
-+ lz4_raw 0.21 s / 68 MB; dictionary + snappy 0.45-0.57 s / 71 MB. The dictionary attempt on
+Arrow, one write, CPU seconds / file size; `benchmarks/parquet_settings_bench.py`, two runs):
+dictionary + uncompressed (the old default) 0.32-0.61 s / 116 MB; no dictionary + zstd 1:
+0.30-0.37 s / 29 MB; + snappy 0.26-0.29 s / 67 MB; + lz4_raw 0.21-0.30 s / 68 MB;
+dictionary + snappy 0.45-0.57 s / 71 MB. The dictionary attempt on
 high-cardinality columns (keys, hashes, text) is most of the cost, and zstd compresses the
 repeats a dictionary would have caught. Every Delta reader (Spark 3.2+, Databricks — whose new
 tables default to zstd —, DuckDB, Polars, Trino, delta-rs) reads zstd."""
