@@ -52,7 +52,12 @@ __all__ = ["PINNED_SETTINGS", "connect", "connect_source", "quote_ident", "serve
 
 # SPEC §6: how values are rendered in text (COPY, pgoutput text mode, SELECT) must not depend on the
 # server's or the role's defaults. extra_float_digits=3 gives shortest-exact floats (PG 12+).
+# client_encoding=UTF8: the server converts text from the database's encoding (e.g. LATIN1) to
+# UTF-8 in COPY, pgoutput and SELECT alike; left at the database's default, a LATIN1 'é' arrived
+# as one invalid UTF-8 byte and Delta got NULL (a SQL_ASCII database converts nothing: its
+# invalid bytes are still masked and counted).
 PINNED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("client_encoding", "UTF8"),
     ("TimeZone", "UTC"),
     ("DateStyle", "ISO"),
     ("IntervalStyle", "iso_8601"),

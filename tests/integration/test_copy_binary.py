@@ -16,7 +16,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pyarrow as pa
+import pytest
 from cdc_util import source_for
 from pgutil import ScratchDatabase
 from psycopg import sql
@@ -24,6 +26,7 @@ from test_convert_roundtrip import BULK, DDL, HOSTILE, ROWS
 
 from cdcengine_postgres.connection import connect
 from cdcengine_postgres.replication.snapshot import TableSnapshot
+from cdcengine_postgres.types import copy_binary
 
 
 def _both(db: ScratchDatabase, tmp_path: Path, table: str, *, piece_rows: int = 97,
@@ -107,7 +110,7 @@ def _text(rng: random.Random) -> str:
     return "".join(rng.choice(_ALPHABET) for _ in range(n))
 
 
-def _row(rng: random.Random, i: int) -> tuple[Any, ...]:
+def _row(rng: random.Random, i: int, *, fixed_nulls: bool = True) -> tuple[Any, ...]:
     def maybe(value: Any) -> Any:
         return None if rng.random() < 0.1 else value
 
@@ -119,12 +122,13 @@ def _row(rng: random.Random, i: int) -> tuple[Any, ...]:
                              "10000-01-01 00:00", "9999-12-31 23:59:59.999999",
                              "0001-01-01 00:00", stamp.isoformat(sep=" ")])
     big = Decimal(rng.randint(-10**39, 10**39)) / 100
+    fixed = maybe if fixed_nulls else (lambda value: value)
     return (
-        i, maybe(rng.randint(-2**15, 2**15 - 1)), maybe(rng.randint(-2**31, 2**31 - 1)),
-        maybe(rng.randint(-2**63, 2**63 - 1)),
-        maybe(rng.choice([0.5, -0.0, float("nan"), float("inf"), 1e-45, rng.random()])),
-        maybe(rng.choice([-0.0, float("nan"), float("-inf"), 5e-324, rng.uniform(-1e300, 1e300)])),
-        maybe(rng.random() < 0.5), maybe(special_day), maybe(special_ts), maybe(special_ts),
+        i, fixed(rng.randint(-2**15, 2**15 - 1)), fixed(rng.randint(-2**31, 2**31 - 1)),
+        fixed(rng.randint(-2**63, 2**63 - 1)),
+        fixed(rng.choice([0.5, -0.0, float("nan"), float("inf"), 1e-45, rng.random()])),
+        fixed(rng.choice([-0.0, float("nan"), float("-inf"), 5e-324, rng.uniform(-1e300, 1e300)])),
+        fixed(rng.random() < 0.5), fixed(special_day), fixed(special_ts), fixed(special_ts),
         maybe(_text(rng)), maybe(_text(rng)[:10]), maybe(_text(rng)[:4]),
         maybe(rng.choice(["name", "", "x" * 63, "naïve"])),
         maybe(f'{{"k": {i}, "s": "{rng.choice(_JSON_STRINGS)}"}}'),
@@ -135,31 +139,75 @@ def _row(rng: random.Random, i: int) -> tuple[Any, ...]:
         maybe(big), maybe(str(rng.getrandbits(128)).zfill(32)[:32]),
         maybe(f"{rng.randint(-99, 99)} days {rng.randint(0, 23)}:00:01.5"),
         maybe([rng.randint(-9, 9), None]), maybe([_text(rng), None, "NULL", ""]),
-        maybe(rng.choice(["a", "b c", "d\"e"])), maybe(rng.randint(0, 2**62)),
+        maybe(rng.choice(["a", "b c", "d\"e"])), fixed(rng.randint(0, 2**62)),
     )
 
 
-def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path) -> None:
-    """Seeded random rows over many types: NULLs, quotes, backslashes, tabs and newlines,
-    unicode, empty strings, values around the 12-byte inline limit, ±infinity, BC and year
-    10000 dates and timestamps, NaN numerics and floats, numerics beyond decimal range."""
-    db.execute("CREATE TYPE e3 AS ENUM ('a', 'b c', 'd\"e');"
+_RANDOM_DDL = ("CREATE TYPE e3 AS ENUM ('a', 'b c', 'd\"e');"
                "CREATE DOMAIN big AS int8 CHECK (VALUE >= 0);"
                "CREATE TABLE r (id int PRIMARY KEY, i2 int2, i4 int4, i8 int8, f4 float4, "
                "f8 float8, b bool, d date, ts timestamp, tz timestamptz, t text, vc varchar(10), "
                "c4 char(4), nm name, js json, jb jsonb, by bytea, n122 numeric(12,2), n numeric, "
                "n402 numeric(40,2), u uuid, iv interval, ai int4[], at text[], e e3, dm big)")
+
+
+@pytest.mark.parametrize("fixed_nulls", [True, False], ids=["nulls", "fixed-never-null"])
+def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         fixed_nulls: bool) -> None:
+    """Seeded random rows over many types: NULLs, quotes, backslashes, tabs and newlines,
+    unicode, empty strings, values around the 12-byte inline limit, ±infinity, BC and year
+    10000 dates and timestamps, NaN numerics and floats, numerics beyond decimal range.
+    `fixed-never-null`: no NULL in a fixed-width column, so every piece reads those columns as
+    one packed record per row (`_decode_prefix`, checked to have been taken)."""
+    prefixes: list[bool] = []
+    real = copy_binary._decode_prefix
+
+    def spy(*args: Any) -> Any:
+        got = real(*args)
+        prefixes.append(got is not None)
+        return got
+
+    monkeypatch.setattr(copy_binary, "_decode_prefix", spy)
+    db.execute(_RANDOM_DDL)
     rng = random.Random(16_4)
-    rows = [_row(rng, i) for i in range(2_000)]
+    rows = [_row(rng, i, fixed_nulls=fixed_nulls) for i in range(2_000)]
     with connect(db.dsn, autocommit=True, secrets=()) as conn, conn.cursor() as cur, \
             cur.copy("COPY r FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
     ts, text, bs, binary = _both(db, tmp_path, "r", piece_rows=61)
     assert (ts.copy_format, bs.copy_format) == ("text", "binary")
+    assert bs._utf8  # a UTF8 database: string columns skip the validation
     _assert_same(text, binary)
     assert bs.masked == ts.masked
     assert {"d", "ts", "tz", "n122"} <= set(bs.masked)  # the masking paths were taken
+    # with NULLs most pieces of 61 rows hold one among the fixed columns: the general path
+    assert all(prefixes) if not fixed_nulls else not all(prefixes)
+    assert prefixes
+
+
+def test_a_non_utf8_database_keeps_the_utf8_validation(db: ScratchDatabase,
+                                                         tmp_path: Path) -> None:
+    """Only a UTF8 server with a UTF8 client lets string columns skip Arrow's UTF-8 validation
+    (PostgreSQL validated every value on input); a LATIN1 database's text is converted by the
+    server and goes through the validating path — same values as text COPY."""
+    latin = ScratchDatabase(db.server)
+    with psycopg.connect(db.server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                             "LC_CTYPE 'C' TEMPLATE template0").format(
+                                 sql.Identifier(latin.name)))
+    try:
+        latin.execute("CREATE TABLE s (id int PRIMARY KEY, n int NOT NULL, t text);"
+                      "INSERT INTO s SELECT g, g, repeat('é', g % 20) FROM "
+                      "generate_series(1, 300) g")
+        ts, text, bs, binary = _both(latin, tmp_path, "s")
+        assert (ts.copy_format, bs.copy_format) == ("text", "binary")
+        assert bs._utf8 is False
+        _assert_same(text, binary)
+        assert "é" * 19 in binary.column("t").to_pylist()
+    finally:
+        latin.drop()
 
 
 def test_an_abandoned_copy_is_cancelled_and_drained(db: ScratchDatabase, tmp_path: Path) -> None:

@@ -175,6 +175,32 @@ def test_every_type_round_trips_through_snapshot_and_stream(db: ScratchDatabase,
         "tstz": pa.timestamp("us", tz="UTC"), "ai": pa.list_(pa.int32()), "iv": pa.string()}
 
 
+def test_a_latin1_database_arrives_as_utf8_through_snapshot_and_stream(
+        db: ScratchDatabase, tmp_path: Path) -> None:
+    """The engine pins client_encoding=UTF8: the server converts a LATIN1 database's text for
+    COPY and pgoutput alike. Before, a LATIN1 'é' arrived as one invalid UTF-8 byte, was
+    masked and Delta held NULL."""
+    latin = ScratchDatabase(db.server)
+    with psycopg.connect(db.server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                             "LC_CTYPE 'C' TEMPLATE template0").format(sql.Identifier(latin.name)))
+    try:
+        latin.execute("CREATE TABLE l (id int PRIMARY KEY, t text, v varchar(20));"
+                      "INSERT INTO l VALUES (1, 'café', 'Ångström'), (2, '£5 ±1 µs', NULL)")
+        src = source_for(latin.dsn, tmp_path, ["l"], flush_interval_ms=100)
+        state = _setup(src, tmp_path)
+        with Running(src, state):
+            wait_for(lambda: len(live_rows(src, "l")) == 2)
+            latin.execute("INSERT INTO l VALUES (3, 'naïve façade', 'Ø')")
+            latin.execute("UPDATE l SET v = 'ÿ§' WHERE id = 1")
+            wait_for(lambda: live_rows(src, "l").get(1, {}).get("v") == "ÿ§")
+        rows = live_rows(src, "l")
+        assert {k: (r["t"], r["v"]) for k, r in rows.items()} == {
+            1: ("café", "ÿ§"), 2: ("£5 ±1 µs", None), 3: ("naïve façade", "Ø")}
+    finally:
+        latin.drop()
+
+
 # ---- 2. streamed (v2) large transactions ------------------------------------------------------
 
 def test_large_streamed_transactions_apply_whole_in_one_commit(db: ScratchDatabase,

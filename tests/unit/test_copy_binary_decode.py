@@ -67,3 +67,37 @@ def test_framing_errors(rows: list[bytes], lengths: list[int] | None) -> None:
     piece = b"".join(rows) + PIECE_PAD
     with pytest.raises(FramingError):
         decode_copy_binary(piece, lengths or [len(r) for r in rows], COLUMNS)
+
+
+@pytest.mark.parametrize("utf8", [False, True])
+def test_text_validation_unless_the_server_vouches(utf8: bool) -> None:
+    """utf8=False (the default): invalid UTF-8 is masked and counted, as `to_arrow` does;
+    utf8=True (a UTF8 server and client, which never send invalid UTF-8): no validation pass,
+    same strings."""
+    rows = [_row(struct.pack(">q", 1), "é".encode(), None, None),
+            _row(struct.pack(">q", 2), b"plain and longer than twelve", None, None)]
+    if not utf8:
+        rows.append(_row(struct.pack(">q", 3), b"\xff", None, None))
+    assert COLUMNS is not None
+    out = decode_copy_binary(b"".join(rows) + PIECE_PAD, [len(r) for r in rows], COLUMNS,
+                             utf8=utf8)
+    expected = ["é", "plain and longer than twelve"] + ([] if utf8 else [None])
+    assert out[1].array.to_pylist() == expected
+    assert out[1].masked == (0 if utf8 else 1)
+
+
+def test_leading_fixed_columns_read_as_one_record_unless_a_null() -> None:
+    """Fixed-width leading columns without NULLs take the packed-record path; a NULL among them
+    falls back to the column-by-column path; both give the same values and masks."""
+    int8 = [struct.pack(">q", v) for v in (5, -7)]
+    stamps = [struct.pack(">q", 0), struct.pack(">q", 2**63 - 1)]  # 2000-01-01, infinity
+    cols = plan_binary([("id", INT8), ("c", TSTZ), ("t", TEXT)])
+    assert cols is not None
+    for c_null in (False, True):
+        rows = [_row(int8[0], stamps[0], b"x"),
+                _row(int8[1], None if c_null else stamps[1], b"yy")]
+        out = decode_copy_binary(b"".join(rows) + PIECE_PAD, [len(r) for r in rows], cols)
+        assert out[0].array.to_pylist() == [5, -7]
+        assert out[1].array.to_pylist() == [datetime(2000, 1, 1, tzinfo=UTC), None]
+        assert out[1].masked == (0 if c_null else 1)  # infinity is masked, NULL is not
+        assert out[2].array.to_pylist() == ["x", "yy"]

@@ -71,6 +71,7 @@ from cdcengine_postgres.types.copy_binary import (
     BinaryColumn,
     decode_copy_binary,
     plan_binary,
+    wire_order,
 )
 from cdcengine_postgres.types.copy_text import parse_copy_text
 
@@ -122,6 +123,8 @@ class TableSnapshot:
         self._chunk_key: ColumnFacts | None = None
         self._layout: SnapshotLayout | None = None
         self._binary: list[BinaryColumn] | None = None  # set: COPY binary (see `_copy_format`)
+        self._wire: list[int] = []  # the order `_binary`'s columns are selected in
+        self._utf8 = False  # text arrives valid UTF-8 (see `decode_copy_binary`)
 
     def __enter__(self) -> TableSnapshot:
         secrets = self.source.secrets()
@@ -144,6 +147,9 @@ class TableSnapshot:
                 wanted is None or c.name in wanted or c.name in self.key))
             self._workers = [self._conn]
             self._binary = self._copy_format()
+            self._wire = wire_order(self._binary or [])
+            params = self._conn.info.parameter_status
+            self._utf8 = params("server_encoding") == params("client_encoding") == "UTF8"
         except BaseException:
             self.close()
             raise
@@ -235,9 +241,9 @@ class TableSnapshot:
     def _select_list(self) -> sql.Composable:
         if self._binary is None:
             return sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
-        return sql.SQL(", ").join(
+        return sql.SQL(", ").join(  # in wire order (see `copy_binary.wire_order`)
             sql.SQL("{}::text").format(sql.Identifier(c.name)) if c.as_text
-            else sql.Identifier(c.name) for c in self._binary)
+            else sql.Identifier(c.name) for c in (self._binary[i] for i in self._wire))
 
     def _copy_query(self, ref: TableRef, where: sql.Composable) -> sql.Composable:
         return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT{}").format(
@@ -443,7 +449,9 @@ class TableSnapshot:
 
     def _convert(self, piece: CopyPiece) -> pa.Table:
         if self._binary is not None:
-            converted = decode_copy_binary(piece.data, piece.row_lengths, self._binary)
+            wire = decode_copy_binary(piece.data, piece.row_lengths,
+                                      [self._binary[i] for i in self._wire], utf8=self._utf8)
+            converted = [wire[self._wire.index(i)] for i in range(len(wire))]
         else:
             converted = [to_arrow(values, col.pg_type) for col, values in zip(
                 self.columns, parse_copy_text(piece.data, len(self.columns)), strict=True)]
