@@ -4,6 +4,7 @@ not counted, and fields PostgreSQL cannot send for the column raising FramingErr
 
 from __future__ import annotations
 
+import random
 import struct
 from decimal import Decimal
 
@@ -78,6 +79,25 @@ def test_values_decode_exactly(p: int, s: int, values: list[str]) -> None:
     assert got == decimals and masked == 0
 
 
+def test_random_values_of_every_precision_and_scale_decode_exactly() -> None:
+    """Every numeric(p ≤ 18, s): seeded values with zero digits inside, at the ends, at every
+    magnitude, mixed with NULLs and NaN in one piece (rows of different digit counts and
+    weights side by side)."""
+    rng = random.Random(18)
+    for p in range(1, 19):
+        for s in range(p + 1):
+            values: list[Decimal | str | None] = []
+            for _ in range(60):
+                digits = rng.randint(0, p)
+                unscaled = rng.randint(0, 10**digits - 1) * 10 ** rng.randint(0, p - digits)
+                values.append(rng.choice([Decimal(rng.choice([1, -1]) * unscaled).scaleb(-s),
+                                          None, NAN, Decimal(10**p - 1).scaleb(-s)]))
+            fields = [None if v is None else _numeric(v) for v in values]
+            got, masked = _decode(p, s, fields)
+            assert got == [v if isinstance(v, Decimal) else None for v in values], (p, s)
+            assert masked == values.count(NAN)
+
+
 def test_specials_are_masked_and_counted_nulls_are_not() -> None:
     fields = [_numeric(Decimal("1.25")), _numeric(NAN), None, _numeric(PINF), _numeric(NINF),
               _numeric(Decimal("-3.00")), None]
@@ -88,6 +108,8 @@ def test_specials_are_masked_and_counted_nulls_are_not() -> None:
     # past the piece's padding)
     assert _decode(18, 6, [None]) == ([None], 0)
     assert _decode(4, 0, [_numeric(Decimal(0))]) == ([Decimal(0)], 0)
+    # an unstripped trailing zero digit (PostgreSQL strips them) still means the same value
+    assert _decode(12, 2, [struct.pack(">hhHhhh", 2, 0, 0, 2, 1, 0)]) == ([Decimal("1.00")], 0)
 
 
 @pytest.mark.parametrize("field", [
@@ -100,6 +122,7 @@ def test_specials_are_masked_and_counted_nulls_are_not() -> None:
     struct.pack(">hhHhh", 1, 3, 0, 0, 1),  # 10^12: beyond numeric(12,2)'s precision
     struct.pack(">hhHhhh", 2, 2, 0, 0, 100, 1),  # 100 × 10^8 + 1 × 10^4: beyond (12,2)
     b"\0" * 4,  # shorter than the header
+    struct.pack(">hhHhhh", 2, -2, 0, 8, 1, 1),  # 0.00010001: digits below the scale
 ])
 def test_fields_postgresql_cannot_send_raise(field: bytes) -> None:
     with pytest.raises(FramingError):

@@ -10,9 +10,13 @@ value = Σ digit_i × 10000^(weight − i). PostgreSQL sends its stored form, wh
 trailing zero digits are stripped, rounded to the column's scale on the way in.
 
 Why p ≤ 18: every value of such a column, unscaled (× 10^s), is below 10^18 < 2^63, so the
-arithmetic is exact in int64; and it needs at most ceil((p−s)/4) + ceil(s/4) ≤ 6 digits (the
-integer and fraction parts are aligned to base-10000 digits separately: p=18, s=1 → 5 + 1), so
-one fixed 20-byte gather (8 header + 12 digit bytes) per row reads all of a value.
+arithmetic is exact in int64; and its digits fall on K = ceil((p−s)/4) + ceil(s/4) ≤ 6 fixed
+base-10000 positions (integer and fraction parts are aligned to base-10000 digits separately:
+p=18, s=1 → 5 + 1). How: one gather reads every row's header; a second reads each row's digits
+at an offset shifted by its weight, so that the same column holds the same power of 10000 in
+every row (a table mask zeroes the slots outside the row's digits); then the value is a
+multiply-add per position with constant weights — no per-row power, no division but by a
+column constant. Both gathers stay within the row and the piece padding (see `_gather`).
 
 Masking as the text path (`strict_casts.to_decimal`): 'NaN', 'Infinity', '-Infinity' become null
 and are counted; NULLs stay null and are not counted. Anything PostgreSQL cannot send for such a
@@ -23,6 +27,7 @@ raises FramingError: it means the bytes are not what the plan expected, never a 
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Final
 
 import numpy as np
@@ -38,13 +43,8 @@ MAX_BINARY_PRECISION: Final = 18
 #: Base-10000 digits a value of precision ≤ 18 can need (see the module docstring).
 _MAX_DIGITS: Final = 6
 _HEADER: Final = 8
-#: Bytes gathered per row: the header and `_MAX_DIGITS` digits.
-_GATHER: Final = _HEADER + 2 * _MAX_DIGITS
 
 _POS, _NEG, _NAN, _PINF, _NINF = 0x0000, 0x4000, 0xC000, 0xD000, 0xF000
-
-# 10^0 … 10^18 as int64, indexed by (clipped) exponent
-_POW10: Final = np.array([10**k for k in range(MAX_BINARY_PRECISION + 1)], dtype=np.int64)
 
 
 def decode_numeric(u8: np.ndarray, start: np.ndarray, size: np.ndarray, valid: np.ndarray,
@@ -54,63 +54,92 @@ def decode_numeric(u8: np.ndarray, start: np.ndarray, size: np.ndarray, valid: n
     `u8`: the piece as uint8, `PIECE_PAD` (16 zero bytes) at its end; `start`, `size`, `valid`:
     each row's field offset, byte length and non-NULL flag, as `copy_binary` finds them.
     """
-    precision, scale = target.precision, target.scale
-    if not (1 <= precision <= MAX_BINARY_PRECISION and 0 <= scale <= precision):
+    p, s = target.precision, target.scale
+    if not (1 <= p <= MAX_BINARY_PRECISION and 0 <= s <= p):
         raise ValueError(f"decode_numeric handles decimal128(p ≤ 18, 0 ≤ s ≤ p), not {target}")
     n = len(start)
+    frac = -(-s // 4)  # base-10000 digits after the point
+    k = -(-(p - s) // 4) + frac  # positions, 10000^(k − 1 − frac) down to 10000^(−frac)
     size = np.where(valid, size, _HEADER)
-    if ((size < _HEADER) | (size > _GATHER)).any():
-        raise FramingError(f"a numeric({precision},{scale}) field is not 8–20 bytes long")
-    # The gather reads 20 bytes at every start. In bounds: a valid field lies inside its row
-    # (`decode_copy_binary` checks that before decoding) and is at least 8 bytes long (checked
-    # just above), so its 20 bytes end at most 12 past the rows, inside the 16-byte PIECE_PAD.
-    # A NULL's start may sit right at the end of the rows (20 > 16): those read at offset 0.
-    # Should that ever change, the view's bounds make the gather raise, never read past `u8`.
-    where = np.where(valid, start, 0)
-    view = np.ndarray(shape=(len(u8) - _GATHER + 1,), dtype=f"V{_GATHER}", buffer=u8,
-                      strides=(1,))
-    fields = view[where].view(">i2").reshape(n, _GATHER // 2).astype(np.int64)
-    # a NULL's gathered bytes are whatever sits at offset 0: read as zero (size 8 ↔ 0 digits)
-    fields[~valid] = 0
-    ndigits, weight, sign = fields[:, 0], fields[:, 1], fields[:, 2] & 0xFFFF
-    if (size != _HEADER + 2 * ndigits).any():  # also catches ndigits < 0 or > 6
+    if ((size < _HEADER) | (size > _HEADER + 2 * k)).any():
+        raise FramingError(f"a numeric({p},{s}) field is not 8–{_HEADER + 2 * k} bytes long")
+    header = _gather(u8, start, _HEADER).view(">i2").reshape(n, 4)
+    nd = np.where(valid, header[:, 0], 0).astype(np.int64)  # NULLs: no digits
+    if (size != _HEADER + 2 * nd).any():
         raise FramingError("a numeric field's length does not match its digit count")
+    sign = np.where(valid, header[:, 2].astype(np.int32) & 0xFFFF, _POS)
     finite = (sign == _POS) | (sign == _NEG)
     special = (sign == _NAN) | (sign == _PINF) | (sign == _NINF)
     if not (finite | special).all():
         raise FramingError("a numeric field has an unknown sign")
-    holdable = valid & finite
-    masked = int(np.count_nonzero(valid & special))
-
-    value = np.zeros(n, dtype=np.int64)
-    bad = np.zeros(n, dtype=bool)
-    for i in range(int(ndigits.max(initial=0))):  # no work for digits no value has
-        digit = np.where(holdable & (i < ndigits), fields[:, 4 + i], 0)
-        bad |= (digit < 0) | (digit > 9999)
-        # digit_i × 10000^(weight − i) × 10^scale = digit × 10^exp
-        exp = 4 * (weight - i) + scale
-        # exp < 0: the digit reaches below the scale; its dropped decimals must be zeros (a
-        # digit < 10^4, so exp ≤ −4 leaves only 0)
-        below = 10 ** np.clip(-exp, 0, 4)
-        bad |= (exp < 0) & (digit % below != 0)
-        # exp ≥ 0: digit × 10^exp must stay below 10^precision — checked per digit, so that
-        # no product or sum can overflow (each term < 10^18, at most 6 terms < 2^63)
-        room = np.clip(precision - exp, 0, 4)
-        bad |= (exp >= 0) & (digit >= 10 ** room)
-        up = _POW10[np.clip(exp, 0, MAX_BINARY_PRECISION)]
-        value += np.where(exp >= 0, digit * np.where(bad, 0, up), digit // below)
-    limit = _POW10[precision]
-    bad |= value >= limit  # the digits each fit, their sum may still not (0.99999 + …)
-    if bad.any():
-        raise FramingError(f"a numeric field does not hold a numeric({precision},{scale})")
+    masked = int(np.count_nonzero(special))
+    nd = np.where(finite, nd, 0)  # ±Infinity and NaN: as zero digits, then null
+    # slot 0 holds position k − 1: the first digit (weight) sits at slot −shift
+    shift = header[:, 1].astype(np.int64) + (frac - k + 1)
+    # digits above the top position (beyond the precision) or below 10^(−4·frac) (below the
+    # scale, and nonzero: PostgreSQL strips trailing zero digits)
+    if ((nd > 0) & ((shift > 0) | (nd - shift > k))).any():
+        raise FramingError(f"a numeric field does not hold a numeric({p},{s})")
+    shift = np.where(nd > 0, shift, 0)  # no digits (zero, NULL, special): any weight
+    offset = np.where(nd > 0, start + (_HEADER + 2 * shift), 0)
+    # the table's rows as one k·2-byte item each: one gather, as for the bytes
+    keep = _masks(k)[nd - 7 * shift].view("<u2").reshape(n, k)
+    digits = _gather(u8, offset, 2 * k).view(">u2").reshape(n, k) & keep
+    if (digits > 9999).any():  # uint16: a negative int16 digit shows as > 9999 too
+        raise FramingError("a numeric field has a digit beyond base 10000")
+    # the top slot bounds the value: top < 10^room ⇔ value < 10^p (room ≤ 4)
+    room = p - s - 4 * (k - frac) + 4
+    if room < 4 and (digits[:, 0] >= 10**room).any():
+        raise FramingError(f"a numeric field does not hold a numeric({p},{s})")
+    below = 4 * frac - s  # decimals of the last slot below the scale: must be zeros
+    last = digits[:, k - 1]
+    if below:
+        if (last % 10**below).any():
+            raise FramingError(f"a numeric field has decimals beyond numeric({p},{s})")
+        last = last // 10**below
+    value = last.astype(np.int64)
+    if k > 1:  # every intermediate ≤ the value < 10^p ≤ 10^18: no overflow
+        head = digits[:, 0].astype(np.int64)
+        for slot in range(1, k - 1):
+            head = head * 10_000 + digits[:, slot]
+        value += head * 10 ** (4 - below)
     value = np.where(sign == _NEG, -value, value)
-    value = np.where(holdable, value, 0)
 
     # decimal128: 16 bytes little-endian per value: the int64, then its sign extension
     lanes = np.empty((n, 2), dtype="<i8")
     lanes[:, 0] = value
     lanes[:, 1] = value >> 63
+    holdable = valid & finite
     nulls = n - int(np.count_nonzero(holdable))
     bitmap = None if nulls == 0 else pa.py_buffer(np.packbits(holdable, bitorder="little"))
     array = pa.Array.from_buffers(target, n, [bitmap, pa.py_buffer(lanes)], null_count=nulls)
     return Converted(array, masked)
+
+
+def _gather(u8: np.ndarray, offset: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bytes at each offset (`copy_binary._be`'s one-gather trick: a view with
+    stride one byte), as an (n,) array of 'V{width}'.
+
+    In bounds for the piece (PIECE_PAD: 16 bytes): a field starts at most at the end of the
+    rows (a NULL last field), so the 8-byte header gather ends ≤ 8 past them. The digit gather
+    is at `start` + 8 + 2·shift (shift ≤ 0) for 2k ≤ 12 bytes, ending ≤ 20 past a field start
+    — only for fields with digits, which are ≥ 10 bytes and lie inside their row
+    (`decode_copy_binary` checks that first): ≤ 10 past the rows. It begins ≥ 2·(k − 1) ≤ 10
+    bytes before the digits, inside the field's own header or the row before it (a first
+    field starts at byte 6 of a piece). Should that ever change, the view's bounds make the
+    gather raise IndexError, never read outside `u8`.
+    """
+    view = np.ndarray(shape=(len(u8) - width + 1,), dtype=f"V{width}", buffer=u8, strides=(1,))
+    return view[offset]
+
+
+@cache
+def _masks(k: int) -> np.ndarray:
+    """Item −shift·7 + ndigits: k uint16, 0xFFFF in the slots that hold one of the value's
+    digits (slots −shift … −shift + ndigits − 1), 0 elsewhere (header or the next field's
+    bytes); as 'V{2k}' items, so that picking one per row is a single gather."""
+    table = np.zeros((k * 7, k), dtype=np.uint16)
+    for lead in range(k):
+        for nd in range(_MAX_DIGITS + 1):
+            table[lead * 7 + nd, lead:min(k, lead + nd)] = 0xFFFF
+    return table.view(f"V{2 * k}").reshape(k * 7)
