@@ -85,8 +85,8 @@ def test_a_column_whose_text_cast_is_a_function_keeps_the_text_path(db: ScratchD
     table is copied as text; so is a domain over a type that would need ::text."""
     db.execute("CREATE TABLE n (id int PRIMARY KEY, ip inet);"
                "INSERT INTO n VALUES (1, '10.0.0.1'), (2, NULL), (3, '10.0.0.0/8');"
-               "CREATE DOMAIN money2 AS numeric(12,2);"
-               "CREATE TABLE m (id int PRIMARY KEY, v money2);"
+               "CREATE DOMAIN money30 AS numeric(30,2);"  # p > 18: read as ::text
+               "CREATE TABLE m (id int PRIMARY KEY, v money30);"
                "INSERT INTO m VALUES (1, 1.5), (2, NULL)")
     for table, expected in (("n", [{"id": 1, "ip": "10.0.0.1"}, {"id": 2, "ip": None},
                                    {"id": 3, "ip": "10.0.0.0/8"}]),
@@ -143,12 +143,45 @@ def _row(rng: random.Random, i: int, *, fixed_nulls: bool = True) -> tuple[Any, 
     )
 
 
+#: numeric(p,s) columns decoded from their binary form (`numeric_binary`, p ≤ 18), as in `r`
+_SMALL_NUMERICS = {"n122": (12, 2), "n180": (18, 0), "n186": (18, 6), "n55": (5, 5),
+                   "n40": (4, 0), "n104": (10, 4), "dn": (12, 2)}
+
+
+def _small_numeric(rng: random.Random, p: int, s: int) -> Decimal:
+    """A value of numeric(p,s) at an edge of its base-10000 digits, or anywhere (or NaN).
+    ±Infinity cannot be stored in a constrained numeric (PostgreSQL 14+ rejects it:
+    `test_a_constrained_numeric_holds_nan_but_no_infinity`)."""
+    top = 10**p - 1
+    unscaled = rng.choice([
+        0, top, -top, 1, -1,  # max and min magnitude, the tiniest fraction
+        rng.randint(-top, top), rng.randint(-10**rng.randint(0, p), 10**rng.randint(0, p)),
+        rng.randint(1, 99) * 10**rng.randint(0, p - 2) if p > 2 else 1,  # trailing zeros
+        -(10**rng.randint(0, p - 1)),  # one digit, at every position
+    ])
+    if rng.random() < 0.08:
+        return Decimal("NaN")
+    return Decimal(unscaled).scaleb(-s)
+
+
+def test_a_constrained_numeric_holds_nan_but_no_infinity(db: ScratchDatabase) -> None:
+    """Why the random rows hold NaN but no ±Infinity in numeric(p,s): the server refuses it
+    (the binary decoder still masks it, `tests/unit/test_numeric_binary.py`)."""
+    assert db.execute("SELECT 'NaN'::numeric(5,5)::text") == [("NaN",)]
+    for value in ("Infinity", "-Infinity"):
+        with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+            db.execute(sql.SQL("SELECT {}::numeric(18,6)").format(sql.Literal(value)))
+
+
 _RANDOM_DDL = ("CREATE TYPE e3 AS ENUM ('a', 'b c', 'd\"e');"
+               "CREATE DOMAIN money2 AS numeric(12,2);"
                "CREATE DOMAIN big AS int8 CHECK (VALUE >= 0);"
                "CREATE TABLE r (id int PRIMARY KEY, i2 int2, i4 int4, i8 int8, f4 float4, "
                "f8 float8, b bool, d date, ts timestamp, tz timestamptz, t text, vc varchar(10), "
                "c4 char(4), nm name, js json, jb jsonb, by bytea, n122 numeric(12,2), n numeric, "
-               "n402 numeric(40,2), u uuid, iv interval, ai int4[], at text[], e e3, dm big)")
+               "n402 numeric(40,2), u uuid, iv interval, ai int4[], at text[], e e3, dm big, "
+               "n180 numeric(18,0), n186 numeric(18,6), n55 numeric(5,5), n40 numeric(4,0), "
+               "n104 numeric(10,4), dn money2)")
 
 
 @pytest.mark.parametrize("fixed_nulls", [True, False], ids=["nulls", "fixed-never-null"])
@@ -157,7 +190,8 @@ def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path,
                                          fixed_nulls: bool) -> None:
     """Seeded random rows over many types: NULLs, quotes, backslashes, tabs and newlines,
     unicode, empty strings, values around the 12-byte inline limit, ±infinity, BC and year
-    10000 dates and timestamps, NaN numerics and floats, numerics beyond decimal range.
+    10000 dates and timestamps, NaN numerics and floats, numerics beyond decimal range,
+    numeric(p ≤ 18, s) at the edges of their digits.
     `fixed-never-null`: no NULL in a fixed-width column, so every piece reads those columns as
     one packed record per row (`_decode_prefix`, checked to have been taken)."""
     prefixes: list[bool] = []
@@ -171,7 +205,10 @@ def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path,
     monkeypatch.setattr(copy_binary, "_decode_prefix", spy)
     db.execute(_RANDOM_DDL)
     rng = random.Random(16_4)
-    rows = [_row(rng, i, fixed_nulls=fixed_nulls) for i in range(2_000)]
+    numerics = [(p, s) for name, (p, s) in _SMALL_NUMERICS.items() if name != "n122"]
+    rows = [(*_row(rng, i, fixed_nulls=fixed_nulls),
+             *(None if rng.random() < 0.1 else _small_numeric(rng, p, s) for p, s in numerics))
+            for i in range(2_000)]
     with connect(db.dsn, autocommit=True, secrets=()) as conn, conn.cursor() as cur, \
             cur.copy("COPY r FROM STDIN") as copy:
         for row in rows:
@@ -181,7 +218,13 @@ def test_random_rows_decode_as_text_does(db: ScratchDatabase, tmp_path: Path,
     assert bs._utf8  # a UTF8 database: string columns skip the validation
     _assert_same(text, binary)
     assert bs.masked == ts.masked
-    assert {"d", "ts", "tz", "n122"} <= set(bs.masked)  # the masking paths were taken
+    assert {"d", "ts", "tz", *_SMALL_NUMERICS} <= set(bs.masked)  # the masking paths were taken
+    # the numerics were decoded from binary, not quietly read as ::text
+    assert bs._binary is not None
+    assert {c.name: c.decoder for c in bs._binary if c.name in _SMALL_NUMERICS} == dict.fromkeys(
+        _SMALL_NUMERICS, "numeric")
+    assert {c.name: c.decoder for c in bs._binary if c.name in ("n", "n402")} == dict.fromkeys(
+        ("n", "n402"), "text")
     # with NULLs most pieces of 61 rows hold one among the fixed columns: the general path
     assert all(prefixes) if not fixed_nulls else not all(prefixes)
     assert prefixes

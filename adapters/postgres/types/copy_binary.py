@@ -14,6 +14,8 @@ Type fidelity (SPEC §6) is kept by construction, per column:
 - `BYTES` types (text, varchar, char(n), name, json, jsonb, bytea) send their text output form
   as is in binary (jsonb after a version byte): their bytes go to the same `to_arrow` as COPY
   text's unescaped fields; bytea's binary form *is* the value (`to_arrow` would get hex);
+- numeric(p,s) with p ≤ 18 (decimal128(p,s)) is decoded from its binary form by
+  `numeric_binary`, with the text path's masking ('NaN', '±Infinity');
 - every other type is selected as `col::text` by the caller (`select_expression`), which sends
   the type's output function text — the same bytes COPY text would send, unescaped — and goes to
   `to_arrow` too. That holds only for types whose cast to text is an I/O conversion, so the
@@ -30,7 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from cdcengine_postgres.types.convert import Converted, to_arrow
-from cdcengine_postgres.types.mapping import PgType, arrow_type
+from cdcengine_postgres.types.framing import FramingError
+from cdcengine_postgres.types.mapping import NUMERIC_OID, PgType, arrow_type
+from cdcengine_postgres.types.numeric_binary import MAX_BINARY_PRECISION, decode_numeric
 
 __all__ = ["COPY_BINARY_HEADER", "PIECE_PAD", "TEXT_CAST_SQL", "BinaryColumn", "FramingError",
            "decode_copy_binary", "plan_binary", "wire_order"]
@@ -83,7 +87,8 @@ _LANE_MASKS: Final = np.array(
 @dataclass(frozen=True, slots=True)
 class BinaryColumn:
     """How one column is read from a binary COPY: `decoder` is a fixed-width kind ('int8',
-    'timestamptz', ...), 'bytes' / 'jsonb' / 'bytea', or 'text' (selected as `col::text`)."""
+    'timestamptz', ...), 'bytes' / 'jsonb' / 'bytea', 'numeric', or 'text' (selected as
+    `col::text`)."""
 
     name: str
     pg_type: PgType
@@ -110,6 +115,10 @@ def plan_binary(columns: Sequence[tuple[str, PgType]]) -> list[BinaryColumn] | N
             out.append(BinaryColumn(name, t, _DIRECT[base.oid][0]))
         elif base.oid in _BYTES:
             out.append(BinaryColumn(name, t, _BYTES[base.oid]))
+        elif base.oid == NUMERIC_OID and _small_decimal(arrow_type(t)):
+            # numeric(p ≤ 18, s): decoded here (`numeric_binary`); a domain's typmod is on its
+            # base, and arrow_type(t) is what the text path converts to, so both agree
+            out.append(BinaryColumn(name, t, "numeric"))
         elif t.typtype == "d":
             return None
         else:
@@ -125,8 +134,8 @@ def wire_order(columns: Sequence[BinaryColumn]) -> list[int]:
     return fixed + [i for i, c in enumerate(columns) if c.decoder not in _FIXED_DECODERS]
 
 
-class FramingError(ValueError):
-    """The bytes are not rows of the expected shape (never caused by a value)."""
+def _small_decimal(target: pa.DataType) -> bool:
+    return isinstance(target, pa.Decimal128Type) and target.precision <= MAX_BINARY_PRECISION
 
 
 def decode_copy_binary(
@@ -242,6 +251,10 @@ def _decode(col: BinaryColumn, u8: np.ndarray, data: pa.Buffer, start: np.ndarra
             except pa.ArrowInvalid:
                 pass  # invalid UTF-8: to_arrow masks (and counts) exactly those values
         return to_arrow(view.cast(pa.binary()), col.pg_type)
+    if decoder == "numeric":
+        target = arrow_type(col.pg_type)
+        assert isinstance(target, pa.Decimal128Type)  # plan_binary chose it for decimal128
+        return decode_numeric(u8, start, size, valid, target)
     _, width, dtype = _DIRECT[_base(col.pg_type).oid]
     if ((size if all_valid else size[valid]) != width).any():
         raise FramingError(f"a {decoder} field is not {width} bytes long")
