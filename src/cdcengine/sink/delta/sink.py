@@ -15,6 +15,7 @@ given as SQL) and `spool` (how deltalake is fed: materialised data only).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -71,6 +72,8 @@ class DeltaSink(ChangeWrites, SnapshotLoads, Resyncs, Maintenance):
         # the user's options under the engine's commit-safety rule (S3: conditional put)
         self._storage_options = delta_options(destination, storage_options)
         self._tables: dict[str, DeltaTable] = {}
+        # snapshot chunk writers' own handles, per thread (see SnapshotLoads._chunk_handle)
+        self._chunk_handles = threading.local()
         self._checkpointed_at: dict[str, int] = {}
         self._partition_warned: set[str] = set()
         self.reader = DeltaReader(destination, storage_options=self._storage_options)

@@ -221,7 +221,7 @@ class SnapshotLoads(DeltaTables):
         kinds = [TableKind(k) for k in kinds]
         handles: dict[TableKind, tuple[DeltaTable, pa.Schema]] = {}
         for kind in kinds:
-            dt = self._load(self._writable_path(ref, kind))
+            dt = self._chunk_handle(self._writable_path(ref, kind))
             if dt is None:
                 raise SinkWriteError(f"{ref}: the snapshot's {kind} table is missing")
             handles[kind] = (dt, _arrow_schema(dt))
@@ -257,6 +257,24 @@ class SnapshotLoads(DeltaTables):
             raise SinkWriteError(f"writing snapshot chunk {chunk} of {ref} failed "
                                  f"({type(exc).__name__})") from exc
         return rows
+
+    def _chunk_handle(self, path: str) -> DeltaTable | None:
+        """This thread's handle on `path`, brought up to date. Why not a fresh load per chunk:
+        loading replays the log since the last checkpoint, and a snapshot commits once per
+        chunk, so the replay grew with every chunk (~16 ms CPU at 50 versions vs ~5 ms for the
+        update; a 10M-row table is 100 chunks). Per thread, because a DeltaTable is not shared
+        between threads here, and a chunk worker thread lives for one table's copy only."""
+        handles: dict[str, DeltaTable] | None = getattr(self._chunk_handles, "tables", None)
+        if handles is None:
+            handles = self._chunk_handles.tables = {}
+        dt = handles.get(path)
+        if dt is not None:
+            dt.update_incremental()
+            return dt
+        dt = self._load(path)
+        if dt is not None:
+            handles[path] = dt
+        return dt
 
     def mirror_snapshot_chunks(
         self,
