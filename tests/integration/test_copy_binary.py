@@ -25,6 +25,7 @@ from psycopg import sql
 from test_convert_roundtrip import BULK, DDL, HOSTILE, ROWS
 
 from cdcengine_postgres.connection import connect
+from cdcengine_postgres.replication.copy_reader import CopyPiece, read_copy
 from cdcengine_postgres.replication.snapshot import TableSnapshot
 from cdcengine_postgres.types import copy_binary
 
@@ -267,3 +268,32 @@ def test_an_abandoned_copy_is_cancelled_and_drained(db: ScratchDatabase, tmp_pat
         conn = snap._workers[0]
         conn.rollback()  # the cancelled COPY failed the transaction; the connection lives on
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
+def test_rows_that_trickle_in_are_all_read(db: ScratchDatabase, binary: bool) -> None:
+    """The reader naps while the socket is empty and waits in select after naps that bring
+    nothing (`copy_reader._NAP_S`): rows arriving 60 ms apart (longer than all the naps), then
+    a burst, are all read, in order, whichever way each wait ended."""
+    query = ("COPY (SELECT g, CASE WHEN g <= 5 THEN pg_sleep(0.06)::text END FROM "
+             "generate_series(1, 20000) g) TO STDOUT" + (" (FORMAT binary)" if binary else ""))
+    pieces: list[CopyPiece] = []
+    with connect(db.dsn, autocommit=True, secrets=()) as conn:
+        assert read_copy(conn, query.encode(), binary=binary, piece_rows=1_000,
+                         piece_bytes=1 << 20, put=lambda p: pieces.append(p) or True)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is free again
+    assert sum(p.rows for p in pieces) == 20_000
+    if binary:
+        ids = [int.from_bytes(p.data[off + 6:off + 10], "big", signed=True)
+               for p in pieces for off in _row_offsets(p)]
+    else:
+        ids = [int(line.split(b"\t")[0]) for p in pieces for line in bytes(p.data).splitlines()]
+    assert ids == list(range(1, 20_001))
+
+
+def _row_offsets(piece: CopyPiece) -> list[int]:
+    offsets, at = [], 0
+    for length in piece.row_lengths:
+        offsets.append(at)
+        at += length
+    return offsets

@@ -4,7 +4,8 @@ Why not psycopg's `cursor.copy()`: iterating it costs a Python generator round t
 message, and COPY TO sends one message per row, so at a million rows per second that loop alone
 took most of a core (issue 16, item 4). Here the loop is one `get_copy_data(1)` call per row
 (non-blocking: psycopg's Cython call would hold the GIL while it blocks, limits-and-pitfalls
-§3.2), waiting in `select` (GIL released) only when libpq has nothing buffered.
+§3.2); when libpq has nothing buffered it naps briefly (rows are on their way) and waits in
+`select` (GIL released) only when naps bring nothing.
 
 For a binary COPY the reader also records each row's length (one message per row), which is
 what lets `types.copy_binary` find the fields column-wise; it drops the stream's header and
@@ -17,6 +18,7 @@ import contextlib
 import ctypes
 import select
 import sys
+import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,14 @@ __all__ = ["CopyPiece", "bound_malloc_retention", "read_copy"]
 
 _TRAILER = b"\xff\xff"  # binary COPY: a field count of -1 ends the data
 _WAIT_S = 1.0  # how often a wait for the server re-checks whether the reader was abandoned
+# Waiting for rows mid-copy: when the socket is empty the next rows are on their way, so nap
+# 1 ms (the socket buffers far more than a millisecond of rows, which are then read without
+# waiting) rather than wake in select for every packet the server sends (one per ~50 rows:
+# 40k wake-ups per 2M rows per reader on a machine the server shares); select only after 20
+# naps in a row brought nothing. Measured on the bench table (3M rows, 2 workers, 4 runs
+# each): select per packet 4.77 s median, 1 ms naps 4.37 s, 0.3 ms naps 4.46 s.
+_NAP_S = 0.001
+_NAPS = 20
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -82,7 +92,8 @@ def _rows(pg: pq.abc.PGconn, binary: bool, piece_rows: int, piece_bytes: int,
     get, sock = pg.get_copy_data, pg.socket
     buf = bytearray()
     lengths: array[int] = array("q")
-    rows = 0
+    rows = naps = last_rows = 0
+    last_buf = buf
     if binary:  # the header, which may arrive glued to the first row
         n, data = get(1)
         while n == 0:
@@ -99,6 +110,20 @@ def _rows(pg: pq.abc.PGconn, binary: bool, piece_rows: int, piece_bytes: int,
             rows = 1
     while True:  # the hot loop: one iteration per row
         n, data = get(1)
+        if n == 0:  # libpq holds no whole row: it reads at most ~16 KB per call, so read again
+            pg.consume_input()
+            n, data = get(1)
+            if n == 0:  # the socket is empty: wait for the server (see `_NAP_S`)
+                if rows == last_rows and buf is last_buf:
+                    naps += 1
+                else:
+                    naps, last_rows, last_buf = 0, rows, buf
+                if naps < _NAPS:
+                    time.sleep(_NAP_S)
+                else:
+                    select.select([sock], [], [], _WAIT_S)
+                pg.consume_input()
+                continue
         if n > 0:
             if binary:
                 if n == 2 and bytes(data) == _TRAILER:
@@ -112,9 +137,6 @@ def _rows(pg: pq.abc.PGconn, binary: bool, piece_rows: int, piece_bytes: int,
                 buf = bytearray()
                 lengths = array("q")
                 rows = 0
-        elif n == 0:
-            select.select([sock], [], [], _WAIT_S)
-            pg.consume_input()
         else:
             break
     return put(_piece(buf, lengths, rows, binary)) if rows else True
