@@ -7,6 +7,7 @@
 #   2. .venv with Python >= 3.11.
 #   3. `pip install -e ".[test,bench]"` into it -- skipped when pyproject.toml is unchanged since
 #      the last successful install and the packages still import.
+#   4. Byte code of src/ and adapters/ (compileall), so engine processes start without compiling.
 #
 # Works as root or as a user with sudo, on a fresh Debian/Ubuntu machine.
 set -euo pipefail
@@ -93,4 +94,9 @@ else
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
   echo "$want" >"$stamp"
 fi
+# --- 4. Byte code of the project's own modules --------------------------------------------
+# An editable install runs from this checkout; where PYTHONDONTWRITEBYTECODE is set (CI machines
+# often do) nothing would ever be cached, and every engine process the tests start would compile
+# ~130 modules from source first (~0.15 s each start). Stale files are ignored by Python.
+.venv/bin/python -m compileall -q src adapters >/dev/null
 say "done"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from cdcengine.bench.bytecode import compile_engine
 from cdcengine.bench.lake import differences, same
 from cdcengine.bench.procs import RssSampler, timed_run, tree_rss
 from cdcengine.bench.report import render
@@ -135,3 +137,25 @@ def test_timed_run_to_exit_and_until_done() -> None:
     failed = timed_run([sys.executable, "-c", "raise SystemExit(3)"])
     assert not failed.reached
     assert failed.returncode == 3
+
+
+def test_engine_byte_code_is_compiled_before_the_legs(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_engine` runs the build's own Python and compiles both packages in place, even
+    under PYTHONDONTWRITEBYTECODE (which only stops the import system from writing): a leg
+    timed from process start must not compile the engine from source at every start."""
+    for name in ("cdcengine", "cdcengine_postgres"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / "sub" / "__init__.py").write_text("X = 1\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # these two packages, not the real ones
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    done = compile_engine(sys.executable)
+    assert done["ok"] is True
+    assert sorted(done["dirs"]) == [str(tmp_path / "cdcengine"),
+                                    str(tmp_path / "cdcengine_postgres")]
+    assert list((tmp_path / "cdcengine_postgres" / "sub" / "__pycache__").glob("__init__*.pyc"))
+    assert "NOT compiled" not in render({**_results(True), "bytecode": [done]})
+    failed = compile_engine(str(tmp_path / "no-such-python"))
+    assert failed["ok"] is False and "error" in failed
+    assert "NOT compiled" in render({**_results(True), "bytecode": [failed]})

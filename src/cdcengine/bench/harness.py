@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cdcengine.bench import live, workloads
+from cdcengine.bench.bytecode import compile_engine
 from cdcengine.bench.context import ALL_WORKLOADS, Bench, BenchOptions, loadavg
 from cdcengine.bench.report import plot, render
 from cdcengine.errors import ConfigError
@@ -104,6 +105,9 @@ def run_bench(options: BenchOptions, *, dsn: str | None, out: Path | None = None
     }
     t0 = time.monotonic()
     try:
+        results["bytecode"] = [compile_engine(py) for py in
+                               dict.fromkeys(p for p in (sys.executable, options.before_python)
+                                             if p)]
         results["source"] = source.facts()
         say(f"bench: {source.description}; workloads {', '.join(options.workloads)}; "
             f"{options.rows:,} rows; {options.repeat} repetition(s); results in {out}")

@@ -49,6 +49,15 @@ def _throughput_table(figures: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _bytecode_line(done: Any) -> str:
+    if not done:
+        return "- byte code: not prepared (an older results file)"
+    builds = "; ".join(f"{d.get('python')}: {'compiled' if d.get('ok') else 'NOT compiled'}"
+                       + (f" ({d['error']})" if d.get("error") else "") for d in done)
+    return (f"- byte code: the engine builds' own modules compiled before the first leg, as a "
+            f"pip install or the Docker image has them ({builds})")
+
+
 def render(results: Mapping[str, Any]) -> str:
     """The report as markdown."""
     m, v, s = results["machine"], results["versions"], results["settings"]
@@ -67,6 +76,7 @@ def render(results: Mapping[str, Any]) -> str:
               f"{results['source'].get('settings')}",
               f"- bench settings: rows {s['rows']:,}, repeat {s['repeat']}, workloads "
               f"{', '.join(s['workloads'])}, engine settings {s['engine_settings'] or 'defaults'}",
+              _bytecode_line(results.get("bytecode")),
               "",
               "How to read this: every engine figure is measured from outside — the time from "
               "starting `python -m cdcengine run` (imports and start-up included) until every "
