@@ -367,6 +367,36 @@ def _record_plan(
     return before
 
 
+#: A chunk whose rows take at most this many Arrow bytes is read whole and handed to the
+#: worker's writer thread, so its next chunk is read while it is written (at most one held,
+#: one queued and one being read per worker: 3 × 32 MB); a larger chunk is written as read.
+HOLD_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    chunk: ChunkRange
+    kinds: tuple[TableKind, ...]
+    pieces: list[pa.Table]
+
+
+def _put(q: queue.Queue[_Held | None], item: _Held | None, abort: threading.Event) -> bool:
+    """Put, unless the snapshot is aborted meanwhile (the writer may be gone): False then."""
+    while True:
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            if abort.is_set():
+                return False
+
+
+def _chain(first: list[pa.Table], rest: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    yield from first
+    first.clear()  # handed on: not held twice
+    yield from rest
+
+
 class _ChunkRun:
     """Copies the missing chunks with `workers` threads; the calling thread alone talks to the
     state store, logs progress and hits the `snapshot_chunk_committed` failpoint."""
@@ -380,6 +410,7 @@ class _ChunkRun:
         self.chunks_done = len(plan.chunks)
         self.started_at = datetime.now(UTC)
         self._live: list[int] = []
+        self._writing: list[int] = []
 
     def copy(self, todo: Sequence[tuple[ChunkRange, tuple[TableKind, ...]]], workers: int) -> int:
         """Copy `todo`; returns how many chunks were committed (all unless stopped)."""
@@ -393,7 +424,8 @@ class _ChunkRun:
         events: queue.Queue[tuple[str, ChunkRange | None, int, BaseException | None]] = \
             queue.Queue()
         abort = threading.Event()
-        self._live = [0] * n
+        self._live = [0] * n  # rows read and not handed over, per worker
+        self._writing = [0] * n  # rows its writer thread is writing
         threads = [threading.Thread(target=self._worker, args=(i, work, events, abort),
                                     name=f"snapshot-worker-{i}", daemon=True) for i in range(n)]
         for t in threads:
@@ -442,42 +474,96 @@ class _ChunkRun:
     def _worker(self, i: int, work: queue.Queue[tuple[ChunkRange, tuple[TableKind, ...]]],
                 events: queue.Queue[tuple[str, ChunkRange | None, int, BaseException | None]],
                 abort: threading.Event) -> None:
-        while not abort.is_set() and not self.stop.is_set():
-            try:
-                chunk, kinds = work.get_nowait()
-            except queue.Empty:
-                return
-            events.put(("start", chunk, 0, None))
-            failure: list[BaseException] = []
-
-            def pieces(chunk: ChunkRange = chunk,
-                       failure: list[BaseException] = failure) -> Iterator[pa.Table]:
+        """Read chunks on connection `i`; a chunk that fits in `HOLD_BYTES` is handed to this
+        worker's writer thread, and the next chunk's COPY starts while it is written — so the
+        server is not idle while a chunk's Parquet is written and committed (with two workers
+        reading, then writing, in step, it was). A larger chunk is written here, streaming, as
+        it is read (bounded memory: the sink spools it)."""
+        handoff: queue.Queue[_Held | None] = queue.Queue(maxsize=1)
+        writer = threading.Thread(target=self._writer, args=(i, handoff, events, abort),
+                                  name=f"snapshot-writer-{i}", daemon=True)
+        writer.start()
+        try:
+            while not abort.is_set() and not self.stop.is_set():
                 try:
-                    for piece in self.snap.copy_chunk(chunk, worker=i):
-                        if abort.is_set():
-                            raise RuntimeError("snapshot aborted")
-                        self._live[i] += piece.num_rows
-                        yield piece
-                except BaseException as exc:
-                    failure.append(exc)
-                    raise
+                    chunk, kinds = work.get_nowait()
+                except queue.Empty:
+                    return
+                events.put(("start", chunk, 0, None))
+                failure: list[BaseException] = []
+                pieces = self._pieces(i, chunk, abort, failure)
+                held: list[pa.Table] = []
+                try:
+                    size = 0
+                    for piece in pieces:
+                        held.append(piece)
+                        size += piece.nbytes
+                        if size > HOLD_BYTES:
+                            break
+                    else:  # read whole: written by the writer while the next one is read
+                        if not _put(handoff, _Held(chunk, kinds, held), abort):
+                            return
+                        self._live[i] -= sum(t.num_rows for t in held)
+                        continue
+                    rows = self._write(chunk, kinds, _chain(held, pieces))
+                except BaseException as exc:  # noqa: BLE001 - handed to the coordinating thread
+                    abort.set()
+                    events.put(("error", chunk, 0, failure[0] if failure else exc))
+                    return
+                self._live[i] = 0
+                events.put(("done", chunk, rows, None))
+        finally:
+            _put(handoff, None, abort)
+            writer.join()
 
+    def _pieces(self, i: int, chunk: ChunkRange, abort: threading.Event,
+                failure: list[BaseException]) -> Iterator[pa.Table]:
+        try:
+            for piece in self.snap.copy_chunk(chunk, worker=i):
+                if abort.is_set():
+                    raise RuntimeError("snapshot aborted")
+                self._live[i] += piece.num_rows
+                yield piece
+        except BaseException as exc:
+            failure.append(exc)
+            raise
+
+    def _writer(self, i: int, handoff: queue.Queue[_Held | None],
+                events: queue.Queue[tuple[str, ChunkRange | None, int, BaseException | None]],
+                abort: threading.Event) -> None:
+        while True:
             try:
-                rows = self.sink.write_snapshot_chunk(
-                    self.table.ref, kinds, pieces(), chunk=self.plan.name(chunk),
-                    seq_base=seq_range(chunk)[0], version=self.point,
-                    committed_at_us=int(time.time() * 1_000_000))
+                item = handoff.get(timeout=0.2)
+            except queue.Empty:
+                if abort.is_set():
+                    return
+                continue
+            if item is None:
+                return
+            if abort.is_set() or self.stop.is_set():
+                continue  # not written (a stop ends the copy promptly): its chunk stays missing
+            rows = sum(t.num_rows for t in item.pieces)
+            self._writing[i] = rows
+            try:
+                written = self._write(item.chunk, item.kinds, iter(item.pieces))
             except BaseException as exc:  # noqa: BLE001 - handed to the coordinating thread
                 abort.set()
-                events.put(("error", chunk, 0, failure[0] if failure else exc))
+                events.put(("error", item.chunk, 0, exc))
                 return
             finally:
-                self._live[i] = 0
-            events.put(("done", chunk, rows, None))
+                self._writing[i] = 0
+            events.put(("done", item.chunk, written, None))
+
+    def _write(self, chunk: ChunkRange, kinds: tuple[TableKind, ...],
+               pieces: Iterator[pa.Table]) -> int:
+        return self.sink.write_snapshot_chunk(
+            self.table.ref, kinds, pieces, chunk=self.plan.name(chunk),
+            seq_base=seq_range(chunk)[0], version=self.point,
+            committed_at_us=int(time.time() * 1_000_000))
 
     def report(self, *, finished: bool) -> None:
         m = self.meter
-        live = sum(self._live)
+        live = sum(self._live) + sum(self._writing)
         rows_done = m.rows_done + live
         rate = m.rate()
         if rate is not None and live:
