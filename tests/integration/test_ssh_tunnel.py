@@ -193,6 +193,24 @@ def test_a_host_key_that_changes_under_the_daemon_pauses_the_source(
     assert daemon.returncode == 0, log.read_text()[-3000:]
 
 
+def test_check_says_a_tunnelled_source_is_encrypted_as_far_as_the_bastion(
+        tcp_db, tmp_path: Path, sshd_server: SshServer) -> None:
+    """libpq's end of a tunnelled connection is the local forwarder (127.0.0.1): the encryption
+    line must name the tunnel, not call the source local."""
+    db, ssh = tcp_db, sshd_server
+    db.execute("CREATE TABLE items (id int PRIMARY KEY)")
+    state = "sqlite:///" + str(tmp_path / "state.db")
+    src = source_for(db.dsn, tmp_path, ["public.items"])
+    cfg = tunnel_config(tmp_path, src, state, ssh.tunnel())
+    check = run_cli(cfg, "check", "--json")
+    assert check.returncode == 0, check
+    (checked,) = check.json()["sources"]
+    line = next(c for c in checked["checks"] if c["name"] == "encryption")
+    assert line["severity"] == "ok"
+    assert "inside the SSH tunnel through ssh://" in line["message"]
+    assert "on this machine" not in line["message"]
+
+
 def test_a_rejected_login_says_so_without_the_password(tcp_db, tmp_path: Path,
                                                        sshd_server: SshServer) -> None:
     db, ssh = tcp_db, sshd_server

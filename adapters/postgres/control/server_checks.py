@@ -96,6 +96,18 @@ def check_encryption(ctx: CheckContext) -> list[Check]:
         else:
             how = f"the server's certificate is not verified (sslmode={mode})"
         return [Check(name="encryption", severity=OK, message=f"Encrypted with TLS; {how}.")]
+    tunnel = ctx.source.ssh_tunnel
+    if tunnel is not None:  # libpq's end is the local forwarder: loopback says nothing here
+        if _gss_encrypted(conn):
+            return [Check(name="encryption", severity=OK, message="Encrypted with GSSAPI.")]
+        return [Check(name="encryption", severity=OK,
+                      message=f"Not encrypted by PostgreSQL, but carried inside the SSH tunnel "
+                              f"through {tunnel.describe()}: encrypted as far as the bastion; "
+                              f"from the bastion to {conn.info.host} it is clear text, which "
+                              "is fine on a private network between them.",
+                      fix="If the bastion reaches the database across an untrusted network, "
+                          "add sslmode=verify-full and sslrootcert=<CA certificate> to the dsn "
+                          "as well.")]
     if _is_local(conn.info.host, conn.info.hostaddr):
         return [Check(name="encryption", severity=OK,
                       message="Not encrypted, which is fine here: the source is on this "
