@@ -18,9 +18,8 @@ import time
 
 import psycopg
 
-from cdcengine_postgres.bench.source import _DDL, _row
+from cdcengine_postgres.bench.source import open_bench
 from cdcengine_postgres.replication.copy_reader import CopyPiece, read_copy
-from cdcengine_postgres.testing.cluster import TempCluster
 from cdcengine_postgres.types.copy_binary import BinaryColumn, decode_copy_binary, plan_binary
 from cdcengine_postgres.types.mapping import PgType
 
@@ -51,19 +50,12 @@ def main(rows: int) -> None:
         "wire order, numeric binary, utf8":
             (*_layout(["id", "a", "c", "f", "g", "b", "d", "e"], True), True),
     }
-    with TempCluster({"fsync": "off"}) as cluster, \
-            psycopg.connect(cluster.admin_dsn, autocommit=True) as conn:
-        conn.execute(_DDL.replace("{t}", "bt"))
-        conn.execute(f"INSERT INTO bt SELECT {_row('g')} "  # noqa: S608 - fixed text
-                     f"FROM generate_series(1, {rows}::bigint) g")
-        conn.execute("VACUUM ANALYZE bt")
-        pieces: dict[str, list[CopyPiece]] = {}
-        for name, (query, _plan, _utf8) in layouts.items():
-            got: list[CopyPiece] = []
-            read_copy(conn, query.encode(), binary=True, piece_rows=100_000,
-                      piece_bytes=32 << 20, put=lambda p, got=got: got.append(p) or True)
-            assert sum(p.rows for p in got) == rows
-            pieces[name] = got
+    bench = open_bench(None)  # a throwaway server; the bench table as `cdcengine bench` makes it
+    try:
+        bench.create_table("public.bt", rows)
+        pieces = _read(bench.dsn, layouts, rows)
+    finally:
+        bench.close()
     for rnd in range(3):
         for name, (_query, plan, utf8) in layouts.items():
             cpu = time.thread_time()
@@ -72,6 +64,19 @@ def main(rows: int) -> None:
             cpu = time.thread_time() - cpu
             print(f"round {rnd + 1} {name}: {cpu:.2f} CPU-s ({cpu / rows * 1e6:.2f} µs/row)",
                   flush=True)
+
+
+def _read(dsn: str, layouts: dict[str, tuple[str, list[BinaryColumn], bool]],
+          rows: int) -> dict[str, list[CopyPiece]]:
+    pieces: dict[str, list[CopyPiece]] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, (query, _plan, _utf8) in layouts.items():
+            got: list[CopyPiece] = []
+            read_copy(conn, query.encode(), binary=True, piece_rows=100_000,
+                      piece_bytes=32 << 20, put=lambda p, got=got: got.append(p) or True)
+            assert sum(p.rows for p in got) == rows
+            pieces[name] = got
+    return pieces
 
 
 if __name__ == "__main__":
