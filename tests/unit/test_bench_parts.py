@@ -8,10 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+from deltalake import write_deltalake
 
 from cdcengine.bench.bytecode import compile_engine
-from cdcengine.bench.lake import differences, same
+from cdcengine.bench.engine import when_committed
+from cdcengine.bench.lake import Lake, differences, same
 from cdcengine.bench.procs import RssSampler, timed_run, tree_rss
 from cdcengine.bench.report import render
 from cdcengine.bench.stats import (
@@ -159,3 +162,27 @@ def test_engine_byte_code_is_compiled_before_the_legs(tmp_path: Path,
     failed = compile_engine(str(tmp_path / "no-such-python"))
     assert failed["ok"] is False and "error" in failed
     assert "NOT compiled" in render({**_results(True), "bytecode": [failed]})
+
+
+def test_a_leg_reads_the_table_only_after_a_new_commit(tmp_path: Path) -> None:
+    """The done-check of a timed leg lists `_delta_log` (cheap) and reads the table only when a
+    commit appeared since it last said no: polling every 20 ms must not take the engine's CPU."""
+    path = str(tmp_path / "t")
+    lake = Lake(path)
+    assert lake.log_mark() == -1  # no table yet
+    calls: list[int] = []
+
+    def check() -> bool:
+        calls.append(1)
+        return lake.records() >= 3
+
+    done = when_committed([lake], check)
+    assert not done() and len(calls) == 1  # the first look always reads
+    assert not done() and not done() and len(calls) == 1  # nothing new: not read again
+    write_deltalake(path, pa.table({"id": [1, 2]}))
+    assert lake.log_mark() == 1
+    assert not done() and len(calls) == 2  # a commit: read, 2 rows, not done
+    assert not done() and len(calls) == 2
+    write_deltalake(path, pa.table({"id": [3]}), mode="append")
+    assert done() and len(calls) == 3
+    assert Lake("s3://bucket/t").log_mark() is None  # no cheap listing: always read

@@ -6,8 +6,10 @@ operation of a change log, and when each Delta commit made which position durabl
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 
 import duckdb
 
@@ -33,6 +35,18 @@ class Lake:
             return self._reader.open_path(self.path)
         except Exception:  # noqa: BLE001 - mid-create or not there yet
             return None
+
+    def log_mark(self) -> int | None:
+        """A cheap sign that the table got a commit: how many entries its local `_delta_log`
+        folder holds (-1 while there is none). None for an object store, which has no cheap
+        listing: callers then always look at the table itself."""
+        if "://" in self.path and not self.path.startswith("file://"):
+            return None
+        try:
+            with os.scandir(Path(self.path.removeprefix("file://")) / "_delta_log") as entries:
+                return sum(1 for _ in entries)
+        except FileNotFoundError:
+            return -1
 
     def max_lsn(self) -> int | None:
         snap = self.snapshot()
