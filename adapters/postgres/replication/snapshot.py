@@ -123,7 +123,8 @@ class TableSnapshot:
         self._chunk_key: ColumnFacts | None = None
         self._layout: SnapshotLayout | None = None
         self._binary: list[BinaryColumn] | None = None  # set: COPY binary (see `_copy_format`)
-        self._wire: list[int] = []  # the order `_binary`'s columns are selected in
+        self._wire: list[BinaryColumn] = []  # `_binary` in the order selected (`wire_order`)
+        self._unwire: list[int] = []  # for each of `_binary`, its place in `_wire`
         self._utf8 = False  # text arrives valid UTF-8 (see `decode_copy_binary`)
 
     def __enter__(self) -> TableSnapshot:
@@ -147,7 +148,9 @@ class TableSnapshot:
                 wanted is None or c.name in wanted or c.name in self.key))
             self._workers = [self._conn]
             self._binary = self._copy_format()
-            self._wire = wire_order(self._binary or [])
+            order = wire_order(self._binary or [])
+            self._wire = [(self._binary or [])[i] for i in order]
+            self._unwire = sorted(range(len(order)), key=order.__getitem__)
             params = self._conn.info.parameter_status
             self._utf8 = params("server_encoding") == params("client_encoding") == "UTF8"
         except BaseException:
@@ -243,7 +246,7 @@ class TableSnapshot:
             return sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         return sql.SQL(", ").join(  # in wire order (see `copy_binary.wire_order`)
             sql.SQL("{}::text").format(sql.Identifier(c.name)) if c.as_text
-            else sql.Identifier(c.name) for c in (self._binary[i] for i in self._wire))
+            else sql.Identifier(c.name) for c in self._wire)
 
     def _copy_query(self, ref: TableRef, where: sql.Composable) -> sql.Composable:
         return sql.SQL("COPY (SELECT {} FROM {}{}) TO STDOUT{}").format(
@@ -449,9 +452,9 @@ class TableSnapshot:
 
     def _convert(self, piece: CopyPiece) -> pa.Table:
         if self._binary is not None:
-            wire = decode_copy_binary(piece.data, piece.row_lengths,
-                                      [self._binary[i] for i in self._wire], utf8=self._utf8)
-            converted = [wire[self._wire.index(i)] for i in range(len(wire))]
+            wire = decode_copy_binary(piece.data, piece.row_lengths, self._wire,
+                                      utf8=self._utf8)
+            converted = [wire[at] for at in self._unwire]
         else:
             converted = [to_arrow(values, col.pg_type) for col, values in zip(
                 self.columns, parse_copy_text(piece.data, len(self.columns)), strict=True)]

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from cdcengine_postgres.types.convert import Converted, to_arrow
-from cdcengine_postgres.types.framing import FramingError
+from cdcengine_postgres.types.framing import FramingError, gather
 from cdcengine_postgres.types.mapping import NUMERIC_OID, PgType, arrow_type
 from cdcengine_postgres.types.numeric_binary import MAX_BINARY_PRECISION, decode_numeric
 
@@ -163,7 +163,7 @@ def decode_copy_binary(
     u8 = np.frombuffer(piece, dtype=np.uint8)
     data = pa.py_buffer(u8)  # the same memory: binary_view arrays point into it
     pos = ends - lengths
-    if not np.array_equal(_be(u8, pos, 2, ">i2"), np.full(n, len(columns))):
+    if not np.array_equal(gather(u8, pos, 2, ">i2"), np.full(n, len(columns))):
         raise FramingError(f"binary COPY rows do not all have {len(columns)} fields")
     pos = pos + 2
     out: list[Converted] = []
@@ -223,7 +223,7 @@ def _decode_prefix(u8: np.ndarray, pos: np.ndarray, lead: _Prefix) -> list[Conve
         return None
     # gathered as raw bytes, then viewed as the record: numpy gathers a structured dtype field
     # by field (6x slower)
-    rec = _be(u8, pos, width, f"V{width}").view(lead.record)
+    rec = gather(u8, pos, width, f"V{width}").view(lead.record)
     for i, w in enumerate(lead.widths):
         if not (rec[f"s{i}"] == w).all():
             return None
@@ -260,7 +260,7 @@ def _decode(col: BinaryColumn, u8: np.ndarray, data: pa.Buffer, start: np.ndarra
     _, width, dtype = _DIRECT[_base(col.pg_type).oid]
     if ((size if all_valid else size[valid]) != width).any():
         raise FramingError(f"a {decoder} field is not {width} bytes long")
-    return _fixed(col, _be(u8, start, width, dtype), valid)
+    return _fixed(col, gather(u8, start, width, dtype), valid)
 
 
 def _fixed(col: BinaryColumn, values: np.ndarray, valid: np.ndarray) -> Converted:
@@ -282,17 +282,9 @@ def _fixed(col: BinaryColumn, values: np.ndarray, valid: np.ndarray) -> Converte
     return Converted(_array(values.astype(values.dtype.newbyteorder("=")), valid, target), 0)
 
 
-def _be(u8: np.ndarray, start: np.ndarray, width: int, dtype: str) -> np.ndarray:
-    """The `width`-byte values at byte offsets `start` (one per row), as `dtype` (big-endian, or
-    'V12' for raw bytes): one gather through a view whose items overlap (stride one byte), so
-    numpy loads each unaligned value directly — several times faster than gathering bytes."""
-    view = np.ndarray(shape=(len(u8) - width + 1,), dtype=dtype, buffer=u8, strides=(1,))
-    return view[start]
-
-
 def _size(u8: np.ndarray, start: np.ndarray) -> np.ndarray:
     """The int32 field lengths at `start`, as int64 (-1: NULL)."""
-    return _be(u8, start, 4, ">i4").astype(np.int64)
+    return gather(u8, start, 4, ">i4").astype(np.int64)
 
 
 def _array(values: np.ndarray, valid: np.ndarray, target: pa.DataType) -> pa.Array:
@@ -314,12 +306,12 @@ def _binary_view(data: pa.Buffer, u8: np.ndarray, start: np.ndarray, size: np.nd
         # no masks — a third of the general path's work
         views = np.empty((n, 4), dtype="<u4")
         views[:, 0] = length
-        views[:, 1] = _be(u8, start, 4, "<u4")
+        views[:, 1] = gather(u8, start, 4, "<u4")
         views[:, 2] = 0
         views[:, 3] = start
         return pa.Array.from_buffers(pa.binary_view(), n, [None, pa.py_buffer(views), data],
                                      null_count=0)
-    head = _be(u8, start, 12, "V12").view("<u4").reshape(n, 3)  # the first 12 bytes, raw
+    head = gather(u8, start, 12, "V12").view("<u4").reshape(n, 3)  # the first 12 bytes, raw
     out_of_line = length > 12
     views = np.empty((n, 4), dtype="<u4")
     views[:, 0] = length

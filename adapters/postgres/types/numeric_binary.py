@@ -16,7 +16,8 @@ p=18, s=1 → 5 + 1). How: one gather reads every row's header; a second reads e
 at an offset shifted by its weight, so that the same column holds the same power of 10000 in
 every row (a table mask zeroes the slots outside the row's digits); then the value is a
 multiply-add per position with constant weights — no per-row power, no division but by a
-column constant. Both gathers stay within the row and the piece padding (see `_gather`).
+column constant. Both gathers stay within the row and the piece padding (the note above
+`_masks`).
 
 Masking as the text path (`strict_casts.to_decimal`): 'NaN', 'Infinity', '-Infinity' become null
 and are counted; NULLs stay null and are not counted. Anything PostgreSQL cannot send for such a
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from cdcengine_postgres.types.convert import Converted
-from cdcengine_postgres.types.framing import FramingError
+from cdcengine_postgres.types.framing import FramingError, gather
 
 __all__ = ["MAX_BINARY_PRECISION", "decode_numeric"]
 
@@ -63,7 +64,7 @@ def decode_numeric(u8: np.ndarray, start: np.ndarray, size: np.ndarray, valid: n
     size = np.where(valid, size, _HEADER)
     if ((size < _HEADER) | (size > _HEADER + 2 * k)).any():
         raise FramingError(f"a numeric({p},{s}) field is not 8–{_HEADER + 2 * k} bytes long")
-    header = _gather(u8, start, _HEADER).view(">i2").reshape(n, 4)
+    header = gather(u8, start, _HEADER, f"V{_HEADER}").view(">i2").reshape(n, 4)
     nd = np.where(valid, header[:, 0], 0).astype(np.int64)  # NULLs: no digits
     if (size != _HEADER + 2 * nd).any():
         raise FramingError("a numeric field's length does not match its digit count")
@@ -84,7 +85,7 @@ def decode_numeric(u8: np.ndarray, start: np.ndarray, size: np.ndarray, valid: n
     offset = np.where(nd > 0, start + (_HEADER + 2 * shift), 0)
     # the table's rows as one k·2-byte item each: one gather, as for the bytes
     keep = _masks(k)[nd - 7 * shift].view("<u2").reshape(n, k)
-    digits = _gather(u8, offset, 2 * k).view(">u2").reshape(n, k) & keep
+    digits = gather(u8, offset, 2 * k, f"V{2 * k}").view(">u2").reshape(n, k) & keep
     if (digits > 9999).any():  # uint16: a negative int16 digit shows as > 9999 too
         raise FramingError("a numeric field has a digit beyond base 10000")
     # the top slot bounds the value: top < 10^room ⇔ value < 10^p (room ≤ 4)
@@ -116,21 +117,14 @@ def decode_numeric(u8: np.ndarray, start: np.ndarray, size: np.ndarray, valid: n
     return Converted(array, masked)
 
 
-def _gather(u8: np.ndarray, offset: np.ndarray, width: int) -> np.ndarray:
-    """The `width` bytes at each offset (`copy_binary._be`'s one-gather trick: a view with
-    stride one byte), as an (n,) array of 'V{width}'.
-
-    In bounds for the piece (PIECE_PAD: 16 bytes): a field starts at most at the end of the
-    rows (a NULL last field), so the 8-byte header gather ends ≤ 8 past them. The digit gather
-    is at `start` + 8 + 2·shift (shift ≤ 0) for 2k ≤ 12 bytes, ending ≤ 20 past a field start
-    — only for fields with digits, which are ≥ 10 bytes and lie inside their row
-    (`decode_copy_binary` checks that first): ≤ 10 past the rows. It begins ≥ 2·(k − 1) ≤ 10
-    bytes before the digits, inside the field's own header or the row before it (a first
-    field starts at byte 6 of a piece). Should that ever change, the view's bounds make the
-    gather raise IndexError, never read outside `u8`.
-    """
-    view = np.ndarray(shape=(len(u8) - width + 1,), dtype=f"V{width}", buffer=u8, strides=(1,))
-    return view[offset]
+# Both gathers (`framing.gather`) stay in bounds for the piece (PIECE_PAD: 16 bytes): a field
+# starts at most at the end of the rows (a NULL last field), so the 8-byte header gather ends
+# ≤ 8 past them. The digit gather is at `start` + 8 + 2·shift (shift ≤ 0) for 2k ≤ 12 bytes,
+# ending ≤ 20 past a field start — only for fields with digits, which are ≥ 10 bytes and lie
+# inside their row (`decode_copy_binary` checks that first): ≤ 10 past the rows. It begins
+# ≥ 2·(k − 1) ≤ 10 bytes before the digits, inside the field's own header or the row before it
+# (a first field starts at byte 6 of a piece). Should that ever change, the gather raises
+# IndexError, never reads outside `u8`.
 
 
 @cache

@@ -267,14 +267,7 @@ class SnapshotLoads(DeltaTables):
         handles: dict[str, DeltaTable] | None = getattr(self._chunk_handles, "tables", None)
         if handles is None:
             handles = self._chunk_handles.tables = {}
-        dt = handles.get(path)
-        if dt is not None:
-            dt.update_incremental()
-            return dt
-        dt = self._load(path)
-        if dt is not None:
-            handles[path] = dt
-        return dt
+        return self._cached(path, cache=handles)
 
     def mirror_snapshot_chunks(
         self,

@@ -175,17 +175,20 @@ class DeltaTables:
         """A fresh handle on the table at `path` (None when there is none)."""
         return load_table(path, self._storage_options)
 
-    def _cached(self, path: str, *, refresh: bool = True) -> DeltaTable | None:
+    def _cached(self, path: str, *, refresh: bool = True,
+                cache: dict[str, DeltaTable] | None = None) -> DeltaTable | None:
         """The table's handle, its log brought up to date (one listing of the log; on an
-        object store a request) unless `refresh` is False: the caller has just done it."""
-        dt = self._tables.get(path)
+        object store a request) unless `refresh` is False: the caller has just done it.
+        `cache`: where handles are kept (default: the sink's own, `_tables`)."""
+        tables = self._tables if cache is None else cache
+        dt = tables.get(path)
         if dt is not None:
             if refresh:
                 dt.update_incremental()
             return dt
         dt = self._load(path)
         if dt is not None:
-            self._tables[path] = dt
+            tables[path] = dt
         return dt
 
     def _txn_version(self, dt: DeltaTable, ref: TableRef, kind: TableKind | str) -> int | None:
